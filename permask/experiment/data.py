@@ -1,0 +1,251 @@
+"""Datasets as in-memory uint8 tensors: where to find them, how to read them, and a decode cache.
+
+Names: ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100`` and ``imagefolder:PATH``.
+The data root is the explicit ``root`` argument, else ``$PERMASK_DATA``; under it each set may be
+in torchvision's layout (``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``,
+``cifar-100-python``) or, for CIFAR, as JPEG folders ``cifar10/{train,test}/<class>/*.jpg``.
+Fashion-MNIST is also read from Debian's ``dataset-fashion-mnist`` (gzipped IDX files in
+``/usr/share/datasets/fashion-mnist``). Otherwise torchvision downloads into the root (or
+``~/.cache/permask/data`` when no root is set); when that fails too, ``DataNotFoundError`` lists
+every place searched.
+
+Decoded JPEG folders are cached as one ``.pt`` file (atomic write, loaded with
+``weights_only=True``) under ``$PERMASK_CACHE`` or ``$XDG_CACHE_HOME/permask`` (default
+``~/.cache/permask``), never next to the data: data roots are often read-only or shared. The cache
+key hashes the folder's absolute path and its file list, so edits to the folder invalidate it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from permask.experiment.atomic import atomic_save
+
+__all__ = [
+    "DATASETS",
+    "DataNotFoundError",
+    "DatasetInfo",
+    "cache_dir",
+    "data_root",
+    "load_dataset",
+]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is in none of the places searched (the message lists them)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: classes and per-channel normalisation (in [0, 1] units)."""
+
+    num_classes: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # flip + crop(pad 4) for natural images; none for digits/clothing
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), augment=False),
+    "fashion_mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), augment=False),
+    "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=True),
+    "cifar100": DatasetInfo(
+        100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), augment=True
+    ),
+}
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path | None:
+    """The data root: ``root`` if given, else ``$PERMASK_DATA``, else ``None``."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("PERMASK_DATA")
+    return Path(env).expanduser() if env else None
+
+
+def cache_dir() -> Path:
+    """Where permask caches decoded data and downloads (``$PERMASK_CACHE`` overrides)."""
+    env = os.environ.get("PERMASK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "permask"
+
+
+def load_dataset(
+    name: str,
+    train: bool,
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    image_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
+    """Load a split as ``(images uint8 [N, C, H, W], labels int64 [N], info)``.
+
+    ``image_size`` resizes ImageFolder images (needed when their sizes differ); the built-in
+    sets keep their native size. ``download=False`` turns the torchvision fallback off.
+    """
+    base = data_root(root)
+    if name.startswith("imagefolder:"):
+        path = Path(name.partition(":")[2]).expanduser()
+        split = path / ("train" if train else "test")
+        folder = split if split.is_dir() else path
+        if not folder.is_dir():
+            raise DataNotFoundError(f"image folder not found: searched {split}, {path}")
+        x, y = _load_image_folder(folder, image_size)
+        mean, std = IMAGENET_MEAN_STD
+        return x, y, DatasetInfo(int(y.max()) + 1, x.shape[1], mean, std, augment=True)
+    if name not in DATASETS:
+        choices = ", ".join([*DATASETS, "imagefolder:PATH"])
+        raise ValueError(f"unknown dataset {name!r}; choose one of {choices}")
+    info = DATASETS[name]
+    roots = [r for r in (base, cache_dir() / "data") if r is not None]
+    searched: list[str] = []
+    for r in roots:
+        found = _find_local(name, r, train, searched)
+        if found is not None:
+            return (*found, info)
+    if name == "fashion_mnist":
+        found = _read_idx_dir(DEBIAN_FASHION_MNIST, train, searched)
+        if found is not None:
+            return (*found, info)
+    where = "; ".join(searched)
+    if not download:
+        raise DataNotFoundError(f"dataset {name!r} not found (download=False); searched: {where}")
+    target = roots[0]
+    try:
+        return (*_download(name, target, train), info)
+    except Exception as err:  # offline, proxy, checksum: all mean "not found"
+        msg = f"dataset {name!r} not found; searched: {where}; download into {target} failed: "
+        raise DataNotFoundError(msg + f"{type(err).__name__}: {err}") from err
+
+
+def _find_local(name: str, root: Path, train: bool, searched: list[str]):
+    split = "train" if train else "test"
+    if name in ("mnist", "fashion_mnist"):
+        sub = "MNIST" if name == "mnist" else "FashionMNIST"
+        return _read_idx_dir(root / sub / "raw", train, searched)
+    folder = root / name / split  # cifar10 / cifar100 as JPEG folders
+    searched.append(str(folder))
+    if folder.is_dir():
+        return _load_image_folder(folder, None)
+    pickled = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    searched.append(str(pickled))
+    if pickled.is_dir():
+        return _read_cifar_pickles(name, pickled, train)
+    return None
+
+
+def _read_idx_dir(folder: Path, train: bool, searched: list[str]):
+    """MNIST-style IDX files, plain or gzipped (torchvision's raw/ and Debian's layout)."""
+    searched.append(str(folder))
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    paths = []
+    for stem in stems:
+        options = [folder / stem, folder / f"{stem}.gz"]
+        hit = next((p for p in options if p.is_file()), None)
+        if hit is None:
+            return None
+        paths.append(hit)
+    images = _read_idx(paths[0])
+    return images.unsqueeze(1).contiguous(), _read_idx(paths[1]).long()
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    flat = torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8)
+    return flat.reshape(shape)
+
+
+def _read_cifar_pickles(name: str, folder: Path, train: bool):
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        key = b"labels"
+    else:
+        files = ["train" if train else "test"]
+        key = b"fine_labels"
+    xs, ys = [], []
+    for fname in files:
+        with open(folder / fname, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")  # trusted torchvision format
+        xs.append(torch.as_tensor(entry[b"data"]).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(entry[key]))
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+def _download(name: str, root: Path, train: bool):
+    import torchvision.datasets as tvd
+
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashion_mnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+    }[name]
+    root.mkdir(parents=True, exist_ok=True)
+    ds = cls(str(root), train=train, download=True)
+    x = torch.as_tensor(ds.data)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.as_tensor(ds.targets).long()
+
+
+def _load_image_folder(folder: Path, image_size: int | None):
+    """Decode ``folder/<class>/*`` (sorted classes, as ``ImageFolder``), cached on disk."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files = [
+        (c, p.name)
+        for c in classes
+        for p in sorted((folder / c).iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataNotFoundError(f"no images in {folder} (expected {folder}/<class>/<image>)")
+    key = hashlib.sha256(repr((str(folder.resolve()), image_size, files)).encode()).hexdigest()
+    cache = cache_dir() / "decoded" / f"{folder.name}-{key[:16]}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return blob["images"], blob["labels"]
+    images, labels = _decode(folder, classes, files, image_size)
+    atomic_save({"images": images, "labels": labels}, cache)
+    return images, labels
+
+
+def _decode(folder: Path, classes: list[str], files, image_size: int | None):
+    import numpy as np
+    from PIL import Image
+
+    index = {c: i for i, c in enumerate(classes)}
+    images = []
+    for c, fname in files:
+        with Image.open(folder / c / fname) as im:
+            im = im.convert("RGB")
+            if image_size is not None:
+                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        if image_size is None and images and img.shape != images[0].shape:
+            raise ValueError(
+                f"images in {folder} differ in size ({tuple(images[0].shape)} vs "
+                f"{tuple(img.shape)} at {c}/{fname}); pass image_size to resize them"
+            )
+        images.append(img)
+    labels = torch.tensor([index[c] for c, _ in files], dtype=torch.long)
+    return torch.stack(images).contiguous(), labels

@@ -1,0 +1,168 @@
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from permask.experiment import data as data_mod
+from permask.experiment.data import DataNotFoundError, load_dataset
+from permask.experiment.loader import TensorLoader, get_loaders
+
+SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+needs_mnist = pytest.mark.skipif(
+    not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"
+)
+needs_cifar = pytest.mark.skipif(
+    not (SHARED / "cifar10" / "test").is_dir(), reason=f"CIFAR-10 JPEGs not found under {SHARED}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("PERMASK_DATA", raising=False)
+
+
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+def _write_png(img: torch.Tensor, path: Path) -> None:
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+@needs_mnist
+def test_mnist_from_shared_root(monkeypatch):
+    x, y, info = load_dataset("mnist", False, SHARED)
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.dtype == torch.long and y.bincount().tolist()[0] == 980
+    monkeypatch.setenv("PERMASK_DATA", str(SHARED))
+    x2, _, _ = load_dataset("mnist", False)
+    assert torch.equal(x, x2)
+    assert info.num_classes == 10 and info.in_channels == 1
+
+
+def test_fashion_mnist_from_debian_gz(tmp_path, monkeypatch):
+    deb = tmp_path / "deb"
+    deb.mkdir()
+    imgs = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
+    _write_idx(deb / "t10k-images-idx3-ubyte.gz", imgs)
+    _write_idx(deb / "t10k-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", deb)
+    x, y, _ = load_dataset("fashion_mnist", False, tmp_path / "empty", download=False)
+    assert torch.equal(x[:, 0], imgs) and y.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_missing_data_lists_places_searched(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("fashion_mnist", True, tmp_path / "nowhere", download=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for place in ["nowhere/FashionMNIST/raw", "no-debian", "cache/data/FashionMNIST/raw"]:
+        assert place in msg
+    with pytest.raises(DataNotFoundError, match="cifar10/train.*cifar-10-batches-py"):
+        load_dataset("cifar10", True, tmp_path / "nowhere", download=False)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'.*imagefolder:PATH"):
+        load_dataset("svhn", True)
+
+
+def test_cifar_torchvision_pickles(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    raw = torch.randint(0, 256, (4, 3 * 32 * 32), dtype=torch.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": raw.numpy(), b"labels": [0, 9, 2, 3]}, f)
+    x, y, info = load_dataset("cifar10", False, tmp_path, download=False)
+    assert torch.equal(x.reshape(4, -1), raw) and y.tolist() == [0, 9, 2, 3]
+    assert info.augment
+
+
+def test_image_folder_decode_and_cache(tmp_path):
+    root = tmp_path / "imgs"
+    expect = {}
+    for cls in ["b_cat", "a_dog"]:
+        (root / "train" / cls).mkdir(parents=True)
+        for j in range(3):
+            img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+            _write_png(img, root / "train" / cls / f"{j}.png")
+            expect[(cls, j)] = img
+    x, y, info = load_dataset(f"imagefolder:{root}", True)
+    assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]  # classes sorted
+    assert torch.equal(x[0], expect[("a_dog", 0)]) and info.num_classes == 2
+    cached = list((tmp_path / "cache" / "decoded").glob("*.pt"))
+    assert len(cached) == 1
+    x2, _, _ = load_dataset(f"imagefolder:{root}", True)
+    assert torch.equal(x, x2)
+    _write_png(torch.zeros(3, 9, 9, dtype=torch.uint8), root / "train" / "a_dog" / "big.png")
+    with pytest.raises(ValueError, match="differ in size.*image_size"):
+        load_dataset(f"imagefolder:{root}", True)
+    assert load_dataset(f"imagefolder:{root}", True, image_size=4)[0].shape == (7, 3, 4, 4)
+
+
+@needs_cifar
+def test_cifar10_jpeg_folders():
+    x, y, _ = load_dataset("cifar10", False, SHARED)
+    assert x.shape == (10000, 3, 32, 32) and y.bincount().tolist() == [1000] * 10
+    assert abs(x.float().mean().item() / 255 - 0.4766) < 0.01
+
+
+def _toy_loader(**kw):
+    x = torch.arange(10 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8)
+    return TensorLoader(x.reshape(10, 3, 4, 4), torch.arange(10), batch_size=4, **kw)
+
+
+def test_loader_epochs_are_reproducible():
+    a = _toy_loader(shuffle=True, augment=True, seed=1)
+    first = [y.tolist() for _, y in a]
+    second = [y.tolist() for _, y in a]
+    assert first != second and sorted(sum(first, [])) == list(range(10))
+    b = _toy_loader(shuffle=True, augment=True, seed=1)
+    b.set_epoch(1)
+    assert [y.tolist() for _, y in b] == second
+    b.set_epoch(0)
+    for (xa, _), (xb, _) in zip(_toy_loader(shuffle=True, augment=True, seed=1), b):
+        assert torch.equal(xa, xb)
+    assert len(a) == 3 and len(_toy_loader(drop_last=True)) == 2
+    assert len(list(_toy_loader(max_batches=2))) == 2
+
+
+def test_flip_crop_is_a_shifted_window():
+    x = torch.randint(1, 256, (64, 1, 6, 6), dtype=torch.uint8)
+    labels = torch.zeros(64, dtype=torch.long)
+    loader = TensorLoader(x, labels, batch_size=64, augment=True, std=(1 / 255,))
+    out = next(iter(loader))[0].round().to(torch.uint8)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flips = 0
+    for i in range(64):
+        candidates = [
+            (f, p[:, dy : dy + 6, dx : dx + 6])
+            for f, p in ((0, padded[i]), (1, padded[i].flip(2)))
+            for dy in range(9)
+            for dx in range(9)
+        ]
+        hits = [f for f, w in candidates if torch.equal(out[i], w)]
+        assert hits, i
+        flips += hits[0]
+    assert 10 < flips < 54
+    assert not torch.equal(out, x)
+
+
+@needs_mnist
+def test_get_loaders_subset_and_normalisation():
+    train, test, info = get_loaders("mnist", SHARED, batch_size=100, train_subset=1000)
+    assert len(train) == 10 and len(test) == 10 and not train.augment
+    x, y = next(iter(test))
+    assert x.dtype == torch.float32 and x.shape == (1000, 1, 28, 28)
+    assert abs(x.mean().item()) < 0.2 and abs(x.std().item() - 1) < 0.2
+    counts = train.labels.bincount()
+    assert len(counts) == 10 and counts.min() > 50  # random subset, not the first class
