@@ -1,0 +1,37 @@
+"""Sparse training toolkit: masks, magnitude pruning, IMP, and an exact masked optimizer.
+
+A mask is ``{parameter name: bool tensor of the parameter's shape}`` (True = kept), named as in
+``model.named_parameters()``. Depends only on torch and safetensors.
+"""
+
+from .convert import (
+    MaskParametrization,
+    from_parametrize,
+    from_torch_prune,
+    to_parametrize,
+    to_torch_prune,
+)
+from .imp import ImpResult, imp, imp_schedule
+from .io import load_mask, save_mask
+from .mask import Mask, Sparsity, apply_mask, magnitude_mask, prunable_parameters, sparsity
+from .optimizer import MaskedOptimizer
+
+__all__ = [
+    "ImpResult",
+    "Mask",
+    "MaskParametrization",
+    "MaskedOptimizer",
+    "Sparsity",
+    "apply_mask",
+    "from_parametrize",
+    "from_torch_prune",
+    "imp",
+    "imp_schedule",
+    "load_mask",
+    "magnitude_mask",
+    "prunable_parameters",
+    "save_mask",
+    "sparsity",
+    "to_parametrize",
+    "to_torch_prune",
+]

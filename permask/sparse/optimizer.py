@@ -1,0 +1,227 @@
+"""``MaskedOptimizer``: keep pruned entries exactly zero under any ``torch.optim`` optimizer.
+
+Why this design (costs measured on a 2-core CPU, MLP 4x1024 at 90% sparsity, see
+docs/sparse.md): masking the weights and the same-shape optimizer state after the step costs
+about +2% (SGD) / +15% (AdamW) of a step, against +19% / +31% for ``torch.nn.utils.prune``'s
+forward pre-hooks, which also leave non-zero values under the mask. Grads are masked before
+the step so that optimizers which mix entries (norms, trust ratios, orthogonalization) never
+see pruned gradients. All multiplications are in place (``torch._foreach_mul_``): fused and
+foreach optimizers hold views of their state, so state tensors are never replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .mask import Mask, check_entry, unwrap
+
+
+def _named_parameters(
+    optimizer: torch.optim.Optimizer, model: nn.Module | Iterable[tuple[str, torch.Tensor]] | None
+) -> dict[str, torch.Tensor]:
+    if isinstance(model, nn.Module):
+        return dict(unwrap(model).named_parameters())
+    if model is not None:
+        return dict(model)
+    named = {}
+    for group in optimizer.param_groups:
+        if "param_names" not in group:
+            raise ValueError(
+                "Cannot map mask names to parameters: pass the model, as in "
+                "MaskedOptimizer(optimizer, mask, model), or build the optimizer from "
+                "model.named_parameters()."
+            )
+        named.update(zip(group["param_names"], group["params"]))
+    return named
+
+
+class MaskedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that entries pruned by ``mask`` stay exactly 0.
+
+    Each :meth:`step` multiplies the grads by the mask, runs the wrapped optimizer, then
+    multiplies the weights and every optimizer-state tensor with the parameter's shape (momentum,
+    Adam moments, ...) by the mask, in place. Pruned entries are therefore exactly 0 in weights,
+    grads and state after every step, for any elementwise or non-elementwise optimizer whose state
+    has the parameter's shape (factored states, e.g. Adafactor's, cannot be masked by shape).
+
+    Mask names are resolved to parameters through ``model`` (a module, possibly DDP-wrapped or
+    compiled, or an iterable of ``(name, parameter)``); without ``model``, through the
+    ``param_names`` that torch optimizers record when built from ``model.named_parameters()``.
+    The mask is a plain attribute, not a module buffer, so DDP never re-broadcasts it.
+
+    ``param_groups``, ``state``, ``zero_grad`` and ``add_param_group`` are those of the wrapped
+    optimizer, so learning-rate schedulers and ``GradScaler`` (``scaler.step(masked)``) work on
+    the wrapper. ``state_dict()`` adds the mask under the key ``"mask"``.
+    """
+
+    # GradScaler must unscale grads itself (through param_groups) before calling step().
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        mask: Mapping[str, torch.Tensor],
+        model: nn.Module | Iterable[tuple[str, torch.Tensor]] | None = None,
+    ) -> None:
+        # No super().__init__(): all optimizer state lives in the wrapped optimizer.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if isinstance(optimizer, MaskedOptimizer):
+            raise TypeError("The optimizer is already a MaskedOptimizer; use set_mask() instead.")
+        self.optimizer = optimizer
+        self._named = _named_parameters(optimizer, model)
+        self.set_mask(mask)
+
+    # -- proxied optimizer API ---------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._state_of = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not found normally (e.g. hook dicts of the wrapped optimizer).
+        if name == "optimizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"MaskedOptimizer({self.optimizer!r}, {len(self._mask)} masked tensors)"
+
+    # -- mask --------------------------------------------------------------------------------
+    @property
+    def mask(self) -> Mask:
+        """The current mask (bool tensors on the parameters' devices)."""
+        return dict(self._mask)
+
+    @torch.no_grad()
+    def set_mask(self, mask: Mapping[str, torch.Tensor]) -> None:
+        """Replace the mask (e.g. for the next IMP round) and apply it to weights, grads, state."""
+        optimized = {id(p) for group in self.param_groups for p in group["params"]}
+        params = []
+        for name, m in mask.items():
+            p = self._named.get(name)
+            if p is None:
+                raise KeyError(
+                    f"Mask entry {name!r} names no parameter of the model. Mask names must be "
+                    "those of model.named_parameters() on the unwrapped model."
+                )
+            check_entry(name, m, p)
+            if id(p) not in optimized:
+                raise ValueError(
+                    f"Parameter {name!r} is masked but not optimized by the wrapped optimizer; "
+                    "add it to the optimizer or drop it from the mask."
+                )
+            params.append(p)
+        self._mask = {n: m.detach().to(p.device) for (n, m), p in zip(mask.items(), params)}
+        self._params = params
+        self._factors = [m.to(p.dtype) for m, p in zip(self._mask.values(), params)]
+        self._state_of: tuple[object, int] | None = None  # (state dict, its length) grouped
+        self._mask_grads()
+        self._mask_weights_and_state()
+
+    def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Weights and same-shape state tensors with their factors, grouped once and cached.
+
+        Regrouped only when the optimizer's state dict is replaced (load_state_dict) or gains
+        entries (state is created lazily on a parameter's first step).
+        """
+        state = self.optimizer.state
+        if (
+            self._state_of is None
+            or self._state_of[0] is not state
+            or self._state_of[1] != len(state)
+        ):
+            tensors, factors = list(self._params), list(self._factors)
+            for p, f in zip(self._params, self._factors):
+                cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+                for value in state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape == p.shape:
+                        k = (value.dtype, value.device)
+                        if k not in cast:
+                            cast[k] = f.to(dtype=value.dtype, device=value.device)
+                        tensors.append(value)
+                        factors.append(cast[k])
+            self._state_tensors, self._state_factors = tensors, factors
+            self._state_of = (state, len(state))
+        return self._state_tensors, self._state_factors
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors) if p.grad is not None]
+        if pairs:
+            grads, factors = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(factors))
+
+    @torch.no_grad()
+    def _mask_weights_and_state(self) -> None:
+        tensors, factors = self._targets()
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Mask grads, step the wrapped optimizer, mask weights and state."""
+        if closure is None:
+            self._mask_grads()
+            loss = self.optimizer.step()
+        else:
+
+            def masked_closure() -> Any:
+                loss = closure()
+                self._mask_grads()
+                return loss
+
+            loss = self.optimizer.step(masked_closure)
+        self._mask_weights_and_state()
+        return loss
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, **kwargs: Any
+    ) -> torch.Tensor:
+        """Mask grads, then ``torch.nn.utils.clip_grad_norm_`` over all optimized parameters."""
+        self._mask_grads()
+        params = [p for group in self.param_groups for p in group["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, **kwargs)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"mask"`` (name -> bool tensor)."""
+        return {
+            **self.optimizer.state_dict(),
+            "mask": {n: m.clone() for n, m in self._mask.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load optimizer state and, if present, the mask; then re-apply the mask."""
+        state_dict = dict(state_dict)
+        mask = state_dict.pop("mask", None)
+        self.optimizer.load_state_dict(state_dict)
+        self.set_mask(self._mask if mask is None else mask)
