@@ -1,0 +1,25 @@
+"""permask: align lottery-ticket masks across random inits via neuron permutations."""
+
+from .graph import (
+    Permutation,
+    PermutationGraph,
+    TraceError,
+    random_permutation,
+    register_rule,
+    trace,
+)
+from .permute import permute_mask, permute_model, permute_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace",
+    "TraceError",
+    "PermutationGraph",
+    "Permutation",
+    "random_permutation",
+    "register_rule",
+    "permute_model",
+    "permute_mask",
+    "permute_tensors",
+]

@@ -1,0 +1,185 @@
+"""The permutation-group graph: which tensor axes one permutation must move together."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .layout import Layout, layout_groups
+
+if TYPE_CHECKING:
+    import networkx
+    import torch.fx
+
+    from .unify import Reason
+
+__all__ = ["PermutationGraph", "Group", "Member", "Observation", "FrozenAxis"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """Axis ``axis`` of parameter/buffer ``tensor`` carries the group, laid out as ``layout``.
+
+    ``layout`` is explicit about structure: a segment of a concatenated axis, a factor of a
+    flattened or grouped axis (see :mod:`permask.graph.layout`).
+    """
+
+    tensor: str
+    axis: int
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Where a group's activations can be seen: fx node ``node``, axis ``axis``."""
+
+    node: str
+    axis: int
+    layout: Layout
+    op: str
+    target: str
+
+
+@dataclass(frozen=True)
+class FrozenAxis:
+    """An axis held fixed, with why. ``kind`` is "tensor", "input" or "output"."""
+
+    name: str
+    axis: int
+    size: int
+    reasons: tuple[Reason, ...]
+    kind: str
+
+    def __str__(self) -> str:
+        why = "; ".join(map(str, self.reasons)) or "unknown"
+        return f"{self.kind} {self.name} axis {self.axis} (size {self.size}): {why}"
+
+
+@dataclass
+class Group:
+    """One permutation of ``size`` elements and every axis it moves."""
+
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(dict.fromkeys(m.tensor for m in self.members))
+
+
+class PermutationGraph:
+    """Groups of axes that must be permuted together, found by :func:`permask.trace`.
+
+    Attributes:
+        groups: name -> :class:`Group`, in trace order.
+        tensors: parameter/buffer name -> one :class:`Layout` per axis (frozen axes are
+            ``Fixed``). Only tensors that the traced forward uses appear here.
+        frozen: axes held fixed (model inputs/outputs and tensor axes), with reasons.
+        shapes: name -> shape of every parameter and buffer of the model.
+        parameters: the names in ``shapes`` that are parameters (the rest are buffers).
+        fx_graph: the traced ``torch.fx.Graph`` (node names match ``Observation.node``).
+    """
+
+    def __init__(
+        self,
+        groups: dict[str, Group],
+        tensors: dict[str, list[Layout]],
+        frozen: list[FrozenAxis],
+        shapes: dict[str, tuple[int, ...]],
+        parameters: frozenset[str],
+        fx_graph: torch.fx.Graph,
+    ):
+        self.groups = groups
+        self.tensors = tensors
+        self.frozen = frozen
+        self.shapes = shapes
+        self.parameters = parameters
+        self.fx_graph = fx_graph
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups.values())
+
+    def __getitem__(self, name: str) -> Group:
+        return self.groups[name]
+
+    def permuted_tensors(self) -> dict[str, list[Layout]]:
+        """Tensors with at least one axis that a permutation moves."""
+        return {n: lays for n, lays in self.tensors.items() if any(layout_groups(x) for x in lays)}
+
+    def permutable_fraction(self) -> float:
+        """Fraction of the model's parameter elements in tensors that some group moves."""
+        total = moved = 0
+        permuted = self.permuted_tensors()
+        for name in self.parameters:
+            shape = self.shapes[name]
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+            if name in permuted:
+                moved += n
+        return moved / total if total else 0.0
+
+    def frozen_reasons(self) -> Counter:
+        """How many frozen tensor axes each reason message explains."""
+        c: Counter = Counter()
+        for f in self.frozen:
+            for r in f.reasons[:1]:
+                c[r.message] += 1
+        return c
+
+    def __str__(self) -> str:
+        rows = [("group", "size", "#tensors", "example members", "observed at")]
+        for g in self:
+            ex = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.members[:2])
+            if len(g.members) > 2:
+                ex += f", ... (+{len(g.members) - 2})"
+            obs = next((o for o in g.observations if o.op != "get_attr"), None)
+            rows.append(
+                (
+                    g.name,
+                    str(g.size),
+                    str(len(g.tensors)),
+                    ex,
+                    f"{obs.node}[{obs.axis}]" if obs else "-",
+                )
+            )
+        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(5)]
+        lines = [
+            f"PermutationGraph: {len(self)} groups, "
+            f"{len(self.permuted_tensors())}/{len(self.tensors)} traced tensors permuted, "
+            f"{self.permutable_fraction():.1%} of parameters"
+        ]
+        for r in rows:
+            lines.append(
+                "  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+            )
+        tensor_frozen = [f for f in self.frozen if f.kind == "tensor"]
+        io = len(self.frozen) - len(tensor_frozen)
+        lines.append(f"frozen: {len(tensor_frozen)} tensor axes, {io} model input/output axes")
+        for msg, n in self.frozen_reasons().most_common(8):
+            lines.append(f"  {n:4d} x {msg}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"PermutationGraph(groups={len(self)}, tensors={len(self.tensors)})"
+
+    def to_networkx(self) -> networkx.Graph:
+        """Groups and tensors as nodes, membership (axis, layout) as edges."""
+        import networkx as nx
+
+        g = nx.MultiGraph()
+        for grp in self:
+            g.add_node(("group", grp.name), kind="group", size=grp.size)
+        for name, lays in self.tensors.items():
+            g.add_node(("tensor", name), kind="tensor", shape=self.shapes.get(name))
+            for axis, lay in enumerate(lays):
+                for grp in layout_groups(lay):
+                    g.add_edge(("group", grp), ("tensor", name), axis=axis, layout=str(lay))
+        return g

@@ -1,0 +1,129 @@
+"""The op-rule registry: one place that says how each op moves tensor axes.
+
+A rule is a small function ``rule(ctx, *args, **kwargs)`` called with the fx node's arguments,
+in which every traced tensor is a :class:`TVal` (shape plus one layout per axis) and everything
+else is the concrete value seen while tracing. It relates axes through ``ctx`` (unify, freeze,
+split) and returns the layouts of the output (a list with one layout per axis, or a tuple of
+such lists for tuple outputs). Rules are keyed by
+
+* module class (for fx leaf modules) -- e.g. ``nn.Conv2d``;
+* function -- e.g. ``torch.cat``, ``F.layer_norm``, ``operator.add``;
+* method name -- e.g. ``"view"``, ``"flatten"``.
+
+A rule that raises :class:`Decline` (or any error) freezes every axis the op touches. An op with
+no rule is frozen the same way: soundness never depends on a rule being present.
+
+Registering a rule for your own module class also makes it a tracing leaf::
+
+    @permask.register_rule(MyGatedUnit)
+    def _my_gated_unit(ctx, x):
+        w = ctx.tensor("weight")              # (C,) parameter of the module
+        ctx.unify(w.axes[0], x.axes[-1])      # it scales the channels of x elementwise
+        return x.axes                         # output has the layout of x
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from .unify import BLayout
+
+__all__ = ["TVal", "Decline", "register_rule", "find_rule", "Rule"]
+
+Rule = Callable[..., Any]
+
+# Methods a subclass may define without changing what its forward computes.
+_HARMLESS_METHODS = {
+    "__init__",
+    "__repr__",
+    "extra_repr",
+    "reset_parameters",
+    "_get_name",
+    "__setstate__",
+    "_load_from_state_dict",
+}
+
+
+@dataclass
+class TVal:
+    """A traced tensor: its shape and one layout per axis."""
+
+    shape: tuple[int, ...]
+    axes: list[BLayout]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class Decline(Exception):
+    """Raised by a rule that cannot prove its case; the op's axes are frozen with this message."""
+
+
+_MODULE_RULES: dict[type, Rule] = {}
+_FUNCTION_RULES: dict[Any, Rule] = {}
+_METHOD_RULES: dict[str, Rule] = {}
+
+
+def register_rule(
+    *targets: type | Callable | str, override: bool = False
+) -> Callable[[Rule], Rule]:
+    """Decorator registering ``rule`` for module classes, functions or method names.
+
+    Registering an existing target raises unless ``override=True``.
+    """
+    if not targets:
+        raise TypeError("register_rule needs at least one module class, function or method name")
+
+    def deco(rule: Rule) -> Rule:
+        for t in targets:
+            if isinstance(t, str):
+                table: dict = _METHOD_RULES
+            elif isinstance(t, type) and issubclass(t, nn.Module):
+                table = _MODULE_RULES
+            elif callable(t):
+                table = _FUNCTION_RULES
+            else:
+                raise TypeError(f"cannot register a rule for {t!r}: not a class, function or str")
+            if t in table and not override and table[t] is not rule:
+                raise ValueError(f"a rule for {t!r} is already registered; pass override=True")
+            table[t] = rule
+        return rule
+
+    return deco
+
+
+def has_module_rule(cls: type) -> bool:
+    """Whether ``cls`` itself has a registered rule (such modules are traced as leaves)."""
+    return cls in _MODULE_RULES
+
+
+def find_module_rule(module: nn.Module) -> Rule | None:
+    """The rule of the module's class, or of a base class the module does not override.
+
+    A subclass inherits its base's rule only if no class in between defines methods other than
+    harmless ones: a new ``forward`` may compute anything, so it must not borrow a rule.
+    """
+    for cls in type(module).__mro__:
+        rule = _MODULE_RULES.get(cls)
+        if rule is not None:
+            return rule
+        if any(callable(v) and k not in _HARMLESS_METHODS for k, v in vars(cls).items()):
+            return None
+    return None
+
+
+def find_rule(op: str, target: Any, module: nn.Module | None = None) -> Rule | None:
+    """Rule for an fx node's ``op`` and ``target`` (the module for ``call_module``)."""
+    if op == "call_module":
+        return find_module_rule(module)
+    if op == "call_method":
+        return _METHOD_RULES.get(target)
+    try:
+        return _FUNCTION_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None

@@ -1,0 +1,114 @@
+"""Contractions: einsum, matmul, Linear, embedding.
+
+An einsum is equivariant under any permutation applied to every axis that carries the same
+index letter, so all axes of one letter are unified (size-1 broadcast axes excepted). Linear
+and matmul are einsums; an embedding's vocabulary axis is addressed by value and stays fixed.
+"""
+
+from __future__ import annotations
+
+import operator
+import string
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import Decline, TVal, register_rule
+from ._util import unit
+
+
+def contract(ctx, operands: list[TVal], subscripts: list[str], output: str) -> list:
+    """Unify axes by einsum letter; return the output layouts."""
+    by_letter: dict[str, object] = {}
+    for t, sub in zip(operands, subscripts):
+        if len(sub) != t.ndim:
+            raise Decline(f"einsum subscript '{sub}' for a tensor of rank {t.ndim}")
+        for letter, ax, s in zip(sub, t.axes, t.shape):
+            if s == 1:
+                continue
+            if letter in by_letter:
+                ctx.unify(by_letter[letter], ax)
+            else:
+                by_letter[letter] = ax
+    return [by_letter.get(c) or unit(ctx) for c in output]
+
+
+def _expand_ellipsis(subs: list[str], operands: list[TVal], output: str | None):
+    free = [c for c in string.ascii_letters if c not in "".join(subs) + (output or "")]
+    width = max((t.ndim - len(s.replace("...", "")) for s, t in zip(subs, operands)), default=0)
+    fill = "".join(free[:width])
+    out_subs = []
+    for s, t in zip(subs, operands):
+        if "..." in s:
+            k = t.ndim - len(s.replace("...", ""))
+            s = s.replace("...", fill[width - k :])
+        out_subs.append(s)
+    if output is not None and "..." in output:
+        output = output.replace("...", fill)
+    return out_subs, output
+
+
+@register_rule(torch.einsum)
+def einsum(ctx, equation: str, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    eq = equation.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    output = rhs if "->" in eq else None
+    subs, output = _expand_ellipsis(subs, list(operands), output)
+    if output is None:
+        letters = "".join(subs)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return contract(ctx, list(operands), subs, output)
+
+
+def _batch_letters(n: int) -> str:
+    return string.ascii_letters[:n]
+
+
+@register_rule(operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm")
+def matmul(ctx, a: TVal, b: TVal):
+    if a.ndim < 1 or b.ndim < 1:
+        raise Decline("matmul of a scalar")
+    # letters: x=rows of a, y=contracted, z=cols of b; batch letters broadcast from the right.
+    batch = max(a.ndim, b.ndim) - 2
+    bl = _batch_letters(max(batch, 0))
+    sa = "y" if a.ndim == 1 else bl[len(bl) - (a.ndim - 2) :] + "xy"
+    sb = "y" if b.ndim == 1 else bl[len(bl) - (b.ndim - 2) :] + "yz"
+    out = bl + ("x" if a.ndim > 1 else "") + ("z" if b.ndim > 1 else "")
+    return contract(ctx, [a, b], [sa, sb], out)
+
+
+def _linear(ctx, x: TVal, w: TVal, b: TVal | None):
+    lead = _batch_letters(x.ndim - 1)
+    out = contract(ctx, [x, w], [lead + "y", "zy"], lead + "z")
+    if b is not None:
+        ctx.unify(b.axes[0], w.axes[0])
+    return out
+
+
+@register_rule(F.linear)
+def linear(ctx, input: TVal, weight: TVal, bias: TVal | None = None):
+    return _linear(ctx, input, weight, bias)
+
+
+@register_rule(nn.Linear)
+def linear_module(ctx, x: TVal):
+    return _linear(ctx, x, ctx.tensor("weight"), ctx.tensor("bias"))
+
+
+def _embedding(ctx, idx: TVal, weight: TVal):
+    ctx.freeze(weight.axes[0], "embedding rows are addressed by value")
+    return [*idx.axes, weight.axes[1]]
+
+
+@register_rule(F.embedding)
+def embedding(ctx, input: TVal, weight: TVal, *args, **kwargs):
+    return _embedding(ctx, input, weight)
+
+
+@register_rule(nn.Embedding)
+def embedding_module(ctx, x: TVal):
+    return _embedding(ctx, x, ctx.tensor("weight"))

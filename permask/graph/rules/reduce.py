@@ -1,0 +1,76 @@
+"""Reductions over dims (sum, mean, max, norm, ...): invariant to the order of what they reduce.
+
+Ops that also return *positions* along the reduced dim (max/min with dim, argmax, median)
+freeze that dim, because a permutation would change the returned indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import Decline, TVal, register_rule
+from ._util import arg, broadcast, norm_dim, tvals, unit
+
+_INVARIANT = [
+    "sum", "mean", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "all", "any",
+    "nansum", "nanmean", torch.sum, torch.mean, torch.amax, torch.amin, torch.std, torch.var,
+    torch.norm, torch.logsumexp, torch.prod, torch.all, torch.any, torch.nansum, torch.nanmean,
+]  # fmt: skip
+_WITH_INDICES = ["max", "min", "median", torch.max, torch.min, torch.median]
+_ARG = ["argmax", "argmin", torch.argmax, torch.argmin]
+
+
+def _reduced(x: TVal, dim) -> list[int]:
+    if dim is None:
+        return list(range(x.ndim))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted({norm_dim(d, x.ndim) for d in dims})
+
+
+def _reduce(ctx, x: TVal, dims: list[int], keepdim: bool) -> list:
+    out = []
+    for k, ax in enumerate(x.axes):
+        if k not in dims:
+            out.append(ax)
+        elif keepdim:
+            out.append(unit(ctx))
+    return out
+
+
+@register_rule(*_INVARIANT)
+def reduce(ctx, x: TVal, *args, **kwargs):
+    is_norm = getattr(ctx.node.target, "__name__", ctx.node.target) == "norm"
+    dim = kwargs.get("dim", kwargs.get("axis"))
+    pos = 1 if is_norm else 0  # torch.norm(x, p, dim)
+    if dim is None and len(args) > pos and not isinstance(args[pos], bool):
+        if isinstance(args[pos], (int, tuple, list)):
+            dim = args[pos]
+    dims = _reduced(x, dim)
+    for keepdim in (False, True):
+        out = _reduce(ctx, x, dims, keepdim)
+        if [a.size for a in out] == list(ctx.out.shape):
+            return out
+    raise Decline(f"cannot tell which dims {ctx.node.target} reduces")
+
+
+@register_rule(*_WITH_INDICES)
+def reduce_with_indices(ctx, x: TVal, *args, **kwargs):
+    others = tvals(args, kwargs)
+    if others:  # torch.max(a, b) is elementwise
+        return broadcast(ctx, [x, *others], ctx.out.shape)
+    dim = arg(args, kwargs, 0, "dim")
+    dims = _reduced(x, dim)
+    keepdim = bool(arg(args, kwargs, 1, "keepdim", False))
+    for d in dims:
+        if dim is not None:
+            ctx.freeze(x.axes[d], "indices along a reduced dim")
+    out = _reduce(ctx, x, dims, keepdim)
+    return (out, list(out)) if isinstance(ctx.out, tuple) else out
+
+
+@register_rule(*_ARG)
+def arg_reduce(ctx, x: TVal, dim=None, keepdim: bool = False):
+    dims = _reduced(x, dim)
+    for d in dims:
+        ctx.freeze(x.axes[d], "argmax/argmin returns positions")
+    return _reduce(ctx, x, dims, keepdim) if dim is not None else []

@@ -1,0 +1,255 @@
+"""Shape ops: reshape/flatten/view, permute/transpose, expand/repeat, indexing, cat/stack/split.
+
+These do not compute, they move elements; each rule maps input layouts to output layouts
+exactly (reshape as products of factors, slices and splits as segments of a concat), and
+declines whatever it cannot map.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+
+from ..registry import Decline, TVal, register_rule
+from ._util import arg, norm_dim, unit
+
+
+def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
+    """Layouts after a row-major reshape of ``x`` to ``out_shape``."""
+    in_shape = x.shape
+    if 0 in in_shape or 0 in out_shape:
+        raise Decline("reshape of an empty tensor")
+    out: list = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        if j < len(out_shape) and out_shape[j] == 1:
+            out.append(unit(ctx))
+            j += 1
+            continue
+        if i < len(in_shape) and in_shape[i] == 1:
+            i += 1
+            continue
+        pi, pj, i1, j1 = in_shape[i], out_shape[j], i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= in_shape[i1]
+                i1 += 1
+            else:
+                pj *= out_shape[j1]
+                j1 += 1
+        src = [x.axes[k] for k in range(i, i1) if in_shape[k] != 1]
+        combined = src[0] if len(src) == 1 else ctx.product(src)
+        sizes = list(out_shape[j:j1])
+        out.extend(ctx.factor(combined, sizes) if len(sizes) > 1 else [combined])
+        i, j = i1, j1
+    return out
+
+
+_RESHAPES = [
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+    "reshape_as", "ravel", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+    torch.unflatten, torch.ravel, nn.Flatten, nn.Unflatten,
+]  # fmt: skip
+
+
+@register_rule(*_RESHAPES)
+def reshape(ctx, x: TVal, *args, **kwargs):
+    if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
+        raise Decline("view as another dtype reinterprets memory")
+    return reshape_axes(ctx, x, ctx.out.shape)
+
+
+def _dims(args: tuple) -> list[int]:
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+
+
+@register_rule("permute", torch.permute)
+def permute(ctx, x: TVal, *args, dims=None):
+    order = _dims(args) if dims is None else list(dims)
+    return [x.axes[norm_dim(d, x.ndim)] for d in order]
+
+
+@register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes)
+def transpose(ctx, x: TVal, dim0: int, dim1: int):
+    axes = list(x.axes)
+    a, b = norm_dim(dim0, x.ndim), norm_dim(dim1, x.ndim)
+    axes[a], axes[b] = axes[b], axes[a]
+    return axes
+
+
+@register_rule("t", torch.t)
+def t(ctx, x: TVal):
+    return list(reversed(x.axes))
+
+
+@register_rule("movedim", "moveaxis", torch.movedim, torch.moveaxis)
+def movedim(ctx, x: TVal, source, destination):
+    src = [source] if isinstance(source, int) else list(source)
+    dst = [destination] if isinstance(destination, int) else list(destination)
+    src = [norm_dim(d, x.ndim) for d in src]
+    dst = [norm_dim(d, x.ndim) for d in dst]
+    rest = iter(a for i, a in enumerate(x.axes) if i not in src)
+    placed = dict(zip(dst, (x.axes[s] for s in src)))
+    return [placed[i] if i in placed else next(rest) for i in range(x.ndim)]
+
+
+@register_rule(getattr)
+def tensor_attribute(ctx, x, name: str, *default):
+    """``x.shape`` and friends carry no layout; ``x.T`` / ``x.mT`` transpose."""
+    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+        return None
+    if not isinstance(x, TVal):
+        raise Decline(f"attribute {name} of a non-tensor")
+    if name == "T":
+        return list(reversed(x.axes))
+    if name == "mT":
+        return [*x.axes[:-2], x.axes[-1], x.axes[-2]]
+    raise Decline(f"tensor attribute '{name}'")
+
+
+@register_rule("size", "dim", "numel", "ndimension", "get_device", "nelement", len)
+def shape_query(ctx, *args, **kwargs):
+    return None
+
+
+@register_rule("expand", "expand_as")
+def expand(ctx, x: TVal, *args, **kwargs):
+    """Broadcast copies: an axis expanded from size 1 is constant, so any permutation is free."""
+    out_shape = ctx.out.shape
+    lead = len(out_shape) - x.ndim
+    out = [ctx.new(s, f"{ctx.label}.expand") for s in out_shape[:lead]]
+    for ax, s_in, s_out in zip(x.axes, x.shape, out_shape[lead:]):
+        out.append(ax if s_in == s_out else ctx.new(s_out, f"{ctx.label}.expand"))
+    return out
+
+
+@register_rule("repeat")
+def repeat(ctx, x: TVal, *args):
+    """Tiling: each axis becomes (copies x axis), copies slowest."""
+    reps = _dims(args)
+    lead = len(reps) - x.ndim
+    out = [ctx.fixed(r, "repeat copies") for r in reps[:lead]]
+    for ax, r in zip(x.axes, reps[lead:]):
+        out.append(ax if r == 1 else ctx.product([ctx.fixed(r, "repeat copies"), ax]))
+    return out
+
+
+@register_rule("repeat_interleave", torch.repeat_interleave)
+def repeat_interleave(ctx, x: TVal, repeats, dim=None, **kwargs):
+    if not isinstance(repeats, int) or dim is None:
+        raise Decline("repeat_interleave with tensor repeats or without dim")
+    d = norm_dim(dim, x.ndim)
+    axes = list(x.axes)
+    axes[d] = ctx.product([axes[d], ctx.fixed(repeats, "repeat copies")])
+    return axes
+
+
+def index_axes(ctx, x: TVal, index) -> list:
+    """Layouts after basic indexing (ints, slices, None, Ellipsis) of ``x``."""
+    idx = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (TVal, list, torch.Tensor)) for i in idx):
+        raise Decline("advanced (tensor) indexing")
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx[k : k + 1] = [slice(None)] * (x.ndim - n_real)
+    idx += [slice(None)] * (x.ndim - sum(1 for i in idx if i is not None))
+    out: list = []
+    d = 0
+    for i in idx:
+        if i is None:
+            out.append(unit(ctx))
+            continue
+        ax, size = x.axes[d], x.shape[d]
+        d += 1
+        if isinstance(i, int):
+            i = i % size
+            ctx.split(ax, [i, 1, size - i - 1])
+        elif isinstance(i, slice):
+            start, stop, step = i.indices(size)
+            if step == 1:
+                stop = max(stop, start)
+                out.append(ctx.split(ax, [start, stop - start, size - stop])[1])
+            else:
+                ctx.freeze(ax, "strided or reversed slice")
+                out.append(ctx.fixed(len(range(start, stop, step)), "strided slice"))
+        else:
+            raise Decline(f"index of type {type(i).__name__}")
+    return out
+
+
+@register_rule(operator.getitem)
+def getitem(ctx, obj, index):
+    if isinstance(obj, (tuple, list)):
+        return obj[index]
+    if not isinstance(obj, TVal):
+        raise Decline("indexing a non-tensor")
+    return index_axes(ctx, obj, index)
+
+
+@register_rule(operator.setitem)
+def setitem(ctx, obj: TVal, index, value):
+    """``x[idx] = v``: the written region of x must carry v's layout."""
+    if not isinstance(obj, TVal):
+        raise Decline("item assignment into a non-tensor")
+    region = index_axes(ctx, obj, index)
+    if isinstance(value, TVal):
+        for j, (ax, s) in enumerate(zip(reversed(value.axes), reversed(value.shape))):
+            target = region[len(region) - 1 - j]
+            if s == target.size:
+                ctx.unify(target, ax)
+            elif s != 1:
+                raise Decline("assigned value does not broadcast")
+    return None
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx, tensors, dim: int = 0, **kwargs):
+    dim = kwargs.get("axis", dim)
+    parts = [t for t in tensors if not (t.ndim == 1 and t.shape[0] == 0)]
+    ndim = parts[0].ndim
+    d = norm_dim(dim, ndim)
+    out = list(parts[0].axes)
+    for t in parts[1:]:
+        for k in range(ndim):
+            if k != d:
+                ctx.unify(out[k], t.axes[k])
+    out[d] = ctx.concat([t.axes[d] for t in parts])
+    return out
+
+
+@register_rule(torch.stack)
+def stack(ctx, tensors, dim: int = 0):
+    out = list(tensors[0].axes)
+    for t in tensors[1:]:
+        for a, b in zip(out, t.axes):
+            ctx.unify(a, b)
+    d = norm_dim(dim, len(out) + 1)
+    out.insert(d, ctx.fixed(len(tensors), "stacked items"))
+    return out
+
+
+@register_rule("split", "chunk", "tensor_split", "split_with_sizes", torch.split,
+               torch.chunk, torch.tensor_split)  # fmt: skip
+def split(ctx, x: TVal, *args, **kwargs):
+    """Outputs are consecutive segments of ``x`` along ``dim``."""
+    outs = ctx.out
+    dim = arg(args, kwargs, 1, "dim", 0)
+    d = norm_dim(dim, x.ndim)
+    sizes = [m.shape[d] for m in outs]
+    if sum(sizes) != x.shape[d]:
+        raise Decline("split pieces do not cover the axis")
+    segs = ctx.split(x.axes[d], sizes)
+    return tuple([*x.axes[:d], s, *x.axes[d + 1 :]] for s in segs)
+
+
+@register_rule("unbind", torch.unbind)
+def unbind(ctx, x: TVal, dim: int = 0):
+    d = norm_dim(dim, x.ndim)
+    ctx.split(x.axes[d], [1] * x.shape[d])
+    return tuple([*x.axes[:d], *x.axes[d + 1 :]] for _ in range(x.shape[d]))
+
+
+__all__ = ["reshape_axes", "index_axes"]

@@ -1,0 +1,85 @@
+"""Apply a :class:`~permask.graph.Permutation` to models, state dicts and masks."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from .graph import Permutation, PermutationGraph
+from .graph.layout import layout_groups, layout_index
+
+__all__ = ["permute_model", "permute_mask", "permute_tensors"]
+
+
+def permute_tensors(
+    tensors: Mapping[str, torch.Tensor], pi: Permutation, graph: PermutationGraph
+) -> dict[str, torch.Tensor]:
+    """Return a new dict where every tensor the graph knows is permuted along its axes.
+
+    Names not in the graph pass through unchanged. Each tensor's shape must match the traced
+    one (a clear error names the tensor otherwise).
+    """
+    _check_groups(pi, graph)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        layouts = graph.tensors.get(name)
+        if layouts is None or not any(layout_groups(x) for x in layouts):
+            out[name] = t
+            continue
+        if tuple(t.shape) != tuple(x.size for x in layouts):
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(t.shape)} but the graph traced "
+                f"{tuple(x.size for x in layouts)}; trace the model this tensor belongs to"
+            )
+        for axis, lay in enumerate(layouts):
+            if layout_groups(lay):
+                t = t.index_select(axis, layout_index(lay, pi, t.device))
+        out[name] = t
+    return out
+
+
+def permute_mask(
+    mask: Mapping[str, torch.Tensor], pi: Permutation, graph: PermutationGraph
+) -> dict[str, torch.Tensor]:
+    """Move every mask entry along the same axes as its weight (sparsity is kept exactly)."""
+    return permute_tensors(mask, pi, graph)
+
+
+def permute_model(
+    model: nn.Module, pi: Permutation, graph: PermutationGraph, inplace: bool = False
+) -> nn.Module:
+    """Permute parameters and buffers (BatchNorm running stats included) of ``model``.
+
+    Returns a permuted copy, or ``model`` itself with ``inplace=True`` (the Parameter objects
+    are kept, so optimizers holding them stay valid). The function the model computes is
+    unchanged (in eval mode; in train mode as well, up to BatchNorm batch statistics order).
+    """
+    target = model if inplace else copy.deepcopy(model)
+    named = dict(target.named_parameters())
+    named.update(dict(target.named_buffers()))
+    missing = [n for n in graph.permuted_tensors() if n not in named]
+    if missing:
+        raise ValueError(
+            f"model has no tensor '{missing[0]}' that the graph permutes; "
+            "pass the graph traced from this architecture"
+        )
+    new = permute_tensors({n: named[n] for n in graph.permuted_tensors()}, pi, graph)
+    with torch.no_grad():
+        for name, t in new.items():
+            named[name].copy_(t)
+    return target
+
+
+def _check_groups(pi: Permutation, graph: PermutationGraph) -> None:
+    for name, p in pi.items():
+        g = graph.groups.get(name)
+        if g is None:
+            raise ValueError(
+                f"permutation has group '{name}' that the graph does not know; "
+                "was it computed for another model or trace?"
+            )
+        if len(p) != g.size:
+            raise ValueError(f"group '{name}' has size {g.size} but its permutation has {len(p)}")
