@@ -1,0 +1,305 @@
+"""Training and evaluation loops with atomic, exactly resumable epoch checkpoints.
+
+A checkpoint (``last.pt``, rewritten every ``checkpoint_every`` epochs) holds the model,
+optimizer and scheduler state dicts, the number of completed epochs and the torch RNG states;
+batches come from a loader with ``set_epoch`` (see :class:`TensorLoader`), so the data order is a
+function of the epoch. Re-running :func:`train` with the same arguments and directory therefore
+continues an interrupted run (even one killed with SIGKILL) to bit-identical weights. Everything
+in a checkpoint is a tensor or a plain Python value, so it loads with ``weights_only=True``.
+
+Rewind points: ``keep_epochs=(k, ...)`` also keeps ``epoch_<k>.pt``, the state after ``k``
+completed epochs (``k = start_epoch`` is the state before any training, e.g. the init for k=0).
+Note the paper's code saved its "epoch k" checkpoint after k+1 epochs; here k means k epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from permask.experiment.atomic import atomic_save
+from permask.sparse import MaskedOptimizer
+
+__all__ = [
+    "TrainResult",
+    "checkpoint_path",
+    "evaluate",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+    "predict_proba",
+    "train",
+]
+
+OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-epoch history (all epochs, resumed ones included)."""
+
+    epochs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None  # completed epochs found in checkpoint_dir, if any
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike, epoch: int | None = None) -> Path:
+    """``<dir>/last.pt``, or the rewind point ``<dir>/epoch_<epoch>.pt``."""
+    name = "last.pt" if epoch is None else f"epoch_{epoch}.pt"
+    return Path(checkpoint_dir) / name
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; if ``model`` is given, load its weights."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if model is not None:
+        model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def make_optimizer(
+    spec: str | OptimizerFactory,
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """``"sgd"`` (Nesterov off), ``"adam"``, ``"adamw"``, or ``factory(named_parameters)``.
+
+    Built from ``model.named_parameters()`` so the optimizer records parameter names. Weight decay
+    applies to all parameters, as in the paper.
+    """
+    named = list(model.named_parameters())
+    if callable(spec):
+        return spec(named)
+    if spec == "sgd":
+        return torch.optim.SGD(named, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if spec in ("adam", "adamw"):
+        cls = torch.optim.Adam if spec == "adam" else torch.optim.AdamW
+        return cls(named, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {spec!r}; choose sgd, adam, adamw or pass a factory")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    start_step: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: linear warm-up, then cosine to 0 at ``total_steps``.
+
+    The schedule starts at step ``start_step`` (continuing a schedule after a rewind).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        step += start_step
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    epochs: int,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    optimizer: str | OptimizerFactory = "sgd",
+    schedule: str = "cosine",
+    warmup_epochs: int = 0,
+    start_epoch: int = 0,
+    mask: Mapping[str, torch.Tensor] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    keep_epochs: Iterable[int] = (),
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place with cross-entropy for epochs ``start_epoch .. epochs - 1``.
+
+    The schedule spans ``epochs`` epochs and starts at ``start_epoch`` (learning-rate rewinding
+    continues a schedule; a fresh schedule is ``start_epoch=0``). With ``mask`` the optimizer is
+    wrapped in :class:`permask.sparse.MaskedOptimizer`, so pruned weights stay exactly 0. With
+    ``checkpoint_dir`` training resumes from ``last.pt`` if present (returning at once when it is
+    complete) and keeps ``epoch_<k>.pt`` for every ``k`` in ``keep_epochs``.
+    """
+    if not 0 <= start_epoch <= epochs:
+        raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    model.to(device)
+    steps = len(loader)  # type: ignore[arg-type]
+    opt = make_optimizer(optimizer, model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if mask is not None:
+        opt = MaskedOptimizer(opt, mask, model)
+    sched = make_scheduler(
+        opt, schedule, epochs * steps, warmup_epochs * steps, start_step=start_epoch * steps
+    )
+    meta = {
+        "epochs": epochs,
+        "start_epoch": start_epoch,
+        "steps_per_epoch": steps,
+        "lr": lr,
+        "schedule": schedule,
+    }
+    result = TrainResult(epochs)
+    epoch = start_epoch
+    keep = set(keep_epochs)
+    last = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
+    if last is not None and last.is_file():
+        ckpt = load_checkpoint(last, map_location=device)
+        _check_meta(ckpt["meta"], meta, last)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng(ckpt["rng"])
+        epoch = result.resumed_from = ckpt["epoch"]
+        result.history = list(ckpt["history"])
+    elif last is not None and start_epoch in keep:
+        _save(last.parent, start_epoch, model, opt, sched, meta, result, rewind=True)
+    model.train()
+    while epoch < epochs:
+        stats = _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs)
+        result.history.append(stats)
+        epoch += 1
+        if last is not None and (epoch % checkpoint_every == 0 or epoch == epochs or epoch in keep):
+            _save(last.parent, epoch, model, opt, sched, meta, result, rewind=epoch in keep)
+    return result
+
+
+def _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs):
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    lr = opt.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += len(y)
+    mean_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"{desc}: training loss is {mean_loss} in epoch {epoch + 1}")
+    return {
+        "epoch": epoch + 1,
+        "loss": mean_loss,
+        "acc": correct.item() / max(seen, 1),
+        "lr": lr,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _save(directory, epoch, model, opt, sched, meta, result, rewind: bool) -> None:
+    ckpt = {
+        "epoch": epoch,
+        "meta": meta,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": _get_rng(),
+        "history": result.history,
+    }
+    if rewind:
+        atomic_save(ckpt, checkpoint_path(directory, epoch))
+    atomic_save(ckpt, checkpoint_path(directory))
+
+
+def _check_meta(found: dict, expected: dict, path: Path) -> None:
+    if found != expected:
+        raise ValueError(
+            f"{path} was written by a different run ({found}, now {expected}); "
+            "use a fresh checkpoint_dir or the original settings"
+        )
+
+
+def _get_rng() -> dict[str, Any]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) over ``loader``, in eval mode."""
+    loss_sum, correct, seen = 0.0, 0, 0
+    for out, y in _outputs(model, loader, device):
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += int((out.argmax(1) == y).sum())
+        seen += len(y)
+    if seen == 0:
+        raise ValueError("the loader yielded no batches")
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Softmax outputs ``[N, classes]`` (float32, CPU) over ``loader``, in eval mode."""
+    chunks = [out.float().softmax(1).cpu() for out, _ in _outputs(model, loader, device)]
+    if not chunks:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(chunks)
+
+
+def _outputs(model: nn.Module, loader: Iterable, device):
+    """Yield ``(logits, labels)`` in eval mode, restoring the model's mode afterwards."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in loader:
+            y = y.to(device)
+            yield model(x.to(device)), y
+    finally:
+        model.train(was_training)

@@ -1,0 +1,185 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from permask.experiment.loader import get_loaders
+from permask.experiment.models import mlp
+from permask.experiment.train import (
+    checkpoint_path,
+    evaluate,
+    load_checkpoint,
+    predict_proba,
+    train,
+)
+
+SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
+pytestmark = pytest.mark.skipif(
+    not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"
+)
+KW = dict(epochs=4, lr=0.05, weight_decay=5e-4, progress=False)
+
+
+def _setup(seed=0):
+    train_loader, test_loader, _ = get_loaders(
+        "mnist", SHARED, batch_size=100, train_subset=1000, test_subset=1000, seed=seed
+    )
+    torch.manual_seed(seed)
+    return mlp(hidden=(64, 64)), train_loader, test_loader
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingLoader:
+    """Wraps a loader and raises after ``after`` batches in total."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after = loader, after
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, e):
+        self.loader.set_epoch(e)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.after == 0:
+                raise Crash
+            self.after -= 1
+            yield batch
+
+
+def _assert_same(a, b):
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_learns_and_evaluates():
+    model, tr, te = _setup()
+    res = train(model, tr, **KW)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    loss, acc = evaluate(model, te)
+    assert acc > 0.8 and loss < 0.7
+    model.train()
+    probs = predict_proba(model, te)
+    assert model.training  # mode restored
+    assert probs.shape == (1000, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1000))
+    assert (probs.argmax(1) == te.labels).float().mean().item() == pytest.approx(acc)
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path):
+    ref, tr, _ = _setup()
+    train(ref, tr, **KW)
+    model, tr, _ = _setup()
+    with pytest.raises(Crash):
+        train(model, CrashingLoader(tr, after=25), checkpoint_dir=tmp_path, **KW)  # in epoch 3
+    assert load_checkpoint(checkpoint_path(tmp_path))["epoch"] == 2
+    model, tr, _ = _setup(seed=0)
+    torch.manual_seed(123)  # the resumed run must not depend on the RNG state it starts with
+    res = train(model, tr, checkpoint_dir=tmp_path, **KW)
+    assert res.resumed_from == 2 and len(res.history) == 4
+    _assert_same(model, ref)
+    again = train(model, tr, checkpoint_dir=tmp_path, **KW)  # finished: nothing to do
+    assert again.resumed_from == 4
+    with pytest.raises(ValueError, match="different run"):
+        train(model, tr, checkpoint_dir=tmp_path, **{**KW, "epochs": 5})
+
+
+def test_rewind_points_and_weights_only(tmp_path):
+    model, tr, _ = _setup()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, tr, checkpoint_dir=tmp_path, keep_epochs=(0, 2), checkpoint_every=10, **KW)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["epoch_0.pt", "epoch_2.pt", "last.pt"]
+    e0 = torch.load(tmp_path / "epoch_0.pt", weights_only=True)
+    assert e0["epoch"] == 0 and all(torch.equal(init[k], v) for k, v in e0["model"].items())
+    e2 = load_checkpoint(tmp_path / "epoch_2.pt")
+    assert e2["epoch"] == 2 and len(e2["history"]) == 2
+    # LR rewinding: continuing the schedule from epoch 2 reproduces the full run.
+    cont, tr, _ = _setup()
+    load_checkpoint(tmp_path / "epoch_2.pt", cont)
+    train(cont, tr, start_epoch=2, checkpoint_dir=tmp_path / "c", **KW)
+    last = load_checkpoint(tmp_path / "c" / "last.pt")
+    assert last["epoch"] == 4 and len(last["history"]) == 2
+
+
+def test_masked_training_keeps_zeros_across_resume(tmp_path):
+    model, tr, _ = _setup()
+    mask = {"fc1.weight": torch.rand(64, 784) < 0.1, "head.weight": torch.rand(10, 64) < 0.5}
+    with pytest.raises(Crash):
+        train(model, CrashingLoader(tr, after=15), mask=mask, checkpoint_dir=tmp_path, **KW)
+    model, tr, _ = _setup()
+    train(model, tr, mask=mask, checkpoint_dir=tmp_path, **KW)
+    for name, m in mask.items():
+        w = model.get_parameter(name)
+        assert torch.all(w[~m] == 0) and torch.all(w[m] != 0)
+    ref, tr, _ = _setup()
+    train(ref, tr, mask=mask, **KW)
+    _assert_same(model, ref)
+
+
+SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from permask.experiment.loader import get_loaders
+from permask.experiment.models import mlp
+from permask.experiment.train import train
+ckpt, slow = sys.argv[1], float(sys.argv[2])
+tr, _, _ = get_loaders("mnist", {root!r}, batch_size=100, train_subset=2000)
+class Slow:
+    def __len__(self): return len(tr)
+    def set_epoch(self, e): tr.set_epoch(e)
+    def __iter__(self):
+        for b in tr:
+            time.sleep(slow)
+            yield b
+torch.manual_seed(0)
+model = mlp(hidden=(64, 64))
+train(model, Slow(), epochs=5, lr=0.05, progress=False, checkpoint_dir=ckpt)
+torch.save(model.state_dict(), ckpt + "/final.pt")
+"""
+
+
+def test_sigkill_mid_training_then_resume(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(root=str(SHARED)))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the script: same kernels, same bits
+    try:
+        ref, tr, _ = _setup()
+        tr, _, _ = get_loaders("mnist", SHARED, batch_size=100, train_subset=2000)
+        train(ref, tr, epochs=5, lr=0.05, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.01"])
+    try:
+        deadline = time.monotonic() + 90
+        while not checkpoint_path(killed).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.05)
+        time.sleep(0.1)  # into the next epoch (20 batches x 10 ms per epoch)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    epoch = load_checkpoint(checkpoint_path(killed))["epoch"]
+    assert 1 <= epoch < 5
+    assert not (killed / "final.pt").exists()
+    subprocess.run([sys.executable, str(script), str(killed), "0"], check=True)
+    got = torch.load(killed / "final.pt", weights_only=True)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, got[k]), k
