@@ -78,8 +78,8 @@ def resolve(mask: Mapping[str, torch.Tensor], model: nn.Module) -> list[nn.Param
     params = []
     for name, m in mask.items():
         if name not in named:
-            close = [n for n in named if n.endswith(name) or name.endswith(n)]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            close = [n for n in named if n.endswith("." + name) or name.endswith("." + n)]
+            hint = f" Did you mean {' or '.join(map(repr, close[:3]))}?" if close else ""
             raise KeyError(
                 f"Mask entry {name!r} is not a parameter of {type(model).__name__}.{hint} "
                 "Mask names must be those of model.named_parameters() on the unwrapped model."

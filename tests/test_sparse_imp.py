@@ -1,0 +1,117 @@
+"""IMP: exact target sparsity by integer counts, nested masks, rewinding, determinism."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from permask.sparse import MaskedOptimizer, imp, imp_schedule, magnitude_mask, sparsity
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def trainer(log: list | None = None, steps: int = 3):
+    """A seeded train_fn: fresh MaskedOptimizer each round, fixed data."""
+
+    def train_fn(model: nn.Module, mask: dict, round: int) -> None:
+        start = copy.deepcopy(model.state_dict())
+        g = torch.Generator().manual_seed(round)
+        opt = MaskedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), mask, model
+        )
+        for _ in range(steps):
+            x, y = torch.randn(16, 1, 6, 6, generator=g), torch.randn(16, 3, generator=g)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        if log is not None:
+            log.append((round, start, copy.deepcopy(model.state_dict())))
+
+    return train_fn
+
+
+def test_schedule_by_integer_counts_lands_on_target():
+    counts = imp_schedule(1000, 0.9)
+    assert counts == [800, 640, 512, 410, 328, 262, 210, 168, 134, 107, 100]
+    assert len(imp_schedule(272474, 0.9)) == 11
+    assert imp_schedule(4, 0.5) == [3, 2]  # at least one weight per round, clipped to the target
+    assert imp_schedule(100, 0.0) == []
+    with pytest.raises(ValueError, match="rate"):
+        imp_schedule(100, 0.5, rate=1.0)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.973])
+def test_imp_fine_tuning_reaches_target_exactly(target):
+    net = make_net()
+    result = imp(net, trainer(), target)
+    total = sum(m.numel() for m in result.masks[-1].values())
+    zeros = total - sum(int(m.sum()) for m in result.masks[-1].values())
+    assert zeros == round(target * total)
+    assert result.sparsities[-1] == zeros / total
+    assert len(result.masks) == len(imp_schedule(total, target))
+    for earlier, later in zip(result.masks, result.masks[1:]):  # nested: pruned stays pruned
+        assert all(not (later[n] & ~earlier[n]).any() for n in later)
+    named = dict(net.named_parameters())
+    assert all(torch.count_nonzero(named[n].detach()[~m]) == 0 for n, m in result.masks[-1].items())
+
+
+def test_imp_layer_scope_and_dense_shortcuts():
+    class WithShortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.shortcut = nn.Conv2d(2, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) + self.shortcut(x)
+
+    torch.manual_seed(0)
+    net = WithShortcut()
+    result = imp(net, lambda m, mask, r: None, 0.8, scope="layer", dense_shortcuts=True)
+    assert list(result.masks[-1]) == ["conv.weight"]
+    assert sparsity(result.masks[-1]).per_layer["conv.weight"] == round(0.8 * 72) / 72
+
+
+def test_imp_is_deterministic():
+    a, b = make_net(), make_net()
+    ra, rb = imp(a, trainer(), 0.8), imp(b, trainer(), 0.8)
+    assert all(torch.equal(x[n], y[n]) for x, y in zip(ra.masks, rb.masks) for n in x)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_imp_rewinding_resets_survivors_to_the_rewind_point():
+    net = make_net()
+    rewind = copy.deepcopy(net.state_dict())  # "k = 0": the initialization
+    trainer()(net, {}, 0)  # dense training of A before IMP
+    log = []
+    result = imp(net, trainer(log), 0.6, rewind_state=rewind)
+    for (round, start, _), mask in zip(log, result.masks):
+        for name, value in start.items():
+            want = rewind[name] * mask[name] if name in mask else rewind[name]
+            assert torch.equal(value, want), (round, name)
+    # the first mask is the magnitude mask of the dense-trained weights, not of the init
+    trained = make_net()
+    trainer()(trained, {}, 0)
+    assert all(torch.equal(result.masks[0][n], m) for n, m in magnitude_mask(trained, 0.2).items())
+
+
+def test_imp_fine_tuning_starts_each_round_from_the_trained_weights():
+    net = make_net()
+    log = []
+    result = imp(net, trainer(log), 0.5)
+    assert len(log) == len(result.masks) == 4  # 0.8**3 > 0.5
+    for (_, _, end), (_, start, _), mask in zip(log, log[1:], result.masks[1:]):
+        for name, value in start.items():
+            want = end[name] * mask[name] if name in mask else end[name]
+            assert torch.equal(value, want), name
