@@ -115,3 +115,13 @@ def test_imp_fine_tuning_starts_each_round_from_the_trained_weights():
         for name, value in start.items():
             want = end[name] * mask[name] if name in mask else end[name]
             assert torch.equal(value, want), name
+
+
+def test_imp_layer_scope_every_tensor_on_its_own_exact_target():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 50), nn.Linear(50, 7))  # 2, 100, 350
+    result = imp(net, lambda m, mask, r: None, 0.7, scope="layer")
+    for name, m in result.masks[-1].items():
+        assert int((~m).sum()) == round(0.7 * m.numel()), name
+    with pytest.raises(ValueError, match="scope"):
+        imp(net, lambda m, mask, r: None, 0.7, scope="net")

@@ -73,24 +73,25 @@ def imp(
     re-applied after it anyway. Pruning itself is deterministic (ties broken by position), so the
     whole run is deterministic when ``train_fn`` is.
     """
+    if scope not in ("global", "layer"):
+        raise ValueError(f'scope must be "global" or "layer", got {scope!r}.')
     params = prunable_parameters(model, include, exclude, dense_shortcuts)
     if not params:
         raise ValueError("No prunable parameters selected; see magnitude_mask for include=.")
     # A copy, so that training cannot modify the rewind point through shared storage.
     rewind = None if rewind_state is None else copy.deepcopy(dict(rewind_state))
     sizes = {n: p.numel() for n, p in params.items()}
-    schedule = imp_schedule(sum(sizes.values()), sparsity, rate)
-    per_layer = {n: imp_schedule(s, sparsity, rate) for n, s in sizes.items()}
+    if scope == "global":
+        rounds: list[int | dict[str, int]] = list(imp_schedule(sum(sizes.values()), sparsity, rate))
+    else:  # each tensor on its own schedule; those that reach their target early stay there
+        per_layer = {n: [size, *imp_schedule(size, sparsity, rate)] for n, size in sizes.items()}
+        n_rounds = max(len(s) - 1 for s in per_layer.values())
+        rounds = [
+            {n: s[min(r, len(s) - 1)] for n, s in per_layer.items()} for r in range(1, n_rounds + 1)
+        ]
     mask: Mask | None = None
     result = ImpResult([], [])
-    for r, total_keep in enumerate(schedule, start=1):
-        if scope == "global":
-            keep: int | dict[str, int] = total_keep
-        elif scope == "layer":
-            last = r == len(schedule)
-            keep = {n: s[-1] if last or r > len(s) else s[r - 1] for n, s in per_layer.items()}
-        else:
-            raise ValueError(f'scope must be "global" or "layer", got {scope!r}.')
+    for r, keep in enumerate(rounds, start=1):
         mask = mask_from_counts(params, keep, mask)
         if rewind is not None:
             model.load_state_dict(rewind)

@@ -153,8 +153,9 @@ def _scores(
     params: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] | None
 ) -> list[torch.Tensor]:
     scores = []
+    device = next(iter(params.values())).device  # rank on the (first) parameters' device
     for name, p in params.items():
-        s = p.detach().abs().float().cpu()
+        s = p.detach().abs().float().to(device)
         if not torch.isfinite(s).all():
             raise ValueError(f"Parameter {name!r} has non-finite values; cannot rank magnitudes.")
         if mask is not None:
@@ -164,7 +165,7 @@ def _scores(
                     "same include/exclude/dense_shortcuts as when the mask was built."
                 )
             check_entry(name, mask[name], p)
-            s = torch.where(mask[name].cpu(), s, torch.full_like(s, -1.0))
+            s = torch.where(mask[name].to(device), s, torch.full_like(s, -1.0))
         scores.append(s)
     return scores
 
