@@ -11,6 +11,16 @@ from permask.experiment import data as data_mod
 from permask.experiment.data import DataNotFoundError, load_dataset
 from permask.experiment.loader import TensorLoader, get_loaders
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
 needs_mnist = pytest.mark.skipif(
     not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"

@@ -18,6 +18,16 @@ from permask.experiment.train import (
     train,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
 pytestmark = pytest.mark.skipif(
     not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"
@@ -133,6 +143,7 @@ torch.set_num_threads(1)
 from permask.experiment.loader import get_loaders
 from permask.experiment.models import mlp
 from permask.experiment.train import train
+
 ckpt, slow = sys.argv[1], float(sys.argv[2])
 tr, _, _ = get_loaders("mnist", {root!r}, batch_size=100, train_subset=2000)
 class Slow:
@@ -153,14 +164,9 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=str(SHARED)))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the script: same kernels, same bits
-    try:
-        ref, tr, _ = _setup()
-        tr, _, _ = get_loaders("mnist", SHARED, batch_size=100, train_subset=2000)
-        train(ref, tr, epochs=5, lr=0.05, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    ref, _, _ = _setup()  # one thread (fixture), as in the script: same kernels, same bits
+    tr, _, _ = get_loaders("mnist", SHARED, batch_size=100, train_subset=2000)
+    train(ref, tr, epochs=5, lr=0.05, progress=False)
     killed = tmp_path / "killed"
     killed.mkdir()
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.01"])

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from permask.experiment.models import mlp, resnet20
+from permask.metrics import _barrier, _reset_bn, ensemble_metrics, interpolate, plot_interpolation
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def test_ensemble_metrics_by_hand():
+    p1 = [[0.5, 0.5], [0.8, 0.2]]
+    p2 = [[0.25, 0.75], [0.8, 0.2]]
+    labels = torch.tensor([1, 0])
+    out = ensemble_metrics([torch.tensor(p1), torch.tensor(p2)], labels)
+    assert out["accs"] == [0.5, 1.0]  # p1 ties on row 0: argmax picks class 0
+    assert out["acc_mean"] == 0.75
+    assert out["ensemble_acc"] == 1.0  # mean row 0 = [0.375, 0.625]
+    assert out["disagreement"] == 0.5
+    kl = (_kl(p1[0], p2[0]) + _kl(p2[0], p1[0])) / 2 / 2  # row 1 identical: 0
+    assert out["kl"] == pytest.approx(kl, abs=1e-7)
+    m = [0.375, 0.625]
+    js = (0.5 * _kl(p1[0], m) + 0.5 * _kl(p2[0], m)) / 2
+    assert out["js"] == pytest.approx(js, abs=1e-7)
+
+
+def test_ensemble_metrics_zeros_and_limits():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    same = ensemble_metrics([a, a.clone(), a.clone()], torch.tensor([0, 1]))
+    assert (same["disagreement"], same["kl"], same["js"]) == (0.0, 0.0, 0.0)
+    assert same["ensemble_acc"] == 1.0 and same["acc_std"] == 0.0
+    opposite = ensemble_metrics([a, b], torch.tensor([0, 1]))
+    assert opposite["js"] == pytest.approx(math.log(2))  # disjoint supports: JS = log 2
+    assert opposite["disagreement"] == 1.0
+    assert math.isfinite(opposite["kl"]) and opposite["kl"] > 20  # log(1/eps), not inf/nan
+    single = ensemble_metrics([a], torch.tensor([0, 1]))
+    assert math.isnan(single["kl"]) and single["ensemble_acc"] == 1.0
+    with pytest.raises(ValueError, match="one shape"):
+        ensemble_metrics([a, torch.ones(3, 2)], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        ensemble_metrics([a], torch.tensor([0, 1, 1]))
+
+
+def test_barrier_formula():
+    assert _barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
+    assert _barrier([0.0, 0.5, 1.0], [1.0, 1.0, 3.0]) == pytest.approx(0.0)  # endpoints only
+
+
+def _batches(shape, n=3, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g))
+        for _ in range(n)
+    ]
+
+
+def test_identical_models_have_zero_barrier():
+    torch.manual_seed(0)
+    a = resnet20()
+    data = _batches((4, 3, 8, 8), n=2)
+    res = interpolate(a, a, data, alphas=3, reset_bn=True)
+    assert res["alphas"] == [0.0, 0.5, 1.0]
+    assert res["barrier"] == 0.0 and res["acc_barrier"] == 0.0
+    assert res["losses"][0] == res["losses"][1] == res["losses"][2]
+
+
+def test_interpolation_endpoints_and_midpoint():
+    torch.manual_seed(0)
+    a, b = mlp(in_features=12, hidden=(16,)), mlp(in_features=12, hidden=(16,))
+    data = _batches((20, 12), n=2)
+    res = interpolate(a, b, data, alphas=[0.0, 0.5, 1.0], reset_bn=False)
+    for model, loss in [(a, res["losses"][0]), (b, res["losses"][2])]:
+        expect = (
+            sum(nn.functional.cross_entropy(model(x), y, reduction="sum").item() for x, y in data)
+            / 40
+        )
+        assert loss == pytest.approx(expect, rel=1e-6)
+    mid = mlp(in_features=12, hidden=(16,))
+    mid.load_state_dict({k: (v + b.state_dict()[k]) / 2 for k, v in a.state_dict().items()})
+    expect = (
+        sum(nn.functional.cross_entropy(mid(x), y, reduction="sum").item() for x, y in data) / 40
+    )
+    assert res["losses"][1] == pytest.approx(expect, rel=1e-6)
+    assert a.fc1.weight.grad is None  # untouched
+    with pytest.raises(ValueError, match="fc1.weight has shape"):
+        interpolate(a, mlp(in_features=12, hidden=(8,)), data)
+
+
+def test_reset_bn_is_a_cumulative_average():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten())
+    data = [(torch.randn(4, 3, 2, 2) * (i + 1) + i, None) for i in range(3)]
+    _reset_bn(model, data, "cpu", None)
+    bn = model[0]
+    means = torch.stack([x.mean((0, 2, 3)) for x, _ in data])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    assert bn.momentum == 0.1 and not model.training
+    _reset_bn(model, data, "cpu", 1)
+    torch.testing.assert_close(bn.running_mean, means[0])
+
+
+def test_plot_interpolation(tmp_path):
+    res = {
+        "alphas": [0, 0.5, 1],
+        "losses": [0.3, 0.9, 0.35],
+        "accs": [0.9, 0.6, 0.88],
+        "barrier": 0.575,
+    }
+    plot_interpolation(res, tmp_path / "one.png")
+    plot_interpolation({"naive": res, "aligned": res}, tmp_path / "two.png", title="t")
+    for name in ["one.png", "two.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]
