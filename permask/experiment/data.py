@@ -105,8 +105,9 @@ def load_dataset(
         if not folder.is_dir():
             raise DataNotFoundError(f"image folder not found: searched {split}, {path}")
         x, y = _load_image_folder(folder, image_size)
-        mean, std = IMAGENET_MEAN_STD
-        return x, y, DatasetInfo(int(y.max()) + 1, x.shape[1], mean, std, augment=True)
+        num_classes = sum(d.is_dir() for d in folder.iterdir())
+        mean, std = IMAGENET_MEAN_STD  # generic natural-image statistics
+        return x, y, DatasetInfo(num_classes, x.shape[1], mean, std, augment=True)
     if name not in DATASETS:
         choices = ", ".join([*DATASETS, "imagefolder:PATH"])
         raise ValueError(f"unknown dataset {name!r}; choose one of {choices}")
