@@ -406,15 +406,45 @@ def trace(model: nn.Module, example_inputs: Any) -> PermutationGraph:
     device, so the model's parameters, buffers, modes and caches are left exactly as they were.
     """
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    work = copy.deepcopy(model).eval()
-    gm = symbolic_trace(work)
-    recorder = _ShapeRecorder(gm)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    builder = _Builder(work, gm, recorder.metas)
+    work, gm, metas = _record(model, tuple(inputs))
+    builder = _Builder(work, gm, metas)
     builder.run()
     shapes = {n: tuple(t.shape) for n, t in _named_tensors(work).items()}
     return builder.finalize(shapes)
+
+
+def _record(model: nn.Module, inputs: tuple) -> tuple[nn.Module, fx.GraphModule, dict]:
+    """Trace a copy and record node shapes, on meta tensors when every op supports them.
+
+    The meta copy costs no parameter memory or compute; models with ops that need real data
+    (``.item()``, tensors kept outside parameters and buffers) fall back to a real copy.
+    """
+    for meta in (True, False):
+        work = (_meta_copy(model) if meta else copy.deepcopy(model)).eval()
+        gm = symbolic_trace(work)
+        recorder = _ShapeRecorder(gm)
+        args = tree_map(_to_meta, inputs) if meta else inputs
+        try:
+            with torch.no_grad():
+                recorder.run(*args)
+        except ValueError:
+            if meta:
+                continue
+            raise
+        return work, gm, recorder.metas
+    raise AssertionError("unreachable")
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        m = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(model, memo)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -189,22 +189,6 @@ def getitem(ctx, obj, index):
     return index_axes(ctx, obj, index)
 
 
-@register_rule(operator.setitem)
-def setitem(ctx, obj: TVal, index, value):
-    """``x[idx] = v``: the written region of x must carry v's layout."""
-    if not isinstance(obj, TVal):
-        raise Decline("item assignment into a non-tensor")
-    region = index_axes(ctx, obj, index)
-    if isinstance(value, TVal):
-        for j, (ax, s) in enumerate(zip(reversed(value.axes), reversed(value.shape))):
-            target = region[len(region) - 1 - j]
-            if s == target.size:
-                ctx.unify(target, ax)
-            elif s != 1:
-                raise Decline("assigned value does not broadcast")
-    return None
-
-
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 def cat(ctx, tensors, dim: int = 0, **kwargs):
     dim = kwargs.get("axis", dim)
