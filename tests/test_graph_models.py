@@ -36,7 +36,7 @@ MODELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced(name: str):
     build, shape = MODELS[name]
     model = double_eval(build())

@@ -259,7 +259,9 @@ def test_depthwise_couples_input_and_output():
     _, _, g = build("depthwise")
     (grp,) = list(g)
     assert grp.size == 16
-    assert {"pw.weight", "bn.running_mean", "dw.weight", "dw.bias", "out.weight"} <= set(grp.tensors)
+    assert {"pw.weight", "bn.running_mean", "dw.weight", "dw.bias", "out.weight"} <= set(
+        grp.tensors
+    )
 
 
 def test_grouped_conv_has_block_structure():

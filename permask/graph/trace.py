@@ -56,24 +56,24 @@ def _timm_registries() -> tuple[set[type], list[Callable]]:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that knows timm's leaves and remembers which module it is inside."""
+    """fx tracer that knows timm's leaves and remembers which module failed to trace."""
 
     def __init__(self, leaves: set[type], autowrap: list[Callable]):
         super().__init__(autowrap_functions=tuple(autowrap))
         self.leaves = leaves
-        self.stack: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         cls = type(m)
         return cls in self.leaves or has_module_rule(cls) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            if self.stack:
-                self.stack.pop()
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the error first
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
@@ -83,8 +83,9 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        where = tracer.stack[-1] if tracer.stack else "<root>"
-        mod = model.get_submodule(where) if where in dict(model.named_modules()) else model
+        where = tracer.failed_in or ""
+        mod = model.get_submodule(where)
+        where = where or "<root>"
         raise TraceError(
             f"torch.fx cannot trace module '{where}' ({type(mod).__name__}): "
             f"{type(e).__name__}: {e}. Fix: register that module class as a leaf with a rule "

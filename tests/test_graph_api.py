@@ -1,0 +1,222 @@
+"""Public API of the graph: tracing side effects, errors, Permutation, printing, masks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import networkx as nx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from equivariance import assert_equivariant, double_eval, outputs, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import permask
+from permask.experiment.models import resnet20
+
+
+def state_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = double_eval(resnet20())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    return model, x, permask.trace(model, x)
+
+
+def test_trace_leaves_model_untouched():
+    model = resnet20().train()
+    before = state_hash(model)
+    modes = [m.training for m in model.modules()]
+    permask.trace(model, torch.randn(2, 3, 32, 32))
+    assert state_hash(model) == before
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_trace_model_on_meta_device():
+    """Tracing never needs the model's values, so a model on any device traces."""
+    model = resnet20().to("meta")
+    graph = permask.trace(model, torch.randn(2, 3, 32, 32, device="meta"))
+    assert len(graph) == 12
+
+
+def test_trace_falls_back_to_real_values_when_needed():
+    class UsesItem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)) * x.abs().max().item())
+
+    model = double_eval(UsesItem())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    assert [g.size for g in graph] == [6]
+    assert_equivariant(model, x, graph, seed=0)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.block = DataDependent()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.post(F.relu(self.block(F.relu(self.pre(x)))))
+
+
+def test_untraceable_model_names_module_and_fix():
+    with pytest.raises(permask.TraceError) as err:
+        permask.trace(Wrapper(), torch.randn(2, 4))
+    msg = str(err.value)
+    assert "'block'" in msg and "DataDependent" in msg and "register_rule" in msg
+
+
+def test_register_rule_makes_a_leaf_and_is_used():
+    @permask.register_rule(DataDependent)
+    def _rule(ctx, x):
+        w, b = ctx.tensor("weight", ctx.module.lin), ctx.tensor("bias", ctx.module.lin)
+        ctx.unify(w.axes[1], x.axes[-1])
+        ctx.unify(b.axes[0], w.axes[0])
+        return [*x.axes[:-1], w.axes[0]]
+
+    try:
+        model = double_eval(Wrapper())
+        x = torch.randn(5, 4, dtype=torch.float64)
+        graph = permask.trace(model, x)
+        assert sorted(graph.groups) == ["block.lin.weight:0", "pre.weight:0"]
+        assert_equivariant(model, x, graph, seed=3)
+        with pytest.raises(ValueError, match="already registered"):
+            permask.register_rule(DataDependent)(lambda ctx, x: x.axes)
+    finally:
+        from permask.graph import registry
+
+        registry._MODULE_RULES.pop(DataDependent)
+
+
+def test_subclass_with_new_forward_does_not_inherit_rule():
+    class WeirdConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x.flip(1))  # channel order matters now
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), WeirdConv(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    model = double_eval(Net())
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    graph = permask.trace(model, x)  # traced through: flip has no rule and freezes
+    assert "a.weight:0" not in graph.groups
+    assert_equivariant(model, x, graph, seed=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(s1=st.integers(0, 2**31 - 1), s2=st.integers(0, 2**31 - 1))
+def test_permutation_algebra(resnet, s1, s2):
+    model, x, graph = resnet
+    p = permask.random_permutation(graph, torch.Generator().manual_seed(s1))
+    q = permask.random_permutation(graph, torch.Generator().manual_seed(s2))
+    assert p.compose(p.inverse()).is_identity()
+    twice = permask.permute_model(permask.permute_model(model, p, graph), q, graph)
+    once = permask.permute_model(model, p @ q, graph)
+    for (k, a), b in zip(twice.state_dict().items(), once.state_dict().values()):
+        assert torch.equal(a, b), k
+    back = permask.permute_model(permask.permute_model(model, p, graph), p.inverse(), graph)
+    for a, b in zip(model.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_permutation_save_load_and_validation(resnet, tmp_path):
+    _, _, graph = resnet
+    p = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    p.save(tmp_path / "pi.safetensors")
+    assert permask.Permutation.load(tmp_path / "pi.safetensors") == p
+    assert permask.Permutation.identity(graph).is_identity()
+    with pytest.raises(ValueError, match="not a permutation"):
+        permask.Permutation({"g": torch.tensor([0, 0, 1])})
+
+
+def test_permute_errors_name_the_problem(resnet):
+    model, _, graph = resnet
+    with pytest.raises(ValueError, match="does not know"):
+        permask.permute_model(model, permask.Permutation({"nope": torch.arange(3)}), graph)
+    name = next(iter(graph.groups))
+    with pytest.raises(ValueError, match="has size"):
+        permask.permute_model(model, permask.Permutation({name: torch.arange(3)}), graph)
+    with pytest.raises(ValueError, match="shape"):
+        permask.permute_tensors(
+            {"conv1.weight": torch.zeros(3, 3)}, permask.random_permutation(graph), graph
+        )
+
+
+def test_inplace_keeps_parameter_objects(resnet):
+    model, x, graph = resnet
+    m = double_eval(resnet20())
+    params = [id(p) for p in m.parameters()]
+    y = outputs(m, x)
+    out = permask.permute_model(m, permask.random_permutation(graph), graph, inplace=True)
+    assert out is m and [id(p) for p in m.parameters()] == params
+    assert rel_err(y, outputs(m, x)) < 1e-10
+
+
+def test_permute_mask_keeps_sparsity_and_masked_function(resnet):
+    model, x, graph = resnet
+    gen = torch.Generator().manual_seed(0)
+    mask = {
+        n: torch.rand(p.shape, generator=gen) > 0.7
+        for n, p in model.named_parameters()
+        if p.ndim > 1
+    }
+    pi = permask.random_permutation(graph, gen)
+    pmask = permask.permute_mask(mask, pi, graph)
+    for n in mask:
+        assert pmask[n].dtype == torch.bool and pmask[n].sum() == mask[n].sum()
+    masked = double_eval(resnet20())
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in mask:
+                p.mul_(mask[n])
+    permuted = permask.permute_model(masked, pi, graph)
+    with torch.no_grad():
+        for n, p in permuted.named_parameters():
+            if n in pmask:
+                assert torch.all(p[~pmask[n]] == 0), n
+    assert rel_err(outputs(masked, x), outputs(permuted, x)) < 1e-10
+
+
+def test_print_and_networkx(resnet):
+    _, _, graph = resnet
+    text = str(graph)
+    assert "12 groups" in text and "conv1.weight:0" in text and "frozen" in text
+    g = graph.to_networkx()
+    groups = [n for n, d in g.nodes(data=True) if d["kind"] == "group"]
+    assert len(groups) == len(graph)
+    assert g.number_of_edges() == sum(len(grp.members) for grp in graph)
+    # a conv weight links its input and output groups: the stages form one component
+    assert nx.has_path(g, ("group", "conv1.weight:0"), ("tensor", "linear.weight"))
