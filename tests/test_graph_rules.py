@@ -197,16 +197,28 @@ class EmbedEinsum(nn.Module):
         return self.out(F.relu(h)).mean(1)
 
 
-class Roll(nn.Module):
-    """torch.roll along channels has no rule: what it touches must freeze."""
+class Unknown(nn.Module):
+    """cumsum along channels has no rule: what it touches must freeze."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        y = torch.roll(F.relu(self.a(x)), 1, dims=1)
+        y = torch.cumsum(F.relu(self.a(x)), dim=1)
         return self.c(F.relu(self.b(y)))
+
+
+class Roll(nn.Module):
+    """Swin-style shift: roll over positions is fine, roll over channels freezes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.roll(F.relu(self.a(x)), shifts=(1, 2), dims=(2, 3))
+        return self.c(torch.roll(F.relu(self.b(y)), 1, dims=1))
 
 
 IMG = (2, 3, 8, 8)
@@ -226,6 +238,7 @@ CASES = {
     "pool_resize": (PoolResize, IMG),
     "shared_inplace": (SharedAndInplace, (3, 5)),
     "embed_einsum": (EmbedEinsum, None),
+    "unknown": (Unknown, IMG),
     "roll": (Roll, IMG),
 }
 
@@ -334,8 +347,14 @@ def test_embedding_rows_fixed():
     assert isinstance(g.tensors["emb.weight"][1], GroupAxis)
 
 
-def test_unknown_op_freezes_what_it_touches():
+def test_roll_freezes_only_rolled_axes():
     _, _, g = build("roll")
+    assert isinstance(g.tensors["a.weight"][0], GroupAxis)  # rolled over positions only
+    assert isinstance(g.tensors["b.weight"][0], Fixed)  # rolled over channels
+
+
+def test_unknown_op_freezes_what_it_touches():
+    _, _, g = build("unknown")
     assert isinstance(g.tensors["a.weight"][0], Fixed)  # feeds roll: frozen
     assert isinstance(g.tensors["b.weight"][1], Fixed)  # fed by roll: frozen
     assert isinstance(g.tensors["b.weight"][0], GroupAxis)  # the next layer is free again

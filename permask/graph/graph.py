@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .layout import Layout, layout_groups
+from .layout import GroupAxis, Layout, layout_groups, render
 
 if TYPE_CHECKING:
     import networkx
@@ -135,22 +135,24 @@ class PermutationGraph:
         return c
 
     def __str__(self) -> str:
-        rows = [("group", "size", "#tensors", "example members", "observed at")]
+        rows = [("group", "size", "#tensors", "structure", "example members", "observed at")]
         for g in self:
             ex = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.members[:2])
             if len(g.members) > 2:
                 ex += f", ... (+{len(g.members) - 2})"
             obs = next((o for o in g.observations if o.op != "get_attr"), None)
+            shape = next((m.layout for m in g.members if not isinstance(m.layout, GroupAxis)), None)
             rows.append(
                 (
                     g.name,
                     str(g.size),
                     str(len(g.tensors)),
+                    render(shape, g.name) if shape is not None else "*",
                     ex,
                     f"{obs.node}[{obs.axis}]" if obs else "-",
                 )
             )
-        widths = [min(max(len(r[i]) for r in rows), 60) for i in range(5)]
+        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
         lines = [
             f"PermutationGraph: {len(self)} groups, "
             f"{len(self.permuted_tensors())}/{len(self.tensors)} traced tensors permuted, "

@@ -133,3 +133,34 @@ def group_element_map(layout: Layout, group: str) -> torch.Tensor:
         inner = group_element_map(f, group)
         out = torch.maximum(out[:, None], inner[None, :]).reshape(-1)
     return out
+
+
+def locate(layout: Layout, group: str) -> str | None:
+    """Where ``group`` first sits in ``layout``: ``""`` (the whole axis), ``"[a:b]"`` (a
+    segment), ``".i"`` (factor i of a product), nested as needed; None if absent."""
+    if isinstance(layout, GroupAxis):
+        return "" if layout.group == group else None
+    if isinstance(layout, Concat):
+        offset = 0
+        for part in layout.parts:
+            where = locate(part, group)
+            if where is not None:
+                return f"[{offset}:{offset + part.size}]{where}"
+            offset += part.size
+    elif isinstance(layout, Product):
+        for i, f in enumerate(layout.factors):
+            where = locate(f, group)
+            if where is not None:
+                return f".{i}{where}"
+    return None
+
+
+def render(layout: Layout, group: str) -> str:
+    """Short form of ``layout`` with ``group`` as ``*`` and other groups as ``g<size>``."""
+    if isinstance(layout, GroupAxis):
+        return "*" if layout.group == group else f"g{layout.size}"
+    if isinstance(layout, Fixed):
+        return f"fixed({layout.size})"
+    if isinstance(layout, Concat):
+        return "[" + " | ".join(render(p, group) for p in layout.parts) + "]"
+    return "(" + " x ".join(render(f, group) for f in layout.factors) + ")"

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .unify import BLayout
@@ -54,6 +55,7 @@ class TVal:
 
     shape: tuple[int, ...]
     axes: list[BLayout]
+    dtype: torch.dtype | None = None
 
     @property
     def ndim(self) -> int:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
-from .layout import layout_groups
+from .layout import layout_groups, locate
 from .registry import Decline, TVal, find_rule, has_module_rule
 from .unify import BLayout, LayoutMismatch, Reason, Solver
 
@@ -223,13 +223,17 @@ class _Builder:
         entry = self.names.get(id(t))
         if entry is None:
             return TVal(
-                tuple(t.shape), [self.solver.fixed(s, Reason("constant tensor")) for s in t.shape]
+                tuple(t.shape),
+                [self.solver.fixed(s, Reason("constant tensor")) for s in t.shape],
+                t.dtype,
             )
         name = entry[0]
         val = self.members.get(name)
         if val is None:
             val = TVal(
-                tuple(t.shape), [self.solver.new(s, f"{name}:{i}") for i, s in enumerate(t.shape)]
+                tuple(t.shape),
+                [self.solver.new(s, f"{name}:{i}") for i, s in enumerate(t.shape)],
+                t.dtype,
             )
             self.members[name] = val
         return val
@@ -237,7 +241,7 @@ class _Builder:
     def fixed_like(self, meta: Any, reason: Reason) -> Any:
         return tree_map(
             lambda m: (
-                TVal(m.shape, [self.solver.fixed(s, reason) for s in m.shape])
+                TVal(m.shape, [self.solver.fixed(s, reason) for s in m.shape], m.dtype)
                 if isinstance(m, TensorMeta)
                 else m
             ),
@@ -304,7 +308,7 @@ class _Builder:
             for ax, s in zip(axes, meta.shape):
                 if ax.size != s:
                     raise LayoutMismatch(f"rule returned an axis of size {ax.size} for size {s}")
-            return TVal(meta.shape, list(axes))
+            return TVal(meta.shape, list(axes), meta.dtype)
         if isinstance(meta, (tuple, list)) and _has_meta(meta):
             if not isinstance(result, (tuple, list)) or len(result) != len(meta):
                 raise LayoutMismatch(f"rule returned {type(result).__name__} for a tuple output")
@@ -331,25 +335,13 @@ class _Builder:
         for val in self.members.values():
             for ax in val.axes:
                 in_members.update(dict.fromkeys(leaf.id for leaf in s.leaves(ax)))
-        names: dict[int, str] = {}
-        used: set[str] = set()
-        unobserved: list[int] = []
-        for vid in in_members:
-            v = s.vars[vid]
-            if v.frozen or v.size <= 1:
-                continue
-            if vid not in observed:
-                unobserved.append(vid)
-                continue
-            name = v.name
-            k = 1
-            while name in used:
-                k += 1
-                name = f"{v.name}#{k}"
-            used.add(name)
-            names[vid] = name
+        unobserved = [vid for vid in in_members if vid not in observed]
         for vid in unobserved:  # a parameter axis no activation shows: nothing proves it free
             s.freeze(s.vars[vid], Reason("parameter axis never reaches an activation"))
+        ids = {
+            vid: f"#{vid}" for vid in in_members if not s.vars[vid].frozen and s.vars[vid].size > 1
+        }
+        names = self._group_names(ids)
 
         groups = {names[vid]: Group(names[vid], s.vars[vid].size) for vid in sorted(names)}
         tensors: dict[str, list] = {}
@@ -381,6 +373,27 @@ class _Builder:
         groups = {k: g for k, g in groups.items() if g.members}
         params = frozenset(n for n, _ in self.root.named_parameters())
         return PermutationGraph(groups, tensors, frozen, shapes, params, self.gm.graph)
+
+    def _group_names(self, ids: dict[int, str]) -> dict[int, str]:
+        """Name each group after the first tensor axis that carries it, e.g. ``fc.weight:0``,
+        ``qkv.weight:0.1`` (factor 1 of that axis) or ``conv.weight:1[0:6]`` (a segment)."""
+        first: dict[str, str] = {}
+        for tname, val in self.members.items():
+            for axis, ax in enumerate(val.axes):
+                lay = self.solver.expand(ax, ids)
+                for g in layout_groups(lay):
+                    first.setdefault(g, f"{tname}:{axis}{locate(lay, g)}")
+        names: dict[int, str] = {}
+        used: set[str] = set()
+        for vid in sorted(ids):
+            base = name = first[ids[vid]]
+            k = 1
+            while name in used:
+                k += 1
+                name = f"{base}#{k}"
+            used.add(name)
+            names[vid] = name
+        return names
 
     def _reasons(self, ax: BLayout) -> tuple[Reason, ...]:
         out: dict[Reason, None] = {}

@@ -264,6 +264,8 @@ class Solver:
 
     def _cut(self, layout: BLayout, at: int) -> tuple[BLayout, BLayout] | None:
         layout = self.resolve(layout)
+        if not isinstance(layout, Var) and self._all_frozen(layout):
+            layout = self.fixed(layout.size, Reason("frozen"), "fixed")
         if isinstance(layout, Var):
             left = self.new(at, f"{layout.name}[:{at}]")
             right = self.new(layout.size - at, f"{layout.name}[{at}:]")
@@ -302,8 +304,15 @@ class Solver:
                     taken.append(head)
                     need //= head.size
                     continue
-                if head.size % need or not isinstance(head, Var):
+                if head.size % need:
                     return None
+                if not isinstance(head, Var):
+                    head = self._factorable(head, head.size // need)
+                    if head is None:
+                        return None
+                    if isinstance(head, Prod):
+                        factors[0:0] = list(head.factors)
+                        continue
                 slow = self.new(need, f"{head.name}/{need}")
                 fast = self.new(head.size // need, f"{head.name}%{need}")
                 self._define(head, Prod([slow, fast]), Reason("reshape"))
@@ -312,6 +321,36 @@ class Solver:
                 need = 1
             out.append(taken[0] if len(taken) == 1 else Prod(taken))
         return out
+
+    def _all_frozen(self, layout: BLayout) -> bool:
+        return all(leaf.frozen for leaf in self.leaves(layout))
+
+    def _factorable(self, layout: BLayout, fast: int) -> BLayout | None:
+        """``layout`` as ``(slow x fast)`` so :meth:`split_prod` can cut it, or None.
+
+        A fully frozen layout carries no structure worth keeping: one fixed axis. A concat whose
+        segments are all multiples of ``fast`` becomes ``([s_1 | s_2 | ...] x fast)`` once the
+        segments' fast factors are tied to one permutation (e.g. per-head-group convs
+        concatenated and then reshaped into (heads, head_dim), or q, k, v biases concatenated
+        and reshaped into (3, heads, head_dim)).
+        """
+        if self._all_frozen(layout):
+            return self.fixed(layout.size, Reason("frozen"), "fixed")
+        if not isinstance(layout, Cat):
+            return None
+        parts = self._flat(layout, Cat)
+        if any(p.size % fast for p in parts):
+            return None
+        slows, fasts = [], []
+        for p in parts:
+            sp = self.split_prod(p, [p.size // fast, fast])
+            if sp is None:
+                return None
+            slows.append(sp[0])
+            fasts.append(sp[1])
+        for f in fasts[1:]:
+            self.unify(fasts[0], f, Reason("reshape ties the segments' inner factor"))
+        return Prod([Cat(slows), fasts[0]])
 
     # -- results ------------------------------------------------------------------------------
     def expand(self, layout: BLayout, names: dict[int, str]) -> Layout:

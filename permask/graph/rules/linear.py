@@ -112,3 +112,30 @@ def embedding(ctx, input: TVal, weight: TVal, *args, **kwargs):
 @register_rule(nn.Embedding)
 def embedding_module(ctx, x: TVal):
     return _embedding(ctx, x, ctx.tensor("weight"))
+
+
+@register_rule(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx, query: TVal, key: TVal, value: TVal, attn_mask=None,
+                                 dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):  # fmt: skip
+    """softmax(q k^T * scale + mask) v: an einsum over (L, E) x (S, E) then (L, S) x (S, Ev).
+
+    The default scale depends only on E's size, so any permutation shared by q's and k's
+    last axes is free, as is one of v's last axis; keys and values share the S axis.
+    """
+    if enable_gqa or is_causal:
+        if enable_gqa:
+            raise Decline("grouped-query attention repeats heads")
+        # a causal mask fixes the order of positions
+        ctx.freeze(query.axes[-2], "causal attention positions")
+        ctx.freeze(key.axes[-2], "causal attention positions")
+    batch = max(query.ndim, key.ndim, value.ndim) - 2
+    bl = _batch_letters(batch)
+    subs = [
+        bl[batch - (t.ndim - 2) :] + tail for t, tail in ((query, "le"), (key, "se"), (value, "sv"))
+    ]
+    operands = [query, key, value]
+    if isinstance(attn_mask, TVal):
+        subs.append(bl[batch - (attn_mask.ndim - 2) :] + "ls")
+        operands.append(attn_mask)
+    return contract(ctx, operands, subs, bl + "lv")

@@ -147,10 +147,18 @@ def repeat_interleave(ctx, x: TVal, repeats, dim=None, **kwargs):
 
 
 def index_axes(ctx, x: TVal, index) -> list:
-    """Layouts after basic indexing (ints, slices, None, Ellipsis) of ``x``."""
+    """Layouts after indexing ``x`` with ints, slices, None, Ellipsis and one integer tensor.
+
+    A tensor index picks positions along its axis by value, so that axis is frozen and the
+    index tensor's own axes take its place (e.g. a relative-position table indexed by a
+    buffer of positions keeps its free head axis).
+    """
     idx = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, (TVal, list, torch.Tensor)) for i in idx):
-        raise Decline("advanced (tensor) indexing")
+    tensors = [i for i in idx if isinstance(i, TVal)]
+    if any(isinstance(i, (list, torch.Tensor)) for i in idx) or len(tensors) > 1:
+        raise Decline("advanced indexing with several or non-traced index tensors")
+    if tensors and (tensors[0].dtype == torch.bool or None in idx):
+        raise Decline("boolean-mask indexing or None beside a tensor index")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
@@ -175,6 +183,9 @@ def index_axes(ctx, x: TVal, index) -> list:
             else:
                 ctx.freeze(ax, "strided or reversed slice")
                 out.append(ctx.fixed(len(range(start, stop, step)), "strided slice"))
+        elif isinstance(i, TVal):
+            ctx.freeze(ax, "positions picked by a tensor index")
+            out.extend(i.axes)
         else:
             raise Decline(f"index of type {type(i).__name__}")
     return out
@@ -187,6 +198,15 @@ def getitem(ctx, obj, index):
     if not isinstance(obj, TVal):
         raise Decline("indexing a non-tensor")
     return index_axes(ctx, obj, index)
+
+
+@register_rule("roll", torch.roll)
+def roll(ctx, x: TVal, shifts, dims=None):
+    """Cyclic shifts depend on position: the rolled axes freeze, the others pass."""
+    rolled = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    for d in rolled:
+        ctx.freeze(x.axes[norm_dim(d, x.ndim)], "roll shifts positions")
+    return x.axes
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)

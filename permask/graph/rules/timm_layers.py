@@ -31,6 +31,10 @@ if tl is not None:
     ]  # fmt: skip
     register_rule(*_ACTS)(elementwise)
 
+    def _leaves(*names: str) -> list[type]:
+        """timm's non-traceable module classes with these names (several share a name)."""
+        return [c for c in dict.fromkeys(tl.get_notrace_modules()) if c.__name__ in names]
+
     def _norm_act(ctx, x: TVal):
         """BatchNorm (per channel) followed by the module's dropout and activation."""
         out = per_channel(ctx, x, *bn_tensors(ctx))
@@ -40,10 +44,7 @@ if tl is not None:
                 out = ctx.call(m, TVal(x.shape, list(out)))
         return out
 
-    register_rule(
-        *(getattr(tl, n) for n in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
-          if hasattr(tl, n))
-    )(_norm_act)  # fmt: skip
+    register_rule(*_leaves("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"))(_norm_act)
 
     def _conv_same(ctx, x: TVal):
         """TF-'same' padded (and weight-standardised) convs: channels as in a plain conv.
@@ -57,14 +58,41 @@ if tl is not None:
             ctx.unify(gain.axes[0], w.axes[0])
         return conv_axes(ctx, x, w, ctx.tensor("bias"), ctx.module.groups)
 
-    register_rule(
-        *(getattr(tl, n) for n in ("Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame")
-          if hasattr(tl, n))
-    )(_conv_same)  # fmt: skip
+    register_rule(*_leaves("Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame"))(_conv_same)
 
     def _pool_same(ctx, x: TVal):
         return spatial(ctx, x, 2)
 
-    register_rule(*(getattr(tl, n) for n in ("MaxPool2dSame", "AvgPool2dSame") if hasattr(tl, n)))(
-        _pool_same
-    )
+    register_rule(*_leaves("MaxPool2dSame", "AvgPool2dSame"))(_pool_same)
+
+    def _fourier_positions(ctx, *args, **kwargs):
+        """Fourier position features projected by a 1x1 conv: the output channels are free."""
+        proj = ctx.module.token_projection
+        w, b = ctx.tensor("weight", proj), ctx.tensor("bias", proj)
+        for ax in w.axes[1:]:
+            ctx.freeze(ax, "fixed Fourier features")
+        if b is not None:
+            ctx.unify(b.axes[0], w.axes[0])
+        shape = ctx.out.shape
+        return [ctx.fixed(shape[0], "batch"), w.axes[0]] + [
+            ctx.fixed(s, "spatial positions") for s in shape[2:]
+        ]
+
+    register_rule(*_leaves("PositionalEncodingFourier"))(_fourier_positions)
+
+    def _window_reverse(channel_axis: int):
+        def rule(ctx, windows: TVal, *args, **kwargs):
+            """Windows back to an image: positions move, the channel axis is kept."""
+            shape = ctx.out.shape
+            out = [ctx.fixed(s, "spatial positions") for s in shape]
+            out[channel_axis] = windows.axes[channel_axis]
+            return out
+
+        return rule
+
+    for _fn in tl.get_notrace_functions():
+        _name = getattr(_fn, "__name__", "")
+        if _name in ("window_reverse", "grid_reverse"):
+            register_rule(_fn)(_window_reverse(-1))
+        elif _name in ("window_reverse_nchw", "grid_reverse_nchw"):
+            register_rule(_fn)(_window_reverse(1))
