@@ -197,6 +197,24 @@ class EmbedEinsum(nn.Module):
         return self.out(F.relu(h)).mean(1)
 
 
+class ChannelConv(nn.Module):
+    """ECA: a Conv1d slides along the channel axis, so channel order matters there."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.eca, self.b = (
+            nn.Conv2d(3, 8, 1),
+            nn.Conv1d(1, 1, 3, padding=1),
+            nn.Conv2d(8, 4, 1),
+        )
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        w = self.eca(y.mean((2, 3)).unsqueeze(1)).squeeze(1)
+        return self.c(F.relu(self.b(y * torch.sigmoid(w)[:, :, None, None])))
+
+
 class Unknown(nn.Module):
     """cumsum along channels has no rule: what it touches must freeze."""
 
@@ -238,6 +256,7 @@ CASES = {
     "pool_resize": (PoolResize, IMG),
     "shared_inplace": (SharedAndInplace, (3, 5)),
     "embed_einsum": (EmbedEinsum, None),
+    "channel_conv": (ChannelConv, IMG),
     "unknown": (Unknown, IMG),
     "roll": (Roll, IMG),
 }
@@ -345,6 +364,14 @@ def test_embedding_rows_fixed():
     _, _, g = build("embed_einsum")
     assert isinstance(g.tensors["emb.weight"][0], Fixed)
     assert isinstance(g.tensors["emb.weight"][1], GroupAxis)
+
+
+def test_conv_along_channels_freezes_them():
+    _, _, g = build("channel_conv")
+    assert isinstance(g.tensors["a.weight"][0], Fixed)
+    reasons = {r.message for f in g.frozen if f.name == "a.weight" for r in f.reasons}
+    assert "a conv kernel slides over this axis" in reasons
+    assert [grp.size for grp in g] == [4]  # b's output stays free
 
 
 def test_roll_freezes_only_rolled_axes():

@@ -16,6 +16,9 @@ from ..registry import TVal, register_rule
 
 
 def _spatial_out(ctx, x: TVal, nsp: int) -> list:
+    """A kernel slides over positions: input positions freeze, output positions are fixed."""
+    for ax in x.axes[x.ndim - nsp :]:
+        ctx.freeze(ax, "a conv kernel slides over this axis")
     shape = ctx.out.shape
     return [ctx.fixed(s, "spatial positions") for s in shape[len(shape) - nsp :]]
 

@@ -12,6 +12,8 @@ def spatial(ctx, x: TVal, nsp: int) -> list:
     """Leading (batch, channel) axes pass; the last ``nsp`` axes become fixed positions."""
     if isinstance(ctx.out, tuple):
         raise Decline("pooling that returns indices")
+    for ax in x.axes[x.ndim - nsp :]:
+        ctx.freeze(ax, "pooling windows or resizing depend on positions")
     shape = ctx.out.shape
     return [*x.axes[: x.ndim - nsp], *(ctx.fixed(s, "spatial positions") for s in shape[-nsp:])]
 

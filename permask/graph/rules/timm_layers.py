@@ -83,6 +83,9 @@ if tl is not None:
     def _window_reverse(channel_axis: int):
         def rule(ctx, windows: TVal, *args, **kwargs):
             """Windows back to an image: positions move, the channel axis is kept."""
+            for d, ax in enumerate(windows.axes):
+                if d != channel_axis % windows.ndim:
+                    ctx.freeze(ax, "window positions")
             shape = ctx.out.shape
             out = [ctx.fixed(s, "spatial positions") for s in shape]
             out[channel_axis] = windows.axes[channel_axis]
