@@ -1,0 +1,14 @@
+"""Matching: the permutation that moves model A into model B's basin."""
+
+from .align import AlignInfo, align, check_same_architecture
+from .lap import available_solvers, solve_lap
+from .weight import weight_matching
+
+__all__ = [
+    "align",
+    "AlignInfo",
+    "check_same_architecture",
+    "solve_lap",
+    "available_solvers",
+    "weight_matching",
+]

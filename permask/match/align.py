@@ -1,0 +1,188 @@
+"""``permask.align``: the permutation that moves model A into model B's basin."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph import Permutation, PermutationGraph, trace
+from .activation import CorrelationStats, capture_module
+from .assign import assign
+from .points import plan_points
+from .weight import weight_matching
+
+__all__ = ["align", "AlignInfo", "check_same_architecture"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignInfo:
+    """What an alignment did.
+
+    ``points``: group -> fx nodes observed (activation); ``unmatched``: groups kept in place (no
+    usable observation); ``stats_bytes``: float64 statistics memory (activation); ``objective``
+    and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight).
+    """
+
+    method: str
+    seconds: float
+    groups: int
+    batches: int = 0
+    samples: int = 0
+    stats_bytes: int = 0
+    objective: float | None = None
+    iterations: int | None = None
+    points: dict[str, list[str]] = field(default_factory=dict)
+    unmatched: tuple[str, ...] = ()
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first tensor whose name or shape differs."""
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    for name, ta in sd_a.items():
+        tb = sd_b.get(name)
+        if tb is None:
+            raise ValueError(f"model_b has no '{name}' (model_a: shape {tuple(ta.shape)})")
+        if ta.shape != tb.shape:
+            raise ValueError(
+                f"models differ at '{name}': model_a has shape {tuple(ta.shape)}, "
+                f"model_b has shape {tuple(tb.shape)}"
+            )
+    extra = [n for n in sd_b if n not in sd_a]
+    if extra:
+        shape = tuple(sd_b[extra[0]].shape)
+        raise ValueError(f"model_a has no '{extra[0]}' (model_b: shape {shape})")
+
+
+def _inputs(batch: Any) -> tuple:
+    """Model inputs of a batch: a tensor, or the first item of an (inputs, targets) pair."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    raise TypeError(
+        f"cannot find model inputs in a batch of type {type(batch).__name__}; the loader must "
+        "yield tensors or (inputs, targets) pairs"
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable | None = None,
+    *,
+    method: str = "activation",
+    graph: PermutationGraph | None = None,
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    solver: str = "auto",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    return_info: bool = False,
+) -> Permutation | tuple[Permutation, AlignInfo]:
+    """Find ``pi`` such that ``permute_model(model_a, pi, graph)`` lands in model_b's basin.
+
+    ``method="activation"`` (the paper's): one pass over ``loader`` (at most ``max_batches``
+    batches of tensors or ``(inputs, targets)`` pairs, used as given), both models in eval mode,
+    correlating A's and B's channels at every group's observation points; see
+    :mod:`permask.match.points` for which points. ``method="weight"``: Git Re-Basin weight matching,
+    no data needed (``seed`` orders the coordinate descent). Without ``graph``, ``model_a`` is
+    traced on the loader's first batch (or ``example_inputs``). Work runs on ``device`` (default:
+    model_a's device; models elsewhere are copied there). Neither model is modified (modes are
+    restored). With ``return_info=True`` also returns an :class:`AlignInfo`.
+    """
+    if method not in ("activation", "weight"):
+        raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
+    check_same_architecture(model_a, model_b)
+    dev = torch.device(device) if device is not None else _model_device(model_a)
+    start = time.perf_counter()
+    batches: Iterable = ()
+    if loader is not None:
+        batches = itertools.islice(loader, max_batches) if max_batches is not None else loader
+    batches = iter(batches)
+    first = None
+    if graph is None:
+        if example_inputs is None:
+            if loader is None:
+                raise ValueError(f"method={method!r} needs graph=, example_inputs= or a loader")
+            first = next(batches, None)
+            if first is None:
+                raise ValueError("the loader yielded no batches")
+            example_inputs = _inputs(first)
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        graph = trace(model_a, tuple(t.to(_model_device(model_a)) for t in inputs))
+    if method == "weight":
+        res = weight_matching(
+            _on(model_a, dev).state_dict(), _on(model_b, dev).state_dict(), graph,
+            seed=seed, solver=solver,
+        )  # fmt: skip
+        pi = Permutation(res.perms)
+        info = AlignInfo(
+            "weight", time.perf_counter() - start, len(graph),
+            objective=res.objective, iterations=res.iterations,
+        )  # fmt: skip
+        log.info("weight matching: %d sweeps, objective %.6g", res.iterations, res.objective)
+    else:
+        if loader is None:
+            raise ValueError("activation matching needs a loader; use method='weight' for none")
+        pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver)
+        info.seconds = time.perf_counter() - start
+    return (pi, info) if return_info else pi
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    return model if _model_device(model) == device else copy.deepcopy(model).to(device)
+
+
+def _activation(model_a, model_b, graph, first, batches, device, solver):
+    plan = plan_points(graph, model_a)
+    log.info(
+        "activation matching: %d points, %.1f MiB float64 statistics",
+        len(plan.points), plan.stats_bytes() / 2**20,
+    )  # fmt: skip
+    stats = CorrelationStats(plan, device)
+    a, b = _on(model_a, device), _on(model_b, device)
+    modes = {m: m.training for m in (*a.modules(), *b.modules())}
+    gm_a, gm_b = capture_module(a, graph.fx_graph, plan), capture_module(b, graph.fx_graph, plan)
+    n_batches = samples = 0
+    try:
+        gm_a.eval()
+        gm_b.eval()
+        with torch.no_grad():
+            for batch in itertools.chain([first] if first is not None else [], batches):
+                x = tuple(t.to(device, non_blocking=True) for t in _inputs(batch))
+                stats.update(gm_a(*x), gm_b(*x))
+                n_batches += 1
+                samples += len(x[0])
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if n_batches == 0:
+        raise ValueError("the loader yielded no batches")
+    stats.check_finite()
+    perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
+    points: dict[str, list[str]] = {}
+    for p in plan.points:
+        for u in p.units:
+            for g in u.groups:
+                points.setdefault(g, []).append(p.node)
+    info = AlignInfo(
+        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
+        points=points, unmatched=plan.unmatched,
+    )  # fmt: skip
+    return Permutation(perms), info

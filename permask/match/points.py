@@ -1,0 +1,170 @@
+"""Where activation matching looks at each group, and how a group's channels sit on that axis.
+
+Observation points of a group (the first rule that finds any wins):
+
+1. outputs of nonlinearities (ReLU, GELU, SiLU, ... as modules, functions or methods, and timm's
+   fused norm+act modules): the hidden units themselves, as in the paper;
+2. residual additions (``add``/``iadd``): the residual stream where a group is a stream;
+3. any other observation except pass-through ops (dropout, identity, reshape/view, flatten,
+   transpose, getitem, ...) that would only repeat the same values.
+
+A group's channels at a point are found with :func:`~permask.graph.layout.group_element_map`. A
+group repeated inside a product (e.g. ``(C x fixed(HW))`` after a flatten) gives ``k`` samples
+per position. Two groups that share positions (``(blocks x within)`` of a grouped conv or
+GroupNorm) form a *structured* unit whose full cross-correlation is kept, so that the blocks and
+the within-block order can be solved jointly (:mod:`permask.match.assign`); such groups use only
+their structured units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..graph import Observation, PermutationGraph
+from ..graph.layout import Layout, group_element_map, layout_groups
+
+__all__ = ["Unit", "Point", "Plan", "plan_points", "select_observations"]
+
+# names are compared lower-cased without underscores: LeakyReLU, leaky_relu, relu_ all match
+NONLINEAR = {
+    "relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "mish", "hardmish",
+    "leakyrelu", "elu", "selu", "celu", "prelu", "hardswish", "hardsigmoid", "sigmoid", "tanh",
+    "softplus", "hardtanh",
+}  # fmt: skip
+RESIDUAL = {"add", "iadd"}
+PASS_THROUGH = {
+    "dropout", "dropout1d", "dropout2d", "alphadropout", "droppath", "dropblock", "identity",
+    "flatten", "unflatten", "reshape", "view", "permute", "transpose", "contiguous", "getitem",
+    "squeeze", "unsqueeze", "clone", "to", "float", "typeas", "detach", "expand", "split",
+    "chunk", "unbind", "tensorsplit",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Channels of ``groups`` on one axis: ``index[r, e]`` is the position of replica ``r`` of
+    element ``e``; for two groups (outer, inner), ``e = outer * n_inner + inner``."""
+
+    groups: tuple[str, ...]
+    index: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.index.shape[1]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One observed activation axis: axis ``axis`` of fx node ``node``'s output."""
+
+    node: str
+    axis: int
+    target: str
+    size: int
+    units: tuple[Unit, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Observation points in graph order, and groups left without any (kept in place)."""
+
+    points: tuple[Point, ...]
+    unmatched: tuple[str, ...]
+
+    def stats_bytes(self) -> int:
+        """float64 statistics memory: per unit an n x n cross sum and four length-n sums."""
+        return sum(8 * (u.size**2 + 4 * u.size) for p in self.points for u in p.units)
+
+
+def _norm(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower().replace("_", "")
+
+
+def _kind(obs: Observation, model: nn.Module) -> str:
+    """What the node computes: the module's class name, else the function/method name."""
+    if obs.op != "call_module":
+        return _norm(obs.target)
+    mod = model.get_submodule(obs.target)
+    act = getattr(mod, "act", None)  # timm BatchNormAct2d and friends end in an activation
+    if isinstance(act, nn.Module) and _norm(type(act).__name__) in NONLINEAR:
+        return _norm(type(act).__name__)
+    return _norm(type(mod).__name__)
+
+
+def select_observations(observations: list[Observation], model: nn.Module) -> list[Observation]:
+    """The observation points activation matching uses for one group (rules in module doc)."""
+    kinds = [(o, _kind(o, model)) for o in observations if o.op != "get_attr"]
+    for wanted in (NONLINEAR, RESIDUAL):
+        chosen = [o for o, k in kinds if k in wanted]
+        if chosen:
+            return chosen
+    return [o for o, k in kinds if k not in PASS_THROUGH]
+
+
+def _units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
+    """Split an axis into units: positions carrying one group, or two groups jointly."""
+    groups = layout_groups(layout)
+    if not groups:
+        return []
+    maps = torch.stack([group_element_map(layout, g) for g in groups])
+    combos: dict[tuple[int, ...], list[int]] = {}
+    for pos, col in enumerate((maps >= 0).T.tolist()):
+        combo = tuple(i for i, p in enumerate(col) if p)
+        if combo:
+            combos.setdefault(combo, []).append(pos)
+    units = []
+    for combo, positions in combos.items():
+        if len(combo) > 2:
+            raise NotImplementedError(
+                f"groups {[groups[i] for i in combo]} share the positions of one axis; "
+                "activation matching solves at most two jointly (blocks x within)"
+            )
+        pos = torch.tensor(positions)
+        # outer first: the inner group's element changes more often along the axis
+        rows = sorted(combo, key=lambda i: int((maps[i, pos][1:] != maps[i, pos][:-1]).sum()))
+        elem = torch.zeros(len(pos), dtype=torch.long)
+        for i in rows:
+            elem = elem * sizes[groups[i]] + maps[i, pos]
+        n = 1
+        for i in rows:
+            n *= sizes[groups[i]]
+        index = pos[torch.argsort(elem, stable=True)].reshape(n, len(pos) // n).T.contiguous()
+        units.append(Unit(tuple(groups[i] for i in rows), index))
+    return units
+
+
+def plan_points(graph: PermutationGraph, model: nn.Module) -> Plan:
+    """Choose every group's observation points and lay out the units to correlate there."""
+    order = {n.name: i for i, n in enumerate(graph.fx_graph.nodes)}
+    sizes = {g.name: g.size for g in graph}
+    chosen: dict[tuple[str, int], tuple[Observation, set[str]]] = {}
+    for g in graph:
+        for o in select_observations(g.observations, model):
+            chosen.setdefault((o.node, o.axis), (o, set()))[1].add(g.name)
+    found: list[tuple[Observation, list[Unit]]] = []
+    outer_of: dict[str, str] = {}
+    for key in sorted(chosen, key=lambda k: (order[k[0]], k[1])):
+        obs, wanted = chosen[key]
+        units = [u for u in _units(obs.layout, sizes) if wanted & set(u.groups)]
+        for u in units:
+            if len(u.groups) == 2 and outer_of.setdefault(u.groups[1], u.groups[0]) != u.groups[0]:
+                raise NotImplementedError(
+                    f"group '{u.groups[1]}' is the inner factor of two groups "
+                    f"('{outer_of[u.groups[1]]}' and '{u.groups[0]}'); not supported"
+                )
+        found.append((obs, units))
+    both = set(outer_of) & set(outer_of.values())
+    if both:
+        raise NotImplementedError(f"groups {sorted(both)} are both outer and inner factors")
+    structured = set(outer_of) | set(outer_of.values())
+    points, seen = [], set()
+    for obs, units in found:
+        keep = tuple(u for u in units if len(u.groups) == 2 or u.groups[0] not in structured)
+        if keep:
+            points.append(Point(obs.node, obs.axis, obs.target, obs.layout.size, keep))
+            seen.update(g for u in keep for g in u.groups)
+    unmatched = tuple(g.name for g in graph if g.name not in seen)
+    return Plan(tuple(points), unmatched)

@@ -1,0 +1,157 @@
+"""permask.align: self-alignment (B = a permutation of A plus noise) is recovered exactly."""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import permask
+from permask.experiment.models import mlp, resnet20, vgg11
+from permask.match import align
+
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def _batches(shape, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(shape[0], dtype=torch.long)
+    return [(torch.randn(*shape, generator=g), y) for _ in range(n)]
+
+
+def _calibrate_bn(model: nn.Module, batches) -> nn.Module:
+    """BatchNorm running statistics from the data, so no channel is dead (as after training)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    return model.eval()
+
+
+@functools.cache
+def _case(name: str):
+    """(model A, traced graph, batches) for each architecture, built once."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        model, batches = mlp(32, (48, 48, 48), 10), _batches((256, 32), 2)
+    elif name == "resnet20":
+        model, batches = resnet20(1), _batches((16, 3, 16, 16), 2)
+    elif name == "vgg11":
+        model, batches = vgg11(), _batches((4, 3, 32, 32), 2)
+    elif name == "vgg11_bn":
+        model, batches = vgg11(batch_norm=True), _batches((32, 3, 32, 32), 2)
+    elif name == "grouped":  # GroupNorm blocks x within, grouped conv sharing the blocks
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(),
+            nn.Conv2d(16, 24, 3, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 4 * 4, 5),
+        )  # fmt: skip
+        batches = _batches((32, 3, 8, 8), 2)
+    elif name == "timm_resnet18":
+        timm = pytest.importorskip("timm")
+        model, batches = timm.create_model("resnet18", num_classes=10), _batches((8, 3, 32, 32), 2)
+    else:
+        raise KeyError(name)
+    model = _calibrate_bn(model, batches)
+    return model, permask.trace(model, batches[0][0]), batches
+
+
+def _permuted_copy(model, graph, seed, noise=1e-3):
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+    b = permask.permute_model(model, pi, graph)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
+    return pi, b
+
+
+def _check_recovered(name, method, seed):
+    model, graph, batches = _case(name)
+    pi, b = _permuted_copy(model, graph, seed)
+    got = align(model, b, batches, method=method, graph=graph)
+    wrong = [k for k in pi if not torch.equal(got[k], pi[k])]
+    assert not wrong, f"{name}/{method}: groups not recovered: {wrong}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11_bn", "grouped", "timm_resnet18"])
+@settings(max_examples=3, deadline=None)
+@given(seed=SEEDS)
+def test_activation_self_alignment(name, seed):
+    _check_recovered(name, "activation", seed)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11", "vgg11_bn", "grouped"])
+@settings(max_examples=3, deadline=None)
+@given(seed=SEEDS)
+def test_weight_self_alignment(name, seed):
+    _check_recovered(name, "weight", seed)
+
+
+def test_models_untouched_and_info():
+    model, graph, batches = _case("resnet20")
+    _, b = _permuted_copy(model, graph, 0)
+    b.train()
+    before_a = copy.deepcopy(model.state_dict())
+    before_b = copy.deepcopy(b.state_dict())
+    pi, info = align(model, b, batches, return_info=True, max_batches=1)
+    assert b.training and not model.training
+    for before, m in ((before_a, model), (before_b, b)):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert info.batches == 1 and info.samples == 16 and info.stats_bytes > 0
+    assert set(info.points) == set(pi) and not info.unmatched
+    # residual stream groups are observed at block outputs (post-ReLU), hidden ones post-ReLU
+    assert info.points["conv1.weight:0"][0] == "relu"
+    assert all("relu" in n for nodes in info.points.values() for n in nodes)
+    pi_w, info_w = align(model, b, method="weight", graph=graph, return_info=True)
+    assert info_w.iterations >= 1 and info_w.objective > 0
+
+
+def test_traces_from_loader_or_example_inputs():
+    model, graph, batches = _case("mlp")
+    pi, b = _permuted_copy(model, graph, 3)
+    assert align(model, b, batches) == pi
+    assert align(model, b, method="weight", example_inputs=batches[0][0]) == pi
+    assert align(model, b, batches, method="weight") == pi
+
+
+def test_aligned_model_computes_like_b():
+    model, graph, batches = _case("vgg11_bn")
+    _, b = _permuted_copy(model, graph, 5, noise=0.0)
+    moved = permask.permute_model(model, align(model, b, batches, graph=graph), graph)
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(moved.state_dict(), b.state_dict())
+        torch.testing.assert_close(moved(x), b(x))
+
+
+def test_different_architectures_named():
+    with pytest.raises(ValueError, match=r"fc2.weight.*\(48, 48\).*\(40, 48\)"):
+        align(mlp(32, (48, 48, 48)), mlp(32, (48, 40, 48)), _batches((8, 32), 1))
+
+
+def test_empty_loader_and_missing_inputs():
+    a, b = mlp(32, (8,)), mlp(32, (8,))
+    with pytest.raises(ValueError, match="no batches"):
+        align(a, b, [])
+    with pytest.raises(ValueError, match="no batches"):
+        align(a, b, [], graph=permask.trace(a, torch.randn(2, 32)))
+    with pytest.raises(ValueError, match="example_inputs"):
+        align(a, b, method="weight")
+    with pytest.raises(ValueError, match="unknown method"):
+        align(a, b, [], method="magic")
+
+
+def test_nan_activations_name_the_node():
+    a, b = mlp(32, (8, 8)), mlp(32, (8, 8))
+    with torch.no_grad():
+        b.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="model_b.*relu2"):
+        align(a, b, _batches((16, 32), 1))

@@ -1,0 +1,54 @@
+"""LAP solvers: exact against brute force, rectangular, errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from permask.match import available_solvers, solve_lap
+
+
+def _brute(cost: np.ndarray) -> float:
+    n, m = cost.shape
+    return max(
+        sum(cost[i, c] for i, c in enumerate(cols)) for cols in itertools.permutations(range(m), n)
+    )
+
+
+@pytest.mark.parametrize("solver", available_solvers())
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5), extra=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
+def test_optimal_against_brute_force(solver, n, extra, seed):
+    cost = np.random.default_rng(seed).normal(size=(n, n + extra))
+    cols = solve_lap(cost, maximize=True, solver=solver)
+    assert len(cols) == n and len(set(cols.tolist())) == n
+    assert cost[np.arange(n), cols.numpy()].sum() == pytest.approx(_brute(cost))
+    low = solve_lap(cost, maximize=False, solver=solver)
+    assert cost[np.arange(n), low.numpy()].sum() == pytest.approx(-_brute(-cost))
+
+
+def test_more_rows_than_columns_leaves_rows_unassigned():
+    cost = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]])
+    cols = solve_lap(cost, solver="scipy")
+    assert cols.tolist() == [-1, 1, 0]
+
+
+def test_identity_recovered_from_tensor():
+    p = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    score = torch.eye(64)[p] + 0.01 * torch.rand(64, 64)
+    assert torch.equal(solve_lap(score), p)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        solve_lap(np.array([[np.nan, 1.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="unknown LAP solver"):
+        solve_lap(np.eye(2), solver="hungarian")
+    with pytest.raises(ValueError, match="2-D"):
+        solve_lap(np.ones(3))
+    if "lapx" not in available_solvers():
+        with pytest.raises(ImportError, match="lapx"):
+            solve_lap(np.eye(2), solver="lapx")
