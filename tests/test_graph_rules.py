@@ -202,17 +202,13 @@ class ChannelConv(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a, self.eca, self.b = (
-            nn.Conv2d(3, 8, 1),
-            nn.Conv1d(1, 1, 3, padding=1),
-            nn.Conv2d(8, 4, 1),
-        )
-        self.c = nn.Conv2d(4, 2, 1)
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 1)
+        self.eca, self.head = nn.Conv1d(1, 1, 3, padding=1), nn.Linear(8, 2)
 
     def forward(self, x):
         y = F.relu(self.a(x))
-        w = self.eca(y.mean((2, 3)).unsqueeze(1)).squeeze(1)
-        return self.c(F.relu(self.b(y * torch.sigmoid(w)[:, :, None, None])))
+        w = self.eca(y.mean((2, 3)).unsqueeze(1)).squeeze(1)  # (B, C) mixed along C
+        return self.c(F.relu(self.b(y))).mean((2, 3)) + self.head(w)
 
 
 class Unknown(nn.Module):
