@@ -54,7 +54,8 @@ def permute_model(
     """Permute parameters and buffers (BatchNorm running stats included) of ``model``.
 
     Returns a permuted copy, or ``model`` itself with ``inplace=True`` (the Parameter objects
-    are kept, so optimizers holding them stay valid). The function the model computes is
+    are kept, so optimizers holding them stay valid). Caches that modules filled from their
+    parameters in eval mode are cleared. The function the model computes is
     unchanged (in eval mode; in train mode as well, up to BatchNorm batch statistics order).
     """
     target = model if inplace else copy.deepcopy(model)
@@ -70,7 +71,21 @@ def permute_model(
     with torch.no_grad():
         for name, t in new.items():
             named[name].copy_(t)
+    _reset_caches(target)
     return target
+
+
+def _reset_caches(model: nn.Module) -> None:
+    """Drop values that modules derived from their parameters and cached in eval mode.
+
+    timm's LeViT, EfficientFormer and EfficientViT cache attention biases in eval mode and
+    clear the cache in ``train()``; a round trip through train mode, then restoring every
+    module's own flag, clears such caches without changing any mode.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(True)
+    for m, training in modes:
+        m.training = training
 
 
 def _check_groups(pi: Permutation, graph: PermutationGraph) -> None:

@@ -9,12 +9,9 @@ import torch.nn as nn
 
 import permask
 from permask.graph import PermutationGraph
+from permask.testing import equivalence_error, outputs, perturb_
 
-
-def outputs(model: nn.Module, x) -> torch.Tensor:
-    with torch.no_grad():
-        y = model(*x) if isinstance(x, tuple) else model(x)
-    return y if isinstance(y, torch.Tensor) else torch.cat([t.flatten() for t in y])
+__all__ = ["assert_equivariant", "break_one_member", "double_eval", "outputs", "rel_err"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,8 +23,7 @@ def assert_equivariant(
 ) -> permask.Permutation:
     """Apply a random permutation and check outputs are unchanged; return the permutation."""
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
-    permuted = permask.permute_model(model, pi, graph)
-    err = rel_err(outputs(model, x), outputs(permuted, x))
+    err = equivalence_error(model, x, pi, graph)
     assert err <= tol, f"outputs changed by a valid permutation: max rel err {err:.3e}"
     return pi
 
@@ -45,14 +41,6 @@ def break_one_member(model: nn.Module, pi, graph: PermutationGraph) -> nn.Module
 
 
 def double_eval(model: nn.Module) -> nn.Module:
+    """float64, eval mode, perturbed weights and random BatchNorm statistics."""
     torch.manual_seed(0)
-    model = model.double().eval()
-    # non-trivial BatchNorm statistics, so running stats matter for equivalence
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            if m.weight is not None:
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.5, 0.5)
-    return model
+    return perturb_(model.double().eval())

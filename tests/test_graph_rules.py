@@ -159,6 +159,21 @@ class ReshapeHeads(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, 8))
 
 
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention (batch first) between two Linears, its weights used too."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.mha = nn.MultiheadAttention(12, 3, batch_first=True)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y, w = self.mha(h, h, h)
+        return self.out(F.gelu(y + h)) + w.sum(-1, keepdim=True)
+
+
 class PoolResize(nn.Module):
     def __init__(self):
         super().__init__()
@@ -250,6 +265,7 @@ CASES = {
     "flatten_linear": (FlattenLinear, IMG),
     "reshape_heads": (ReshapeHeads, (2, 5, 6)),
     "pool_resize": (PoolResize, IMG),
+    "torch_mha": (TorchMHA, (2, 4, 5)),
     "shared_inplace": (SharedAndInplace, (3, 5)),
     "embed_einsum": (EmbedEinsum, None),
     "channel_conv": (ChannelConv, IMG),
@@ -354,6 +370,15 @@ def test_reshape_into_heads_factors_channels():
     _, _, g = build("reshape_heads")
     q = g.tensors["q.weight"][0]
     assert isinstance(q, Product) and [f.size for f in q.factors] == [2, 4]
+
+
+def test_torch_mha_heads_and_separate_value_dim():
+    _, _, g = build("torch_mha")
+    w = g.tensors["mha.in_proj_weight"][0]
+    assert isinstance(w, Concat) and [p.size for p in w.parts] == [12, 12, 12]
+    q, k, v = w.parts
+    assert q == k and q != v  # q and k share within-head order, v has its own
+    assert q.factors[0] == v.factors[0] and q.factors[0].size == 3  # heads shared
 
 
 def test_embedding_rows_fixed():

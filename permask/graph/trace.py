@@ -138,8 +138,12 @@ class RuleContext:
         return Reason(message, self.node.name, _target_name(self.node), self.module_path)
 
     def new(self, size: int, name: str | None = None) -> BLayout:
-        """A fresh, free axis (a new group unless later unified with another)."""
-        return self._b.solver.new(size, name or self.label)
+        """A fresh, free axis (a new group unless later unified with another).
+
+        Use it for axes the rule proves free even if no activation outside a leaf module
+        shows them (e.g. attention heads inside ``nn.MultiheadAttention``).
+        """
+        return self._b.solver.new(size, name or self.label, proven=True)
 
     @property
     def label(self) -> str:
@@ -335,8 +339,11 @@ class _Builder:
         for val in self.members.values():
             for ax in val.axes:
                 in_members.update(dict.fromkeys(leaf.id for leaf in s.leaves(ax)))
-        unobserved = [vid for vid in in_members if vid not in observed]
-        for vid in unobserved:  # a parameter axis no activation shows: nothing proves it free
+        proven = {s.find(v).id for v in s.vars if v.proven}
+        unobserved = [vid for vid in in_members if vid not in observed and vid not in proven]
+        for (
+            vid
+        ) in unobserved:  # a parameter axis no rule or activation shows: nothing proves it free
             s.freeze(s.vars[vid], Reason("parameter axis never reaches an activation"))
         ids = {
             vid: f"#{vid}" for vid in in_members if not s.vars[vid].frozen and s.vars[vid].size > 1

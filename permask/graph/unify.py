@@ -38,9 +38,9 @@ class Reason:
 class Var:
     """A leaf axis of the union-find forest."""
 
-    __slots__ = ("size", "parent", "defn", "frozen", "reasons", "id", "name")
+    __slots__ = ("size", "parent", "defn", "frozen", "reasons", "id", "name", "proven")
 
-    def __init__(self, size: int, vid: int, name: str):
+    def __init__(self, size: int, vid: int, name: str, proven: bool = False):
         self.size = size
         self.parent: Var = self
         self.defn: BLayout | None = None
@@ -48,6 +48,7 @@ class Var:
         self.reasons: list[Reason] = []
         self.id = vid
         self.name = name
+        self.proven = proven  # created free by a rule (not merely a parameter axis)
 
     def __repr__(self) -> str:
         return f"Var({self.name}, {self.size})"
@@ -86,8 +87,8 @@ class Solver:
         self.vars: list[Var] = []
 
     # -- creation ---------------------------------------------------------------------------
-    def new(self, size: int, name: str) -> Var:
-        v = Var(size, len(self.vars), name)
+    def new(self, size: int, name: str, proven: bool = False) -> Var:
+        v = Var(size, len(self.vars), name, proven)
         self.vars.append(v)
         return v
 
@@ -267,8 +268,8 @@ class Solver:
         if not isinstance(layout, Var) and self._all_frozen(layout):
             layout = self.fixed(layout.size, Reason("frozen"), "fixed")
         if isinstance(layout, Var):
-            left = self.new(at, f"{layout.name}[:{at}]")
-            right = self.new(layout.size - at, f"{layout.name}[{at}:]")
+            left = self.new(at, f"{layout.name}[:{at}]", layout.proven)
+            right = self.new(layout.size - at, f"{layout.name}[{at}:]", layout.proven)
             self._define(layout, Cat([left, right]), Reason("split"))
             return left, right
         if isinstance(layout, Prod):
@@ -313,8 +314,8 @@ class Solver:
                     if isinstance(head, Prod):
                         factors[0:0] = list(head.factors)
                         continue
-                slow = self.new(need, f"{head.name}/{need}")
-                fast = self.new(head.size // need, f"{head.name}%{need}")
+                slow = self.new(need, f"{head.name}/{need}", head.proven)
+                fast = self.new(head.size // need, f"{head.name}%{need}", head.proven)
                 self._define(head, Prod([slow, fast]), Reason("reshape"))
                 taken.append(slow)
                 factors.insert(0, fast)

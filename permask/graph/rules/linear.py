@@ -139,3 +139,51 @@ def scaled_dot_product_attention(ctx, query: TVal, key: TVal, value: TVal, attn_
         subs.append(bl[batch - (attn_mask.ndim - 2) :] + "ls")
         operands.append(attn_mask)
     return contract(ctx, operands, subs, bl + "lv")
+
+
+@register_rule(nn.MultiheadAttention)
+def multihead_attention(ctx, query: TVal, key: TVal, value: TVal, key_padding_mask=None,
+                        need_weights=True, attn_mask=None, average_attn_weights=True,
+                        is_causal=False):  # fmt: skip
+    """Heads are shared by q, k, v and the output projection's input; q and k share a
+    within-head permutation, v (and the output projection's input) has its own."""
+    m = ctx.module
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise Decline("MultiheadAttention with separate q/k/v dims, bias_k/v or zero attention")
+    if isinstance(key_padding_mask, TVal) or is_causal:
+        raise Decline("MultiheadAttention with a key padding mask or causal flag")
+    heads, dim = m.num_heads, m.head_dim
+    h = ctx.new(heads, f"{ctx.label}.heads")
+    qk, v = ctx.new(dim, f"{ctx.label}.qk_dim"), ctx.new(dim, f"{ctx.label}.v_dim")
+    w = ctx.tensor("in_proj_weight")
+    proj = ctx.concat([ctx.product([h, qk]), ctx.product([h, qk]), ctx.product([h, v])])
+    ctx.unify(w.axes[0], proj)
+    b = ctx.tensor("in_proj_bias")
+    if b is not None:
+        ctx.unify(b.axes[0], w.axes[0])
+    for t in (query, key, value):
+        ctx.unify(t.axes[-1], w.axes[1])
+    out_w, out_b = ctx.tensor("weight", m.out_proj), ctx.tensor("bias", m.out_proj)
+    ctx.unify(out_w.axes[1], ctx.product([h, v]))
+    if out_b is not None:
+        ctx.unify(out_b.axes[0], out_w.axes[0])
+    # (L, N, E) or (N, L, E): sequence and batch axes
+    seq, bat = (1, 0) if m.batch_first and query.ndim == 3 else (0, 1)
+    ctx.unify(key.axes[seq], value.axes[seq])
+    if query.ndim == 3:
+        ctx.unify(query.axes[bat], key.axes[bat])
+        ctx.unify(key.axes[bat], value.axes[bat])
+    if isinstance(attn_mask, TVal):
+        if attn_mask.ndim != 2:
+            raise Decline("per-head attention masks")
+        ctx.unify(attn_mask.axes[0], query.axes[seq])
+        ctx.unify(attn_mask.axes[1], key.axes[seq])
+    out = [*query.axes[:-1], out_w.axes[0]]
+    if not isinstance(ctx.out, tuple):
+        return out
+    weights = ctx.out[1]
+    if weights is None:
+        return (out, None)
+    lead = [query.axes[bat]] if query.ndim == 3 else []
+    mid = [] if average_attn_weights else [h]
+    return (out, [*lead, *mid, query.axes[seq], key.axes[seq]])
