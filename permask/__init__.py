@@ -1,5 +1,6 @@
 """permask: align lottery-ticket masks across random inits via neuron permutations."""
 
+from . import metrics, sparse
 from .graph import (
     Permutation,
     PermutationGraph,
@@ -8,6 +9,7 @@ from .graph import (
     register_rule,
     trace,
 )
+from .match import align
 from .permute import permute_mask, permute_model, permute_tensors
 
 __version__ = "0.1.0"
@@ -22,4 +24,7 @@ __all__ = [
     "permute_model",
     "permute_mask",
     "permute_tensors",
+    "align",
+    "metrics",
+    "sparse",
 ]
