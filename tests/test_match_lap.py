@@ -30,9 +30,10 @@ def test_optimal_against_brute_force(solver, n, extra, seed):
     assert cost[np.arange(n), low.numpy()].sum() == pytest.approx(-_brute(-cost))
 
 
-def test_more_rows_than_columns_leaves_rows_unassigned():
+@pytest.mark.parametrize("solver", available_solvers())
+def test_more_rows_than_columns_leaves_rows_unassigned(solver):
     cost = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]])
-    cols = solve_lap(cost, solver="scipy")
+    cols = solve_lap(cost, solver=solver)
     assert cols.tolist() == [-1, 1, 0]
 
 

@@ -5,10 +5,13 @@ element j to B's element i is ``sum over member axes of g: <W_B[i], (P W_A)[j]>`
 permutes every other axis of the tensor (and the other groups that share g's axis, e.g. the
 within-block order of a grouped conv) by the current estimates. A linear assignment gives the
 best permutation of g; groups are visited in a seeded random order until a whole sweep improves
-none. A group is re-solved only when a group it shares a tensor with has changed since it was
-last solved (its score matrix is unchanged otherwise), which gives the same result as re-solving
-everything and saves most of the work of the last sweeps. Parameters only (no BatchNorm running
-statistics), in float32 on the given device.
+none.
+
+Each member axis's ``n x n`` contribution is cached and recomputed only when a group it depends
+on has changed; a group whose contributions are all current is skipped (re-solving it would give
+the same answer). Same result as re-solving everything, at a fraction of the matrix products;
+cache memory is ``4 * sum over member axes of n^2`` bytes, plus a running total per group.
+Parameters only (no BatchNorm running statistics), float32 on the given device.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ __all__ = ["WeightMatchResult", "weight_matching"]
 
 @dataclass
 class WeightMatchResult:
-    """Permutation per group, the objective sum <W_B, P W_A> over permuted parameters, sweeps."""
+    """Permutation per group, the objective sum <W_B, P W_A> over permuted parameters, sweeps
+    (passes over the groups that solved at least one group)."""
 
     perms: dict[str, torch.Tensor]
     objective: float
@@ -42,6 +46,7 @@ class _Slot:
     axis: int
     rows: torch.Tensor  # [n, k] positions of each element's k replicas on the axis
     b: torch.Tensor  # [n, k * rest]
+    depends: frozenset[str]  # groups whose estimate changes this contribution
 
 
 def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor:
@@ -70,37 +75,51 @@ def weight_matching(
     wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
     wb = {n: params_b[n].detach().to(device, torch.float32) for n in layouts}
     slots: dict[str, list[_Slot]] = {}
-    neighbours: dict[str, set[str]] = {g.name: set() for g in graph}
     for g in graph:
         for m in g.members:
             if m.tensor not in layouts:
                 continue
-            rows = _rows(m.layout, g.name, g.size, device)
-            slots.setdefault(g.name, []).append(
-                _Slot(m.tensor, m.axis, rows, _gather(wb[m.tensor], m.axis, rows))
-            )
-            for axis, lay in enumerate(layouts[m.tensor]):  # groups whose score depends on g
+            depends = set()
+            for axis, lay in enumerate(layouts[m.tensor]):
                 others = set(layout_groups(lay))
-                neighbours[g.name].update(others - {g.name} if axis == m.axis else others)
+                depends |= others - {g.name} if axis == m.axis else others
+            rows = _rows(m.layout, g.name, g.size, device)
+            b = _gather(wb[m.tensor], m.axis, rows)
+            slots.setdefault(g.name, []).append(
+                _Slot(m.tensor, m.axis, rows, b, frozenset(depends))
+            )
+    affected: dict[str, list[tuple[str, int]]] = {}
+    for g, ss in slots.items():
+        for i, s in enumerate(ss):
+            for h in s.depends:
+                affected.setdefault(h, []).append((g, i))
     names = list(slots)
     perms = {g.name: torch.arange(g.size, device=device) for g in graph}
-    dirty = set(names)
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {}  # running sum of a group's cached contributions
+    stale = {(g, i) for g, ss in slots.items() for i in range(len(ss))}
     gen = torch.Generator().manual_seed(seed)
     iterations = 0
-    while dirty and iterations < max_iter:
+    while stale and iterations < max_iter:
         iterations += 1
-        for i in torch.randperm(len(names), generator=gen).tolist():
-            g = names[i]
-            if g not in dirty:
+        for g in (names[i] for i in torch.randperm(len(names), generator=gen).tolist()):
+            todo = [i for i in range(len(slots[g])) if (g, i) in stale]
+            if not todo:
                 continue
-            dirty.discard(g)
-            score = _score(g, slots[g], wa, layouts, perms)
+            for i in todo:
+                new = _contribution(g, slots[g][i], wa, layouts, perms)
+                old = cache.get((g, i))
+                delta = new if old is None else new - old
+                totals[g] = totals[g] + delta if g in totals else delta
+                cache[(g, i)] = new
+                stale.discard((g, i))
+            score = totals[g]
             p = solve_lap(score.T, solver=solver).to(device)
             ar = torch.arange(len(p), device=device)
             new, old = score[p, ar].sum().item(), score[perms[g], ar].sum().item()
             if new > old + 1e-7 * max(abs(old), 1e-30):
                 perms[g] = p
-                dirty.update(n for n in neighbours[g] if n in slots)
+                stale.update(affected.get(g, ()))
     objective = 0.0
     for n, lays in layouts.items():
         t = wa[n]
@@ -110,22 +129,18 @@ def weight_matching(
     return WeightMatchResult({g: p.cpu() for g, p in perms.items()}, objective, iterations)
 
 
-def _score(
+def _contribution(
     group: str,
-    slots: list[_Slot],
+    slot: _Slot,
     wa: dict[str, torch.Tensor],
     layouts: dict[str, list[Layout]],
     perms: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """``[n_a, n_b]`` scores of group ``group`` with every other axis at its current estimate."""
+    """``[n_a, n_b]`` scores from one member axis, every other axis at its current estimate."""
     others = {k: v for k, v in perms.items() if k != group}
-    score = None
-    for s in slots:
-        t = wa[s.tensor]
-        for axis, lay in enumerate(layouts[s.tensor]):
-            idx = layout_index(lay, others if axis == s.axis else perms, t.device)
-            if not torch.equal(idx, torch.arange(len(idx), device=t.device)):
-                t = t.index_select(axis, idx)
-        contrib = _gather(t, s.axis, s.rows) @ s.b.T
-        score = contrib if score is None else score + contrib
-    return score
+    t = wa[slot.tensor]
+    for axis, lay in enumerate(layouts[slot.tensor]):
+        idx = layout_index(lay, others if axis == slot.axis else perms, t.device)
+        if not torch.equal(idx, torch.arange(len(idx), device=t.device)):
+            t = t.index_select(axis, idx)
+    return _gather(t, slot.axis, slot.rows) @ slot.b.T

@@ -1,0 +1,136 @@
+"""Alignment benchmarks: activation-matching overhead, weight matching of ResNet50, LAP solvers.
+
+    .venv/bin/python benchmarks/align.py                      # scipy only
+    PYTHONPATH=/tmp/lapx_pkg .venv/bin/python benchmarks/align.py   # lapx from a separate dir
+
+1. Activation matching time / time of plain eval of A and B over the same batches (random
+   32x32 inputs, batch 64, 4 batches, graph traced beforehand; best of 3 each, interleaved).
+2. Weight matching of two random-init torchvision resnet50s: seconds and sweeps.
+3. LAP on correlation-like matrices (B = permuted A: one strong entry per row, weak noise
+   elsewhere), scipy vs lapx (when importable), median of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torchvision
+
+import permask
+from permask.experiment.models import resnet20
+from permask.match import align, available_solvers, solve_lap
+
+
+def _seconds(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def activation_ratio(name: str, make, batch: int, batches: int) -> dict:
+    torch.manual_seed(0)
+    a = make().eval()
+    torch.manual_seed(1)
+    b = make().eval()
+    data = [(torch.randn(batch, 3, 32, 32), torch.zeros(batch)) for _ in range(batches)]
+    t = time.perf_counter()
+    graph = permask.trace(a, data[0][0])
+    t_trace = time.perf_counter() - t
+
+    @torch.no_grad()
+    def plain():
+        for x, _ in data:
+            a(x)
+            b(x)
+
+    def match():
+        align(a, b, data, graph=graph, solver="scipy")
+
+    plain(), match()  # warm-up
+    t_plain = t_match = float("inf")
+    for _ in range(3):  # interleaved, so that load changes hit both
+        t_plain = min(t_plain, _seconds(plain))
+        t_match = min(t_match, _seconds(match))
+    _, info = align(a, b, data, graph=graph, return_info=True, solver="scipy")
+    return dict(
+        model=name, plain=t_plain, match=t_match, ratio=t_match / t_plain, trace=t_trace,
+        stats_mib=info.stats_bytes / 2**20,
+    )  # fmt: skip
+
+
+def weight_resnet50() -> dict:
+    torch.manual_seed(0)
+    a = torchvision.models.resnet50().eval()
+    torch.manual_seed(1)
+    b = torchvision.models.resnet50().eval()
+    graph = permask.trace(a, torch.randn(1, 3, 64, 64))
+    res = {}
+    for solver in available_solvers():
+        t = time.perf_counter()
+        _, info = align(a, b, method="weight", graph=graph, return_info=True, solver=solver)
+        res[solver] = (time.perf_counter() - t, info.iterations, info.objective)
+    return res
+
+
+def correlation_like(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = 0.05 * rng.standard_normal((n, n))
+    c[np.arange(n), rng.permutation(n)] += rng.uniform(0.3, 0.9, n)
+    return np.clip(c, -1, 1)
+
+
+def lap_times(sizes=(512, 2048, 4096)) -> list[dict]:
+    rows = []
+    for n in sizes:
+        c = correlation_like(n)
+        row = {"n": n}
+        for solver in available_solvers():
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                cols = solve_lap(c, solver=solver)
+                times.append(time.perf_counter() - t)
+            row[solver] = statistics.median(times)
+            row[solver + "_value"] = float(c[np.arange(n), cols.numpy()].sum())
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, solvers {available_solvers()}")
+    print(
+        "\n| model | plain eval A+B (s) | activation matching (s) | ratio | trace (s) | stats MiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, make in (
+        ("ResNet20x4", lambda: resnet20(4)),
+        ("ResNet50 (torchvision)", torchvision.models.resnet50),
+    ):
+        r = activation_ratio(name, make, batch=64, batches=4)
+        print(
+            f"| {r['model']} | {r['plain']:.2f} | {r['match']:.2f} | {r['ratio']:.2f} | "
+            f"{r['trace']:.2f} | {r['stats_mib']:.1f} |",
+            flush=True,
+        )
+    print("\n| weight matching resnet50 | seconds | sweeps | objective |\n|---|---|---|---|")
+    for solver, (sec, sweeps, obj) in weight_resnet50().items():
+        print(f"| solver={solver} | {sec:.2f} | {sweeps} | {obj:.4g} |", flush=True)
+    solvers = available_solvers()
+    print("\n| n | " + " | ".join(f"{s} (s)" for s in solvers) + " | same optimum |")
+    print("|---|" + "---|" * len(solvers) + "---|")
+    for row in lap_times():
+        same = len({round(row[s + "_value"], 6) for s in solvers}) == 1
+        print(f"| {row['n']} | " + " | ".join(f"{row[s]:.3f}" for s in solvers) + f" | {same} |")
+
+
+if __name__ == "__main__":
+    main()
