@@ -1,0 +1,197 @@
+"""The experiment's configuration: one dataclass, read from YAML and/or command-line flags.
+
+Every field is both a YAML key and a flag (``hidden_size`` -> ``--hidden-size``); flags override
+YAML, which overrides the defaults. The defaults are ``permask demo``: an MLP 784-512-512-512-10
+on Fashion-MNIST, 10 epochs of SGD, IMP with fine-tuning to 98%, rewind k=2, activation matching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
+
+# Fields that may change between invocations of one run directory without changing its results.
+RUNTIME_FIELDS = ("device", "threads", "progress", "out")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line, for the command line."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run of the paper's pipeline (see ``docs/pipeline.md``)."""
+
+    model: str = _f("mlp", "resnet20, vgg11, mlp, timm:NAME or tv:NAME")
+    width: int = _f(1, "width multiplier of resnet20 / vgg11")
+    batch_norm: bool = _f(False, "vgg11 with BatchNorm (the paper's VGG11 has none)")
+    dataset: str = _f("fashion_mnist", "mnist, fashion_mnist, cifar10, cifar100, imagefolder:PATH")
+    data_dir: str | None = _f(None, "data root (default: $PERMASK_DATA, then standard places)")
+    train_subset: int | None = _f(None, "train on a fixed random subset of this many examples")
+    test_subset: int | None = _f(None, "evaluate on a fixed random subset of this many examples")
+    seeds: int = _f(1, "number of seeds (independent repeats of the whole pipeline)")
+    shared_a: bool = _f(False, "train A, IMP and m_A once (seed 0) and reuse them for every seed")
+    epochs: int = _f(10, "epochs of dense training (and of sparse training, counted from 0)")
+    batch_size: int = _f(128, "training batch size")
+    optimizer: str = _f("sgd", "sgd, adam or adamw")
+    lr: float = _f(0.05, "peak learning rate of dense and sparse training (cosine schedule)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay (all parameters, as in the paper)")
+    warmup_epochs: int = _f(0, "linear warm-up epochs of dense training")
+    sparsity: list[float] = _f([0.98], "target sparsities in (0, 1), e.g. 0.9 0.97")
+    rewind: list[int] = _f([2], "rewind points k (completed epochs) for sparse training")
+    imp: str = _f("finetune", "IMP variant: finetune (the paper) or rewind (Frankle et al.)")
+    imp_rate: float = _f(0.2, "fraction of the remaining weights pruned per IMP round")
+    finetune_epochs: int = _f(1, "epochs of fine-tuning per IMP round (finetune variant)")
+    finetune_lr: float = _f(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
+    dense_shortcuts: bool = _f(True, "never prune residual shortcut/downsample convs")
+    match: str = _f("activation", "alignment method: activation or weight")
+    match_epoch: int | None = _f(None, "align A to B's checkpoint after this many epochs")
+    match_batches: int | None = _f(None, "batches of training data for activation matching")
+    interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
+    interp_batches: int | None = _f(None, "test batches per interpolation point (default all)")
+    channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
+    device: str = _f("cpu", "torch device, e.g. cpu or cuda")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    progress: bool = _f(True, "show progress bars")
+    out: str | None = _f(None, "run directory (default runs/<model>-<dataset>)")
+
+    def __post_init__(self) -> None:
+        self.sparsity = sorted({float(s) for s in self.sparsity})
+        self.rewind = sorted({int(k) for k in self.rewind})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for settings that cannot run (no data or models touched)."""
+        if not self.sparsity or not all(0.0 < s < 1.0 for s in self.sparsity):
+            raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.rewind or not all(0 <= k < self.epochs for k in self.rewind):
+            raise ConfigError(
+                f"rewind points must be in [0, epochs) = [0, {self.epochs}), got {self.rewind}"
+            )
+        if self.match_epoch is not None and not 0 <= self.match_epoch <= self.epochs:
+            raise ConfigError(f"match_epoch must be in [0, {self.epochs}], got {self.match_epoch}")
+        choices = {"imp": ("finetune", "rewind"), "match": ("activation", "weight")}
+        choices["optimizer"] = ("sgd", "adam", "adamw")
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                got = getattr(self, key)
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {got!r}")
+        for key in ("seeds", "width", "batch_size", "finetune_epochs", "interp_points"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.imp_rate < 1.0:
+            raise ConfigError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
+
+    @property
+    def run_dir(self) -> Path:
+        name = f"{self.model.replace(':', '-')}-{self.dataset.replace(':', '-')}"
+        return Path(self.out if self.out is not None else Path("runs") / name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def results_key(self) -> dict[str, Any]:
+        """The settings that determine the results (runtime-only fields removed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def _fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """``(element type, is_list)`` of a field annotation, optional ``| None`` removed."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {"list": list})  # postponed annotations of this module
+    if isinstance(tp, types.UnionType):
+        tp = next(a for a in tp.__args__ if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any) -> Any:
+    tp, is_list = _base_type(next(f.type for f in _fields() if f.name == name))
+    if value is None:
+        return None
+    try:
+        if is_list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [tp(v) for v in items]
+        if tp is bool and not isinstance(value, bool):
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {tp.__name__}") from None
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """A validated config from ``{field: value}``; unknown keys are an error."""
+    known = {f.name for f in _fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
+    """Read a YAML mapping of config keys (dashes or underscores), then apply ``overrides``."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return config_from_dict({**values, **overrides})
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; flags not given stay absent (so YAML values survive)."""
+    for f in _fields():
+        tp, is_list = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        kw["help"] = f"{f.metadata['help']} (default: {_default(f)})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=tp, nargs="+" if is_list else None, **kw)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return " ".join(map(str, f.default_factory()))
+    return f.default
+
+
+def config_from_flags(args: argparse.Namespace, **defaults: Any) -> RunConfig:
+    """The config from parsed flags: ``args.config`` YAML (if any) overridden by given flags."""
+    names = {f.name for f in _fields()}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    path = getattr(args, "config", None)
+    if path is not None:
+        return load_config(path, **given)
+    return config_from_dict({**defaults, **given})

@@ -1,0 +1,95 @@
+"""The ``permask`` command line: flags and YAML agree; config errors are one line, no work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from permask.cli import _parser, main
+from permask.experiment.config import ConfigError, RunConfig, config_from_flags, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flags_and_yaml_give_the_same_config(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text(
+        "model: resnet20\nwidth: 2\ndataset: cifar10\ndata-dir: /data\nsparsity: [0.97, 0.9]\n"
+        "rewind: [0, 5]\nepochs: 20\nseeds: 3\nmatch: weight\nimp: rewind\nlr: 0.08\n"
+        "channels_last: true\nmatch_epoch: 5\nout: runs/x\n"
+    )
+    flags = (
+        "--model resnet20 --width 2 --dataset cifar10 --data-dir /data --sparsity 0.9 0.97 "
+        "--rewind 0 5 --epochs 20 --seeds 3 --match weight --imp rewind --lr 0.08 "
+        "--channels-last --match-epoch 5 --out runs/x"
+    ).split()
+    from_flags = config_from_flags(_parser().parse_args(["run", *flags]))
+    from_yaml = config_from_flags(_parser().parse_args(["run", "--config", str(yaml_file)]))
+    assert from_flags == from_yaml == load_config(yaml_file)
+    assert from_flags.sparsity == [0.9, 0.97] and from_flags.rewind == [0, 5]
+    assert from_flags.width == 2 and from_flags.channels_last is True
+
+
+def test_flags_override_yaml(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("epochs: 20\nseeds: 3\n")
+    args = _parser().parse_args(["run", "--config", str(yaml_file), "--seeds", "5"])
+    cfg = config_from_flags(args)
+    assert (cfg.epochs, cfg.seeds) == (20, 5)
+
+
+def test_demo_defaults_are_the_documented_demo():
+    cfg = config_from_flags(_parser().parse_args(["demo"]), out="runs/demo")
+    assert (cfg.model, cfg.dataset, cfg.epochs, cfg.seeds) == ("mlp", "fashion_mnist", 10, 1)
+    assert (cfg.sparsity, cfg.rewind, cfg.imp, cfg.match) == ([0.98], [2], "finetune", "activation")
+    assert cfg.run_dir == Path("runs/demo")
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+        (["--model", "timm:nosuchnet"], "nosuchnet"),
+        (["--sparsity", "0.9", "1.5"], "sparsity must be in (0, 1)"),
+        (["--sparsity", "0"], "sparsity must be in (0, 1)"),
+        (["--rewind", "12", "--epochs", "10"], "rewind points must be in [0, epochs)"),
+        (["--dataset", "imagefolder:/no/such/dir"], "searched /no/such/dir/train"),
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--match", "magic"], "match must be one of activation, weight"),
+    ],
+)
+def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, flags, words):
+    out = tmp_path / "run"
+    data = ["--data-dir", str(ROOT.parent / "shared" / "data"), "--dataset", "mnist"]
+    assert main(["run", *data, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("permask: error: ") and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key.*epoch"):
+        load_config(yaml_file)
+
+
+def test_cli_process_exits_nonzero_without_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "permask", "run", "--sparsity", "2", "--out", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "permask: error: sparsity must be in (0, 1), got [2.0]"
+    ]
+
+
+def test_config_rejects_a_run_dir_with_other_settings(tmp_path):
+    (tmp_path / "config.yaml").write_text("epochs: 3\n")
+    from permask.experiment.pipeline import _check_run_dir
+
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
+        _check_run_dir(RunConfig(out=str(tmp_path)))

@@ -1,0 +1,165 @@
+"""End-to-end pipeline on a small subset of real MNIST: artifacts, skipping, SIGKILL resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from permask.experiment import RunConfig, run
+from permask.experiment.prune import imp_sparsities
+from permask.experiment.train import load_checkpoint
+from permask.sparse import load_mask, sparsity
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PERMASK_DATA", ROOT.parent / "shared" / "data"))
+needs_mnist = pytest.mark.skipif(
+    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA}"
+)
+TINY = dict(
+    model="mlp",
+    dataset="mnist",
+    data_dir=str(DATA),
+    train_subset=1000,
+    test_subset=300,
+    epochs=2,
+    seeds=2,
+    sparsity=[0.5],
+    rewind=[1],
+    threads=1,
+    progress=False,
+)
+
+
+def test_imp_sparsities_land_on_every_target():
+    s = imp_sparsities([0.97, 0.5, 0.9], rate=0.2)
+    assert s[:3] == pytest.approx([0.2, 0.36, 0.488])
+    assert all(t in s for t in (0.5, 0.9, 0.97)) and s[-1] == 0.97
+    assert all(b > a for a, b in zip(s, s[1:]))
+    steps = [(b - a) / (1 - a) for a, b in zip([0.0, *s], s)]
+    assert max(steps) <= 0.2 + 1e-12
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    cfg = RunConfig(**TINY, out=str(out))
+    return cfg, run(cfg)
+
+
+@needs_mnist
+def test_tiny_run_writes_every_artifact(tiny_run):
+    cfg, results = tiny_run
+    out = cfg.run_dir
+    for name in (
+        "results.md",
+        "results.csv",
+        "results.json",
+        "accuracy.png",
+        "interpolation.png",
+        "run.log",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    for seed in (0, 1):
+        sd = out / f"seed{seed}"
+        assert (sd / "align" / "pi.safetensors").is_file()
+        m_a = load_mask(sd / "masks" / "imp_s0.5.safetensors")
+        m_p = load_mask(sd / "masks" / "permuted_s0.5.safetensors")
+        assert sparsity(m_a).overall == pytest.approx(0.5, abs=1e-6)
+        assert sparsity(m_p).overall == sparsity(m_a).overall
+        for stage in (
+            "dense_a",
+            "dense_b",
+            "imp/s0.5",
+            *(f"sparse/{m}_s0.5_k1" for m in ("lth", "permuted", "naive")),
+        ):
+            assert (sd / stage / "eval.pt").is_file(), stage
+        assert (sd / "dense_a" / "epoch_1.pt").is_file()
+        assert json.loads((sd / "interpolation.json").read_text())["permuted"]["barrier"] >= 0
+    methods = [(r["method"], r["sparsity"], r["rewind"]) for r in results.rows]
+    assert methods == [
+        ("dense", None, None),
+        ("imp", 0.5, None),
+        ("lth", 0.5, 1),
+        ("permuted", 0.5, 1),
+        ("naive", 0.5, 1),
+    ]
+    assert all(r["models"] == 2 for r in results.rows)
+    assert "| permuted | 50% | 1 | 2 |" in results.markdown()
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,sparsity,rewind") and len(csv_lines) == 6
+
+
+@needs_mnist
+def test_sparse_models_keep_their_masks(tiny_run):
+    cfg, _ = tiny_run
+    sd = cfg.run_dir / "seed0"
+    mask = load_mask(sd / "masks" / "permuted_s0.5.safetensors")
+    weights = load_checkpoint(sd / "sparse" / "permuted_s0.5_k1" / "last.pt")["model"]
+    for name, m in mask.items():
+        assert not weights[name][~m].any(), name
+
+
+@needs_mnist
+def test_rerun_skips_finished_stages(tiny_run):
+    cfg, first = tiny_run
+    evals = sorted(cfg.run_dir.glob("seed*/**/eval.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in evals}
+    lines_before = len((cfg.run_dir / "run.log").read_text().splitlines())
+    again = run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in evals} == stamps
+    new_lines = (cfg.run_dir / "run.log").read_text().splitlines()[lines_before:]
+    stage_lines = [ln for ln in new_lines if "[seed" in ln]
+    assert stage_lines and all("done earlier (skipped)" in ln for ln in stage_lines)
+    assert again.rows == first.rows
+
+
+@needs_mnist
+def test_sigkill_mid_training_resumes_to_identical_results(tmp_path):
+    """Kill the CLI (SIGKILL) inside dense B's training; the rerun must equal a clean run."""
+    settings = {**TINY, "train_subset": 2000, "epochs": 3, "seeds": 1, "interp_points": 3}
+    ref = run(RunConfig(**settings, out=str(tmp_path / "ref")))
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "permask", "run", "--out", str(killed)]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, *map(str, value if isinstance(value, list) else [value])]
+    last = killed / "seed0" / "dense_b" / "last.pt"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "dense B never checkpointed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(last)["epoch"] < settings["epochs"]
+    assert not (killed / "seed0" / "dense_b" / "eval.pt").exists()
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
+    assert "resumed at epoch" in (killed / "run.log").read_text()
+    got = json.loads((killed / "results.json").read_text())["rows"]
+    assert [_no_time(r) for r in got] == [_no_time(r) for r in ref.rows]  # NaN-safe: JSON text
+    for stage in ("dense_b", "sparse/permuted_s0.5_k1"):
+        a = load_checkpoint(tmp_path / "ref" / "seed0" / stage / "last.pt")["model"]
+        b = load_checkpoint(killed / "seed0" / stage / "last.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def _no_time(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items() if k != "train_seconds"})
