@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# Fashion-MNIST for the demo: Debian's package when we are root with apt-get (failure is fine:
+# permask then looks in $$PERMASK_DATA and finally downloads through torchvision).
 demo: venv
-	$(PY) examples/trace_resnet.py
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || true; \
+	fi
+	$(if $(PERMASK_DATA),PERMASK_DATA=$(PERMASK_DATA) )$(PY) -m permask demo --out runs/demo
 
 lint: venv
 	$(VENV)/bin/ruff check .
