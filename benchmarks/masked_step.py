@@ -5,7 +5,7 @@ for the three variants (dense, MaskedOptimizer, torch prune's forward pre-hook).
 interleaved block by block, rotating their order, and the ratio is the median over repeats of
 (variant block time / dense block time of the same repeat), which cancels slow machine drift.
 
-    .venv/bin/python benchmarks/masked_step.py [--repeats 9] [--steps 8] [--threads 2]
+    .venv/bin/python benchmarks/masked_step.py [--repeats 7] [--steps 4] [--models resnet20 mlp]
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def mlp() -> nn.Module:
 
 
 MODELS = {
-    "ResNet20 (CIFAR, batch 64)": (resnet20, (64, 3, 32, 32)),
-    "MLP 784-1024x4-10 (batch 128)": (mlp, (128, 784)),
+    "resnet20": ("ResNet20 (CIFAR, batch 64)", resnet20, (64, 3, 32, 32)),
+    "mlp": ("MLP 784-1024x4-10 (batch 128)", mlp, (128, 784)),
 }
 
 
@@ -93,10 +93,11 @@ def measure(steps: dict[str, Callable[[], None]], repeats: int, n: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,7 +106,7 @@ def main() -> None:
         "| prune/dense | target |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for model_name, (factory, shape) in MODELS.items():
+    for model_name, factory, shape in (MODELS[m] for m in args.models):
         for opt_name, make_opt in OPTIMIZERS.items():
             steps = make_steps(factory, shape, make_opt, args.sparsity)
             t = measure(steps, args.repeats, args.steps)
