@@ -59,6 +59,7 @@ SUBSET = {
     "resnetv2_50x1_bit": 32,
     "starnet_s050": 32,
     "hgnetv2_b0": 32,
+    "nf_resnet26": 32,  # NormFreeBlock: a timm leaf without rule, walked inline
     "mambaout_femto": 32,
 }
 REDUCED = {  # the architecture of mixer_b16_224 / beit_base_patch16_224 at reduced width

@@ -126,12 +126,12 @@ def _target_name(node: fx.Node) -> str:
 class RuleContext:
     """What a rule sees besides its arguments: the node, its module, and the solver."""
 
-    def __init__(self, builder: _Builder, node: fx.Node, module: nn.Module | None):
+    def __init__(self, builder: _Builder, frame: _Frame, node: fx.Node, module: nn.Module | None):
         self._b = builder
         self.node = node
         self.module = module
-        self.module_path = node.target if node.op == "call_module" else node.meta.get("path")
-        self.out = builder.metas.get(node)
+        self.module_path = frame.prefix + node.target if node.op == "call_module" else None
+        self.out = frame.metas.get(node)
 
     # -- axes -----------------------------------------------------------------------------
     def reason(self, message: str) -> Reason:
@@ -201,9 +201,23 @@ class RuleContext:
         rule = find_rule("call_module", None, module)
         if rule is None:
             raise Decline(f"no rule for submodule {type(module).__name__}")
-        sub = RuleContext(self._b, self.node, module)
-        sub.out = self.out
+        sub = copy.copy(self)
+        sub.module = module
         return rule(sub, *args)
+
+
+MAX_INLINE_DEPTH = 4
+
+
+class _Frame:
+    """One graph being walked: the model's, or a leaf module's traced forward."""
+
+    def __init__(self, gm: fx.GraphModule, metas: dict, prefix: str, depth: int = 0):
+        self.gm = gm
+        self.metas = metas
+        self.prefix = prefix
+        self.depth = depth
+        self.env: dict[fx.Node, Any] = {}
 
 
 class _Builder:
@@ -213,6 +227,7 @@ class _Builder:
         self.metas = metas
         self.solver = Solver()
         self.env: dict[fx.Node, Any] = {}
+        self.inner_values: list[Any] = []  # activations inside inlined leaves (not observable)
         self.members: dict[str, TVal] = {}
         self.io_frozen: list[tuple[str, str, TVal]] = []
         self.names: dict[int, tuple[str, bool]] = {}
@@ -261,39 +276,75 @@ class _Builder:
 
     # -- the walk -----------------------------------------------------------------------------
     def run(self) -> None:
+        frame = _Frame(self.gm, self.metas, "")
         for node in self.gm.graph.nodes:
-            self.env[node] = self.visit(node)
+            frame.env[node] = self.visit(frame, node)
+        self.env = frame.env
 
-    def visit(self, node: fx.Node) -> Any:
-        meta = self.metas.get(node)
+    def visit(self, frame: _Frame, node: fx.Node) -> Any:
+        meta = frame.metas.get(node)
         if node.op == "placeholder":
             val = self.fixed_like(meta, Reason("model input", node.name))
             self.io_frozen.append(("input", node.name, val))
             return val
         if node.op == "get_attr":
-            obj = operator.attrgetter(node.target)(self.gm)
+            obj = operator.attrgetter(node.target)(frame.gm)
             return self.member(obj) if isinstance(obj, torch.Tensor) else meta
-        args = fx.node.map_arg(node.args, self.env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, self.env.__getitem__)
+        args = fx.node.map_arg(node.args, frame.env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, frame.env.__getitem__)
         if node.op == "output":
             reason = Reason("model output", node.name)
             self.freeze_all(args, reason)
             self.io_frozen.append(("output", node.name, args))
             return None
-        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        module = frame.gm.get_submodule(node.target) if node.op == "call_module" else None
         tensor_in = _has_tval((args, kwargs))
         tensor_out = _has_meta(meta)
         if not tensor_in and not tensor_out and module is None:
             return meta
-        ctx = RuleContext(self, node, module)
+        ctx = RuleContext(self, frame, node, module)
         rule = find_rule(node.op, node.target, module)
         try:
-            if rule is None:
-                raise Decline("no rule for this op")
-            result = rule(ctx, *args, **kwargs)
-            return self.wrap(result, meta)
+            if rule is not None:
+                return self.wrap(rule(ctx, *args, **kwargs), meta)
+            if module is not None and not kwargs and frame.depth < MAX_INLINE_DEPTH:
+                inner = self.inline(frame, node, module, args)
+                if inner is not None:
+                    return self.wrap(inner, meta)
+            raise Decline("no rule for this op")
         except Exception as e:  # a rule that fails freezes what it touches, never corrupts
             return self.freeze_op(ctx, args, kwargs, meta, e)
+
+    def inline(self, frame: _Frame, node: fx.Node, module: nn.Module, args: tuple) -> Any:
+        """Walk the traced forward of a leaf module that has no rule, if it traces alone.
+
+        timm marks some modules as leaves for its own feature extraction although they trace
+        fine on their own (e.g. NormFreeBlock); walking their graph is exactly as sound as
+        walking the model's. Returns None when the module does not trace alone.
+        """
+        if not all(isinstance(a, TVal) for a in args):
+            return None
+        try:
+            gm = symbolic_trace(module)
+        except TraceError:
+            return None
+        device = next(iter(module.parameters()), torch.empty(0, device="meta")).device
+        inputs = [torch.zeros(a.shape, dtype=a.dtype, device=device) for a in args]
+        recorder = _ShapeRecorder(gm)
+        with torch.no_grad():
+            recorder.run(*inputs)
+        inner = _Frame(gm, recorder.metas, f"{frame.prefix}{node.target}.", frame.depth + 1)
+        placeholders = iter(args)
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                inner.env[n] = next(placeholders)
+            elif n.op == "output":
+                out = fx.node.map_arg(n.args[0], inner.env.__getitem__)
+                self.inner_values.extend(inner.env.values())
+                return out
+            else:
+                inner.env[n] = self.visit(inner, n)
+        return None
 
     def freeze_op(self, ctx: RuleContext, args, kwargs, meta, err: Exception) -> Any:
         msg = str(err) if isinstance(err, Decline) else f"rule failed: {type(err).__name__}: {err}"
@@ -335,6 +386,11 @@ class _Builder:
                     for axis, ax in enumerate(v.axes):
                         activations.append((node, axis, ax))
                         observed.update(dict.fromkeys(leaf.id for leaf in s.leaves(ax)))
+        inner, _ = tree_flatten(self.inner_values, is_leaf=lambda x: isinstance(x, TVal))
+        for v in inner:
+            if isinstance(v, TVal):
+                for ax in v.axes:
+                    observed.update(dict.fromkeys(leaf.id for leaf in s.leaves(ax)))
         in_members: dict[int, None] = {}
         for val in self.members.values():
             for ax in val.axes:
