@@ -158,3 +158,28 @@ def test_nan_activations_name_the_node():
         b.fc2.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="model_b.*relu2"):
         align(a, b, _batches((16, 32), 1))
+
+
+def test_groups_inside_leaf_modules_are_matched_by_weights():
+    """nn.MultiheadAttention's heads show in no activation: activation matching falls back to
+    weight matching for exactly those groups, and still recovers the permutation."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(5, 12), nn.Linear(12, 2)
+            self.mha = nn.MultiheadAttention(12, 3, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(torch.relu(self.mha(h, h, h)[0] + h))
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = torch.randn(8, 4, 5)
+    graph = permask.trace(model, x)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(3))
+    b = permask.permute_model(model, pi, graph)
+    est, info = permask.align(model, b, [x, torch.randn(8, 4, 5)], graph=graph, return_info=True)
+    assert info.unmatched  # heads and within-head groups
+    assert est == pi

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 class AlignInfo:
     """What an alignment did.
 
-    ``points``: group -> fx nodes observed (activation); ``unmatched``: groups kept in place (no
-    usable observation); ``stats_bytes``: float64 statistics memory (activation); ``objective``
-    and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight).
+    ``points``: group -> fx nodes observed (activation); ``unmatched``: groups that no usable
+    activation shows, matched by weights instead; ``stats_bytes``: float64 statistics memory
+    (activation); ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent
+    sweeps (weight).
     """
 
     method: str
@@ -176,6 +177,10 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
+    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
+        perms = weight_matching(
+            a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
+        ).perms
     points: dict[str, list[str]] = {}
     for p in plan.points:
         for u in p.units:

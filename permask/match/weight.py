@@ -16,7 +16,7 @@ Parameters only (no BatchNorm running statistics), float32 on the given device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +68,15 @@ def weight_matching(
     seed: int = 0,
     max_iter: int = 100,
     solver: str = "auto",
+    init: Mapping[str, torch.Tensor] | None = None,
+    only: Collection[str] | None = None,
 ) -> WeightMatchResult:
-    """Permutation of A's groups maximising ``sum <W_B, P W_A>`` over the graph's parameters."""
+    """Permutation of A's groups maximising ``sum <W_B, P W_A>`` over the graph's parameters.
+
+    ``init`` gives starting permutations (default identity); with ``only``, just those groups
+    are optimised and every other group stays at its ``init`` value (activation matching uses
+    this for groups that no activation shows, e.g. heads inside ``nn.MultiheadAttention``).
+    """
     layouts = {n: lays for n, lays in graph.permuted_tensors().items() if n in graph.parameters}
     device = next(iter(params_b.values())).device
     wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
@@ -93,11 +100,12 @@ def weight_matching(
         for i, s in enumerate(ss):
             for h in s.depends:
                 affected.setdefault(h, []).append((g, i))
-    names = list(slots)
+    names = [g for g in slots if only is None or g in only]
     perms = {g.name: torch.arange(g.size, device=device) for g in graph}
+    perms.update({g: p.to(device) for g, p in (init or {}).items()})
     cache: dict[tuple[str, int], torch.Tensor] = {}
     totals: dict[str, torch.Tensor] = {}  # running sum of a group's cached contributions
-    stale = {(g, i) for g, ss in slots.items() for i in range(len(ss))}
+    stale = {(g, i) for g in names for i in range(len(slots[g]))}
     gen = torch.Generator().manual_seed(seed)
     iterations = 0
     while stale and iterations < max_iter:
@@ -119,7 +127,7 @@ def weight_matching(
             new, old = score[p, ar].sum().item(), score[perms[g], ar].sum().item()
             if new > old + 1e-7 * max(abs(old), 1e-30):
                 perms[g] = p
-                stale.update(affected.get(g, ()))
+                stale.update(k for k in affected.get(g, ()) if k[0] in names)
     objective = 0.0
     for n, lays in layouts.items():
         t = wa[n]
