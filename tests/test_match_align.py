@@ -183,3 +183,18 @@ def test_groups_inside_leaf_modules_are_matched_by_weights():
     est, info = permask.align(model, b, [x, torch.randn(8, 4, 5)], graph=graph, return_info=True)
     assert info.unmatched  # heads and within-head groups
     assert est == pi
+
+
+def test_activation_self_alignment_vit_tiny():
+    """Heads x head-dim groups of a timm ViT-tiny are recovered exactly from activations."""
+    import timm
+
+    from permask.testing import perturb_
+
+    torch.manual_seed(0)
+    a = perturb_(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10).eval())
+    x = torch.randn(16, 3, 32, 32)
+    graph = permask.trace(a, x)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(3))
+    b = permask.permute_model(a, pi, graph)
+    assert align(a, b, [x, torch.randn(16, 3, 32, 32)], graph=graph) == pi

@@ -32,13 +32,18 @@ class Member:
 
 @dataclass(frozen=True)
 class Observation:
-    """Where a group's activations can be seen: fx node ``node``, axis ``axis``."""
+    """Where a group's activations can be seen: fx node ``node``, axis ``axis``.
+
+    ``item`` is the position among the node's output tensors (in ``tree_flatten`` order) when
+    the node returns several (a tuple), else None.
+    """
 
     node: str
     axis: int
     layout: Layout
     op: str
     target: str
+    item: int | None = None
 
 
 @dataclass(frozen=True)

@@ -376,15 +376,15 @@ class _Builder:
     def finalize(self, shapes: dict[str, tuple[int, ...]]) -> PermutationGraph:
         s = self.solver
         observed: dict[int, None] = {}
-        activations: list[tuple[fx.Node, int, BLayout]] = []
+        activations: list[tuple[fx.Node, int | None, int, BLayout]] = []
         for node, val in self.env.items():
             if node.op in ("output", "get_attr"):
                 continue
             leaves, _ = tree_flatten(val, is_leaf=lambda x: isinstance(x, TVal))
-            for v in leaves:
+            for item, v in enumerate(leaves):
                 if isinstance(v, TVal):
                     for axis, ax in enumerate(v.axes):
-                        activations.append((node, axis, ax))
+                        activations.append((node, None if v is val else item, axis, ax))
                         observed.update(dict.fromkeys(leaf.id for leaf in s.leaves(ax)))
         inner, _ = tree_flatten(self.inner_values, is_leaf=lambda x: isinstance(x, TVal))
         for v in inner:
@@ -420,11 +420,11 @@ class _Builder:
                     frozen.append(
                         FrozenAxis(tname, axis, lay.size, self._reasons(val.axes[axis]), "tensor")
                     )
-        for node, axis, ax in activations:
+        for node, item, axis, ax in activations:
             lay = s.expand(ax, names)
             for g in layout_groups(lay):
                 groups[g].observations.append(
-                    Observation(node.name, axis, lay, node.op, _target_name(node))
+                    Observation(node.name, axis, lay, node.op, _target_name(node), item)
                 )
         for kind, name, val in self.io_frozen:
             leaves, _ = tree_flatten(val, is_leaf=lambda x: isinstance(x, TVal))

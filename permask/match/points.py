@@ -96,7 +96,11 @@ def _kind(obs: Observation, model: nn.Module) -> str:
 
 def select_observations(observations: list[Observation], model: nn.Module) -> list[Observation]:
     """The observation points activation matching uses for one group (rules in module doc)."""
-    kinds = [(o, _kind(o, model)) for o in observations if o.op != "get_attr"]
+    kinds = [
+        (o, _kind(o, model))
+        for o in observations
+        if o.op != "get_attr" and o.item is None  # capture reads single-tensor outputs
+    ]
     for wanted in (NONLINEAR, RESIDUAL):
         chosen = [o for o, k in kinds if k in wanted]
         if chosen:
