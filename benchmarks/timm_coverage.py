@@ -108,7 +108,8 @@ def sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["model"] for line in out.open()} if out.exists() else set()
-    names = [n for n in timm.list_models() if n not in done]
+    k, n_shards = map(int, args.shard.split("/"))
+    names = [n for n in timm.list_models()[k::n_shards] if n not in done]
     if args.limit:
         names = names[: args.limit]
     signal.signal(signal.SIGALRM, _alarm)
@@ -211,6 +212,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=300, help="seconds per model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument(
+        "--shard", default="0/1", help="k/n: every n-th model from the k-th (parallel sweeps)"
+    )
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
     summarize(args) if args.summarize else sweep(args)
