@@ -42,6 +42,7 @@ from permask.experiment.models import build_model
 from permask.experiment.prune import imp_rounds, imp_sparsities
 from permask.experiment.report import Results, collect, write_report
 from permask.experiment.train import (
+    TrainResult,
     checkpoint_path,
     evaluate,
     load_checkpoint,
@@ -91,6 +92,22 @@ class Experiment:
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    def fit(
+        self, model: nn.Module, loader: TensorLoader, directory: Path, desc: str, **overrides: Any
+    ) -> TrainResult:
+        """:func:`train` with the run's recipe (changed by ``overrides``), resuming in a dir."""
+        cfg = self.cfg
+        recipe = dict(
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            optimizer=cfg.optimizer,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+        return train(model, loader, **{**recipe, **overrides}, checkpoint_dir=directory, desc=desc)
 
     def loader(self, seed: int) -> TensorLoader:
         """The training loader with its own data-order seed (shares the image tensors)."""
@@ -275,23 +292,16 @@ def _trained(
         exp.log.info("%s: done earlier (skipped)", name)
         return model
     t0 = time.perf_counter()
-    dense = mask is None and start_epoch == 0
-    result = train(
+    warmup = cfg.warmup_epochs if mask is None and start_epoch == 0 else 0
+    result = exp.fit(
         model,
         loader,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        optimizer=cfg.optimizer,
-        warmup_epochs=cfg.warmup_epochs if dense else 0,
+        directory,
+        name,
+        warmup_epochs=warmup,
         start_epoch=start_epoch,
         mask=mask,
-        checkpoint_dir=directory,
         keep_epochs=keep,
-        device=cfg.device,
-        progress=cfg.progress,
-        desc=name,
     )
     _evaluate_into(exp, model, done, time.perf_counter() - t0, result.resumed_from)
     acc = torch.load(done, weights_only=True)["acc"]
@@ -329,37 +339,13 @@ def _imp(
         rewind = ckpt["model"]
 
     def train_fn(model: nn.Module, mask: Mask, r: int) -> None:
-        rdir = ad / "imp" / f"round{r:02d}"
+        rdir, desc = ad / "imp" / f"round{r:02d}", f"IMP round {r}"
         if cfg.imp == "rewind":
-            train(
-                model,
-                exp.loader(seeds["a"]),
-                epochs=cfg.epochs,
-                start_epoch=k,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                optimizer=cfg.optimizer,
-                mask=mask,
-                checkpoint_dir=rdir,
-                device=cfg.device,
-                progress=cfg.progress,
-                desc=f"IMP round {r}",
-            )
+            exp.fit(model, exp.loader(seeds["a"]), rdir, desc, start_epoch=k, mask=mask)
         else:
-            train(
-                model,
-                exp.loader(seeds["imp"] + r),
-                epochs=cfg.finetune_epochs,
-                lr=cfg.finetune_lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                optimizer=cfg.optimizer,
-                mask=mask,
-                checkpoint_dir=rdir,
-                device=cfg.device,
-                progress=cfg.progress,
-                desc=f"IMP round {r}",
+            loader = exp.loader(seeds["imp"] + r)
+            exp.fit(
+                model, loader, rdir, desc, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, mask=mask
             )
 
     t0 = time.perf_counter()
