@@ -163,3 +163,15 @@ def test_sigkill_mid_training_resumes_to_identical_results(tmp_path):
 
 def _no_time(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k != "train_seconds"})
+
+
+@needs_mnist
+def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path):
+    settings = {**TINY, "train_subset": 500, "imp": "rewind", "shared_a": True,
+                "match": "weight", "match_epoch": 1, "interp_points": 3}  # fmt: skip
+    results = run(RunConfig(**settings, out=str(tmp_path / "v")))
+    assert results.row("imp", 0.5)["models"] == 1  # one shared A
+    assert results.row("lth", 0.5, 1)["models"] == 2
+    assert not (tmp_path / "v" / "seed1" / "dense_a").exists()
+    ckpt = load_checkpoint(tmp_path / "v" / "seed0" / "imp" / "round01" / "last.pt")
+    assert ckpt["meta"]["start_epoch"] == 1  # rewinding IMP retrains from k

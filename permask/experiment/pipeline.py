@@ -76,7 +76,10 @@ class Experiment:
     def build(self, init_seed: int) -> nn.Module:
         """A fresh model from ``init_seed`` (on the run's device and memory format)."""
         torch.manual_seed(init_seed)
-        return self._to_device(self._new_model())
+        model = self._new_model().to(self.cfg.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
 
     def _new_model(self) -> nn.Module:
         cfg = self.cfg
@@ -86,12 +89,6 @@ class Experiment:
         if cfg.model == "vgg11":
             kw["batch_norm"] = cfg.batch_norm
         return build_model(cfg.model, self.num_classes, self.in_channels, self.image_size, **kw)
-
-    def _to_device(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.cfg.device)
-        if self.cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
 
     def fit(
         self, model: nn.Module, loader: TensorLoader, directory: Path, desc: str, **overrides: Any
