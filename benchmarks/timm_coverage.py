@@ -157,8 +157,13 @@ def summarize(args: argparse.Namespace) -> None:
         "random init perturbed so zero-initialised layers matter, 10 classes, small inputs "
         "where the model accepts `img_size`).",
         "",
-        f"- architectures in `timm.list_models()` recorded: {len(recs)} "
-        f"({len(tested)} tested; skipped: {dict(skipped)})",
+        f"- architectures recorded: {len(recs)} of {len(timm.list_models())} in "
+        f"`timm.list_models()` ({len(tested)} tested; skipped: {dict(skipped)})"
+        + (
+            "; **the sweep is incomplete**: the same command continues it"
+            if len(recs) < len(timm.list_models())
+            else ""
+        ),
         f"- traced: {len(traced)}/{len(tested)} = {len(traced) / max(len(tested), 1):.1%}",
         f"- traced and equivalent (rel. error <= {TOL}): {len(ok)}/{len(tested)} = "
         f"{len(ok) / max(len(tested), 1):.1%}",
