@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_data import DATA
 
 from permask.cli import _parser, main
 from permask.experiment.config import ConfigError, RunConfig, config_from_flags, load_config
@@ -63,7 +64,7 @@ def test_demo_defaults_are_the_documented_demo():
 )
 def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, flags, words):
     out = tmp_path / "run"
-    data = ["--data-dir", str(ROOT.parent / "shared" / "data"), "--dataset", "mnist"]
+    data = ["--data-dir", str(DATA), "--dataset", "mnist"]
     assert main(["run", *data, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("permask: error: ") and words in err, err

@@ -1,33 +1,18 @@
 import gzip
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from shared_data import DATA as SHARED
+from shared_data import needs_cifar, needs_mnist, one_thread  # noqa: F401
 
 from permask.experiment import data as data_mod
 from permask.experiment.data import DataNotFoundError, load_dataset
 from permask.experiment.loader import TensorLoader, get_loaders
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
-needs_mnist = pytest.mark.skipif(
-    not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"
-)
-needs_cifar = pytest.mark.skipif(
-    not (SHARED / "cifar10" / "test").is_dir(), reason=f"CIFAR-10 JPEGs not found under {SHARED}"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,11 @@
 import pytest
 import torch
 import torch.fx
+from shared_data import one_thread  # noqa: F401
 
 from permask.experiment.models import build_model, mlp, resnet20, vgg11
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DATA as SHARED
+from shared_data import needs_mnist, one_thread  # noqa: F401
 
 from permask.experiment.loader import get_loaders
 from permask.experiment.models import mlp
@@ -18,20 +18,7 @@ from permask.experiment.train import (
     train,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-SHARED = Path(os.environ.get("PERMASK_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {SHARED}"
-)
+pytestmark = [needs_mnist, pytest.mark.usefixtures("one_thread")]
 KW = dict(epochs=4, lr=0.05, weight_decay=5e-4, progress=False)
 
 

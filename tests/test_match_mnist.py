@@ -1,13 +1,12 @@
 """Real data: two MNIST MLPs (784-512-512-512-10) from different seeds; alignment removes the
 loss barrier on the linear path. Numbers are recorded in docs/results.md."""
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_data import DATA
 
 import permask
 from permask.experiment.data import DataNotFoundError
@@ -16,7 +15,6 @@ from permask.experiment.models import mlp
 from permask.match import align
 from permask.metrics import interpolate
 
-DATA = os.environ.get("PERMASK_DATA", str(Path(__file__).resolve().parents[1] / "../shared/data"))
 EPOCHS, BATCH, LR = 3, 128, 1e-3
 
 

@@ -2,19 +2,13 @@ import math
 
 import pytest
 import torch
+from shared_data import one_thread  # noqa: F401
 from torch import nn
 
 from permask.experiment.models import mlp, resnet20
 from permask.metrics import _barrier, _reset_bn, ensemble_metrics, interpolate, plot_interpolation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(p, q):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DATA, needs_mnist
 
 from permask.experiment import RunConfig, run
 from permask.experiment.prune import imp_sparsities
@@ -19,10 +19,6 @@ from permask.experiment.train import load_checkpoint
 from permask.sparse import load_mask, sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PERMASK_DATA", ROOT.parent / "shared" / "data"))
-needs_mnist = pytest.mark.skipif(
-    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA}"
-)
 TINY = dict(
     model="mlp",
     dataset="mnist",

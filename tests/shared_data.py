@@ -1,0 +1,31 @@
+"""Where the tests find real data, and skip marks for when it is absent.
+
+``$PERMASK_DATA`` if set, else ``../shared/data`` beside the project root (as CI lays it out).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(
+    os.environ.get("PERMASK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+needs_mnist = pytest.mark.skipif(
+    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA}"
+)
+needs_cifar = pytest.mark.skipif(
+    not (DATA / "cifar10" / "test").is_dir(), reason=f"CIFAR-10 JPEGs not found under {DATA}"
+)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
