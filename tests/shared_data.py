@@ -29,3 +29,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sigkill_once_written(proc, path: Path, timeout: float, settle: float = 0.0) -> None:
+    """SIGKILL ``proc`` once it has written ``path`` (plus ``settle`` seconds); fail if it never
+    does within ``timeout`` or exits first."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert proc.poll() is None, f"process exited before writing {path}"
+            assert time.monotonic() < deadline, f"{path} never written"
+            time.sleep(0.01)
+        time.sleep(settle)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL

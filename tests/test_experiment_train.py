@@ -1,12 +1,10 @@
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from shared_data import DATA as SHARED
-from shared_data import needs_mnist, one_thread  # noqa: F401
+from shared_data import needs_mnist, one_thread, sigkill_once_written  # noqa: F401
 
 from permask.experiment.loader import get_loaders
 from permask.experiment.models import mlp
@@ -157,18 +155,8 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     killed = tmp_path / "killed"
     killed.mkdir()
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.01"])
-    try:
-        deadline = time.monotonic() + 90
-        while not checkpoint_path(killed).exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.05)
-        time.sleep(0.1)  # into the next epoch (20 batches x 10 ms per epoch)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    # 0.1 s after the first checkpoint: into the next epoch (20 batches x 10 ms per epoch)
+    sigkill_once_written(proc, checkpoint_path(killed), timeout=90, settle=0.1)
     epoch = load_checkpoint(checkpoint_path(killed))["epoch"]
     assert 1 <= epoch < 5
     assert not (killed / "final.pt").exists()

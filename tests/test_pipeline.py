@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from shared_data import DATA, needs_mnist
+from shared_data import DATA, needs_mnist, sigkill_once_written
 
 from permask.experiment import RunConfig, run
 from permask.experiment.prune import imp_sparsities
@@ -133,18 +131,7 @@ def test_sigkill_mid_training_resumes_to_identical_results(tmp_path):
             args += [flag, *map(str, value if isinstance(value, list) else [value])]
     last = killed / "seed0" / "dense_b" / "last.pt"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not last.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "dense B never checkpointed"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_once_written(proc, last, timeout=120)
     assert load_checkpoint(last)["epoch"] < settings["epochs"]
     assert not (killed / "seed0" / "dense_b" / "eval.pt").exists()
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
