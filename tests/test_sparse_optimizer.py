@@ -18,7 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import prune
 
-from permask.sparse import MaskedOptimizer, magnitude_mask, sparsity, to_torch_prune
+from permask.sparse import (
+    ZERO_PRESERVING,
+    MaskedOptimizer,
+    magnitude_mask,
+    sparsity,
+    to_torch_prune,
+)
 
 STEPS = 8
 
@@ -87,7 +93,18 @@ OPTIMIZERS = {
         torch.optim.RMSprop,
         dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-3),
     ),
-    "adagrad": (torch.optim.Adagrad, dict(lr=0.1)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
+    "adadelta-wd": (torch.optim.Adadelta, dict(lr=1.0, weight_decay=1e-2)),
+    "asgd": (torch.optim.ASGD, dict(lr=1e-2, t0=2)),
+    "rprop": (torch.optim.Rprop, dict(lr=1e-2)),
+    "adamax": (torch.optim.Adamax, dict(lr=1e-2)),
+    "nadam-decoupled": (
+        torch.optim.NAdam,
+        dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    "radam": (torch.optim.RAdam, dict(lr=1e-2, weight_decay=1e-2)),
+    "sgd-maximize": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, maximize=True)),
+    "adam-maximize": (torch.optim.Adam, dict(lr=1e-2, maximize=True)),
 }
 
 
@@ -110,6 +127,36 @@ def test_trajectory_equals_prune_reference_and_zeros_are_exact(name):
             assert torch.equal(got[key], want[key]), f"{name}: {key} diverged"
         assert_exact_zeros(ours, opt, mask)
     assert sparsity({n: p != 0 for n, p in effective(ours).items() if n in mask}).overall >= 0.7
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_post_step_pass_is_skipped_exactly_where_zeros_survive_without_it(name):
+    """The default skips the pass after the step only for ZERO_PRESERVING optimizers, and those
+    keep exact zeros without it; the others (Adamax, Rprop) leave non-zero pruned state."""
+    opt_cls, kwargs = OPTIMIZERS[name]
+    model = make_model()
+    mask = magnitude_mask(model, 0.7)
+    opt = MaskedOptimizer(opt_cls(model.parameters(), **kwargs), mask, model)
+    assert opt.post_step_mask == (opt_cls not in ZERO_PRESERVING)
+    opt.post_step_mask = False
+    for x, y in batches(3):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    if opt_cls in ZERO_PRESERVING:
+        assert_exact_zeros(model, opt, mask)
+    else:
+        with pytest.raises(AssertionError, match="state"):
+            assert_exact_zeros(model, opt, mask)
+
+
+def test_subclass_of_a_zero_preserving_optimizer_is_masked_after_the_step():
+    class ClippedSGD(torch.optim.SGD):
+        pass
+
+    model = make_model()
+    opt = MaskedOptimizer(ClippedSGD(model.parameters(), lr=0.1), magnitude_mask(model, 0.5), model)
+    assert opt.post_step_mask
 
 
 def test_lbfgs_closure_non_elementwise_optimizer():

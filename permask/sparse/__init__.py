@@ -14,13 +14,14 @@ from .convert import (
 from .imp import ImpResult, imp, imp_schedule
 from .io import load_mask, save_mask
 from .mask import Mask, Sparsity, apply_mask, magnitude_mask, prunable_parameters, sparsity
-from .optimizer import MaskedOptimizer
+from .optimizer import ZERO_PRESERVING, MaskedOptimizer
 
 __all__ = [
     "ImpResult",
     "Mask",
     "MaskParametrization",
     "MaskedOptimizer",
+    "ZERO_PRESERVING",
     "Sparsity",
     "apply_mask",
     "from_parametrize",

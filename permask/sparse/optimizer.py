@@ -1,12 +1,19 @@
 """``MaskedOptimizer``: keep pruned entries exactly zero under any ``torch.optim`` optimizer.
 
-Why this design (costs measured on a 2-core CPU, MLP 4x1024 at 90% sparsity, see
-docs/sparse.md): masking the weights and the same-shape optimizer state after the step costs
-about +2% (SGD) / +15% (AdamW) of a step, against +19% / +31% for ``torch.nn.utils.prune``'s
-forward pre-hooks, which also leave non-zero values under the mask. Grads are masked before
-the step so that optimizers which mix entries (norms, trust ratios, orthogonalization) never
-see pruned gradients. All multiplications are in place (``torch._foreach_mul_``): fused and
-foreach optimizers hold views of their state, so state tensors are never replaced.
+Why this design: grads are masked before the step so that optimizers which mix entries (norms,
+trust ratios, orthogonalization) never see pruned gradients; weights and same-shape state are
+masked after the step so that any optimizer, whatever its update, keeps exact zeros. All
+multiplications are in place (``torch._foreach_mul_``): fused and foreach optimizers hold views of
+their state, so state tensors are never replaced.
+
+The post-step pass is skipped for the optimizers in :data:`ZERO_PRESERVING` (exact types), whose
+update of an entry is exactly 0 when that entry's grad, weight and state are 0: each moment is a
+sum of products with the grad or itself, decay multiplies the weight, and the step is ``0 * x`` or
+``0 / (sqrt(0) + eps)``. With masked grads and a masked start (``set_mask``), their pruned entries
+stay exactly 0 by themselves, bit for bit as if masked, and the pass is memory traffic for nothing:
+on a 784-1024x4-10 MLP it was 2 of the 3 (SGD) or 3 of the 4 (AdamW) masking passes per step
+(docs/benchmarks.md). Adamax (``max(|g| + eps)``) and Rprop (step sizes start at lr) put non-zero
+values into pruned state and are not listed; tests check both sides of the list.
 """
 
 from __future__ import annotations
@@ -18,6 +25,19 @@ import torch
 from torch import nn
 
 from .mask import Mask, check_entry, unwrap
+
+#: Optimizer classes (exact types, not subclasses) that keep exact zeros given zero grads.
+ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+)
 
 
 def _named_parameters(
@@ -48,6 +68,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
     grads and state after every step, for any elementwise or non-elementwise optimizer whose state
     has the parameter's shape (factored states, e.g. Adafactor's, cannot be masked by shape).
 
+    ``post_step_mask`` chooses the pass after the step: ``None`` (default) skips it for the
+    optimizers in :data:`ZERO_PRESERVING`, which keep the zeros by themselves; ``True`` always runs
+    it, ``False`` never does. Weights written outside the optimizer (``load_state_dict`` on the
+    model, manual edits) are re-masked by :meth:`set_mask` (``opt.set_mask(opt.mask)``), or at
+    every step with ``post_step_mask=True``.
+
     Mask names are resolved to parameters through ``model`` (a module, possibly DDP-wrapped or
     compiled, or an iterable of ``(name, parameter)``); without ``model``, through the
     ``param_names`` that torch optimizers record when built from ``model.named_parameters()``.
@@ -66,6 +92,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         mask: Mapping[str, torch.Tensor],
         model: nn.Module | Iterable[tuple[str, torch.Tensor]] | None = None,
+        *,
+        post_step_mask: bool | None = None,
     ) -> None:
         # No super().__init__(): all optimizer state lives in the wrapped optimizer.
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -73,6 +101,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         if isinstance(optimizer, MaskedOptimizer):
             raise TypeError("The optimizer is already a MaskedOptimizer; use set_mask() instead.")
         self.optimizer = optimizer
+        if post_step_mask is None:
+            post_step_mask = type(optimizer) not in ZERO_PRESERVING
+        self.post_step_mask = post_step_mask
         self._named = _named_parameters(optimizer, model)
         self.set_mask(mask)
 
@@ -188,7 +219,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Mask grads, step the wrapped optimizer, mask weights and state."""
+        """Mask grads, step the wrapped optimizer, then (``post_step_mask``) weights and state."""
         if closure is None:
             self._mask_grads()
             loss = self.optimizer.step()
@@ -200,7 +231,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 return loss
 
             loss = self.optimizer.step(masked_closure)
-        self._mask_weights_and_state()
+        if self.post_step_mask:
+            self._mask_weights_and_state()
         return loss
 
     def clip_grad_norm_(
