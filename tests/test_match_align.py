@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import permask
@@ -93,6 +93,7 @@ def test_activation_self_alignment(name, seed):
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11", "vgg11_bn", "grouped"])
 @settings(max_examples=3, deadline=None)
 @given(seed=SEEDS)
+@example(seed=16)  # grouped: single-group updates stalled on blocks x within (joint move fixes)
 def test_weight_self_alignment(name, seed):
     _check_recovered(name, "weight", seed)
 

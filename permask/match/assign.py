@@ -27,20 +27,25 @@ def _match(score: torch.Tensor, solver: str) -> torch.Tensor:
 def assign(
     scores: dict[tuple[str, ...], torch.Tensor], sizes: dict[str, int], solver: str = "auto"
 ) -> dict[str, torch.Tensor]:
-    """One permutation per group from per-unit scores (keys: ``(g,)`` or ``(outer, inner)``)."""
-    perms: dict[str, torch.Tensor] = {}
+    """One permutation per group from per-unit scores (keys: ``(g,)`` or ``(outer, inner)``).
+
+    A plain score of an outer group (positions where it appears without its inner groups) adds
+    to the block-pair scores; one of an inner group adds to its final within-block problem.
+    """
+    plain: dict[str, torch.Tensor] = {}
     nested: dict[str, dict[str, torch.Tensor]] = {}
     for key, score in scores.items():
         score = score.detach().to("cpu", torch.float64)
         if len(key) == 1:
-            perms[key[0]] = _match(score, solver)
+            plain[key[0]] = score
         else:
             outer, inner = key
             no, ni = sizes[outer], sizes[inner]
             nested.setdefault(outer, {})[inner] = score.reshape(no, ni, no, ni)
+    perms: dict[str, torch.Tensor] = {}
     for outer, inners in nested.items():
         n = sizes[outer]
-        pair = torch.zeros(n, n, dtype=torch.float64)  # [block of A, block of B]
+        pair = torch.zeros(n, n, dtype=torch.float64) + plain.pop(outer, 0)  # [block A, B]
         for t in inners.values():
             for ia in range(n):
                 for ib in range(n):
@@ -51,5 +56,7 @@ def assign(
         perms[outer] = p_outer
         blocks_b = torch.arange(n)
         for inner, t in inners.items():
-            perms[inner] = _match(t[p_outer, :, blocks_b, :].sum(0), solver)
+            within = t[p_outer, :, blocks_b, :].sum(0)
+            perms[inner] = _match(within + plain.pop(inner, 0), solver)
+    perms.update({g: _match(score, solver) for g, score in plain.items()})
     return perms

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..graph import Observation, PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups
 
-__all__ = ["Unit", "Point", "Plan", "plan_points", "select_observations"]
+__all__ = ["Unit", "Point", "Plan", "axis_units", "plan_points", "select_observations"]
 
 # names are compared lower-cased without underscores: LeakyReLU, leaky_relu, relu_ all match
 NONLINEAR = {
@@ -108,7 +108,7 @@ def select_observations(observations: list[Observation], model: nn.Module) -> li
     return [o for o, k in kinds if k not in PASS_THROUGH]
 
 
-def _units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
+def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
     """Split an axis into units: positions carrying one group, or two groups jointly."""
     groups = layout_groups(layout)
     if not groups:
@@ -152,7 +152,7 @@ def plan_points(graph: PermutationGraph, model: nn.Module) -> Plan:
     outer_of: dict[str, str] = {}
     for key in sorted(chosen, key=lambda k: (order[k[0]], k[1])):
         obs, wanted = chosen[key]
-        units = [u for u in _units(obs.layout, sizes) if wanted & set(u.groups)]
+        units = [u for u in axis_units(obs.layout, sizes) if wanted & set(u.groups)]
         for u in units:
             if len(u.groups) == 2 and outer_of.setdefault(u.groups[1], u.groups[0]) != u.groups[0]:
                 raise NotImplementedError(

@@ -7,6 +7,13 @@ within-block order of a grouped conv) by the current estimates. A linear assignm
 best permutation of g; groups are visited in a seeded random order until a whole sweep improves
 none.
 
+Structures of blocks x within (a grouped conv's or GroupNorm's groups, attention heads x
+head_dim) get a joint move as well: when an outer group is visited, the blocks and every inner
+group are re-solved together from the full ``(block, within)`` scores
+(:func:`permask.match.assign.assign`), and kept if the objective of the tensors they touch
+improves. Alternating single-group updates alone stall there: a wrong block order is
+compensated by wrong within orders, and no single group can improve.
+
 Each member axis's ``n x n`` contribution is cached and recomputed only when a group it depends
 on has changed; a group whose contributions are all current is skipped (re-solving it would give
 the same answer). Same result as re-solving everything, at a fraction of the matrix products;
@@ -23,7 +30,9 @@ import torch
 
 from ..graph import PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups, layout_index
+from .assign import assign
 from .lap import solve_lap
+from .points import axis_units
 
 __all__ = ["WeightMatchResult", "weight_matching"]
 
@@ -40,13 +49,15 @@ class WeightMatchResult:
 
 @dataclass(frozen=True)
 class _Slot:
-    """One member axis of a group: B's rows gathered once, A's re-gathered per estimate."""
+    """Elements of ``groups`` on one tensor axis: B's rows gathered once, A's re-gathered per
+    estimate (every axis permuted by the current estimates except ``groups`` on ``axis``)."""
 
+    groups: tuple[str, ...]  # one group, or (outer, inner) whose elements are pairs
     tensor: str
     axis: int
     rows: torch.Tensor  # [n, k] positions of each element's k replicas on the axis
     b: torch.Tensor  # [n, k * rest]
-    depends: frozenset[str]  # groups whose estimate changes this contribution
+    depends: frozenset[str] = frozenset()  # groups whose estimate changes this contribution
 
 
 def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor:
@@ -93,7 +104,7 @@ def weight_matching(
             rows = _rows(m.layout, g.name, g.size, device)
             b = _gather(wb[m.tensor], m.axis, rows)
             slots.setdefault(g.name, []).append(
-                _Slot(m.tensor, m.axis, rows, b, frozenset(depends))
+                _Slot((g.name,), m.tensor, m.axis, rows, b, frozenset(depends))
             )
     affected: dict[str, list[tuple[str, int]]] = {}
     for g, ss in slots.items():
@@ -101,6 +112,8 @@ def weight_matching(
             for h in s.depends:
                 affected.setdefault(h, []).append((g, i))
     names = [g for g in slots if only is None or g in only]
+    sizes = {g.name: g.size for g in graph}
+    joint = _joint_slots(layouts, sizes, wb, device, set(names))
     perms = {g.name: torch.arange(g.size, device=device) for g in graph}
     perms.update({g: p.to(device) for g, p in (init or {}).items()})
     cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -115,7 +128,7 @@ def weight_matching(
             if not todo:
                 continue
             for i in todo:
-                new = _contribution(g, slots[g][i], wa, layouts, perms)
+                new = _contribution(slots[g][i], wa, layouts, perms)
                 old = cache.get((g, i))
                 delta = new if old is None else new - old
                 totals[g] = totals[g] + delta if g in totals else delta
@@ -128,24 +141,107 @@ def weight_matching(
             if new > old + 1e-7 * max(abs(old), 1e-30):
                 perms[g] = p
                 stale.update(k for k in affected.get(g, ()) if k[0] in names)
-    objective = 0.0
-    for n, lays in layouts.items():
-        t = wa[n]
-        for axis, lay in enumerate(lays):
-            t = t.index_select(axis, layout_index(lay, perms, device))
-        objective += float((t.double() * wb[n].double()).sum())
+            if g in joint:
+                for h in _joint_move(joint[g], wa, wb, layouts, perms, sizes, solver):
+                    stale.update(k for k in affected.get(h, ()) if k[0] in names)
+    objective = _objective(layouts, wa, wb, layouts, perms)
     return WeightMatchResult({g: p.cpu() for g, p in perms.items()}, objective, iterations)
 
 
+def _joint_slots(
+    layouts: dict[str, list[Layout]],
+    sizes: dict[str, int],
+    wb: dict[str, torch.Tensor],
+    device: torch.device,
+    names: set[str],
+) -> dict[str, list[_Slot]]:
+    """Per outer group of a blocks x within structure (all of whose groups are optimised), the
+    slots of every axis unit made of the outer group and/or its inner groups."""
+    units = []
+    for tensor, lays in layouts.items():
+        for axis, lay in enumerate(lays):
+            try:
+                units += [(u, tensor, axis) for u in axis_units(lay, sizes)]
+            except NotImplementedError:  # three groups share positions: no joint move there
+                continue
+    outers: dict[str, set[str]] = {}
+    for u, _, _ in units:
+        if len(u.groups) == 2:
+            outers.setdefault(u.groups[1], set()).add(u.groups[0])
+    inners: dict[str, set[str]] = {}
+    for inner, out in outers.items():
+        if len(out) == 1:  # an inner group of two structures gets no joint move
+            inners.setdefault(next(iter(out)), set()).add(inner)
+    joint: dict[str, list[_Slot]] = {}
+    for outer, ins in inners.items():
+        family = {outer} | ins
+        if outer in outers or not family <= names:
+            continue
+        for u, tensor, axis in units:
+            if set(u.groups) <= family and (len(u.groups) == 1 or u.groups[0] == outer):
+                rows = u.index.T.to(device)
+                b = _gather(wb[tensor], axis, rows)
+                joint.setdefault(outer, []).append(_Slot(u.groups, tensor, axis, rows, b))
+    return joint
+
+
+def _joint_move(
+    slots: list[_Slot],
+    wa: dict[str, torch.Tensor],
+    wb: dict[str, torch.Tensor],
+    layouts: dict[str, list[Layout]],
+    perms: dict[str, torch.Tensor],
+    sizes: dict[str, int],
+    solver: str,
+) -> list[str]:
+    """Re-solve a blocks x within structure jointly; keep it if the objective of the tensors it
+    touches improves. Updates ``perms`` in place and returns the groups that changed."""
+    scores: dict[tuple[str, ...], torch.Tensor] = {}
+    for s in slots:
+        c = _contribution(s, wa, layouts, perms)
+        scores[s.groups] = scores[s.groups] + c if s.groups in scores else c
+    proposal = {g: p.to(perms[g].device) for g, p in assign(scores, sizes, solver).items()}
+    changed = [g for g, p in proposal.items() if not torch.equal(p, perms[g])]
+    if not changed:
+        return []
+    touched = {n for n, lays in layouts.items() if set(changed) & _groups_of(lays)}
+    old = _objective(touched, wa, wb, layouts, perms)
+    new = _objective(touched, wa, wb, layouts, {**perms, **proposal})
+    if new <= old + 1e-7 * max(abs(old), 1e-30):
+        return []
+    perms.update(proposal)
+    return changed
+
+
+def _groups_of(layouts: list[Layout]) -> set[str]:
+    return {g for lay in layouts for g in layout_groups(lay)}
+
+
+def _objective(
+    names: Collection[str],
+    wa: dict[str, torch.Tensor],
+    wb: dict[str, torch.Tensor],
+    layouts: dict[str, list[Layout]],
+    perms: Mapping[str, torch.Tensor],
+) -> float:
+    """``sum <W_B, P W_A>`` over the named tensors, in float64."""
+    total = 0.0
+    for n in names:
+        t = wa[n]
+        for axis, lay in enumerate(layouts[n]):
+            t = t.index_select(axis, layout_index(lay, perms, t.device))
+        total += float((t.double() * wb[n].double()).sum())
+    return total
+
+
 def _contribution(
-    group: str,
     slot: _Slot,
     wa: dict[str, torch.Tensor],
     layouts: dict[str, list[Layout]],
     perms: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """``[n_a, n_b]`` scores from one member axis, every other axis at its current estimate."""
-    others = {k: v for k, v in perms.items() if k != group}
+    """``[n_a, n_b]`` scores from one slot, every other axis at its current estimate."""
+    others = {k: v for k, v in perms.items() if k not in slot.groups}
     t = wa[slot.tensor]
     for axis, lay in enumerate(layouts[slot.tensor]):
         idx = layout_index(lay, others if axis == slot.axis else perms, t.device)
