@@ -3,18 +3,27 @@
 Correlations between A's and B's channels of one group do not depend on how other groups are
 permuted, so one pass over the data serves every group at once (the paper's code re-runs the data
 once per layer). Both models run as ``torch.fx.GraphModule`` s over the traced graph; a copy of
-each observed activation (channels last) is taken right after its node, so later in-place ops
-cannot change it. Per unit we accumulate, in float64 on the models' device, the sample count and
-sums of a, b, a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b + eps)`` (REPAIR,
-eps = 1e-4 as in the paper; dead channels give 0, not NaN).
+each observed activation is taken right after its node, so later in-place ops cannot change it.
+Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b, a^2,
+b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b + eps)`` (REPAIR, eps = 1e-4 as in
+the paper; dead channels give 0, not NaN).
 
-Precision and speed: each batch's products are formed in the activations' dtype (a float32 GEMM
-is about twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are
-first shifted by a per-channel constant (the first batch's mean), so the sums are of centred-ish
-values and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically.
+Precision: each batch's products are formed in the activations' dtype (a float32 GEMM is about
+twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are first
+shifted by a per-channel constant (the first batch's mean), so the sums are of centred-ish values
+and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically.
+
+Speed: the copy keeps the activation's own layout, viewed as ``[before, channels, after]``
+(``N x C x HW`` for a conv): moving channels last is a transposing copy that cost twice the cross
+product itself on early conv layers. The cross sum is then one GEMM when nothing follows the
+channels (tokens, linear layers), a batched GEMM over ``before`` when many positions follow them
+(early conv layers), and a GEMM on a channels-last copy otherwise (late, wide conv layers), the
+faster of the two there (benchmarks in docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -25,15 +34,31 @@ from .points import Plan, Point, Unit
 __all__ = ["capture_module", "CorrelationStats"]
 
 
+_BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
+
+
 def _capture(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """A fresh floating-point ``[samples, channels]`` copy of ``x`` with axis ``axis`` last."""
+    """A fresh floating-point copy of ``x`` viewed as ``[before, channels, after]``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"observed node returned {type(x).__name__}, not a tensor")
-    xt = x.detach().movedim(axis, -1)
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.empty(xt.shape, dtype=dtype, device=x.device)
-    out.copy_(xt)
-    return out.reshape(-1, out.shape[-1])
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out.copy_(x.detach())
+    return out.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[C, C]`` sums of ``a[., i, .] * b[., j, .]`` for ``[before, C, after]`` inputs."""
+    before, c, after = a.shape
+    if after == 1:
+        return a.view(before, c).T @ b.view(before, c)
+    if after >= c:
+        chunk = max(1, _BMM_ELEMENTS // (c * c))
+        out = torch.bmm(a[:chunk], b[:chunk].transpose(1, 2)).sum(0)
+        for i in range(chunk, before, chunk):
+            out += torch.bmm(a[i : i + chunk], b[i : i + chunk].transpose(1, 2)).sum(0)
+        return out
+    return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
 
 
 def capture_module(model: nn.Module, fx_graph: fx.Graph, plan: Plan) -> fx.GraphModule:
@@ -73,24 +98,25 @@ class CorrelationStats:
         self.shift: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, acts_a: tuple[torch.Tensor, ...], acts_b: tuple[torch.Tensor, ...]) -> None:
-        """Add one batch: ``acts_*[i]`` is point ``i``'s ``[samples, channels]`` matrix."""
+        """Add one batch: ``acts_*[i]`` is point ``i``'s ``[before, channels, after]`` copy."""
         for i, (xa, xb) in enumerate(zip(acts_a, acts_b)):
             for j, idx in enumerate(self.index[i]):
-                # the captured copies are ours: shifting them in place is safe
-                a = xa if idx is None else xa[:, idx].reshape(-1, idx.shape[-1])
-                b = xb if idx is None else xb[:, idx].reshape(-1, idx.shape[-1])
+                # the captured copies are ours: shifting them in place is safe. A unit's
+                # replicas ([before, k, n, after] after indexing) count as samples.
+                a = xa if idx is None else xa[:, idx].reshape(-1, idx.shape[-1], xa.shape[-1])
+                b = xb if idx is None else xb[:, idx].reshape(-1, idx.shape[-1], xb.shape[-1])
                 if (i, j) not in self.shift:
-                    self.shift[(i, j)] = (a.mean(0), b.mean(0))
+                    self.shift[(i, j)] = (a.mean((0, 2))[:, None], b.mean((0, 2))[:, None])
                 ca, cb = self.shift[(i, j)]
                 a.sub_(ca)
                 b.sub_(cb)
                 sa, sb, saa, sbb, sab = self.sums[i][j]
-                sa += a.sum(0)
-                sb += b.sum(0)
-                saa += a.square().sum(0)
-                sbb += b.square().sum(0)
-                sab += a.T @ b
-                self.count[i][j] += a.shape[0]
+                sa += a.sum((0, 2))
+                sb += b.sum((0, 2))
+                saa += a.square().sum((0, 2))
+                sbb += b.square().sum((0, 2))
+                sab += _cross(a, b)
+                self.count[i][j] += a.shape[0] * a.shape[2]
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the first point whose activations were not finite."""
@@ -112,11 +138,14 @@ class CorrelationStats:
                 n = self.count[i][j]
                 sa, sb, saa, sbb, sab = self.sums[i][j]
                 ma, mb = sa / n, sb / n
-                cov = sab / n - torch.outer(ma, mb)
+                corr = torch.div(sab, n).addr_(ma, mb, alpha=-1)  # cov, in place from here
                 std_a = (saa / n - ma * ma).clamp_min(0).sqrt()
                 std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
-                corr = cov / (torch.outer(std_a, std_b) + eps)
-                out[u.groups] = out[u.groups] + corr if u.groups in out else corr
+                corr.div_(torch.outer(std_a, std_b).add_(eps))
+                if u.groups in out:
+                    out[u.groups] += corr
+                else:
+                    out[u.groups] = corr
         return out
 
 

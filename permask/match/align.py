@@ -30,13 +30,15 @@ class AlignInfo:
 
     ``points``: group -> fx nodes observed (activation); ``unmatched``: groups that no usable
     activation shows, matched by weights instead; ``stats_bytes``: float64 statistics memory
-    (activation); ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent
-    sweeps (weight).
+    (activation); ``pass_seconds``: the pass over the data (both forwards and the statistics;
+    the rest of ``seconds`` is correlations and assignment, independent of the data size);
+    ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight).
     """
 
     method: str
     seconds: float
     groups: int
+    pass_seconds: float = 0.0
     batches: int = 0
     samples: int = 0
     stats_bytes: int = 0
@@ -161,6 +163,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
     modes = {m: m.training for m in (*a.modules(), *b.modules())}
     gm_a, gm_b = capture_module(a, graph.fx_graph, plan), capture_module(b, graph.fx_graph, plan)
     n_batches = samples = 0
+    start = time.perf_counter()
     try:
         gm_a.eval()
         gm_b.eval()
@@ -175,6 +178,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
             m.train(training)
     if n_batches == 0:
         raise ValueError("the loader yielded no batches")
+    pass_seconds = time.perf_counter() - start
     stats.check_finite()
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
@@ -187,7 +191,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
             for g in u.groups:
                 points.setdefault(g, []).append(p.node)
     info = AlignInfo(
-        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
+        "activation", 0.0, len(graph), pass_seconds, n_batches, samples, plan.stats_bytes(),
         points=points, unmatched=plan.unmatched,
     )  # fmt: skip
     return Permutation(perms), info

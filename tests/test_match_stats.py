@@ -1,0 +1,70 @@
+"""Streaming correlation statistics against a float64 reference, on every cross-product path.
+
+The statistics see activations in their own layout ``[before, channels, after]``; the reference
+moves channels last in float64 and applies ``cov / (std_a std_b + eps)`` to all samples at once.
+Inputs are float32 with means 50x their standard deviation, so a naive ``E[ab] - E[a]E[b]`` in
+float32 would lose the covariance: the per-channel shift must keep it.
+"""
+
+import pytest
+import torch
+
+from permask.match.activation import CorrelationStats, _capture
+from permask.match.points import Plan, Point, Unit
+
+EPS = 1e-4
+
+
+def reference(xs_a, xs_b, axis, index):
+    """float64 correlations over all batches; a unit's replicas count as samples."""
+
+    def samples(xs):
+        x = torch.cat([t.double().movedim(axis, -1).reshape(-1, t.shape[axis]) for t in xs])
+        return torch.cat([x[:, row] for row in index])
+
+    a, b = samples(xs_a), samples(xs_b)
+    a, b = a - a.mean(0), b - b.mean(0)
+    cov = a.T @ b / len(a)
+    std_a, std_b = a.square().mean(0).sqrt(), b.square().mean(0).sqrt()
+    return cov / (torch.outer(std_a, std_b) + EPS)
+
+
+@pytest.mark.parametrize(
+    "shape, axis, index",
+    [
+        ((4, 16, 8, 8), 1, None),  # many positions after the channels: batched GEMM
+        ((4, 32, 2, 2), 1, None),  # few positions: GEMM on a channels-last copy
+        ((4, 7, 24), 2, None),  # channels last (tokens): one GEMM
+        ((4, 12, 3, 3), 1, torch.randperm(12, generator=torch.Generator().manual_seed(0))),
+    ],
+    ids=["bmm", "transposed", "last", "replicas"],
+)
+def test_correlations_match_float64_reference(shape, axis, index):
+    channels = shape[axis]
+    index = torch.arange(channels)[None] if index is None else index.reshape(2, channels // 2)
+    point = Point("x", axis, "x", channels, (Unit(("g",), index),))
+    stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    xs_a, xs_b = [], []
+    for _ in range(3):
+        a = 50 + torch.randn(shape, generator=g)
+        b = 50 + 0.5 * a.roll(1, axis) + torch.randn(shape, generator=g)  # correlated, shifted
+        xs_a.append(a.clone())
+        xs_b.append(b.clone())
+        stats.update((_capture(a, axis),), (_capture(b, axis),))
+        assert torch.equal(a, xs_a[-1]) and torch.equal(b, xs_b[-1])  # only copies are shifted
+    got = stats.scores(EPS)[("g",)]
+    want = reference(xs_a, xs_b, axis, index)
+    assert got.shape == want.shape == (index.shape[1], index.shape[1])
+    assert want.abs().max() > 0.3  # the test data does correlate
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_dead_channel_gives_zero_not_nan():
+    point = Point("x", 1, "x", 3, (Unit(("g",), torch.arange(3)[None]),))
+    stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
+    a = torch.randn(8, 3, 4)
+    a[:, 1] = 0.0
+    stats.update((_capture(a, 1),), (_capture(torch.randn(8, 3, 4), 1),))
+    got = stats.scores()[("g",)]
+    assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros(3, dtype=got.dtype))
