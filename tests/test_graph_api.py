@@ -64,6 +64,27 @@ def test_trace_falls_back_to_real_values_when_needed():
     assert_equivariant(model, x, graph, seed=0)
 
 
+def test_forward_arguments_not_given_are_traced_at_their_defaults():
+    """``if mask is not None`` must take the branch the call takes (timm's Hiera failed here)."""
+
+    class OptionalMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x, mask=None, scale: float = 2.0):
+            h = F.relu(self.a(x))
+            if mask is not None:
+                h = h * mask.view(-1, 1)
+            return self.b(h) * scale
+
+    model = double_eval(OptionalMask())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    assert [g.size for g in graph] == [6]
+    assert_equivariant(model, x, graph, seed=0)
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

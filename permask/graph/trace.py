@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -76,12 +77,27 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` with timm's leaf modules; raise :class:`TraceError` naming the culprit."""
+def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Defaults of ``forward``'s parameters after the first ``n_inputs`` (e.g. ``mask=None``).
+
+    Traced as constants, so that ``if mask is not None`` takes the branch the call will take;
+    a proxy for them would take the other one (timm's Hiera).
+    """
+    params = inspect.signature(model.forward).parameters.values()
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in named[n_inputs:] if p.default is not p.empty}
+
+
+def symbolic_trace(model: nn.Module, n_inputs: int | None = None) -> fx.GraphModule:
+    """Trace ``model`` with timm's leaf modules; raise :class:`TraceError` naming the culprit.
+
+    With ``n_inputs``, forward's later parameters are fixed at their defaults.
+    """
     leaves, autowrap = _timm_registries()
     tracer = _Tracer(leaves, autowrap)
+    concrete = None if n_inputs is None else _defaults_after(model, n_inputs) or None
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete)
     except Exception as e:
         where = tracer.failed_in or ""
         mod = model.get_submodule(where)
@@ -498,7 +514,7 @@ def _record(model: nn.Module, inputs: tuple) -> tuple[nn.Module, fx.GraphModule,
     """
     for meta in (True, False):
         work = (_meta_copy(model) if meta else copy.deepcopy(model)).eval()
-        gm = symbolic_trace(work)
+        gm = symbolic_trace(work, len(inputs))
         recorder = _ShapeRecorder(gm)
         args = tree_map(_to_meta, inputs) if meta else inputs
         try:
