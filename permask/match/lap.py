@@ -19,24 +19,25 @@ import torch
 __all__ = ["solve_lap", "available_solvers"]
 
 
-def _scipy(cost: np.ndarray) -> np.ndarray:
+def _scipy(cost: np.ndarray, maximize: bool) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(cost, maximize=False)
+    rows, cols = linear_sum_assignment(cost, maximize=maximize)
     out = np.full(cost.shape[0], -1, dtype=np.int64)
     out[rows] = cols
     return out
 
 
-def _lapx(cost: np.ndarray) -> np.ndarray:
+def _lapx(cost: np.ndarray, maximize: bool) -> np.ndarray:
     import lap
 
     square = cost.shape[0] == cost.shape[1]
-    _, x, _ = lap.lapjv(np.ascontiguousarray(cost), extend_cost=not square)
+    cost = -cost if maximize else np.ascontiguousarray(cost)
+    _, x, _ = lap.lapjv(cost, extend_cost=not square)
     return np.asarray(x, dtype=np.int64)
 
 
-_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"scipy": _scipy, "lapx": _lapx}
+_SOLVERS: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {"scipy": _scipy, "lapx": _lapx}
 
 
 @cache
@@ -70,13 +71,14 @@ def solve_lap(
         raise ValueError(f"unknown LAP solver {solver!r}; choose 'auto' or one of {list(_SOLVERS)}")
     if solver == "lapx" and not _has_lapx():
         raise ImportError("solver='lapx' needs the lapx package (pip install lapx)")
-    if isinstance(cost, torch.Tensor):
-        cost = cost.detach().to("cpu", torch.float64).numpy()
-    cost = np.asarray(cost, dtype=np.float64)
+    if isinstance(cost, torch.Tensor):  # one copy: contiguous float64 on the CPU
+        cost = cost.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
+        cost = cost.numpy()
+    cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
     if not np.isfinite(cost).all():
         raise ValueError("cost matrix has NaN or inf entries")
     if cost.size == 0:
         return torch.full((cost.shape[0],), -1, dtype=torch.long)
-    return torch.from_numpy(_SOLVERS[solver](-cost if maximize else cost))
+    return torch.from_numpy(_SOLVERS[solver](cost, maximize))

@@ -157,27 +157,36 @@ def _joint_slots(
 ) -> dict[str, list[_Slot]]:
     """Per outer group of a blocks x within structure (all of whose groups are optimised), the
     slots of every axis unit made of the outer group and/or its inner groups."""
-    units = []
-    for tensor, lays in layouts.items():
-        for axis, lay in enumerate(lays):
-            try:
-                units += [(u, tensor, axis) for u in axis_units(lay, sizes)]
-            except NotImplementedError:  # three groups share positions: no joint move there
-                continue
+
+    def units(shared: bool) -> list:
+        """Axis units; with ``shared``, only on axes where groups share positions."""
+        found = []
+        for tensor, lays in layouts.items():
+            for axis, lay in enumerate(lays):
+                if shared and len(layout_groups(lay)) < 2:
+                    continue
+                try:
+                    found += [(u, tensor, axis) for u in axis_units(lay, sizes)]
+                except NotImplementedError:  # three groups share positions: no joint move
+                    continue
+        return found
+
     outers: dict[str, set[str]] = {}
-    for u, _, _ in units:
+    for u, _, _ in units(shared=True):
         if len(u.groups) == 2:
             outers.setdefault(u.groups[1], set()).add(u.groups[0])
     inners: dict[str, set[str]] = {}
     for inner, out in outers.items():
         if len(out) == 1:  # an inner group of two structures gets no joint move
             inners.setdefault(next(iter(out)), set()).add(inner)
+    families = {
+        outer: {outer} | ins
+        for outer, ins in inners.items()
+        if outer not in outers and {outer} | ins <= names
+    }
     joint: dict[str, list[_Slot]] = {}
-    for outer, ins in inners.items():
-        family = {outer} | ins
-        if outer in outers or not family <= names:
-            continue
-        for u, tensor, axis in units:
+    for u, tensor, axis in units(shared=False) if families else ():
+        for outer, family in families.items():
             if set(u.groups) <= family and (len(u.groups) == 1 or u.groups[0] == outer):
                 rows = u.index.T.to(device)
                 b = _gather(wb[tensor], axis, rows)
