@@ -152,7 +152,8 @@ def summarize(args: argparse.Namespace) -> None:
     lines = [
         "# timm coverage sweep",
         "",
-        f"Produced by `python {' '.join(sys.argv)}` from `{args.out}` "
+        "Produced by `python benchmarks/timm_coverage.py --size 32 --shard k/2` (k = 0, 1, "
+        f"resumable) then `python {' '.join(sys.argv)}`, from `{args.out}` "
         f"(timm {timm.__version__}, torch {torch.__version__}, 2-core CPU, float64, eval mode, "
         "random init perturbed so zero-initialised layers matter, 10 classes, small inputs "
         "where the model accepts `img_size`).",
@@ -200,6 +201,18 @@ def summarize(args: argparse.Namespace) -> None:
         reasons.update(r.get("freeze_reasons", {}))
     lines += ["", "## Top freeze reasons (frozen tensor axes, all models)", ""]
     lines += [f"- {n} x {msg}" for msg, n in reasons.most_common(15)]
+    low = sorted((r for r in traced if r["moved"] < 0.9), key=lambda r: r["moved"])
+    if low:
+        lines += [
+            "",
+            f"## Least moved: {len(low)} architectures below 90% of parameters moved",
+            "",
+            "| model | moved | top freeze reason (frozen tensor axes) |",
+            "|---|---|---|",
+        ]
+        for r in low:
+            top = max(r["freeze_reasons"].items(), key=lambda kv: kv[1], default=("-", 0))
+            lines.append(f"| {r['model']} | {r['moved']:.3f} | {top[0]} ({top[1]}) |")
     failed = [r for r in tested if not r.get("traced")]
     if failed:
         lines += ["", "## Not traced", ""]
