@@ -9,7 +9,7 @@ float32 would lose the covariance: the per-channel shift must keep it.
 import pytest
 import torch
 
-from permask.match.activation import CorrelationStats, _capture
+from permask.match.activation import CorrelationStats
 from permask.match.points import Plan, Point, Unit
 
 EPS = 1e-4
@@ -51,7 +51,7 @@ def test_correlations_match_float64_reference(shape, axis, index):
         b = 50 + 0.5 * a.roll(1, axis) + torch.randn(shape, generator=g)  # correlated, shifted
         xs_a.append(a.clone())
         xs_b.append(b.clone())
-        stats.update((_capture(a, axis),), (_capture(b, axis),))
+        stats.observe(0, a, b)
         assert torch.equal(a, xs_a[-1]) and torch.equal(b, xs_b[-1])  # only copies are shifted
     got = stats.scores(EPS)[("g",)]
     want = reference(xs_a, xs_b, axis, index)
@@ -65,6 +65,6 @@ def test_dead_channel_gives_zero_not_nan():
     stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
     a = torch.randn(8, 3, 4)
     a[:, 1] = 0.0
-    stats.update((_capture(a, 1),), (_capture(torch.randn(8, 3, 4), 1),))
+    stats.observe(0, a, torch.randn(8, 3, 4))
     got = stats.scores()[("g",)]
     assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros(3, dtype=got.dtype))

@@ -2,28 +2,33 @@
 
 Correlations between A's and B's channels of one group do not depend on how other groups are
 permuted, so one pass over the data serves every group at once (the paper's code re-runs the data
-once per layer). Both models run as ``torch.fx.GraphModule`` s over the traced graph; a copy of
-each observed activation is taken right after its node, so later in-place ops cannot change it.
-Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b, a^2,
-b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b + eps)`` (REPAIR, eps = 1e-4 as in
-the paper; dead channels give 0, not NaN).
+once per layer). A and B run *in lockstep* through one ``torch.fx.GraphModule`` built from the
+traced graph: every node of A, then the same node of B, and right after an observed node the
+statistics of both outputs are taken, before any later (possibly in-place) op can change them.
+No activation is kept: extra memory is one observed activation pair at a time, not every
+observation point of a batch (tens of GB for an ImageNet ResNet50 batch of 256).
+
+Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b,
+a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b + eps)`` (REPAIR, eps = 1e-4
+as in the paper; dead channels give 0, not NaN).
 
 Precision: each batch's products are formed in the activations' dtype (a float32 GEMM is about
 twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are first
 shifted by a per-channel constant (the first batch's mean), so the sums are of centred-ish values
 and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically.
 
-Speed: the copy keeps the activation's own layout, viewed as ``[before, channels, after]``
-(``N x C x HW`` for a conv): moving channels last is a transposing copy that cost twice the cross
-product itself on early conv layers. The cross sum is then one GEMM when nothing follows the
-channels (tokens, linear layers), a batched GEMM over ``before`` when many positions follow them
-(early conv layers), and a GEMM on a channels-last copy otherwise (late, wide conv layers), the
-faster of the two there (benchmarks in docs/benchmarks.md).
+Speed: the shifted copy keeps the activation's own layout, viewed as ``[before, channels,
+after]`` (``N x C x HW`` for a conv): moving channels last is a transposing copy that cost twice
+the cross product itself on early conv layers. The cross sum is then one GEMM when nothing
+follows the channels (tokens, linear layers), a batched GEMM over ``before`` when many positions
+follow them (early conv layers), and a GEMM on a channels-last copy otherwise (late, wide conv
+layers), the faster of the two there (benchmarks in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -31,20 +36,27 @@ import torch.nn as nn
 
 from .points import Plan, Point, Unit
 
-__all__ = ["capture_module", "CorrelationStats"]
+__all__ = ["paired_module", "CorrelationStats"]
 
 
 _BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
 
 
-def _capture(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """A fresh floating-point copy of ``x`` viewed as ``[before, channels, after]``."""
+def _unit_values(
+    x: torch.Tensor, axis: int, idx: torch.Tensor | None, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """A fresh floating-point ``[before, n, after]`` copy of a unit's channels of ``x`` (axis
+    ``axis``) minus ``shift`` (per unit element); a unit's replicas count as samples."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"observed node returned {type(x).__name__}, not a tensor")
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out.copy_(x.detach())
-    return out.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    x = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+    if idx is not None:  # gathering copies: [before, k, n, after] -> [before * k, n, after]
+        x = x[:, idx].reshape(-1, idx.shape[-1], x.shape[-1])
+        return x if shift is None else x.sub_(shift)
+    return x.clone() if shift is None else x - shift
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,23 +73,56 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
 
 
-def capture_module(model: nn.Module, fx_graph: fx.Graph, plan: Plan) -> fx.GraphModule:
-    """``model`` run through the traced graph, returning the observed activations of ``plan``.
+class _Observer(nn.Module):
+    """Calls ``stats.observe`` from inside the paired graph (a module, so fx can call it)."""
 
-    The module shares ``model``'s submodules and parameters (nothing is copied).
+    def __init__(self, stats: CorrelationStats):
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, point: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.stats.observe(point, a, b)
+
+
+def _own_copy(x: Any) -> Any:
+    """B's copy of an input, so that an in-place op of A on its input cannot reach B."""
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def paired_module(
+    model_a: nn.Module, model_b: nn.Module, fx_graph: fx.Graph, stats: CorrelationStats
+) -> fx.GraphModule:
+    """One module running ``model_a`` and ``model_b`` node by node through the traced graph,
+    feeding ``stats`` right after every observed node. Returns nothing.
+
+    It shares both models' submodules and parameters (nothing is copied).
     """
+    root = nn.Module()
+    root.add_module("a", model_a)
+    root.add_module("b", model_b)
+    root.add_module("observe", _Observer(stats))
+    at: dict[str, list[int]] = {}
+    for i, p in enumerate(stats.plan.points):
+        at.setdefault(p.node, []).append(i)
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    captured: dict[tuple[str, int], fx.Node] = {}
-    axes = {(p.node, p.axis) for p in plan.points}
+    env_a: dict[fx.Node, fx.Node] = {}
+    env_b: dict[fx.Node, fx.Node] = {}
     for node in fx_graph.nodes:
         if node.op == "output":
             continue
-        env[node] = graph.node_copy(node, env.__getitem__)
-        for name, axis in sorted(k for k in axes if k[0] == node.name):
-            captured[(name, axis)] = graph.call_function(_capture, (env[node], axis))
-    graph.output(tuple(captured[(p.node, p.axis)] for p in plan.points))
-    return fx.GraphModule(model, graph)
+        if node.op == "placeholder":
+            env_a[node] = graph.node_copy(node)
+            env_b[node] = graph.call_function(_own_copy, (env_a[node],))
+            continue
+        for env, prefix in ((env_a, "a."), (env_b, "b.")):
+            target = prefix + node.target if node.op in ("call_module", "get_attr") else node.target
+            args = fx.map_arg(node.args, env.__getitem__)
+            kwargs = fx.map_arg(node.kwargs, env.__getitem__)
+            env[node] = graph.create_node(node.op, target, args, kwargs)
+        for i in at.get(node.name, ()):
+            graph.call_module("observe", (i, env_a[node], env_b[node]))
+    graph.output(None)
+    return fx.GraphModule(root, graph)
 
 
 class CorrelationStats:
@@ -97,26 +142,24 @@ class CorrelationStats:
         self.index = [[_gather_index(u, p, device) for u in p.units] for p in plan.points]
         self.shift: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, acts_a: tuple[torch.Tensor, ...], acts_b: tuple[torch.Tensor, ...]) -> None:
-        """Add one batch: ``acts_*[i]`` is point ``i``'s ``[before, channels, after]`` copy."""
-        for i, (xa, xb) in enumerate(zip(acts_a, acts_b)):
-            for j, idx in enumerate(self.index[i]):
-                # the captured copies are ours: shifting them in place is safe. A unit's
-                # replicas ([before, k, n, after] after indexing) count as samples.
-                a = xa if idx is None else xa[:, idx].reshape(-1, idx.shape[-1], xa.shape[-1])
-                b = xb if idx is None else xb[:, idx].reshape(-1, idx.shape[-1], xb.shape[-1])
-                if (i, j) not in self.shift:
-                    self.shift[(i, j)] = (a.mean((0, 2))[:, None], b.mean((0, 2))[:, None])
-                ca, cb = self.shift[(i, j)]
-                a.sub_(ca)
-                b.sub_(cb)
-                sa, sb, saa, sbb, sab = self.sums[i][j]
-                sa += a.sum((0, 2))
-                sb += b.sum((0, 2))
-                saa += a.square().sum((0, 2))
-                sbb += b.square().sum((0, 2))
-                sab += _cross(a, b)
-                self.count[i][j] += a.shape[0] * a.shape[2]
+    def observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add one batch of point ``point``: the observed outputs of A and B (left untouched)."""
+        axis = self.plan.points[point].axis
+        for j, idx in enumerate(self.index[point]):
+            shift = self.shift.get((point, j))
+            a = _unit_values(xa, axis, idx, None if shift is None else shift[0])
+            b = _unit_values(xb, axis, idx, None if shift is None else shift[1])
+            if shift is None:  # first batch: its mean is the shift from now on
+                shift = self.shift[(point, j)] = (a.mean((0, 2))[:, None], b.mean((0, 2))[:, None])
+                a.sub_(shift[0])
+                b.sub_(shift[1])
+            sa, sb, saa, sbb, sab = self.sums[point][j]
+            sa += a.sum((0, 2))
+            sb += b.sum((0, 2))
+            saa += a.square().sum((0, 2))
+            sbb += b.square().sum((0, 2))
+            sab += _cross(a, b)
+            self.count[point][j] += a.shape[0] * a.shape[2]
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the first point whose activations were not finite."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..graph import Permutation, PermutationGraph, trace
-from .activation import CorrelationStats, capture_module
+from .activation import CorrelationStats, paired_module
 from .assign import assign
 from .points import plan_points
 from .weight import weight_matching
@@ -161,16 +161,15 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
     stats = CorrelationStats(plan, device)
     a, b = _on(model_a, device), _on(model_b, device)
     modes = {m: m.training for m in (*a.modules(), *b.modules())}
-    gm_a, gm_b = capture_module(a, graph.fx_graph, plan), capture_module(b, graph.fx_graph, plan)
+    paired = paired_module(a, b, graph.fx_graph, stats)
     n_batches = samples = 0
     start = time.perf_counter()
     try:
-        gm_a.eval()
-        gm_b.eval()
+        paired.eval()
         with torch.no_grad():
             for batch in itertools.chain([first] if first is not None else [], batches):
                 x = tuple(t.to(device, non_blocking=True) for t in _inputs(batch))
-                stats.update(gm_a(*x), gm_b(*x))
+                paired(*x)
                 n_batches += 1
                 samples += len(x[0])
     finally:
