@@ -159,6 +159,32 @@ class ReshapeHeads(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, 8))
 
 
+class FusedQKV(nn.Module):
+    """timm-style fused qkv: reshape (B, N, 3, H, D), permute, then unbind / [i] / an extra use.
+
+    ``take``: "unbind" or "index" take the items apart; "extra" also uses the stacked tensor as a
+    whole (so the items must stay tied); "rope" rotates q and k along head_dim (fixes their order).
+    """
+
+    def __init__(self, take: str):
+        super().__init__()
+        self.take = take
+        self.qkv, self.proj = nn.Linear(6, 3 * 2 * 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.take != "index" else (qkv[0], qkv[1], qkv[2])
+        if self.take == "rope":  # rotate pairs of head_dim by angles that differ per dim
+            ang = torch.arange(4, dtype=x.dtype, device=x.device) * 0.3
+            q, k = (
+                t * ang.cos() + torch.cat([-t[..., 2:], t[..., :2]], -1) * ang.sin() for t in (q, k)
+            )
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8)
+        out = self.proj(y)
+        return out + qkv.mean((0, 2, 3, 4))[:, None, None] if self.take == "extra" else out
+
+
 class TorchMHA(nn.Module):
     """nn.MultiheadAttention (batch first) between two Linears, its weights used too."""
 
@@ -266,6 +292,10 @@ CASES = {
     "reshape_heads": (ReshapeHeads, (2, 5, 6)),
     "pool_resize": (PoolResize, IMG),
     "torch_mha": (TorchMHA, (2, 4, 5)),
+    "fused_qkv_unbind": (lambda: FusedQKV("unbind"), (2, 5, 6)),
+    "fused_qkv_index": (lambda: FusedQKV("index"), (2, 5, 6)),
+    "fused_qkv_extra_use": (lambda: FusedQKV("extra"), (2, 5, 6)),
+    "fused_qkv_rope": (lambda: FusedQKV("rope"), (2, 5, 6)),
     "shared_inplace": (SharedAndInplace, (3, 5)),
     "embed_einsum": (EmbedEinsum, None),
     "channel_conv": (ChannelConv, IMG),
@@ -379,6 +409,28 @@ def test_torch_mha_heads_and_separate_value_dim():
     q, k, v = w.parts
     assert q == k and q != v  # q and k share within-head order, v has its own
     assert q.factors[0] == v.factors[0] and q.factors[0].size == 3  # heads shared
+
+
+@pytest.mark.parametrize("name", ["fused_qkv_unbind", "fused_qkv_index"])
+def test_fused_qkv_items_get_their_own_head_dims(name):
+    _, _, g = build(name)
+    q, k, v = g.tensors["qkv.weight"][0].parts  # three segments of the fused Linear's output
+    assert q.factors == k.factors and q.factors[0] == v.factors[0]  # heads shared; q, k tied
+    assert isinstance(v.factors[1], GroupAxis) and v.factors[1] != q.factors[1]
+    assert g.tensors["proj.weight"][1] == v  # the projection reads heads x v's head_dim
+
+
+def test_fused_qkv_used_whole_stays_one_product():
+    _, _, g = build("fused_qkv_extra_use")  # the stacked tensor is also used as a whole
+    w = g.tensors["qkv.weight"][0]
+    assert isinstance(w, Product) and isinstance(w.factors[0], Fixed)  # 3 x heads x head_dim
+
+
+def test_fused_qkv_rope_fixes_q_and_k_head_dims_only():
+    _, _, g = build("fused_qkv_rope")
+    q, k, v = g.tensors["qkv.weight"][0].parts
+    assert isinstance(q.factors[1], Fixed) and isinstance(k.factors[1], Fixed)
+    assert isinstance(v.factors[1], GroupAxis) and isinstance(v.factors[0], GroupAxis)
 
 
 def test_embedding_rows_fixed():

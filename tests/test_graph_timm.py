@@ -106,10 +106,14 @@ def test_vit_heads_are_structured_groups():
     model, x = _build("vit_tiny_patch16_224")
     graph = permask.trace(model, x)
     assert graph.permutable_fraction() >= 0.95
-    qkv = graph.tensors["blocks.0.attn.qkv.weight"][0]
-    heads, dim = qkv.factors[1], qkv.factors[2]
-    assert (heads.size, dim.size) == (3, 64)
+    q, k, v = graph.tensors["blocks.0.attn.qkv.weight"][0].parts  # fused qkv: three segments
+    heads, dim_qk = q.factors
+    assert k.factors == (heads, dim_qk) and v.factors[0] == heads  # heads shared by q, k, v
+    dim_v = v.factors[1]
+    assert (heads.size, dim_qk.size, dim_v.size) == (3, 64, 64) and dim_v != dim_qk
     proj_in = graph.tensors["blocks.0.attn.proj.weight"][1]
-    assert proj_in.factors == (heads, dim)  # the projection reads heads x head_dim
+    assert proj_in.factors == (heads, dim_v)  # the projection reads heads x v's head_dim
     text = str(graph)
-    assert "(fixed(3) x * x g64)" in text and "(fixed(3) x g3 x *)" in text
+    assert "[(* x g64) | (* x g64) | (* x g64)]" in text  # the heads group
+    assert "[(g3 x *) | (g3 x *) | (g3 x g64)]" in text  # q/k's within-head group
+    assert "[(g3 x g64) | (g3 x g64) | (g3 x *)]" in text  # v's within-head group

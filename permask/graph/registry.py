@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .unify import BLayout
 
-__all__ = ["TVal", "Decline", "register_rule", "find_rule", "Rule"]
+__all__ = ["TVal", "Decline", "register_rule", "find_rule", "handles_items", "Rule"]
 
 Rule = Callable[..., Any]
 
@@ -51,15 +51,30 @@ _HARMLESS_METHODS = {
 
 @dataclass
 class TVal:
-    """A traced tensor: its shape and one layout per axis."""
+    """A traced tensor: its shape and one layout per axis.
+
+    A *stacked* tensor (``items`` set; e.g. timm's fused ``qkv`` after
+    ``reshape(B, N, 3, H, D)``) holds ``k`` items along axis ``stack`` whose other axes need not
+    share layouts: ``items[i]`` is the full layout list of item ``i`` (q, k and v get their own
+    within-head group). Only rules marked with :func:`handles_items` may receive one; any other
+    op freezes every item.
+    """
 
     shape: tuple[int, ...]
     axes: list[BLayout]
     dtype: torch.dtype | None = None
+    items: list[list[BLayout]] | None = None
+    stack: int | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+def handles_items(rule: Rule) -> Rule:
+    """Mark ``rule`` as one that understands stacked tensors (``TVal.items``)."""
+    rule.handles_items = True  # type: ignore[attr-defined]
+    return rule
 
 
 class Decline(Exception):

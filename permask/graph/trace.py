@@ -287,7 +287,7 @@ class _Builder:
         leaves, _ = tree_flatten(value, is_leaf=lambda x: isinstance(x, TVal))
         for v in leaves:
             if isinstance(v, TVal):
-                for ax in v.axes:
+                for ax in [*v.axes, *(a for item in v.items or () for a in item)]:
                     self.solver.freeze(ax, reason)
 
     # -- the walk -----------------------------------------------------------------------------
@@ -321,6 +321,8 @@ class _Builder:
         ctx = RuleContext(self, frame, node, module)
         rule = find_rule(node.op, node.target, module)
         try:
+            if _has_items((args, kwargs)) and not getattr(rule, "handles_items", False):
+                raise Decline("stacked items reach an op that does not keep them apart")
             if rule is not None:
                 return self.wrap(rule(ctx, *args, **kwargs), meta)
             if module is not None and not kwargs and frame.depth < MAX_INLINE_DEPTH:
@@ -379,6 +381,8 @@ class _Builder:
             for ax, s in zip(axes, meta.shape):
                 if ax.size != s:
                     raise LayoutMismatch(f"rule returned an axis of size {ax.size} for size {s}")
+            if isinstance(result, TVal) and result.items is not None:
+                return TVal(meta.shape, list(axes), meta.dtype, result.items, result.stack)
             return TVal(meta.shape, list(axes), meta.dtype)
         if isinstance(meta, (tuple, list)) and _has_meta(meta):
             if not isinstance(result, (tuple, list)) or len(result) != len(meta):
@@ -484,6 +488,11 @@ class _Builder:
 def _has_tval(x: Any) -> bool:
     leaves, _ = tree_flatten(x, is_leaf=lambda v: isinstance(v, TVal))
     return any(isinstance(v, TVal) for v in leaves)
+
+
+def _has_items(x: Any) -> bool:
+    leaves, _ = tree_flatten(x, is_leaf=lambda v: isinstance(v, TVal))
+    return any(isinstance(v, TVal) and v.items is not None for v in leaves)
 
 
 def _has_meta(x: Any) -> bool:

@@ -7,25 +7,28 @@ declines whatever it cannot map.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.nn as nn
 
-from ..registry import Decline, TVal, register_rule
+from ..registry import Decline, TVal, handles_items, register_rule
 from ._util import arg, norm_dim, unit
 
 
-def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
-    """Layouts after a row-major reshape of ``x`` to ``out_shape``."""
-    in_shape = x.shape
-    if 0 in in_shape or 0 in out_shape:
-        raise Decline("reshape of an empty tensor")
-    out: list = []
+def _reshape_groups(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """A row-major reshape as groups ``(input dims, output dims)`` of equal element count.
+
+    Size-1 input dims belong to no group; a size-1 output dim is a group with no input dims.
+    """
+    groups = []
     i = j = 0
     while i < len(in_shape) or j < len(out_shape):
         if j < len(out_shape) and out_shape[j] == 1:
-            out.append(unit(ctx))
+            groups.append(((), (j,)))
             j += 1
             continue
         if i < len(in_shape) and in_shape[i] == 1:
@@ -39,12 +42,110 @@ def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
             else:
                 pj *= out_shape[j1]
                 j1 += 1
-        src = [x.axes[k] for k in range(i, i1) if in_shape[k] != 1]
-        combined = src[0] if len(src) == 1 else ctx.product(src)
-        sizes = list(out_shape[j:j1])
-        out.extend(ctx.factor(combined, sizes) if len(sizes) > 1 else [combined])
+        groups.append((tuple(range(i, i1)), tuple(range(j, j1))))
         i, j = i1, j1
+    return groups
+
+
+def _group_axes(ctx, x: TVal, src: tuple[int, ...], sizes: list[int]) -> list:
+    """Layouts of one reshape group's output dims (``sizes``) from input dims ``src``."""
+    if not src:
+        return [unit(ctx)]
+    axes = [x.axes[k] for k in src if x.shape[k] != 1]
+    combined = axes[0] if len(axes) == 1 else ctx.product(axes)
+    return ctx.factor(combined, sizes) if len(sizes) > 1 else [combined]
+
+
+def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
+    """Layouts after a row-major reshape of ``x`` to ``out_shape``."""
+    if 0 in x.shape or 0 in out_shape:
+        raise Decline("reshape of an empty tensor")
+    out: list = []
+    for src, dst in _reshape_groups(x.shape, out_shape):
+        out.extend(_group_axes(ctx, x, src, [out_shape[d] for d in dst]))
     return out
+
+
+STACK_MAX = 4  # a reshape's leading factor of at most this size may be a stack of items
+
+
+def _stacked_reshape(ctx, x: TVal, out_shape: tuple[int, ...]) -> TVal | None:
+    """timm's fused projections: ``(B, N, 3*H*D) -> (B, N, 3, H, D)``, taken apart by
+    ``permute``/``unbind``/``[i]``. The reshape ties q, k and v's head-dim orders if read as one
+    product ``3 x H x D``; read as three items ``H x D`` (segments of the Linear's output), each
+    gets its own. Only when every use of the result takes the items apart; else ``None``.
+    """
+    if 0 in x.shape or 0 in out_shape:
+        return None
+    groups = _reshape_groups(x.shape, out_shape)
+    candidates = [
+        (src, dst)
+        for src, dst in groups
+        if sum(x.shape[k] != 1 for k in src) == 1
+        and len(dst) >= 2
+        and 2 <= out_shape[dst[0]] <= STACK_MAX
+        and math.prod(out_shape[d] for d in dst[1:]) > 1
+    ]
+    if len(candidates) != 1 or not _only_taken_apart(ctx.node, candidates[0][1][0], len(out_shape)):
+        return None
+    src, dst = candidates[0]
+    k, rest = out_shape[dst[0]], [out_shape[d] for d in dst[1:]]
+    (axis,) = [x.axes[s] for s in src if x.shape[s] != 1]
+    segments = ctx.split(axis, [axis.size // k] * k)
+    stack_axis = ctx.fixed(k, "stacked items")
+    shared = {d: _group_axes(ctx, x, s, [out_shape[i] for i in d]) for s, d in groups if d != dst}
+    items = []
+    for seg in segments:
+        layouts: list = []
+        for _, d in groups:
+            if d == dst:
+                layouts += [stack_axis, *(ctx.factor(seg, rest) if len(rest) > 1 else [seg])]
+            else:
+                layouts += shared[d]
+        items.append(layouts)
+    return TVal(tuple(out_shape), list(items[0]), x.dtype, items, dst[0])
+
+
+def _only_taken_apart(node, axis: int, ndim: int) -> bool:
+    """Whether every use of ``node`` (through permutes and transposes) splits off its items
+    along ``axis`` with ``unbind`` or an integer index."""
+    if not node.users:
+        return False
+    for user in node.users:
+        target, args = user.target, user.args
+        if target in ("permute", torch.permute):
+            dims = _dims(args[1:]) if "dims" not in user.kwargs else list(user.kwargs["dims"])
+            if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+                return False
+            if not _only_taken_apart(user, [d % ndim for d in dims].index(axis), ndim):
+                return False
+        elif target in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes):
+            if not all(isinstance(d, int) for d in args[1:3]) or user.kwargs:
+                return False
+            a, b = args[1] % ndim, args[2] % ndim
+            if not _only_taken_apart(user, {a: b, b: a}.get(axis, axis), ndim):
+                return False
+        elif target in ("unbind", torch.unbind):
+            dim = args[1] if len(args) > 1 else user.kwargs.get("dim", 0)
+            if not isinstance(dim, int) or dim % ndim != axis:
+                return False
+        elif target is operator.getitem:
+            if _item_index(args[1], axis) is None:
+                return False
+        else:
+            return False
+    return True
+
+
+def _item_index(index, axis: int) -> int | None:
+    """``i`` if ``index`` is ``[:, ..., :, i]`` with ``i`` at ``axis`` (full slices elsewhere)."""
+    idx = list(index) if isinstance(index, tuple) else [index]
+    if len(idx) <= axis or not isinstance(idx[axis], int) or isinstance(idx[axis], bool):
+        return None
+    full = slice(None)
+    if any(not isinstance(i, slice) or i != full for i in idx[:axis] + idx[axis + 1 :]):
+        return None
+    return idx[axis]
 
 
 _RESHAPES = [
@@ -58,25 +159,36 @@ _RESHAPES = [
 def reshape(ctx, x: TVal, *args, **kwargs):
     if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
         raise Decline("view as another dtype reinterprets memory")
-    return reshape_axes(ctx, x, ctx.out.shape)
+    return _stacked_reshape(ctx, x, ctx.out.shape) or reshape_axes(ctx, x, ctx.out.shape)
 
 
 def _dims(args: tuple) -> list[int]:
     return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
 
 
+def _reorder(x: TVal, order: list[int]) -> list | TVal:
+    """``x``'s axes in ``order`` (a stacked tensor keeps its items, reordered alike)."""
+    axes = [x.axes[d] for d in order]
+    if x.items is None:
+        return axes
+    items = [[item[d] for d in order] for item in x.items]
+    return TVal(x.shape, axes, x.dtype, items, order.index(x.stack))
+
+
 @register_rule("permute", torch.permute)
+@handles_items
 def permute(ctx, x: TVal, *args, dims=None):
     order = _dims(args) if dims is None else list(dims)
-    return [x.axes[norm_dim(d, x.ndim)] for d in order]
+    return _reorder(x, [norm_dim(d, x.ndim) for d in order])
 
 
 @register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes)
+@handles_items
 def transpose(ctx, x: TVal, dim0: int, dim1: int):
-    axes = list(x.axes)
+    order = list(range(x.ndim))
     a, b = norm_dim(dim0, x.ndim), norm_dim(dim1, x.ndim)
-    axes[a], axes[b] = axes[b], axes[a]
-    return axes
+    order[a], order[b] = order[b], order[a]
+    return _reorder(x, order)
 
 
 @register_rule("t", torch.t)
@@ -192,11 +304,18 @@ def index_axes(ctx, x: TVal, index) -> list:
 
 
 @register_rule(operator.getitem)
+@handles_items
 def getitem(ctx, obj, index):
     if isinstance(obj, (tuple, list)):
         return obj[index]
     if not isinstance(obj, TVal):
         raise Decline("indexing a non-tensor")
+    if obj.items is not None:
+        i = _item_index(index, obj.stack)
+        if i is None:
+            raise Decline("indexing stacked items other than one item at a time")
+        item = obj.items[i % len(obj.items)]
+        return item[: obj.stack] + item[obj.stack + 1 :]
     return index_axes(ctx, obj, index)
 
 
@@ -250,8 +369,13 @@ def split(ctx, x: TVal, *args, **kwargs):
 
 
 @register_rule("unbind", torch.unbind)
+@handles_items
 def unbind(ctx, x: TVal, dim: int = 0):
     d = norm_dim(dim, x.ndim)
+    if x.items is not None:
+        if d != x.stack:
+            raise Decline("unbinding stacked items along another axis")
+        return tuple(item[:d] + item[d + 1 :] for item in x.items)
     ctx.split(x.axes[d], [1] * x.shape[d])
     return tuple([*x.axes[:d], *x.axes[d + 1 :]] for _ in range(x.shape[d]))
 
