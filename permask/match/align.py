@@ -38,7 +38,6 @@ class AlignInfo:
     method: str
     seconds: float
     groups: int
-    pass_seconds: float = 0.0
     batches: int = 0
     samples: int = 0
     stats_bytes: int = 0
@@ -46,6 +45,7 @@ class AlignInfo:
     iterations: int | None = None
     points: dict[str, list[str]] = field(default_factory=dict)
     unmatched: tuple[str, ...] = ()
+    pass_seconds: float = 0.0
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -190,7 +190,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
             for g in u.groups:
                 points.setdefault(g, []).append(p.node)
     info = AlignInfo(
-        "activation", 0.0, len(graph), pass_seconds, n_batches, samples, plan.stats_bytes(),
-        points=points, unmatched=plan.unmatched,
+        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
+        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds,
     )  # fmt: skip
     return Permutation(perms), info

@@ -32,8 +32,7 @@ def _lapx(cost: np.ndarray, maximize: bool) -> np.ndarray:
     import lap
 
     square = cost.shape[0] == cost.shape[1]
-    cost = -cost if maximize else np.ascontiguousarray(cost)
-    _, x, _ = lap.lapjv(cost, extend_cost=not square)
+    _, x, _ = lap.lapjv(-cost if maximize else cost, extend_cost=not square)
     return np.asarray(x, dtype=np.int64)
 
 
@@ -71,7 +70,7 @@ def solve_lap(
         raise ValueError(f"unknown LAP solver {solver!r}; choose 'auto' or one of {list(_SOLVERS)}")
     if solver == "lapx" and not _has_lapx():
         raise ImportError("solver='lapx' needs the lapx package (pip install lapx)")
-    if isinstance(cost, torch.Tensor):  # one copy: contiguous float64 on the CPU
+    if isinstance(cost, torch.Tensor):  # one copy: contiguous float64 on the CPU (lapjv needs it)
         cost = cost.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
         cost = cost.numpy()
     cost = np.ascontiguousarray(cost, dtype=np.float64)
