@@ -30,6 +30,18 @@ def test_optimal_against_brute_force(solver, n, extra, seed):
     assert cost[np.arange(n), low.numpy()].sum() == pytest.approx(-_brute(-cost))
 
 
+@pytest.mark.parametrize("shape", [(300, 300), (200, 260), (260, 200)])
+def test_solvers_agree_on_the_optimum_of_larger_problems(shape):
+    cost = np.random.default_rng(0).normal(size=shape)
+    values = {}
+    for solver in available_solvers():
+        cols = solve_lap(cost, solver=solver).numpy()
+        rows = (cols >= 0).nonzero()[0]
+        assert len(rows) == min(shape) and len(set(cols[rows].tolist())) == len(rows)
+        values[solver] = cost[rows, cols[rows]].sum()
+    assert values == pytest.approx({s: values["scipy"] for s in values}, rel=1e-12)
+
+
 @pytest.mark.parametrize("solver", available_solvers())
 def test_more_rows_than_columns_leaves_rows_unassigned(solver):
     cost = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]])

@@ -57,20 +57,24 @@ class _Slot:
     groups: tuple[str, ...]  # one group, or (outer, inner) whose elements are pairs
     tensor: str
     axis: int
-    rows: torch.Tensor  # [n, k] positions of each element's k replicas on the axis
+    rows: torch.Tensor | None  # [n, k] positions of each element's k replicas; None: the axis
     b: torch.Tensor  # [n, k * rest]
     depends: frozenset[str] = frozenset()  # groups whose estimate changes this contribution
 
 
-def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor:
+def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor | None:
     elem = group_element_map(layout, group)
+    if torch.equal(elem, torch.arange(size)):  # the axis is the group: no gather needed
+        return None
     pos = (elem >= 0).nonzero().flatten()
     order = torch.argsort(elem[pos], stable=True)
     return pos[order].reshape(size, -1).to(device)
 
 
-def _gather(t: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
-    return t.movedim(axis, 0)[rows].reshape(rows.shape[0], -1)
+def _gather(t: torch.Tensor, axis: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """``[n, rest]``: the elements' replicas on ``axis`` (``rows``) against every other entry."""
+    t = t.movedim(axis, 0)
+    return t.reshape(t.shape[0], -1) if rows is None else t[rows].reshape(rows.shape[0], -1)
 
 
 def weight_matching(
@@ -139,9 +143,9 @@ def weight_matching(
                     totals[g] = delta.clone()
                 stale.discard((g, i))
             score = totals[g]
-            p = solve_lap(score.T, solver=solver).to(device)
+            p = solve_lap(score, solver=solver).to(device)
             ar = torch.arange(len(p), device=device)
-            new, old = score[p, ar].sum().item(), score[perms[g], ar].sum().item()
+            new, old = score[ar, p].sum().item(), score[ar, perms[g]].sum().item()
             if new > old + 1e-7 * max(abs(old), 1e-30):
                 perms[g] = p
                 stale.update(k for k in affected.get(g, ()) if k[0] in names)
@@ -211,7 +215,7 @@ def _joint_move(
     touches improves. Updates ``perms`` in place and returns the groups that changed."""
     scores: dict[tuple[str, ...], torch.Tensor] = {}
     for s in slots:
-        c = _contribution(s, wa, layouts, perms)
+        c = _contribution(s, wa, layouts, perms).T  # assign takes [n_a, n_b]
         scores[s.groups] = scores[s.groups] + c if s.groups in scores else c
     proposal = {g: p.to(perms[g].device) for g, p in assign(scores, sizes, solver).items()}
     changed = [g for g, p in proposal.items() if not torch.equal(p, perms[g])]
@@ -273,9 +277,10 @@ def _contribution(
     layouts: dict[str, list[Layout]],
     perms: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """``[n_a, n_b]`` scores from one slot, every other axis at its current estimate."""
+    """``[n_b, n_a]`` scores from one slot, every other axis at its current estimate (B-major:
+    the LAP reads it without a transposing copy)."""
     t = _take(wa[slot.tensor], _indices(slot, layouts, perms))
-    return _gather(t, slot.axis, slot.rows) @ slot.b.T
+    return slot.b @ _gather(t, slot.axis, slot.rows).T
 
 
 _Cached = tuple[torch.Tensor, list[torch.Tensor | None]]
@@ -314,7 +319,7 @@ def _update(
             t = _take(wa[slot.tensor], idxs, skip=axis)
             diff = t.index_select(axis, i_new[d]) - t.index_select(axis, i_old[d])
             b = _gather(wb[slot.tensor].index_select(axis, d), slot.axis, slot.rows)
-            delta = _gather(diff, slot.axis, slot.rows) @ b.T
+            delta = b @ _gather(diff, slot.axis, slot.rows).T
             return delta, (old.add_(delta), idxs)
     new = _contribution(slot, wa, layouts, perms)
     return new - old, (new, idxs)
