@@ -14,11 +14,11 @@ group are re-solved together from the full ``(block, within)`` scores
 improves. Alternating single-group updates alone stall there: a wrong block order is
 compensated by wrong within orders, and no single group can improve.
 
-Each member axis's ``n x n`` contribution is cached and recomputed only when a group it depends
-on has changed, and then only for the elements that moved when they are few (late sweeps move a
-few percent of a group); a group whose contributions are all current is skipped (re-solving it
-would give the same answer). Same result as re-solving everything, at a fraction of the matrix
-products; cache memory is ``4 * sum over member axes of n^2`` bytes, plus a running total per
+A group's scores are kept as one running sum of its member axes' contributions, each updated
+only when a group it depends on has changed, and then only for the elements that moved:
+``B[D] (A[new[D]] - A[old[D]])^T`` (late sweeps move a few percent of a group). A group whose
+contributions are all current is skipped (re-solving it would give the same answer). Same result
+as re-solving everything, at a fraction of the matrix products; memory is ``4 * n^2`` bytes per
 group.
 Parameters only (no BatchNorm running statistics), float32 on the given device.
 """
@@ -122,8 +122,8 @@ def weight_matching(
     joint = _joint_slots(layouts, sizes, wb, device, set(names))
     perms = {g.name: torch.arange(g.size, device=device) for g in graph}
     perms.update({g: p.to(device) for g, p in (init or {}).items()})
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    totals: dict[str, torch.Tensor] = {}  # running sum of a group's cached contributions
+    seen: dict[tuple[str, int], list[torch.Tensor | None]] = {}  # index maps last scored at
+    totals: dict[str, torch.Tensor] = {}  # a group's scores: sum of its slots' contributions
     stale = {(g, i) for g in names for i in range(len(slots[g]))}
     gen = torch.Generator().manual_seed(seed)
     iterations = 0
@@ -134,13 +134,12 @@ def weight_matching(
             if not todo:
                 continue
             for i in todo:
-                delta, cache[(g, i)] = _update(
-                    slots[g][i], wa, wb, layouts, perms, cache.get((g, i))
-                )
-                if g in totals:
-                    totals[g].add_(delta)
-                else:  # a copy: the cache entry is updated in place later
-                    totals[g] = delta.clone()
+                s, idxs = slots[g][i], _indices(slots[g][i], layouts, perms)
+                if g not in totals:
+                    totals[g] = _contribution(s, wa, idxs)
+                else:
+                    _accumulate(totals[g], s, wa, wb, idxs, seen.get((g, i)))
+                seen[(g, i)] = idxs
                 stale.discard((g, i))
             score = totals[g]
             p = solve_lap(score, solver=solver).to(device)
@@ -215,7 +214,7 @@ def _joint_move(
     touches improves. Updates ``perms`` in place and returns the groups that changed."""
     scores: dict[tuple[str, ...], torch.Tensor] = {}
     for s in slots:
-        c = _contribution(s, wa, layouts, perms).T  # assign takes [n_a, n_b]
+        c = _contribution(s, wa, _indices(s, layouts, perms)).T  # assign takes [n_a, n_b]
         scores[s.groups] = scores[s.groups] + c if s.groups in scores else c
     proposal = {g: p.to(perms[g].device) for g, p in assign(scores, sizes, solver).items()}
     changed = [g for g, p in proposal.items() if not torch.equal(p, perms[g])]
@@ -241,13 +240,13 @@ def _objective(
     layouts: dict[str, list[Layout]],
     perms: Mapping[str, torch.Tensor],
 ) -> float:
-    """``sum <W_B, P W_A>`` over the named tensors, in float64."""
+    """``sum <W_B, P W_A>`` over the named tensors, summed in float64."""
     total = 0.0
     for n in names:
         t = wa[n]
         for axis, lay in enumerate(layouts[n]):
             t = t.index_select(axis, layout_index(lay, perms, t.device))
-        total += float((t.double() * wb[n].double()).sum())
+        total += float((t * wb[n]).sum(dtype=torch.float64))
     return total
 
 
@@ -272,57 +271,50 @@ def _take(t: torch.Tensor, idxs: list[torch.Tensor | None], skip: int = -1) -> t
 
 
 def _contribution(
-    slot: _Slot,
-    wa: dict[str, torch.Tensor],
-    layouts: dict[str, list[Layout]],
-    perms: dict[str, torch.Tensor],
+    slot: _Slot, wa: dict[str, torch.Tensor], idxs: list[torch.Tensor | None]
 ) -> torch.Tensor:
-    """``[n_b, n_a]`` scores from one slot, every other axis at its current estimate (B-major:
-    the LAP reads it without a transposing copy)."""
-    t = _take(wa[slot.tensor], _indices(slot, layouts, perms))
-    return slot.b @ _gather(t, slot.axis, slot.rows).T
+    """``[n_b, n_a]`` scores from one slot with A's axes at ``idxs`` (B-major: the LAP reads it
+    without a transposing copy)."""
+    return slot.b @ _gather(_take(wa[slot.tensor], idxs), slot.axis, slot.rows).T
 
 
-_Cached = tuple[torch.Tensor, list[torch.Tensor | None]]
-
-
-def _update(
+def _accumulate(
+    total: torch.Tensor,
     slot: _Slot,
     wa: dict[str, torch.Tensor],
     wb: dict[str, torch.Tensor],
-    layouts: dict[str, list[Layout]],
-    perms: dict[str, torch.Tensor],
-    cached: _Cached | None,
-) -> tuple[torch.Tensor, _Cached]:
-    """Change of a slot's contribution since ``cached`` (its scores and the index maps they were
-    computed at), and the new cache entry.
+    idxs: list[torch.Tensor | None],
+    old: list[torch.Tensor | None] | None,
+) -> None:
+    """Add a slot's contribution at ``idxs`` to ``total``, which holds it at ``old`` (``None``:
+    not yet), in place.
 
-    When one other axis moved, and by at most half its positions ``D``, only those positions are
-    recomputed: ``(A[new[D]] - A[old[D]]) B[D]^T``, a product ``|D| / n`` the size of the full one.
-    Late sweeps of coordinate descent move a few elements at a time, so this is most of them.
+    When one other axis moved, only its moved positions ``D`` are recomputed:
+    ``total += B[D] (A[new[D]] - A[old[D]])^T``, a product ``|D| / n`` the size of the full one.
+    Late sweeps of coordinate descent move a few elements at a time, so this is most updates,
+    and no per-slot scores need to be kept.
     """
-    idxs = _indices(slot, layouts, perms)
-    if cached is None:
-        new = _contribution(slot, wa, layouts, perms)
-        return new, (new, idxs)
-    old, old_idxs = cached
-    moved = [a for a, (i, j) in enumerate(zip(idxs, old_idxs)) if not _same(i, j)]
-    if len(moved) == 1 and moved[0] != slot.axis:
-        axis = moved[0]
-        n = wa[slot.tensor].shape[axis]
-        i_new, i_old = (
-            torch.arange(n, device=old.device) if i is None else i
-            for i in (idxs[axis], old_idxs[axis])
-        )
-        d = (i_new != i_old).nonzero().flatten()
-        if 2 * len(d) <= n:
-            t = _take(wa[slot.tensor], idxs, skip=axis)
-            diff = t.index_select(axis, i_new[d]) - t.index_select(axis, i_old[d])
-            b = _gather(wb[slot.tensor].index_select(axis, d), slot.axis, slot.rows)
-            delta = b @ _gather(diff, slot.axis, slot.rows).T
-            return delta, (old.add_(delta), idxs)
-    new = _contribution(slot, wa, layouts, perms)
-    return new - old, (new, idxs)
+    if old is None:
+        total.add_(_contribution(slot, wa, idxs))
+        return
+    moved = [a for a, (i, j) in enumerate(zip(idxs, old)) if not _same(i, j)]
+    if len(moved) != 1 or moved[0] == slot.axis:  # several axes, or a shared one: in full
+        total.add_(_contribution(slot, wa, idxs)).sub_(_contribution(slot, wa, old))
+        return
+    axis = moved[0]
+    n = wa[slot.tensor].shape[axis]
+    i_new, i_old = (
+        torch.arange(n, device=total.device) if i is None else i for i in (idxs[axis], old[axis])
+    )
+    d = (i_new != i_old).nonzero().flatten()
+    t = _take(wa[slot.tensor], idxs, skip=axis)
+    diff = t.index_select(axis, i_new[d]) - t.index_select(axis, i_old[d])
+    b = (
+        slot.b
+        if len(d) == n
+        else _gather(wb[slot.tensor].index_select(axis, d), slot.axis, slot.rows)
+    )
+    total.addmm_(b, _gather(diff, slot.axis, slot.rows).T)
 
 
 def _same(i: torch.Tensor | None, j: torch.Tensor | None) -> bool:
