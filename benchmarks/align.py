@@ -52,7 +52,7 @@ def activation_ratio(name: str, make, batch: int, batches: int) -> dict:
     passes = []
 
     def match():
-        _, info = align(a, b, data, graph=graph, solver="scipy", return_info=True)
+        _, info = align(a, b, data, graph=graph, return_info=True)  # default solver
         passes.append(info.pass_seconds)
         return info
 
