@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from shared_data import DATA
 
 from permask.cli import _parser, main
@@ -94,3 +95,22 @@ def test_config_rejects_a_run_dir_with_other_settings(tmp_path):
 
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         _check_run_dir(RunConfig(out=str(tmp_path)))
+
+
+def test_run_dir_from_before_a_setting_existed_counts_it_at_its_default(tmp_path):
+    """A run saved before ``sparse_schedule`` existed resumes with the default, not another."""
+    from permask.experiment.pipeline import _check_run_dir
+
+    key = RunConfig().results_key()
+    del key["sparse_schedule"], key["sparse_lr"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(key))
+    _check_run_dir(RunConfig(out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="sparse_schedule: 'continue' there, 'restart' now"):
+        _check_run_dir(RunConfig(out=str(tmp_path), sparse_schedule="restart"))
+
+
+def test_config_rejects_unknown_sparse_schedule_and_bad_sparse_lr():
+    with pytest.raises(ConfigError, match="sparse_schedule must be one of continue, restart"):
+        RunConfig(sparse_schedule="fresh")
+    with pytest.raises(ConfigError, match="sparse_lr must be > 0"):
+        RunConfig(sparse_lr=0.0)

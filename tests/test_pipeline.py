@@ -97,9 +97,11 @@ def test_sparse_models_keep_their_masks(tiny_run):
     cfg, _ = tiny_run
     sd = cfg.run_dir / "seed0"
     mask = load_mask(sd / "masks" / "permuted_s0.5.safetensors")
-    weights = load_checkpoint(sd / "sparse" / "permuted_s0.5_k1" / "last.pt")["model"]
+    ckpt = load_checkpoint(sd / "sparse" / "permuted_s0.5_k1" / "last.pt")
     for name, m in mask.items():
-        assert not weights[name][~m].any(), name
+        assert not ckpt["model"][name][~m].any(), name
+    meta = ckpt["meta"]  # default: the dense schedule resumed at k
+    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (1, TINY["epochs"], 0.05)
 
 
 @needs_mnist
@@ -151,10 +153,14 @@ def _no_time(row: dict) -> str:
 @needs_mnist
 def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path):
     settings = {**TINY, "train_subset": 500, "imp": "rewind", "shared_a": True,
-                "match": "weight", "match_epoch": 1, "interp_points": 3}  # fmt: skip
+                "match": "weight", "match_epoch": 1, "interp_points": 3,
+                "sparse_schedule": "restart", "sparse_lr": 0.02}  # fmt: skip
     results = run(RunConfig(**settings, out=str(tmp_path / "v")))
     assert results.row("imp", 0.5)["models"] == 1  # one shared A
     assert results.row("lth", 0.5, 1)["models"] == 2
     assert not (tmp_path / "v" / "seed1" / "dense_a").exists()
     ckpt = load_checkpoint(tmp_path / "v" / "seed0" / "imp" / "round01" / "last.pt")
     assert ckpt["meta"]["start_epoch"] == 1  # rewinding IMP retrains from k
+    sparse = load_checkpoint(tmp_path / "v" / "seed0" / "sparse" / "naive_s0.5_k1" / "last.pt")
+    meta = sparse["meta"]  # a fresh cosine over the remaining epochs at sparse_lr (the paper)
+    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (0, TINY["epochs"] - 1, 0.02)

@@ -56,6 +56,12 @@ class RunConfig:
     warmup_epochs: int = _f(0, "linear warm-up epochs of dense training")
     sparsity: list[float] = _f([0.98], "target sparsities in (0, 1), e.g. 0.9 0.97")
     rewind: list[int] = _f([2], "rewind points k (completed epochs) for sparse training")
+    sparse_schedule: str = _f(
+        "continue",
+        "sparse training from k: continue (the dense cosine resumed at k, learning-rate "
+        "rewinding) or restart (a fresh cosine over epochs - k at sparse_lr, as in the paper)",
+    )
+    sparse_lr: float | None = _f(None, "peak lr of a restarted sparse schedule (default: lr)")
     imp: str = _f("finetune", "IMP variant: finetune (the paper) or rewind (Frankle et al.)")
     imp_rate: float = _f(0.2, "fraction of the remaining weights pruned per IMP round")
     finetune_epochs: int = _f(1, "epochs of fine-tuning per IMP round (finetune variant)")
@@ -91,6 +97,7 @@ class RunConfig:
             raise ConfigError(f"match_epoch must be in [0, {self.epochs}], got {self.match_epoch}")
         choices = {"imp": ("finetune", "rewind"), "match": ("activation", "weight")}
         choices["optimizer"] = ("sgd", "adam", "adamw")
+        choices["sparse_schedule"] = ("continue", "restart")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 got = getattr(self, key)
@@ -98,6 +105,8 @@ class RunConfig:
         for key in ("seeds", "width", "batch_size", "finetune_epochs", "interp_points"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.sparse_lr is not None and not self.sparse_lr > 0:
+            raise ConfigError(f"sparse_lr must be > 0, got {self.sparse_lr}")
         if not 0.0 < self.imp_rate < 1.0:
             raise ConfigError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
 
@@ -112,6 +121,14 @@ class RunConfig:
     def results_key(self) -> dict[str, Any]:
         """The settings that determine the results (runtime-only fields removed)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting's default value."""
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+        }
 
 
 def _fields() -> list[dataclasses.Field]:

@@ -162,11 +162,13 @@ def _check_run_dir(cfg: RunConfig) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.results_key()
-    diff = [k for k in new if old.get(k) != new[k]]
+    defaults = RunConfig.defaults()  # a setting added since that run had its default there
+    old = {k: old.get(k, defaults.get(k)) for k in new}
+    diff = [k for k in new if old[k] != new[k]]
     if diff:
         k = diff[0]
         raise ConfigError(
-            f"{cfg.run_dir} holds a run with other settings ({k}: {old.get(k)!r} there, "
+            f"{cfg.run_dir} holds a run with other settings ({k}: {old[k]!r} there, "
             f"{new[k]!r} now); use another --out"
         )
 
@@ -248,6 +250,10 @@ def _run_seed(exp: Experiment, seed: int) -> None:
     permuted = _permuted_masks(exp, sd, masks, pi)
     for s in cfg.sparsity:
         for k in cfg.rewind:
+            if cfg.sparse_schedule == "restart":
+                schedule = dict(epochs=cfg.epochs - k, lr=cfg.sparse_lr or cfg.lr)
+            else:  # the dense schedule resumed at k
+                schedule = dict(start_epoch=k)
             starts = {
                 "lth": (ad / "dense_a", masks[s]),
                 "permuted": (sd / "dense_b", permuted[s]),
@@ -264,8 +270,8 @@ def _run_seed(exp: Experiment, seed: int) -> None:
                     sd / "sparse" / f"{method}_s{s:g}_k{k}",
                     model,
                     exp.loader(sb["sparse"]),
-                    start_epoch=k,
                     mask=mask,
+                    **schedule,
                 )
     _interpolation(exp, seed, sd, model_a, model_b, pi)
 
@@ -280,8 +286,10 @@ def _trained(
     start_epoch: int = 0,
     mask: Mask | None = None,
     keep: Iterable[int] = (),
+    **recipe: Any,
 ) -> nn.Module:
-    """Train ``model`` into ``directory`` (resuming), evaluate it once; skip if done earlier."""
+    """Train ``model`` into ``directory`` (resuming), evaluate it once; skip if done earlier.
+    ``recipe`` overrides the run's training settings (e.g. ``epochs``, ``lr``)."""
     cfg = exp.cfg
     done = directory / "eval.pt"
     if done.is_file():
@@ -299,6 +307,7 @@ def _trained(
         start_epoch=start_epoch,
         mask=mask,
         keep_epochs=keep,
+        **recipe,
     )
     _evaluate_into(exp, model, done, time.perf_counter() - t0, result.resumed_from)
     acc = torch.load(done, weights_only=True)["acc"]
