@@ -52,6 +52,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_writes_every_artifact(tiny_run):
     cfg, results = tiny_run
     out = cfg.run_dir
+    assert not results.notes  # the models learned: no chance-level warning
     for name in (
         "results.md",
         "results.csv",
@@ -164,3 +165,13 @@ def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path):
     sparse = load_checkpoint(tmp_path / "v" / "seed0" / "sparse" / "naive_s0.5_k1" / "last.pt")
     meta = sparse["meta"]  # a fresh cosine over the remaining epochs at sparse_lr (the paper)
     assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (0, TINY["epochs"] - 1, 0.02)
+
+
+@needs_mnist
+def test_a_run_whose_models_did_not_learn_says_so(tmp_path):
+    settings = {**TINY, "train_subset": 200, "test_subset": 200, "epochs": 1, "seeds": 1,
+                "rewind": [0], "lr": 1e-9, "finetune_lr": 1e-9, "interp_points": 2}  # fmt: skip
+    results = run(RunConfig(**settings, out=str(tmp_path / "stuck")))
+    assert len(results.notes) == 1 and "near chance (10.0%)" in results.notes[0]
+    assert "**Warning:** dense B reached only" in (tmp_path / "stuck" / "results.md").read_text()
+    assert "near chance" in (tmp_path / "stuck" / "run.log").read_text()

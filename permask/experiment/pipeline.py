@@ -188,6 +188,8 @@ def run(cfg: RunConfig) -> Results:
             _run_seed(exp, seed)
         results = collect(out, cfg, exp.test_loader.labels.cpu())
         write_report(out, cfg, results, time.perf_counter() - start)
+        for note in results.notes:
+            exp.log.warning(note)
         exp.log.info(
             "results in %s (%.1f min this invocation)",
             out / "results.md",

@@ -46,6 +46,7 @@ class Results:
     rows: list[dict[str, Any]]
     interpolation: dict[str, list[float]] = field(default_factory=dict)  # method -> barriers
     curves: dict[str, Any] = field(default_factory=dict)  # seed 0's curves, for the plot
+    notes: list[str] = field(default_factory=list)  # warnings about the run, printed below
 
     def row(self, method: str, sparsity: float | None = None, rewind: int | None = None) -> dict:
         """The row of ``method`` (at ``sparsity`` and ``rewind`` where they apply)."""
@@ -77,6 +78,7 @@ class Results:
             parts = [f"{m} {_mean(b):.3f}" for m, b in self.interpolation.items()]
             lines.append("")
             lines.append("Interpolation loss barrier to B (mean over seeds): " + ", ".join(parts))
+        lines += [f"\n**Warning:** {note}" for note in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -117,7 +119,20 @@ def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor) -> Results:
         for method in barriers:
             barriers[method].append(data[method]["barrier"])
         curves = curves or data
-    return Results(rows, barriers, curves)
+    return Results(rows, barriers, curves, _notes(rows, int(labels.max()) + 1))
+
+
+def _notes(rows: list[dict[str, Any]], num_classes: int) -> list[str]:
+    """Warn when dense B stayed near chance: every comparison of such a run is noise."""
+    chance = 100 / num_classes
+    dense = next(r for r in rows if r["method"] == "dense")["acc_mean"]
+    if dense >= chance + 0.1 * (100 - chance):
+        return []
+    return [
+        f"dense B reached only {dense:.1f}% test accuracy, near chance ({chance:.1f}%): the "
+        "models barely learned, so the comparisons above say little. Train longer (--epochs, "
+        "--train-subset) or check the learning rate."
+    ]
 
 
 def _row(key: tuple, paths: list[Path], labels: torch.Tensor) -> dict[str, Any]:
@@ -154,6 +169,7 @@ def write_report(run_dir: Path, cfg: RunConfig, results: Results, seconds: float
         "config": cfg.results_key(),
         "rows": results.rows,
         "interpolation_barriers": results.interpolation,
+        "notes": results.notes,
         "wall_seconds": seconds,
     }
     atomic_write_bytes(json.dumps(blob, indent=1).encode(), run_dir / "results.json")
