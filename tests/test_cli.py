@@ -113,4 +113,6 @@ def test_config_rejects_unknown_sparse_schedule_and_bad_sparse_lr():
     with pytest.raises(ConfigError, match="sparse_schedule must be one of continue, restart"):
         RunConfig(sparse_schedule="fresh")
     with pytest.raises(ConfigError, match="sparse_lr must be > 0"):
-        RunConfig(sparse_lr=0.0)
+        RunConfig(sparse_schedule="restart", sparse_lr=0.0)
+    with pytest.raises(ConfigError, match="sparse_lr applies only with sparse_schedule restart"):
+        RunConfig(sparse_lr=0.02)

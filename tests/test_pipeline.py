@@ -102,7 +102,7 @@ def test_sparse_models_keep_their_masks(tiny_run):
     for name, m in mask.items():
         assert not ckpt["model"][name][~m].any(), name
     meta = ckpt["meta"]  # default: the dense schedule resumed at k
-    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (1, TINY["epochs"], 0.05)
+    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (1, cfg.epochs, cfg.lr)
 
 
 @needs_mnist

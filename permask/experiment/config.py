@@ -107,6 +107,8 @@ class RunConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.sparse_lr is not None and not self.sparse_lr > 0:
             raise ConfigError(f"sparse_lr must be > 0, got {self.sparse_lr}")
+        if self.sparse_lr is not None and self.sparse_schedule != "restart":
+            raise ConfigError("sparse_lr applies only with sparse_schedule restart")
         if not 0.0 < self.imp_rate < 1.0:
             raise ConfigError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
 
@@ -121,14 +123,6 @@ class RunConfig:
     def results_key(self) -> dict[str, Any]:
         """The settings that determine the results (runtime-only fields removed)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every setting's default value."""
-        return {
-            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)
-        }
 
 
 def _fields() -> list[dataclasses.Field]:

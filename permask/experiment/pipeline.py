@@ -162,7 +162,7 @@ def _check_run_dir(cfg: RunConfig) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.results_key()
-    defaults = RunConfig.defaults()  # a setting added since that run had its default there
+    defaults = RunConfig().results_key()  # a setting added since that run: its default there
     old = {k: old.get(k, defaults.get(k)) for k in new}
     diff = [k for k in new if old[k] != new[k]]
     if diff:
@@ -186,7 +186,7 @@ def run(cfg: RunConfig) -> Results:
         exp.log.info("run %s: %s on %s, %d seed(s)", out, cfg.model, cfg.dataset, cfg.seeds)
         for seed in range(cfg.seeds):
             _run_seed(exp, seed)
-        results = collect(out, cfg, exp.test_loader.labels.cpu())
+        results = collect(out, cfg, exp.test_loader.labels.cpu(), exp.num_classes)
         write_report(out, cfg, results, time.perf_counter() - start)
         for note in results.notes:
             exp.log.warning(note)

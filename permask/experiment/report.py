@@ -93,7 +93,7 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor) -> Results:
+def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Results:
     """Read every model's ``eval.pt`` and interpolation curves of a finished run."""
     a_seeds = sorted({0 if cfg.shared_a else s for s in range(cfg.seeds)})
     seeds = range(cfg.seeds)
@@ -119,7 +119,7 @@ def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor) -> Results:
         for method in barriers:
             barriers[method].append(data[method]["barrier"])
         curves = curves or data
-    return Results(rows, barriers, curves, _notes(rows, int(labels.max()) + 1))
+    return Results(rows, barriers, curves, _notes(rows, num_classes))
 
 
 def _notes(rows: list[dict[str, Any]], num_classes: int) -> list[str]:

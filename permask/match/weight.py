@@ -12,14 +12,17 @@ head_dim) get a joint move as well: when an outer group is visited, the blocks a
 group are re-solved together from the full ``(block, within)`` scores
 (:func:`permask.match.assign.assign`), and kept if the objective of the tensors they touch
 improves. Alternating single-group updates alone stall there: a wrong block order is
-compensated by wrong within orders, and no single group can improve.
+compensated by wrong within orders, and no single group can improve. A joint move is re-tried
+whenever a group its tensors depend on has changed, so a finished run is a fixed point of the
+joint moves as well as of the single-group ones.
 
 A group's scores are kept as one running sum of its member axes' contributions, each updated
 only when a group it depends on has changed, and then only for the elements that moved:
 ``B[D] (A[new[D]] - A[old[D]])^T`` (late sweeps move a few percent of a group). A group whose
-contributions are all current is skipped (re-solving it would give the same answer). Same result
-as re-solving everything, at a fraction of the matrix products; memory is ``4 * n^2`` bytes per
-group.
+contributions are all current is skipped (re-solving it would give the same answer). The same
+result as re-solving everything, up to float32 rounding in the running scores (far below the
+1e-7 relative improvement a move needs), at a fraction of the matrix products; memory is
+``4 * n^2`` bytes per group.
 Parameters only (no BatchNorm running statistics), float32 on the given device.
 """
 
@@ -125,14 +128,22 @@ def weight_matching(
     seen: dict[tuple[str, int], list[torch.Tensor | None]] = {}  # index maps last scored at
     totals: dict[str, torch.Tensor] = {}  # a group's scores: sum of its slots' contributions
     stale = {(g, i) for g in names for i in range(len(slots[g]))}
+    # a joint move is re-tried when a group its tensors depend on changed since its last try
+    joint_deps = {
+        o: set().union(*(_groups_of(layouts[s.tensor]) for s in ss)) for o, ss in joint.items()
+    }
+    joint_stale = set(joint)
+
+    def changed(h: str) -> None:
+        stale.update(k for k in affected.get(h, ()) if k[0] in names)
+        joint_stale.update(o for o, deps in joint_deps.items() if h in deps)
+
     gen = torch.Generator().manual_seed(seed)
     iterations = 0
-    while stale and iterations < max_iter:
+    while (stale or joint_stale) and iterations < max_iter:
         iterations += 1
         for g in (names[i] for i in torch.randperm(len(names), generator=gen).tolist()):
             todo = [i for i in range(len(slots[g])) if (g, i) in stale]
-            if not todo:
-                continue
             for i in todo:
                 s, idxs = slots[g][i], _indices(slots[g][i], layouts, perms)
                 if g not in totals:
@@ -141,16 +152,18 @@ def weight_matching(
                     _accumulate(totals[g], s, wa, wb, idxs, seen.get((g, i)))
                 seen[(g, i)] = idxs
                 stale.discard((g, i))
-            score = totals[g]
-            p = solve_lap(score, solver=solver).to(device)
-            ar = torch.arange(len(p), device=device)
-            new, old = score[ar, p].sum().item(), score[ar, perms[g]].sum().item()
-            if new > old + 1e-7 * max(abs(old), 1e-30):
-                perms[g] = p
-                stale.update(k for k in affected.get(g, ()) if k[0] in names)
-            if g in joint:
+            if todo:
+                score = totals[g]
+                p = solve_lap(score, solver=solver).to(device)
+                ar = torch.arange(len(p), device=device)
+                new, old = score[ar, p].sum().item(), score[ar, perms[g]].sum().item()
+                if new > old + 1e-7 * max(abs(old), 1e-30):
+                    perms[g] = p
+                    changed(g)
+            if g in joint_stale:
+                joint_stale.discard(g)
                 for h in _joint_move(joint[g], wa, wb, layouts, perms, sizes, solver):
-                    stale.update(k for k in affected.get(h, ()) if k[0] in names)
+                    changed(h)
     objective = _objective(layouts, wa, wb, layouts, perms)
     return WeightMatchResult({g: p.cpu() for g, p in perms.items()}, objective, iterations)
 
@@ -298,6 +311,8 @@ def _accumulate(
         total.add_(_contribution(slot, wa, idxs))
         return
     moved = [a for a, (i, j) in enumerate(zip(idxs, old)) if not _same(i, j)]
+    if not moved:  # its groups moved and came back
+        return
     if len(moved) != 1 or moved[0] == slot.axis:  # several axes, or a shared one: in full
         total.add_(_contribution(slot, wa, idxs)).sub_(_contribution(slot, wa, old))
         return
@@ -307,8 +322,8 @@ def _accumulate(
         torch.arange(n, device=total.device) if i is None else i for i in (idxs[axis], old[axis])
     )
     d = (i_new != i_old).nonzero().flatten()
-    t = _take(wa[slot.tensor], idxs, skip=axis)
-    diff = t.index_select(axis, i_new[d]) - t.index_select(axis, i_old[d])
+    t = _take(wa[slot.tensor].index_select(axis, torch.cat([i_new[d], i_old[d]])), idxs, skip=axis)
+    diff = t.narrow(axis, 0, len(d)) - t.narrow(axis, len(d), len(d))
     b = (
         slot.b
         if len(d) == n
