@@ -111,7 +111,7 @@ def interpolate(
     losses, accs = [], []
     for alpha in alphas:
         mixed = {
-            k: torch.lerp(v.double(), sd_b[k].double(), alpha).to(v.dtype)
+            k: torch.lerp(v.double(), sd_b[k].to(v.device).double(), alpha).to(v.dtype)
             if v.is_floating_point()
             else v
             for k, v in sd_a.items()

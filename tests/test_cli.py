@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from shared_data import DATA
 
@@ -116,3 +117,16 @@ def test_config_rejects_unknown_sparse_schedule_and_bad_sparse_lr():
         RunConfig(sparse_schedule="restart", sparse_lr=0.0)
     with pytest.raises(ConfigError, match="sparse_lr applies only with sparse_schedule restart"):
         RunConfig(sparse_lr=0.02)
+
+
+def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
+    from permask.experiment.pipeline import prepare
+
+    with pytest.raises(ConfigError, match="device must be a torch device.*'gpu'"):
+        prepare(RunConfig(device="gpu", out=str(tmp_path / "a")))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="has no CUDA"):
+            prepare(RunConfig(device="cuda", out=str(tmp_path / "b")))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        prepare(RunConfig(out=str(tmp_path / "c")))

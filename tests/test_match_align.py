@@ -272,3 +272,18 @@ def test_running_scores_follow_moves_exactly(name):
     for s, total, idxs in zip(slots, totals, seen):
         fresh = wm._contribution(s, params, idxs)
         torch.testing.assert_close(total, fresh, rtol=1e-4, atol=1e-4 * fresh.abs().max())
+
+
+def test_weight_matching_scores_stay_float32_under_autocast():
+    """A caller's ``torch.autocast`` must not turn the weight scores into bfloat16 products."""
+    from permask.match import weight_matching
+
+    model, graph, _ = _case("resnet20")
+    torch.manual_seed(3)
+    pb = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    pa = dict(model.named_parameters())
+    want = weight_matching(pa, pb, graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = weight_matching(pa, pb, graph)
+    assert got.iterations == want.iterations and got.objective == want.objective
+    assert all(torch.equal(got.perms[g], want.perms[g]) for g in want.perms)

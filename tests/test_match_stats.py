@@ -39,7 +39,9 @@ def reference(xs_a, xs_b, axis, index):
     ],
     ids=["bmm", "transposed", "last", "replicas"],
 )
-def test_correlations_match_float64_reference(shape, axis, index):
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "under-bf16-autocast"])
+def test_correlations_match_float64_reference(shape, axis, index, amp):
+    """Also inside a caller's ``torch.autocast``: the products must stay float32."""
     channels = shape[axis]
     index = torch.arange(channels)[None] if index is None else index.reshape(2, channels // 2)
     point = Point("x", axis, "x", channels, (Unit(("g",), index),))
@@ -51,7 +53,8 @@ def test_correlations_match_float64_reference(shape, axis, index):
         b = 50 + 0.5 * a.roll(1, axis) + torch.randn(shape, generator=g)  # correlated, shifted
         xs_a.append(a.clone())
         xs_b.append(b.clone())
-        stats.observe(0, a, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            stats.observe(0, a, b)
         assert torch.equal(a, xs_a[-1]) and torch.equal(b, xs_b[-1])  # only copies are shifted
     got = stats.scores(EPS)[("g",)]
     want = reference(xs_a, xs_b, axis, index)

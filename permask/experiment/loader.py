@@ -81,8 +81,9 @@ class TensorLoader:
         self.epoch += 1
         n = len(self.images)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)  # one copy per epoch: each blocks on a GPU's queue
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:
                 x = _flip_crop(x, gen)
@@ -95,10 +96,11 @@ class TensorLoader:
 def _flip_crop(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random horizontal flip, then random crop of the zero-padded batch back to its size."""
     b, c, h, w = x.shape
-    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    flip = torch.rand(b, generator=gen) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip, dy, dx = torch.stack([flip.long(), dy, dx]).to(x.device)  # one copy, not three
+    x = torch.where(flip.bool().view(b, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)

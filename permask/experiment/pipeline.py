@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -125,6 +126,20 @@ def prepare(cfg: RunConfig) -> Experiment:
 
     Raises :class:`ConfigError` with a one-line message.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "permask run is one process on one device; start it without torchrun (every "
+            "process would run the whole experiment). Use torchrun in your own training loop "
+            "with MaskedOptimizer, which works under DDP"
+        )
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(
+            f"device must be a torch device such as cpu or cuda:0, got {cfg.device!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r}: this torch build or machine has no CUDA")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:

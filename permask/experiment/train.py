@@ -4,7 +4,8 @@ A checkpoint (``last.pt``, rewritten every ``checkpoint_every`` epochs) holds th
 optimizer and scheduler state dicts, the number of completed epochs and the torch RNG states;
 batches come from a loader with ``set_epoch`` (see :class:`TensorLoader`), so the data order is a
 function of the epoch. Re-running :func:`train` with the same arguments and directory therefore
-continues an interrupted run (even one killed with SIGKILL) to bit-identical weights. Everything
+continues an interrupted run (even one killed with SIGKILL) to bit-identical weights (on CPU;
+on CUDA only with deterministic algorithms, which the caller enables). Everything
 in a checkpoint is a tensor or a plain Python value, so it loads with ``weights_only=True``.
 
 Rewind points: ``keep_epochs=(k, ...)`` also keeps ``epoch_<k>.pt``, the state after ``k``
@@ -257,8 +258,9 @@ def _get_rng() -> dict[str, Any]:
 
 def _set_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    if "cuda" in rng and torch.cuda.is_available():  # as many GPUs as are visible now
+        states = rng["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])
 
 
 def _model_device(model: nn.Module) -> torch.device:

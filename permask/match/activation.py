@@ -144,6 +144,10 @@ class CorrelationStats:
 
     def observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
         """Add one batch of point ``point``: the observed outputs of A and B (left untouched)."""
+        with torch.autocast(xa.device.type, enabled=False):  # float32 products under AMP too
+            self._observe(point, xa, xb)
+
+    def _observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
         axis = self.plan.points[point].axis
         for j, idx in enumerate(self.index[point]):
             shift = self.shift.get((point, j))
@@ -165,13 +169,18 @@ class CorrelationStats:
         """Raise ``FloatingPointError`` naming the first point whose activations were not finite."""
         for i, p in enumerate(self.plan.points):
             for j in range(len(p.units)):
-                sa, sb, saa, sbb, _ = self.sums[i][j]
+                sa, sb, saa, sbb, sab = self.sums[i][j]
                 for model, s, ss in (("model_a", sa, saa), ("model_b", sb, sbb)):
                     if not (torch.isfinite(s).all() and torch.isfinite(ss).all()):
                         raise FloatingPointError(
                             f"{model} produced NaN/inf activations at node '{p.node}' "
                             f"({p.target}); check the model's weights and inputs"
                         )
+                if not torch.isfinite(sab).all():
+                    raise FloatingPointError(
+                        f"the A-B cross products at node '{p.node}' ({p.target}) overflowed "
+                        "float32; the activations there are too large"
+                    )
 
     def scores(self, eps: float = 1e-4) -> dict[tuple[str, ...], torch.Tensor]:
         """Correlation matrices ``[n_a, n_b]`` per unit key, summed over observation points."""

@@ -113,6 +113,8 @@ def align(
         raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
     check_same_architecture(model_a, model_b)
     dev = torch.device(device) if device is not None else _model_device(model_a)
+    if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
+        dev = torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
     batches: Iterable = ()
     if loader is not None:
@@ -177,6 +179,8 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
             m.train(training)
     if n_batches == 0:
         raise ValueError("the loader yielded no batches")
+    if device.type == "cuda":  # the clock must not stop before the queued work does
+        torch.cuda.synchronize(device)
     pass_seconds = time.perf_counter() - start
     stats.check_finite()
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)

@@ -288,7 +288,9 @@ def _contribution(
 ) -> torch.Tensor:
     """``[n_b, n_a]`` scores from one slot with A's axes at ``idxs`` (B-major: the LAP reads it
     without a transposing copy)."""
-    return slot.b @ _gather(_take(wa[slot.tensor], idxs), slot.axis, slot.rows).T
+    a = _gather(_take(wa[slot.tensor], idxs), slot.axis, slot.rows)
+    with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
+        return slot.b @ a.T
 
 
 def _accumulate(
