@@ -73,6 +73,17 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
 
 
+def _reshift(sums: list[torch.Tensor], count: int, da: torch.Tensor, db: torch.Tensor) -> None:
+    """Sums of ``a - c``, ``b - d`` (``[sa, sb, saa, sbb, sab]``) to sums of ``a - c'``,
+    ``b - d'`` in place, with ``da = c - c'`` and ``db = d - d'``."""
+    sa, sb, saa, sbb, sab = sums
+    sab += torch.outer(da, sb) + torch.outer(sa, db) + count * torch.outer(da, db)
+    saa += 2 * da * sa + count * da.square()
+    sbb += 2 * db * sb + count * db.square()
+    sa += count * da
+    sb += count * db
+
+
 class _Observer(nn.Module):
     """Calls ``stats.observe`` from inside the paired graph (a module, so fx can call it)."""
 
@@ -164,6 +175,35 @@ class CorrelationStats:
             sbb += b.square().sum((0, 2))
             sab += _cross(a, b)
             self.count[point][j] += a.shape[0] * a.shape[2]
+
+    def all_reduce(self) -> None:
+        """Sum every process's statistics in place (``torch.distributed``; each rank streamed its
+        own shard). Each rank's sums are first moved, exactly in float64, from its own shift (its
+        first batch's mean) to one common shift, the mean of the ranks' shifts; so the result is
+        that of one process streaming every shard."""
+        import torch.distributed as dist
+
+        for i, p in enumerate(self.plan.points):
+            for j in range(len(p.units)):
+                sums, shift = self.sums[i][j], self.shift.get((i, j))
+                n, device = sums[0].numel(), sums[0].device
+                shared = torch.zeros(2 * n + 2, dtype=torch.float64, device=device)
+                if shift is not None:  # [shift of A, shift of B, 1 (a rank with data), count]
+                    shared[: 2 * n] = torch.cat([s.flatten() for s in shift]).double()
+                    shared[2 * n] = 1
+                shared[-1] = self.count[i][j]
+                dist.all_reduce(shared)
+                if shared[2 * n] == 0:  # no rank observed this point
+                    continue
+                common = shared[: 2 * n] / shared[2 * n]
+                if shift is not None:
+                    delta = torch.cat([s.flatten() for s in shift]).double() - common
+                    _reshift(sums, self.count[i][j], delta[:n], delta[n:])
+                for t in sums:
+                    dist.all_reduce(t)
+                self.count[i][j] = int(shared[-1])
+                dtype = shift[0].dtype if shift is not None else torch.float32
+                self.shift[(i, j)] = (common[:n, None].to(dtype), common[n:, None].to(dtype))
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the first point whose activations were not finite."""

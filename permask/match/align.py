@@ -147,7 +147,16 @@ def align(
             raise ValueError("activation matching needs a loader; use method='weight' for none")
         pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver)
         info.seconds = time.perf_counter() - start
+    if _distributed():  # every rank has the same statistics; rank 0's answer for certain
+        shared = [dict(pi)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        pi = Permutation(shared[0])
     return (pi, info) if return_info else pi
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
@@ -177,11 +186,16 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
     finally:
         for m, training in modes.items():
             m.train(training)
-    if n_batches == 0:
-        raise ValueError("the loader yielded no batches")
     if device.type == "cuda":  # the clock must not stop before the queued work does
         torch.cuda.synchronize(device)
     pass_seconds = time.perf_counter() - start
+    if _distributed():  # each rank streamed its own shard: sum them all
+        stats.all_reduce()
+        counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        n_batches, samples = (int(c) for c in counts.tolist())
+    if n_batches == 0:
+        raise ValueError("the loader yielded no batches")
     stats.check_finite()
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed

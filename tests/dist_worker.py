@@ -1,0 +1,69 @@
+"""Run by tests/test_match_distributed.py under torchrun (gloo, CPU): one process per rank.
+
+Every rank builds the same models and data, streams its own shard (every world-th batch) and
+saves what it got; the test compares with one process streaming every batch.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import permask
+from permask.experiment.models import mlp
+from permask.match.activation import CorrelationStats
+from permask.match.points import Plan, Point, Unit
+
+
+def models_and_batches():
+    """The same on every rank: A, B = a permutation of A plus noise, graph, pi, 5 batches."""
+    torch.manual_seed(0)
+    a = mlp(32, (48, 48, 48), 10).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(128, 32, generator=g), torch.zeros(128)) for _ in range(5)]
+    graph = permask.trace(a, batches[0][0])
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(3))
+    b = permask.permute_model(a, pi, graph)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1e-3 * p.std() * torch.randn(p.shape, generator=g))
+    return a, b, graph, pi, batches
+
+
+def stats_shards(world: int):
+    """Per rank: activations with a rank-specific mean (so the ranks' shifts differ)."""
+    g = torch.Generator().manual_seed(5)
+    shards = []
+    for r in range(world):
+        xs = []
+        for _ in range(2):
+            a = 50 + 3 * r + torch.randn(4, 6, 5, generator=g)
+            xs.append((a, 20 - r + 0.5 * a.roll(1, 1) + torch.randn(4, 6, 5, generator=g)))
+        shards.append(xs)
+    return shards
+
+
+def point_plan() -> Plan:
+    return Plan((Point("x", 1, "x", 6, (Unit(("g",), torch.arange(6)[None]),)),), ())
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    a, b, graph, _, batches = models_and_batches()
+    pi, info = permask.align(a, b, batches[rank::world], graph=graph, return_info=True)
+    stats = CorrelationStats(point_plan(), torch.device("cpu"))
+    for xa, xb in stats_shards(world)[rank]:
+        stats.observe(0, xa, xb)
+    stats.all_reduce()
+    torch.save(
+        {"pi": dict(pi), "batches": info.batches, "samples": info.samples,
+         "scores": stats.scores()[("g",)], "count": stats.count[0][0]},
+        out / f"rank{rank}.pt",
+    )  # fmt: skip
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
