@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._wrappers import unwrap
+
 __all__ = ["ensemble_metrics", "interpolate", "plot_interpolation"]
 
 
@@ -95,6 +97,7 @@ def interpolate(
     ``loss(alpha) - ((1 - alpha) loss(0) + alpha loss(1))`` and ``acc_barrier`` = the same for
     accuracy with the sign flipped (the largest drop below the linear path).
     """
+    model_a, model_b = unwrap(model_a), unwrap(model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     if sd_a.keys() != sd_b.keys():
         diff = sorted(set(sd_a) ^ set(sd_b))

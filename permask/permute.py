@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from ._wrappers import unwrap
 from .graph import Permutation, PermutationGraph
 from .graph.layout import layout_groups, layout_index
 
@@ -53,11 +54,13 @@ def permute_model(
 ) -> nn.Module:
     """Permute parameters and buffers (BatchNorm running stats included) of ``model``.
 
-    Returns a permuted copy, or ``model`` itself with ``inplace=True`` (the Parameter objects
+    DDP/DataParallel/``torch.compile`` wrappers are looked through: returns a permuted copy of
+    the module inside, or with ``inplace=True`` that module itself (the Parameter objects
     are kept, so optimizers holding them stay valid). Caches that modules filled from their
     parameters in eval mode are cleared. The function the model computes is
     unchanged (in eval mode; in train mode as well, up to BatchNorm batch statistics order).
     """
+    model = unwrap(model)
     target = model if inplace else copy.deepcopy(model)
     named = dict(target.named_parameters())
     named.update(dict(target.named_buffers()))

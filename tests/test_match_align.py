@@ -287,3 +287,18 @@ def test_weight_matching_scores_stay_float32_under_autocast():
         got = weight_matching(pa, pb, graph)
     assert got.iterations == want.iterations and got.objective == want.objective
     assert all(torch.equal(got.perms[g], want.perms[g]) for g in want.perms)
+
+
+def test_wrapped_models_are_looked_through():
+    """DataParallel (like DDP) and torch.compile wrappers: align, trace and permute_model work
+    on the module inside, with the same names and result as unwrapped."""
+    model, graph, batches = _case("mlp")
+    pi, b = _permuted_copy(model, graph, 4)
+    wrapped_a, wrapped_b = nn.DataParallel(model), torch.compile(b)
+    assert str(permask.trace(wrapped_a, batches[0][0])) == str(graph)
+    assert align(wrapped_a, wrapped_b, batches) == pi
+    moved = permask.permute_model(wrapped_a, pi, graph)
+    assert isinstance(moved, nn.Sequential)
+    torch.testing.assert_close(
+        moved.state_dict(), permask.permute_model(model, pi, graph).state_dict()
+    )

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .._wrappers import unwrap
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import layout_groups, locate
@@ -506,7 +507,9 @@ def trace(model: nn.Module, example_inputs: Any) -> PermutationGraph:
     ``example_inputs`` is a tensor or a tuple of tensors for ``model.forward``; shapes only
     matter (small inputs are fine). Tracing runs on a deep copy in eval mode on the model's
     device, so the model's parameters, buffers, modes and caches are left exactly as they were.
+    DDP/DataParallel/``torch.compile`` wrappers are looked through (names are the inner module's).
     """
+    model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     work, gm, metas = _record(model, tuple(inputs))
     builder = _Builder(work, gm, metas)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._wrappers import unwrap
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, paired_module
 from .assign import assign
@@ -108,9 +109,15 @@ def align(
     traced on the loader's first batch (or ``example_inputs``). Work runs on ``device`` (default:
     model_a's device; models elsewhere are copied there). Neither model is modified (modes are
     restored). With ``return_info=True`` also returns an :class:`AlignInfo`.
+
+    Under ``torch.distributed`` every rank passes its own shard of the data; the statistics are
+    summed over the ranks and every rank returns rank 0's (identical) permutation, the one a
+    single process streaming every shard would find. Wrapped models (DDP, ``torch.compile``)
+    are looked through.
     """
     if method not in ("activation", "weight"):
         raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
+    model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
     dev = torch.device(device) if device is not None else _model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i

@@ -13,23 +13,14 @@ from typing import NamedTuple, TypeAlias
 import torch
 from torch import nn
 
+from .._wrappers import unwrap
+
 Mask: TypeAlias = dict[str, torch.Tensor]
 #: A parameter-name filter: a glob pattern (``"layer1.*"``), several patterns, or a predicate.
 NameFilter: TypeAlias = str | Iterable[str] | Callable[[str], bool]
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SHORTCUT_WORDS = ("shortcut", "downsample")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _matcher(spec: NameFilter) -> Callable[[str], bool]:
