@@ -173,7 +173,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
             params.append(p)
         self._mask = {n: m.detach().to(p.device) for (n, m), p in zip(mask.items(), params)}
         self._params = params
-        self._factors = [m.to(p.dtype) for m, p in zip(self._mask.values(), params)]
+        # factors in their targets' memory layout (channels_last too): same strides keep
+        # _foreach_mul_ on its fast path
+        self._factors = [torch.empty_like(p).copy_(m) for m, p in zip(self._mask.values(), params)]
         self._state_of: tuple[object, int] | None = None  # (state dict, its length) grouped
         self._mask_grads()
         self._mask_weights_and_state()
@@ -197,7 +199,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and value.dim() and value.shape == p.shape:
                         k = (value.dtype, value.device)
                         if k not in cast:
-                            cast[k] = f.to(dtype=value.dtype, device=value.device)
+                            cast[k] = torch.empty_like(value).copy_(f)
                         tensors.append(value)
                         factors.append(cast[k])
             self._state_tensors, self._state_factors = tensors, factors
