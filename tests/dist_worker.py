@@ -5,6 +5,7 @@ saves what it got; the test compares with one process streaming every batch.
 """
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,16 +50,24 @@ def point_plan() -> Plan:
 
 
 def main(out: Path) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a stuck test ends
     rank, world = dist.get_rank(), dist.get_world_size()
     a, b, graph, _, batches = models_and_batches()
-    pi, info = permask.align(a, b, batches[rank::world], graph=graph, return_info=True)
+    shard = batches[rank::world]
+    pi, info = permask.align(a, b, shard, graph=graph, distributed=True, return_info=True)
+    only_rank0 = permask.align(a, b, batches if rank == 0 else [], graph=graph, distributed=True)
+    untraced = None
+    try:  # one rank with nothing to trace on: an error on every rank, not a hang
+        permask.align(a, b, batches if rank == 0 else [], distributed=True)
+    except ValueError as err:
+        untraced = str(err)
     stats = CorrelationStats(point_plan(), torch.device("cpu"))
     for xa, xb in stats_shards(world)[rank]:
         stats.observe(0, xa, xb)
     stats.all_reduce()
     torch.save(
         {"pi": dict(pi), "batches": info.batches, "samples": info.samples,
+         "only_rank0": dict(only_rank0), "untraced": untraced,
          "scores": stats.scores()[("g",)], "count": stats.count[0][0]},
         out / f"rank{rank}.pt",
     )  # fmt: skip

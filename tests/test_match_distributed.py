@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_ranks_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "dist_worker.py"), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: torchrun stops its workers too
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     a, b, graph, _, batches = models_and_batches()
@@ -30,6 +37,8 @@ def test_two_ranks_match_one_process(tmp_path):
         )
     for got in ranks:
         assert permask.Permutation(got["pi"]) == want
+        assert permask.Permutation(got["only_rank0"]) == want  # one rank had every batch
+        assert "a rank's loader yielded no batches; pass graph=" in got["untraced"]
         assert (got["batches"], got["samples"]) == (info.batches, info.samples) == (5, 640)
 
     stats = CorrelationStats(point_plan(), torch.device("cpu"))

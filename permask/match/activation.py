@@ -155,7 +155,8 @@ class CorrelationStats:
 
     def observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
         """Add one batch of point ``point``: the observed outputs of A and B (left untouched)."""
-        with torch.autocast(xa.device.type, enabled=False):  # float32 products under AMP too
+        device_type = xa.device.type if isinstance(xa, torch.Tensor) else "cpu"
+        with torch.autocast(device_type, enabled=False):  # float32 products under AMP too
             self._observe(point, xa, xb)
 
     def _observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:

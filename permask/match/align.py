@@ -97,6 +97,7 @@ def align(
     solver: str = "auto",
     device: torch.device | str | None = None,
     seed: int = 0,
+    distributed: bool = False,
     return_info: bool = False,
 ) -> Permutation | tuple[Permutation, AlignInfo]:
     """Find ``pi`` such that ``permute_model(model_a, pi, graph)`` lands in model_b's basin.
@@ -110,13 +111,18 @@ def align(
     model_a's device; models elsewhere are copied there). Neither model is modified (modes are
     restored). With ``return_info=True`` also returns an :class:`AlignInfo`.
 
-    Under ``torch.distributed`` every rank passes its own shard of the data; the statistics are
-    summed over the ranks and every rank returns rank 0's (identical) permutation, the one a
-    single process streaming every shard would find. Wrapped models (DDP, ``torch.compile``)
-    are looked through.
+    ``distributed=True`` (an initialized ``torch.distributed`` default group): every rank calls
+    ``align`` with its own shard of the data; the statistics are summed over the ranks and every
+    rank returns rank 0's (identical) permutation, the one a single process streaming every
+    shard would find. Off by default, so a call on one rank alone never waits for the others.
+    Wrapped models (DDP, ``torch.compile``) are looked through.
     """
     if method not in ("activation", "weight"):
         raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
+    dist = torch.distributed
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
+    distributed = distributed and dist.get_world_size() > 1
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
     dev = torch.device(device) if device is not None else _model_device(model_a)
@@ -133,6 +139,11 @@ def align(
             if loader is None:
                 raise ValueError(f"method={method!r} needs graph=, example_inputs= or a loader")
             first = next(batches, None)
+            if distributed:  # every rank must trace, or the others would wait forever
+                empty = torch.tensor([float(first is None)], device=dev)
+                dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+                if empty.item():
+                    raise ValueError("a rank's loader yielded no batches; pass graph= to align")
             if first is None:
                 raise ValueError("the loader yielded no batches")
             example_inputs = _inputs(first)
@@ -152,25 +163,20 @@ def align(
     else:
         if loader is None:
             raise ValueError("activation matching needs a loader; use method='weight' for none")
-        pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver)
+        pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver, distributed)
         info.seconds = time.perf_counter() - start
-    if _distributed():  # every rank has the same statistics; rank 0's answer for certain
+    if distributed:  # every rank has the same statistics; rank 0's answer for certain
         shared = [dict(pi)]
-        torch.distributed.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=0, device=dev if dev.type == "cuda" else None)
         pi = Permutation(shared[0])
     return (pi, info) if return_info else pi
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
     return model if _model_device(model) == device else copy.deepcopy(model).to(device)
 
 
-def _activation(model_a, model_b, graph, first, batches, device, solver):
+def _activation(model_a, model_b, graph, first, batches, device, solver, distributed):
     plan = plan_points(graph, model_a)
     log.info(
         "activation matching: %d points, %.1f MiB float64 statistics",
@@ -196,7 +202,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver):
     if device.type == "cuda":  # the clock must not stop before the queued work does
         torch.cuda.synchronize(device)
     pass_seconds = time.perf_counter() - start
-    if _distributed():  # each rank streamed its own shard: sum them all
+    if distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
         counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from .mask import Mask, check_entry, unwrap
+from .._wrappers import unwrap
+from .mask import Mask, check_entry
 
 
 def _join(module_name: str, tensor_name: str) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .mask import Mask, check_entry, unwrap
+from .._wrappers import unwrap
+from .mask import Mask, check_entry
 
 #: Optimizer classes (exact types, not subclasses) that keep exact zeros given zero grads.
 ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
@@ -57,6 +58,13 @@ def _named_parameters(
             )
         named.update(zip(group["param_names"], group["params"]))
     return named
+
+
+def _factor(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` as 0/1 in ``like``'s dtype, device and memory layout (channels_last too): equal
+    strides keep ``_foreach_mul_`` on its fast path. ``mask`` itself when it already matches."""
+    f = mask.to(dtype=like.dtype, device=like.device)
+    return f if f.stride() == like.stride() else torch.empty_like(like).copy_(mask)
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
@@ -173,9 +181,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             params.append(p)
         self._mask = {n: m.detach().to(p.device) for (n, m), p in zip(mask.items(), params)}
         self._params = params
-        # factors in their targets' memory layout (channels_last too): same strides keep
-        # _foreach_mul_ on its fast path
-        self._factors = [torch.empty_like(p).copy_(m) for m, p in zip(self._mask.values(), params)]
+        self._factors = [_factor(m, p) for m, p in zip(self._mask.values(), params)]
         self._state_of: tuple[object, int] | None = None  # (state dict, its length) grouped
         self._mask_grads()
         self._mask_weights_and_state()
@@ -194,12 +200,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
         ):
             tensors, factors = list(self._params), list(self._factors)
             for p, f in zip(self._params, self._factors):
-                cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+                cast: dict[tuple, torch.Tensor] = {}
                 for value in state.get(p, {}).values():
                     if isinstance(value, torch.Tensor) and value.dim() and value.shape == p.shape:
-                        k = (value.dtype, value.device)
+                        k = (value.dtype, value.device, value.stride())
                         if k not in cast:
-                            cast[k] = torch.empty_like(value).copy_(f)
+                            cast[k] = _factor(f, value)
                         tensors.append(value)
                         factors.append(cast[k])
             self._state_tensors, self._state_factors = tensors, factors
