@@ -50,8 +50,9 @@ class AlignInfo:
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first tensor whose name or shape differs."""
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    """Raise ``ValueError`` naming the first tensor whose name or shape differs (wrappers such
+    as DDP are looked through)."""
+    sd_a, sd_b = unwrap(model_a).state_dict(), unwrap(model_b).state_dict()
     for name, ta in sd_a.items():
         tb = sd_b.get(name)
         if tb is None:
