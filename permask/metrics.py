@@ -178,16 +178,16 @@ def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | Non
 
 def _evaluate(model: nn.Module, loader: Iterable, device, max_batches: int | None):
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
     for x, y in _batches(loader, max_batches):
         out = model(x.to(device))
         y = y.to(device)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
         seen += len(y)
     if seen == 0:
         raise ValueError("the loader yielded no batches")
-    return loss_sum / seen, correct / seen
+    return float(loss_sum) / seen, int(correct) / seen
 
 
 def plot_interpolation(

@@ -273,14 +273,14 @@ def evaluate(
     model: nn.Module, loader: Iterable, device: torch.device | str | None = None
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (fraction) over ``loader``, in eval mode."""
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
     for out, y in _outputs(model, loader, device):
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
         seen += len(y)
     if seen == 0:
         raise ValueError("the loader yielded no batches")
-    return loss_sum / seen, correct / seen
+    return float(loss_sum) / seen, int(correct) / seen
 
 
 @torch.no_grad()
