@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._wrappers import unwrap
+from ._modules import model_device, unwrap
 
-__all__ = ["ensemble_metrics", "interpolate", "plot_interpolation"]
+__all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation"]
 
 
 def ensemble_metrics(
@@ -122,7 +122,7 @@ def interpolate(
         model.load_state_dict(mixed)
         if reset_bn:
             _reset_bn(model, bn_loader if bn_loader is not None else loader, device, max_batches)
-        loss, acc = _evaluate(model, loader, device, max_batches)
+        loss, acc = evaluate(model, loader, device, max_batches)
         losses.append(loss)
         accs.append(acc)
     return {
@@ -176,15 +176,28 @@ def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | Non
         raise ValueError("the BatchNorm loader yielded no batches")
 
 
-def _evaluate(model: nn.Module, loader: Iterable, device, max_batches: int | None):
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) over ``loader`` (at most ``max_batches``), in
+    eval mode on ``device`` (default: the model's); the model's mode is restored."""
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
-    for x, y in _batches(loader, max_batches):
-        out = model(x.to(device))
-        y = y.to(device)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
+    try:
+        for x, y in _batches(loader, max_batches):
+            out = model(x.to(device))
+            y = y.to(device)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+    finally:
+        model.train(was_training)
     if seen == 0:
         raise ValueError("the loader yielded no batches")
     return float(loss_sum) / seen, int(correct) / seen

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ._wrappers import unwrap
+from ._modules import unwrap
 from .graph import Permutation, PermutationGraph
 from .graph.layout import layout_groups, layout_index
 

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from permask._modules import model_device
 from permask.experiment.atomic import atomic_save
+from permask.metrics import evaluate  # re-exported: the training loop's evaluation
 from permask.sparse import MaskedOptimizer
 
 __all__ = [
@@ -153,7 +155,7 @@ def train(
         raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     steps = len(loader)  # type: ignore[arg-type]
     opt = make_optimizer(optimizer, model, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -263,26 +265,6 @@ def _set_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in states])
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (fraction) over ``loader``, in eval mode."""
-    loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
-    for out, y in _outputs(model, loader, device):
-        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-    if seen == 0:
-        raise ValueError("the loader yielded no batches")
-    return float(loss_sum) / seen, int(correct) / seen
-
-
 @torch.no_grad()
 def predict_proba(
     model: nn.Module, loader: Iterable, device: torch.device | str | None = None
@@ -296,7 +278,7 @@ def predict_proba(
 
 def _outputs(model: nn.Module, loader: Iterable, device):
     """Yield ``(logits, labels)`` in eval mode, restoring the model's mode afterwards."""
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:

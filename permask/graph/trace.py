@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .._wrappers import unwrap
+from .._modules import unwrap
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import layout_groups, locate

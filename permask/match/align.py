@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._wrappers import unwrap
+from .._modules import model_device, unwrap
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, paired_module
 from .assign import assign
@@ -81,11 +81,6 @@ def _inputs(batch: Any) -> tuple:
     )
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    t = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -126,7 +121,7 @@ def align(
     distributed = distributed and dist.get_world_size() > 1
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
-    dev = torch.device(device) if device is not None else _model_device(model_a)
+    dev = torch.device(device) if device is not None else model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
@@ -149,7 +144,7 @@ def align(
                 raise ValueError("the loader yielded no batches")
             example_inputs = _inputs(first)
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        graph = trace(model_a, tuple(t.to(_model_device(model_a)) for t in inputs))
+        graph = trace(model_a, tuple(t.to(model_device(model_a)) for t in inputs))
     if method == "weight":
         res = weight_matching(
             _on(model_a, dev).state_dict(), _on(model_b, dev).state_dict(), graph,
@@ -174,7 +169,7 @@ def align(
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
-    return model if _model_device(model) == device else copy.deepcopy(model).to(device)
+    return model if model_device(model) == device else copy.deepcopy(model).to(device)
 
 
 def _activation(model_a, model_b, graph, first, batches, device, solver, distributed):

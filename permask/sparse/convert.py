@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from .._wrappers import unwrap
+from .._modules import unwrap
 from .mask import Mask, check_entry
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, TypeAlias
 import torch
 from torch import nn
 
-from .._wrappers import unwrap
+from .._modules import unwrap
 
 Mask: TypeAlias = dict[str, torch.Tensor]
 #: A parameter-name filter: a glob pattern (``"layer1.*"``), several patterns, or a predicate.

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._wrappers import unwrap
+from .._modules import unwrap
 from .mask import Mask, check_entry
 
 #: Optimizer classes (exact types, not subclasses) that keep exact zeros given zero grads.

@@ -1,7 +1,10 @@
-"""Looking through model wrappers: one definition for every package (depends on torch only)."""
+"""Small helpers about ``nn.Module`` s, one definition for every package (depends on torch only)."""
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 from torch import nn
 
 
@@ -14,3 +17,9 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer); CPU for a model with neither."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
