@@ -188,17 +188,18 @@ class CorrelationStats:
             for j in range(len(p.units)):
                 sums, shift = self.sums[i][j], self.shift.get((i, j))
                 n, device = sums[0].numel(), sums[0].device
+                own = None if shift is None else torch.cat([s.flatten() for s in shift]).double()
                 shared = torch.zeros(2 * n + 2, dtype=torch.float64, device=device)
-                if shift is not None:  # [shift of A, shift of B, 1 (a rank with data), count]
-                    shared[: 2 * n] = torch.cat([s.flatten() for s in shift]).double()
+                if own is not None:  # [shift of A, shift of B, 1 (a rank with data), count]
+                    shared[: 2 * n] = own
                     shared[2 * n] = 1
                 shared[-1] = self.count[i][j]
                 dist.all_reduce(shared)
                 if shared[2 * n] == 0:  # no rank observed this point
                     continue
                 common = shared[: 2 * n] / shared[2 * n]
-                if shift is not None:
-                    delta = torch.cat([s.flatten() for s in shift]).double() - common
+                if own is not None:
+                    delta = own - common
                     _reshift(sums, self.count[i][j], delta[:n], delta[n:])
                 for t in sums:
                     dist.all_reduce(t)

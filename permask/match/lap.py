@@ -23,10 +23,7 @@ __all__ = ["solve_lap", "available_solvers"]
 def _scipy(cost: np.ndarray, maximize: bool) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(cost, maximize=maximize)
-    out = np.full(cost.shape[0], -1, dtype=np.int64)
-    out[rows] = cols
-    return out
+    return _column_per_row(cost.shape[0], *linear_sum_assignment(cost, maximize=maximize))
 
 
 def _lapx(cost: np.ndarray, maximize: bool) -> np.ndarray:
@@ -38,7 +35,12 @@ def _lapx(cost: np.ndarray, maximize: bool) -> np.ndarray:
         _, x, _ = lap.lapjv(cost, extend_cost=not square)
         return np.asarray(x, dtype=np.int64)
     rows, cols = lap.lapjvh(cost, extend_cost=not square, return_cost=False)
-    out = np.full(cost.shape[0], -1, dtype=np.int64)
+    return _column_per_row(cost.shape[0], rows, cols)
+
+
+def _column_per_row(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Aligned ``(rows, cols)`` pairs as each row's column, -1 for rows left over."""
+    out = np.full(n, -1, dtype=np.int64)
     out[rows] = cols
     return out
 

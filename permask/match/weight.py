@@ -157,7 +157,7 @@ def weight_matching(
                 p = solve_lap(score, solver=solver).to(device)
                 ar = torch.arange(len(p), device=device)
                 new, old = score[ar, p].sum().item(), score[ar, perms[g]].sum().item()
-                if new > old + 1e-7 * max(abs(old), 1e-30):
+                if _improves(new, old):
                     perms[g] = p
                     changed(g)
             if g in joint_stale:
@@ -236,10 +236,15 @@ def _joint_move(
     touched = {n for n, lays in layouts.items() if set(changed) & _groups_of(lays)}
     old = _objective(touched, wa, wb, layouts, perms)
     new = _objective(touched, wa, wb, layouts, {**perms, **proposal})
-    if new <= old + 1e-7 * max(abs(old), 1e-30):
+    if not _improves(new, old):
         return []
     perms.update(proposal)
     return changed
+
+
+def _improves(new: float, old: float) -> bool:
+    """A move is kept only for a gain above float32 noise in the scores (1e-7 relative)."""
+    return new > old + 1e-7 * max(abs(old), 1e-30)
 
 
 def _groups_of(layouts: list[Layout]) -> set[str]:
@@ -256,9 +261,7 @@ def _objective(
     """``sum <W_B, P W_A>`` over the named tensors, summed in float64."""
     total = 0.0
     for n in names:
-        t = wa[n]
-        for axis, lay in enumerate(layouts[n]):
-            t = t.index_select(axis, layout_index(lay, perms, t.device))
+        t = _take(wa[n], [layout_index(lay, perms, wa[n].device) for lay in layouts[n]])
         total += float((t * wb[n]).sum(dtype=torch.float64))
     return total
 
