@@ -27,18 +27,27 @@ from permask.experiment.models import resnet20
 from permask.match import align, available_solvers, solve_lap
 
 
-def _seconds(f) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(f, device: torch.device) -> float:
+    _sync(device)
     t = time.perf_counter()
     f()
+    _sync(device)
     return time.perf_counter() - t
 
 
-def activation_ratio(name: str, make, batch: int, batches: int) -> dict:
+def activation_ratio(name: str, make, batch: int, batches: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    a = make().eval()
+    a = make().eval().to(device)
     torch.manual_seed(1)
-    b = make().eval()
-    data = [(torch.randn(batch, 3, 32, 32), torch.zeros(batch)) for _ in range(batches)]
+    b = make().eval().to(device)
+    data = [
+        (torch.randn(batch, 3, 32, 32, device=device), torch.zeros(batch)) for _ in range(batches)
+    ]
     t = time.perf_counter()
     graph = permask.trace(a, data[0][0])
     t_trace = time.perf_counter() - t
@@ -59,8 +68,8 @@ def activation_ratio(name: str, make, batch: int, batches: int) -> dict:
     plain(), match()  # warm-up
     t_plain = t_match = float("inf")
     for _ in range(3):  # interleaved, so that load changes hit both
-        t_plain = min(t_plain, _seconds(plain))
-        t_match = min(t_match, _seconds(match))
+        t_plain = min(t_plain, _seconds(plain, device))
+        t_match = min(t_match, _seconds(match, device))
     info = match()
     t_pass = min(passes[1:])
     return dict(
@@ -69,14 +78,17 @@ def activation_ratio(name: str, make, batch: int, batches: int) -> dict:
     )  # fmt: skip
 
 
-def weight_resnet50() -> dict:
+def weight_resnet50(device: torch.device) -> dict:
     torch.manual_seed(0)
-    a = torchvision.models.resnet50().eval()
+    a = torchvision.models.resnet50().eval().to(device)
     torch.manual_seed(1)
-    b = torchvision.models.resnet50().eval()
-    graph = permask.trace(a, torch.randn(1, 3, 64, 64))
+    b = torchvision.models.resnet50().eval().to(device)
+    graph = permask.trace(a, torch.randn(1, 3, 64, 64, device=device))
     res = {}
     for solver in available_solvers():
+        if device.type == "cuda":  # CUDA context and kernels warmed outside the clock
+            align(a, b, method="weight", graph=graph, solver=solver)
+        _sync(device)
         t = time.perf_counter()
         _, info = align(a, b, method="weight", graph=graph, return_info=True, solver=solver)
         res[solver] = (time.perf_counter() - t, info.iterations, info.objective)
@@ -110,6 +122,7 @@ def lap_times(sizes=(512, 2048, 4096)) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where models, data and scores live")
     parser.add_argument(
         "--parts", nargs="+", choices=["activation", "weight", "lap"],
         default=["activation", "weight", "lap"],
@@ -117,7 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, solvers {available_solvers()}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {threads} threads, solvers {available_solvers()}")
     if "activation" in args.parts:
         print(
             "\n| model | plain eval A+B (s) | data pass (s) | pass / plain | matching total (s) "
@@ -128,7 +143,7 @@ def main() -> None:
             ("ResNet20x4", lambda: resnet20(4)),
             ("ResNet50 (torchvision)", torchvision.models.resnet50),
         ):
-            r = activation_ratio(name, make, batch=64, batches=4)
+            r = activation_ratio(name, make, batch=64, batches=4, device=device)
             print(
                 f"| {r['model']} | {r['plain']:.2f} | {r['passed']:.2f} | {r['pass_ratio']:.2f} "
                 f"| {r['match']:.2f} | {r['ratio']:.2f} | {r['trace']:.2f} | "
@@ -137,7 +152,7 @@ def main() -> None:
             )
     if "weight" in args.parts:
         print("\n| weight matching resnet50 | seconds | sweeps | objective |\n|---|---|---|---|")
-        for solver, (sec, sweeps, obj) in weight_resnet50().items():
+        for solver, (sec, sweeps, obj) in weight_resnet50(device).items():
             print(f"| solver={solver} | {sec:.2f} | {sweeps} | {obj:.4g} |", flush=True)
     if "lap" in args.parts:
         solvers = available_solvers()

@@ -49,13 +49,17 @@ MODELS = {
 
 
 def make_steps(
-    factory: Callable[[], nn.Module], shape: tuple[int, ...], make_opt: Callable, sparsity: float
+    factory: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    make_opt: Callable,
+    sparsity: float,
+    device: torch.device,
 ) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    base = factory()
+    base = factory().to(device)
     mask = magnitude_mask(base, sparsity)
-    x = torch.randn(shape)
-    y = torch.randint(0, 10, (shape[0],))
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, 10, (shape[0],), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     dense = copy.deepcopy(base)
@@ -85,7 +89,13 @@ def make_steps(
     return {name: step_fn(*setup) for name, setup in setups.items()}
 
 
-def measure(steps: dict[str, Callable[[], None]], repeats: int, n: int) -> dict[str, list[float]]:
+def measure(
+    steps: dict[str, Callable[[], None]], repeats: int, n: int, device: torch.device
+) -> dict[str, list[float]]:
+    def sync() -> None:  # a GPU block ends when its queued kernels do
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for step in steps.values():  # warm-up (allocations, optimizer state)
         for _ in range(3):
             step()
@@ -93,9 +103,11 @@ def measure(steps: dict[str, Callable[[], None]], repeats: int, n: int) -> dict[
     names = list(steps)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 steps[name]()
+            sync()
             times[name].append((time.perf_counter() - t0) / n)
     return times
 
@@ -107,8 +119,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads\n")
 
     print(
         "| model | optimizer | dense ms/step | masked ms/step | masked/dense | always/dense "
@@ -117,8 +133,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for model_name, factory, shape in (MODELS[m] for m in args.models):
         for opt_name, make_opt in OPTIMIZERS.items():
-            steps = make_steps(factory, shape, make_opt, args.sparsity)
-            t = measure(steps, args.repeats, args.steps)
+            steps = make_steps(factory, shape, make_opt, args.sparsity, device)
+            t = measure(steps, args.repeats, args.steps, device)
 
             def ratio(name: str, t=t) -> float:
                 return statistics.median(a / b for a, b in zip(t[name], t["dense"]))
