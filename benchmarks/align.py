@@ -4,7 +4,8 @@
     PYTHONPATH=/tmp/lapx_pkg .venv/bin/python benchmarks/align.py   # lapx from a separate dir
 
 1. Activation matching time / time of plain eval of A and B over the same batches (random
-   32x32 inputs, batch 64, 4 batches, graph traced beforehand; best of 3 each, interleaved):
+   inputs, by default 32x32, batch 64, 4 batches; graph traced beforehand; best of 3 each,
+   interleaved):
    the data pass alone (both forwards plus statistics: the per-data cost) and the total (plus
    correlations and the LAPs, a fixed cost that does not grow with the data).
 2. Weight matching of two random-init torchvision resnet50s: seconds and sweeps.
@@ -40,13 +41,16 @@ def _seconds(f, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def activation_ratio(name: str, make, batch: int, batches: int, device: torch.device) -> dict:
+def activation_ratio(
+    name: str, make, batch: int, batches: int, size: int, device: torch.device
+) -> dict:
     torch.manual_seed(0)
     a = make().eval().to(device)
     torch.manual_seed(1)
     b = make().eval().to(device)
     data = [
-        (torch.randn(batch, 3, 32, 32, device=device), torch.zeros(batch)) for _ in range(batches)
+        (torch.randn(batch, 3, size, size, device=device), torch.zeros(batch))
+        for _ in range(batches)
     ]
     t = time.perf_counter()
     graph = permask.trace(a, data[0][0])
@@ -123,6 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where models, data and scores live")
+    parser.add_argument("--batch", type=int, default=64, help="activation part: batch size")
+    parser.add_argument("--batches", type=int, default=4, help="activation part: batches")
+    parser.add_argument("--size", type=int, default=32, help="activation part: image side")
+    parser.add_argument(
+        "--tf32", action="store_true", help="allow TF32 matrix products (CUDA; off by default)"
+    )
     parser.add_argument(
         "--parts", nargs="+", choices=["activation", "weight", "lap"],
         default=["activation", "weight", "lap"],
@@ -131,8 +141,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, {threads} threads, solvers {available_solvers()}")
+    print(f"activation inputs: {args.batches} batches of {args.batch}x3x{args.size}x{args.size}")
+    if device.type == "cuda":
+        print(f"TF32 matrix products: {args.tf32}")
     if "activation" in args.parts:
         print(
             "\n| model | plain eval A+B (s) | data pass (s) | pass / plain | matching total (s) "
@@ -143,7 +157,7 @@ def main() -> None:
             ("ResNet20x4", lambda: resnet20(4)),
             ("ResNet50 (torchvision)", torchvision.models.resnet50),
         ):
-            r = activation_ratio(name, make, batch=64, batches=4, device=device)
+            r = activation_ratio(name, make, args.batch, args.batches, args.size, device)
             print(
                 f"| {r['model']} | {r['plain']:.2f} | {r['passed']:.2f} | {r['pass_ratio']:.2f} "
                 f"| {r['match']:.2f} | {r['ratio']:.2f} | {r['trace']:.2f} | "
