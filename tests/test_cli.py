@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from shared_data import DATA
+from shared_data import DATA, needs_mnist
 
 from permask.cli import _parser, main
 from permask.experiment.config import ConfigError, RunConfig, config_from_flags, load_config
@@ -122,7 +122,7 @@ def test_config_rejects_unknown_sparse_schedule_and_bad_sparse_lr():
 def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
     from permask.experiment.pipeline import prepare
 
-    with pytest.raises(ConfigError, match="device must be a torch device.*'gpu'"):
+    with pytest.raises(ConfigError, match="device must be auto or a torch device.*'gpu'"):
         prepare(RunConfig(device="gpu", out=str(tmp_path / "a")))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="has no CUDA"):
@@ -130,3 +130,19 @@ def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="without torchrun"):
         prepare(RunConfig(out=str(tmp_path / "c")))
+
+
+@needs_mnist
+def test_device_auto_is_the_gpu_when_there_is_one(tmp_path):
+    """The default device is ``auto``: the run uses CUDA where torch sees it, else the CPU; the
+    caller's config is left as given."""
+    from permask.experiment.pipeline import prepare
+
+    cfg = RunConfig(dataset="mnist", data_dir=str(DATA), train_subset=64, test_subset=64,
+                    out=str(tmp_path / "auto"))  # fmt: skip
+    assert cfg.device == "auto"
+    exp = prepare(cfg)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert exp.cfg.device == want and cfg.device == "auto"
+    assert exp.train_loader.images.device.type == want
+    assert next(exp.build(0).parameters()).device.type == want

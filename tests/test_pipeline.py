@@ -29,6 +29,7 @@ TINY = dict(
     rewind=[1],
     threads=1,
     progress=False,
+    device="cpu",  # bit-identical resume is a CPU property (the GPU's: tests/test_cuda.py)
 )
 
 

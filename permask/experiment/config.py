@@ -73,7 +73,7 @@ class RunConfig:
     interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
     interp_batches: int | None = _f(None, "test batches per interpolation point (default all)")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
-    device: str = _f("cpu", "torch device, e.g. cpu or cuda")
+    device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     progress: bool = _f(True, "show progress bars")
     out: str | None = _f(None, "run directory (default runs/<model>-<dataset>)")

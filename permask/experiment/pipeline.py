@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +132,13 @@ def prepare(cfg: RunConfig) -> Experiment:
             "process would run the whole experiment). Use torchrun in your own training loop "
             "with MaskedOptimizer, which works under DDP"
         )
+    if cfg.device == "auto":  # the Experiment holds the device actually used
+        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(cfg.device)
     except RuntimeError:
         raise ConfigError(
-            f"device must be a torch device such as cpu or cuda:0, got {cfg.device!r}"
+            f"device must be auto or a torch device such as cpu or cuda:0, got {cfg.device!r}"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r}: this torch build or machine has no CUDA")
@@ -198,7 +200,10 @@ def run(cfg: RunConfig) -> Results:
     atomic_write_bytes(saved.encode(), out / "config.yaml")
     handler = _attach_log(exp.log, out / "run.log")
     try:
-        exp.log.info("run %s: %s on %s, %d seed(s)", out, cfg.model, cfg.dataset, cfg.seeds)
+        exp.log.info(
+            "run %s: %s on %s, %d seed(s), device %s",
+            out, cfg.model, cfg.dataset, cfg.seeds, exp.cfg.device,
+        )  # fmt: skip
         for seed in range(cfg.seeds):
             _run_seed(exp, seed)
         results = collect(out, cfg, exp.test_loader.labels.cpu(), exp.num_classes)
