@@ -162,7 +162,7 @@ def weight_matching(
 
     gen = torch.Generator().manual_seed(seed)
     iterations = 0
-    with ThreadPoolExecutor(max_workers=1 if overlap else None) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         while (stale or joint_stale) and iterations < max_iter:
             iterations += 1
             for g in (names[i] for i in torch.randperm(len(names), generator=gen).tolist()):
@@ -176,8 +176,9 @@ def weight_matching(
                         _accumulate(totals[g], s, wa, wb, idxs, seen.get((g, i)))
                     seen[(g, i)] = idxs
                     stale.discard((g, i))
-                if todo:
-                    pending[g] = pool.submit(solve_lap, totals[g], solver=solver)
+                if todo:  # a GPU score is copied here, on the caller's CUDA stream
+                    score = totals[g] if totals[g].device.type == "cpu" else totals[g].cpu()
+                    pending[g] = pool.submit(solve_lap, score, solver=solver)
                     if not overlap:
                         settle()
                 if g in joint_stale:
