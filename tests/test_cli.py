@@ -127,6 +127,8 @@ def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="has no CUDA"):
             prepare(RunConfig(device="cuda", out=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="'mps' has no float64.*--device cpu"):
+        prepare(RunConfig(device="mps", out=str(tmp_path / "m")))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="without torchrun"):
         prepare(RunConfig(out=str(tmp_path / "c")))

@@ -136,6 +136,12 @@ def test_aligned_model_computes_like_b():
         torch.testing.assert_close(moved(x), b(x))
 
 
+def test_mps_is_refused_with_the_cpu_as_the_fix():
+    model, graph, batches = _case("mlp")
+    with pytest.raises(ValueError, match="no float64.*pass device='cpu'"):
+        align(model, model, batches, graph=graph, device="mps")
+
+
 def test_different_architectures_named():
     with pytest.raises(ValueError, match=r"fc2.weight.*\(48, 48\).*\(40, 48\)"):
         align(mlp(32, (48, 48, 48)), mlp(32, (48, 40, 48)), _batches((8, 32), 1))

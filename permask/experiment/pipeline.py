@@ -142,6 +142,11 @@ def prepare(cfg: RunConfig) -> Experiment:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r}: this torch build or machine has no CUDA")
+    if device.type == "mps":
+        raise ConfigError(
+            "device 'mps' has no float64, which alignment and the metrics accumulate in; "
+            "use --device cpu"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:

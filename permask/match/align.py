@@ -124,6 +124,12 @@ def align(
     dev = torch.device(device) if device is not None else model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "mps":
+        raise ValueError(
+            "align cannot work on MPS: it has no float64, which the correlation statistics and "
+            "the weight-matching objective accumulate in; pass device='cpu' (the models are "
+            "copied there, not moved)"
+        )
     start = time.perf_counter()
     batches: Iterable = ()
     if loader is not None:
