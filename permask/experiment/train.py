@@ -5,7 +5,8 @@ optimizer and scheduler state dicts, the number of completed epochs and the torc
 batches come from a loader with ``set_epoch`` (see :class:`TensorLoader`), so the data order is a
 function of the epoch. Re-running :func:`train` with the same arguments and directory therefore
 continues an interrupted run (even one killed with SIGKILL) to bit-identical weights (on CPU;
-on CUDA only with deterministic algorithms, which the caller enables). Everything
+on CUDA with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, and for conv nets deterministic algorithms,
+which the caller sets: docs/pipeline.md). Everything
 in a checkpoint is a tensor or a plain Python value, so it loads with ``weights_only=True``.
 
 Rewind points: ``keep_epochs=(k, ...)`` also keeps ``epoch_<k>.pt``, the state after ``k``
