@@ -71,3 +71,15 @@ def test_dead_channel_gives_zero_not_nan():
     stats.observe(0, a, torch.randn(8, 3, 4))
     got = stats.scores()[("g",)]
     assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros(3, dtype=got.dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_cross_sum_is_named(bad):
+    """The cross sums are checked through their total (one pass): any NaN or inf entry shows."""
+    point = Point("x", 1, "conv", 3, (Unit(("g",), torch.arange(3)[None]),))
+    stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
+    stats.observe(0, torch.randn(8, 3, 4), torch.randn(8, 3, 4))
+    stats.check_finite()
+    stats.sums[0][0][4][2, 1] = bad
+    with pytest.raises(FloatingPointError, match="cross products at node 'x' \\(conv\\)"):
+        stats.check_finite()
