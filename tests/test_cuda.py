@@ -133,7 +133,7 @@ def test_pipeline_on_cuda_resumes_after_sigkill_to_identical_results(tmp_path):
 
     cuBLAS is made deterministic through its workspace setting (docs/pipeline.md)."""
     settings = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(DATA),
-                "--train-subset", "2000", "--test-subset", "300", "--epochs", "3",
+                "--train-subset", "10000", "--test-subset", "300", "--epochs", "4",
                 "--sparsity", "0.5", "--rewind", "1", "--interp-points", "3",
                 "--device", "cuda", "--no-progress"]  # fmt: skip
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -148,6 +148,8 @@ def test_pipeline_on_cuda_resumes_after_sigkill_to_identical_results(tmp_path):
         cli(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     sigkill_once_written(proc, last, timeout=300)
+    assert load_checkpoint(last)["epoch"] < 4  # killed inside dense B's training
+    assert not (killed / "seed0" / "dense_b" / "eval.pt").exists()
     subprocess.run(cli(killed), cwd=ROOT, env=env, check=True, capture_output=True)
     assert "resumed at epoch" in (killed / "run.log").read_text()
     runs = (tmp_path / "ref", killed)

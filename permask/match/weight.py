@@ -181,8 +181,9 @@ def weight_matching(
                     pending[g] = pool.submit(solve_lap, score, solver=solver)
                     if not overlap:
                         settle()
-                if g in joint_stale:
+                if g in joint:  # the sequence's estimates and joint_stale (g's own LAP may add g)
                     settle()
+                if g in joint_stale:
                     joint_stale.discard(g)
                     for h in _joint_move(joint[g], wa, wb, layouts, perms, sizes, solver):
                         changed(h)
