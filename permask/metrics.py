@@ -21,7 +21,7 @@ from torch import nn
 
 from ._modules import model_device, unwrap
 
-__all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation"]
+__all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation", "predict_proba"]
 
 
 def ensemble_metrics(
@@ -185,22 +185,38 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (fraction) over ``loader`` (at most ``max_batches``), in
     eval mode on ``device`` (default: the model's); the model's mode is restored."""
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
-    try:
-        for x, y in _batches(loader, max_batches):
-            out = model(x.to(device))
-            y = y.to(device)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-    finally:
-        model.train(was_training)
+    for out, y in _outputs(model, loader, device, max_batches):
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
     if seen == 0:
         raise ValueError("the loader yielded no batches")
     return float(loss_sum) / seen, int(correct) / seen
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Softmax outputs ``[N, classes]`` (float32, CPU) over ``loader``, in eval mode."""
+    chunks = [out.float().softmax(1).cpu() for out, _ in _outputs(model, loader, device)]
+    if not chunks:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(chunks)
+
+
+def _outputs(model: nn.Module, loader: Iterable, device, max_batches: int | None = None):
+    """Yield ``(logits, labels)`` on ``device`` (default: the model's) in eval mode, at most
+    ``max_batches``, restoring the model's mode afterwards."""
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in _batches(loader, max_batches):
+            yield model(x.to(device)), y.to(device)
+    finally:
+        model.train(was_training)
 
 
 def plot_interpolation(

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from permask._modules import model_device
 from permask.experiment.atomic import atomic_save
-from permask.metrics import evaluate  # re-exported: the training loop's evaluation
+from permask.metrics import evaluate, predict_proba  # re-exported: evaluation loops
 from permask.sparse import MaskedOptimizer
 
 __all__ = [
@@ -264,27 +264,3 @@ def _set_rng(rng: dict[str, Any]) -> None:
     if "cuda" in rng and torch.cuda.is_available():  # as many GPUs as are visible now
         states = rng["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in states])
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Softmax outputs ``[N, classes]`` (float32, CPU) over ``loader``, in eval mode."""
-    chunks = [out.float().softmax(1).cpu() for out, _ in _outputs(model, loader, device)]
-    if not chunks:
-        raise ValueError("the loader yielded no batches")
-    return torch.cat(chunks)
-
-
-def _outputs(model: nn.Module, loader: Iterable, device):
-    """Yield ``(logits, labels)`` in eval mode, restoring the model's mode afterwards."""
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        for x, y in loader:
-            y = y.to(device)
-            yield model(x.to(device)), y
-    finally:
-        model.train(was_training)
