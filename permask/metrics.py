@@ -145,10 +145,36 @@ def _barrier(alphas: list[float], values: list[float]) -> float:
     return max(v - (v0 + (a - a0) / span * (v1 - v0)) for a, v in zip(alphas, values))
 
 
-def _batches(loader: Iterable, max_batches: int | None):
+def _batches(loader: Iterable, max_batches: int | None, targets: bool = True):
+    """``(inputs, targets)`` pairs of the loader, at most ``max_batches``; anything else is
+    refused by name (unpacking would otherwise split an input-only tensor batch into rows).
+    With ``targets=False`` (BatchNorm re-estimation) input tensors alone pass too, as
+    ``(inputs, None)``."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
+        if not targets and isinstance(batch, torch.Tensor):
+            batch = (batch, None)
+        if not (
+            isinstance(batch, (tuple, list))
+            and len(batch) == 2
+            and isinstance(batch[0], torch.Tensor)
+            and (isinstance(batch[1], torch.Tensor) or not targets)
+        ):
+            if isinstance(batch, torch.Tensor):
+                what = f"a tensor of shape {tuple(batch.shape)}"
+            elif isinstance(batch, (tuple, list)):
+                kinds = ", ".join(type(t).__name__ for t in batch)
+                what = f"a {type(batch).__name__} of {len(batch)} items ({kinds})"
+            else:
+                what = f"a {type(batch).__name__}"
+            need = (
+                "loss and accuracy need (inputs, targets) pairs of tensors (permask.align also "
+                "takes input-only batches, these metrics cannot)"
+                if targets
+                else "BatchNorm re-estimation needs input tensors or (inputs, targets) pairs"
+            )
+            raise TypeError(f"the loader yielded {what}; {need}")
         yield batch
 
 
@@ -166,7 +192,7 @@ def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | Non
         m.momentum = None
     model.train()
     seen = 0
-    for x, _ in _batches(loader, max_batches):
+    for x, _ in _batches(loader, max_batches, targets=False):
         model(x.to(device))
         seen += 1
     for m, mom in zip(bns, saved):

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -92,6 +93,22 @@ def test_interpolation_endpoints_and_midpoint():
     assert a.fc1.weight.grad is None  # untouched
     with pytest.raises(ValueError, match="fc1.weight has shape"):
         interpolate(a, mlp(in_features=12, hidden=(8,)), data)
+
+
+@pytest.mark.parametrize(
+    "batch, named",
+    [
+        (torch.randn(2, 12), "a tensor of shape (2, 12)"),  # would unpack into two rows
+        ({"x": torch.randn(4, 12)}, "a dict"),
+        ((torch.randn(4, 12), torch.zeros(4), torch.zeros(4)), "a tuple of 3 items"),
+    ],
+)
+def test_batches_without_targets_are_refused_by_name(batch, named):
+    """Loss and accuracy need targets; a batch that is not an (inputs, targets) pair of tensors
+    is named in the error, not unpacked into something else."""
+    a, b = mlp(in_features=12, hidden=(16,)), mlp(in_features=12, hidden=(16,))
+    with pytest.raises(TypeError, match=re.escape(named)):
+        interpolate(a, b, [batch], alphas=2, reset_bn=False)
 
 
 def test_reset_bn_is_a_cumulative_average():
