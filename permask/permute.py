@@ -45,7 +45,25 @@ def permute_tensors(
 def permute_mask(
     mask: Mapping[str, torch.Tensor], pi: Permutation, graph: PermutationGraph
 ) -> dict[str, torch.Tensor]:
-    """Move every mask entry along the same axes as its weight (sparsity is kept exactly)."""
+    """Move every mask entry along the same axes as its weight (sparsity is kept exactly).
+
+    Entries of tensors that no group permutes are returned unchanged. Every name must be a
+    parameter or buffer of the traced model, with its shape: a mask of another model would
+    otherwise pass through unpermuted and fail only later, far from the cause.
+    """
+    for name, m in mask.items():
+        shape = graph.shapes.get(name)
+        if shape is None:
+            raise KeyError(
+                f"mask entry {name!r} names no parameter of the traced model; mask names must "
+                "be those of model.named_parameters() of the (unwrapped) model the graph was "
+                "traced from"
+            )
+        if tuple(m.shape) != tuple(shape):
+            raise ValueError(
+                f"mask entry {name!r} has shape {tuple(m.shape)} but the parameter has "
+                f"{tuple(shape)}"
+            )
     return permute_tensors(mask, pi, graph)
 
 
@@ -59,6 +77,7 @@ def permute_model(
     are kept, so optimizers holding them stay valid). Caches that modules filled from their
     parameters in eval mode are cleared. The function the model computes is
     unchanged (in eval mode; in train mode as well, up to BatchNorm batch statistics order).
+    Groups that ``pi`` does not name stay in place.
     """
     model = unwrap(model)
     target = model if inplace else copy.deepcopy(model)

@@ -231,6 +231,16 @@ def test_permute_mask_keeps_sparsity_and_masked_function(resnet):
     assert rel_err(outputs(masked, x), outputs(permuted, x)) < 1e-10
 
 
+def test_permute_mask_refuses_names_and_shapes_of_another_model(resnet):
+    """A mask entry the traced model does not have would pass through unpermuted."""
+    _, _, graph = resnet
+    pi = permask.random_permutation(graph)
+    with pytest.raises(KeyError, match="'conv.weight' names no parameter"):
+        permask.permute_mask({"conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.bool)}, pi, graph)
+    with pytest.raises(ValueError, match=r"'conv1.weight' has shape \(8, 3, 3, 3\)"):
+        permask.permute_mask({"conv1.weight": torch.ones(8, 3, 3, 3, dtype=torch.bool)}, pi, graph)
+
+
 def test_print_and_networkx(resnet):
     _, _, graph = resnet
     text = str(graph)
