@@ -147,6 +147,53 @@ def test_different_architectures_named():
         align(mlp(32, (48, 48, 48)), mlp(32, (48, 40, 48)), _batches((8, 32), 1))
 
 
+def test_models_of_different_dtypes_named():
+    """Activation matching feeds both models the same batches; weight matching does not care."""
+    a, b = mlp(32, (8,)).double(), mlp(32, (8,))
+    with pytest.raises(
+        ValueError, match=r"model_a's parameters are float64 but model_b's are float32"
+    ):
+        align(a, b, _batches((8, 32), 1))
+    assert len(align(a, b, method="weight", example_inputs=torch.randn(2, 32).double())) == 1
+
+
+def _constant_units(model, batches):
+    """Per hidden layer of an ``mlp``, its units whose ReLU output is the same on every input."""
+    x = torch.cat([x for x, _ in batches])
+    out = {}
+    with torch.no_grad():
+        for i in (1, 2):
+            x = getattr(model, f"relu{i}")(getattr(model, f"fc{i}")(x))
+            n = int((x.std(0) == 0).sum())
+            if n:
+                out[f"fc{i}.weight:0"] = (n, n)  # B is a permuted copy: the same count
+    return out
+
+
+def test_constant_channels_are_counted_and_logged(caplog):
+    """Units that never fire have no data to order them: AlignInfo.constant counts them per
+    model (the same units a direct forward finds) and a warning names them."""
+    torch.manual_seed(0)
+    a = mlp(12, (64, 32))
+    with torch.no_grad():
+        a.fc1.bias[:20] = -50.0  # 20 units of fc1 never fire
+    graph = permask.trace(a, torch.randn(2, 12))
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    b = permask.permute_model(a, pi, graph)
+    data = _batches((64, 12), 2)
+    want = _constant_units(a, data)
+    assert want["fc1.weight:0"] == (20, 20)
+    with caplog.at_level("WARNING", logger="permask.match.align"):
+        _, info = align(a, b, data, graph=graph, return_info=True)
+    assert info.constant == want
+    assert "'fc1.weight:0': 20 in model_a, 20 in model_b" in caplog.text
+    with torch.no_grad():
+        a.fc1.bias.fill_(1.0)  # every unit of fc1 fires on some inputs and not on others
+    assert "fc1.weight:0" not in _constant_units(a, data)
+    _, info = align(a, a, data, graph=graph, return_info=True)
+    assert info.constant == _constant_units(a, data)
+
+
 def test_empty_loader_and_missing_inputs():
     a, b = mlp(32, (8,)), mlp(32, (8,))
     with pytest.raises(ValueError, match="no batches"):

@@ -226,23 +226,53 @@ class CorrelationStats:
                         "float32; the activations there are too large"
                     )
 
+    def _moments(
+        self, i: int, j: int
+    ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Count, means and standard deviations of A's and B's (shifted) values at unit j of
+        point i."""
+        n = self.count[i][j]
+        sa, sb, saa, sbb, _ = self.sums[i][j]
+        ma, mb = sa / n, sb / n
+        std_a = (saa / n - ma * ma).clamp_min(0).sqrt()
+        std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
+        return n, ma, mb, std_a, std_b
+
     def scores(self, eps: float = 1e-4) -> dict[tuple[str, ...], torch.Tensor]:
         """Correlation matrices ``[n_a, n_b]`` per unit key, summed over observation points."""
         out: dict[tuple[str, ...], torch.Tensor] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
-                n = self.count[i][j]
-                sa, sb, saa, sbb, sab = self.sums[i][j]
-                ma, mb = sa / n, sb / n
-                corr = torch.div(sab, n).addr_(ma, mb, alpha=-1)  # cov, in place from here
-                std_a = (saa / n - ma * ma).clamp_min(0).sqrt()
-                std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
+                n, ma, mb, std_a, std_b = self._moments(i, j)
+                corr = torch.div(self.sums[i][j][4], n).addr_(ma, mb, alpha=-1)  # cov, in place
                 corr.div_(torch.outer(std_a, std_b).add_(eps))
                 if u.groups in out:
                     out[u.groups] += corr
                 else:
                     out[u.groups] = corr
         return out
+
+    def constant(self, rtol: float = 1e-5) -> dict[tuple[str, ...], tuple[int, int]]:
+        """Per unit key, how many of A's and of B's elements were constant (a ReLU that never
+        fired, say) at every observation point: their correlations are all 0, so the data gives
+        them no order and the assignment pairs them arbitrarily. Constant means a standard
+        deviation at most ``rtol`` times the unit's largest (or the element's mean) magnitude,
+        which also catches float32 rounding of a constant."""
+        live: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        for i, p in enumerate(self.plan.points):
+            for j, u in enumerate(p.units):
+                _, ma, mb, std_a, std_b = self._moments(i, j)
+                shift = self.shift.get((i, j))  # the values were shifted: add the shift back
+                flags = []
+                for m, std, s in ((ma, std_a, None if shift is None else shift[0]),
+                                  (mb, std_b, None if shift is None else shift[1])):  # fmt: skip
+                    mean = m if s is None else m + s.flatten().to(m.dtype)
+                    flags.append(std > rtol * (mean.abs() + std.max()))
+                if u.groups in live:
+                    live[u.groups] = [x | f for x, f in zip(live[u.groups], flags)]
+                else:
+                    live[u.groups] = flags
+        return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in live.items()}
 
 
 def _gather_index(unit: Unit, point: Point, device: torch.device) -> torch.Tensor | None:

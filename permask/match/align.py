@@ -33,7 +33,11 @@ class AlignInfo:
     activation shows, matched by weights instead; ``stats_bytes``: float64 statistics memory
     (activation); ``pass_seconds``: the pass over the data (both forwards and the statistics;
     the rest of ``seconds`` is correlations and assignment, independent of the data size);
-    ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight).
+    ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight);
+    ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's elements were
+    constant on the data (e.g. ReLUs that never fired), only units that had some (activation).
+    The data gives such elements no order: they are paired arbitrarily (also logged as a
+    warning). More or other data, or ``method="weight"``, orders them.
     """
 
     method: str
@@ -47,6 +51,7 @@ class AlignInfo:
     points: dict[str, list[str]] = field(default_factory=dict)
     unmatched: tuple[str, ...] = ()
     pass_seconds: float = 0.0
+    constant: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -121,6 +126,8 @@ def align(
     distributed = distributed and dist.get_world_size() > 1
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
+    if method == "activation":
+        _check_same_dtypes(model_a, model_b)
     dev = torch.device(device) if device is not None else model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -174,6 +181,20 @@ def align(
     return (pi, info) if return_info else pi
 
 
+def _check_same_dtypes(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Both models run on the same batches: their floating-point dtypes must agree."""
+    da, db = (
+        {p.dtype for p in m.parameters() if p.is_floating_point()} for m in (model_a, model_b)
+    )
+    if da != db:
+        names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (da, db)]
+        raise ValueError(
+            f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
+            f"matching runs both models on the same batches: convert one to the other's dtype "
+            f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
+        )
+
+
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
     return model if model_device(model) == device else copy.deepcopy(model).to(device)
 
@@ -212,6 +233,15 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     if n_batches == 0:
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
+    constant = {" x ".join(k): c for k, c in stats.constant().items() if any(c)}
+    if constant:
+        worst = max(constant, key=lambda k: max(constant[k]))
+        log.warning(
+            "activation matching: %d unit(s) have channels that were constant on the data, "
+            "paired arbitrarily (e.g. '%s': %d in model_a, %d in model_b); use more or other "
+            "data, or method='weight' (AlignInfo.constant lists them)",
+            len(constant), worst, *constant[worst],
+        )  # fmt: skip
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
         perms = weight_matching(
@@ -224,6 +254,6 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
                 points.setdefault(g, []).append(p.node)
     info = AlignInfo(
         "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
-        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds,
+        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
     )  # fmt: skip
     return Permutation(perms), info
