@@ -43,8 +43,12 @@ class RunConfig:
     batch_norm: bool = _f(False, "vgg11 with BatchNorm (the paper's VGG11 has none)")
     dataset: str = _f("fashion_mnist", "mnist, fashion_mnist, cifar10, cifar100, imagefolder:PATH")
     data_dir: str | None = _f(None, "data root (default: $PERMASK_DATA, then standard places)")
-    train_subset: int | None = _f(None, "train on a fixed random subset of this many examples")
-    test_subset: int | None = _f(None, "evaluate on a fixed random subset of this many examples")
+    train_subset: int | None = _f(
+        None, "train on a fixed random subset of this many examples (default: all)"
+    )
+    test_subset: int | None = _f(
+        None, "evaluate on a fixed random subset of this many examples (default: all)"
+    )
     seeds: int = _f(1, "number of seeds (independent repeats of the whole pipeline)")
     shared_a: bool = _f(False, "train A, IMP and m_A once (seed 0) and reuse them for every seed")
     epochs: int = _f(10, "epochs of dense training (and of sparse training, counted from 0)")
@@ -68,15 +72,19 @@ class RunConfig:
     finetune_lr: float = _f(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
     dense_shortcuts: bool = _f(True, "never prune residual shortcut/downsample convs")
     match: str = _f("activation", "alignment method: activation or weight")
-    match_epoch: int | None = _f(None, "align A to B's checkpoint after this many epochs")
-    match_batches: int | None = _f(None, "batches of training data for activation matching")
+    match_epoch: int | None = _f(
+        None, "align A to B's checkpoint after this many epochs (default: final B)"
+    )
+    match_batches: int | None = _f(
+        None, "batches of training data for activation matching (default: all)"
+    )
     interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
-    interp_batches: int | None = _f(None, "test batches per interpolation point (default all)")
+    interp_batches: int | None = _f(None, "test batches per interpolation point (default: all)")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     progress: bool = _f(True, "show progress bars")
-    out: str | None = _f(None, "run directory (default runs/<model>-<dataset>)")
+    out: str | None = _f(None, "run directory (default: runs/<model>-<dataset>)")
 
     def __post_init__(self) -> None:
         self.sparsity = sorted({float(s) for s in self.sparsity})
@@ -185,7 +193,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         tp, is_list = _base_type(f.type)
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        kw["help"] = f"{f.metadata['help']} (default: {_default(f)})"
+        default = _default(f)  # a None default is explained by the help text itself
+        kw["help"] = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
