@@ -241,6 +241,18 @@ def test_permute_mask_refuses_names_and_shapes_of_another_model(resnet):
         permask.permute_mask({"conv1.weight": torch.ones(8, 3, 3, 3, dtype=torch.bool)}, pi, graph)
 
 
+def test_example_inputs_that_do_not_fit_name_the_node():
+    """One message naming the node and the fix, without torch.fx's appended traceback."""
+    from permask.experiment.models import mlp
+
+    with pytest.raises(ValueError) as err:
+        permask.trace(mlp(12, (8,)), torch.randn(2, 13))
+    text = str(err.value)
+    assert text.startswith("running node 'fc1' (call_module fc1) on the example inputs failed")
+    assert text.endswith("Check that example_inputs fit the model.")
+    assert "While executing" not in text
+
+
 def test_print_and_networkx(resnet):
     _, _, graph = resnet
     text = str(graph)

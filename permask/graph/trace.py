@@ -115,6 +115,7 @@ def symbolic_trace(model: nn.Module, n_inputs: int | None = None) -> fx.GraphMod
 class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
+        self.extra_traceback = False  # our error names the node; fx's addition is noise
         self.metas: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
