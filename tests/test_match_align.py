@@ -96,6 +96,7 @@ def test_activation_self_alignment(name, seed):
 @settings(max_examples=3, deadline=None)
 @given(seed=SEEDS)
 @example(seed=16)  # grouped: single-group updates stalled on blocks x within (joint move fixes)
+@example(seed=1)  # convnext_atto: 10 of 16 groups wrong with a random first sweep
 def test_weight_self_alignment(name, seed):
     _check_recovered(name, "weight", seed)
 
@@ -150,8 +151,13 @@ def test_different_architectures_named():
 
 
 def test_models_of_different_dtypes_named():
-    """Activation matching feeds both models the same batches; weight matching does not care."""
-    a, b = mlp(32, (8,)).double(), mlp(32, (8,))
+    """Activation matching feeds both models the same batches: a pass that fails while their
+    dtypes differ names both. A mix that runs (bfloat16 and float32 under autocast) is fine,
+    and weight matching does not care."""
+    a, b = mlp(32, (8,)).to(torch.bfloat16), mlp(32, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert len(align(a, b, _batches((8, 32), 1))) == 1
+    a = a.double()
     with pytest.raises(
         ValueError, match=r"model_a's parameters are float64 but model_b's are float32"
     ):
@@ -194,6 +200,18 @@ def test_constant_channels_are_counted_and_logged(caplog):
     assert "fc1.weight:0" not in _constant_units(a, data)
     _, info = align(a, a, data, graph=graph, return_info=True)
     assert info.constant == _constant_units(a, data)
+
+
+def test_constant_means_no_variation_at_the_channels_scale():
+    """Constancy is judged on the unshifted values: a channel at 1000 whose float32 values
+    barely move (ulp noise) is constant, one at 1000 that varies by 0.01 is not."""
+    torch.manual_seed(0)
+    a = mlp(4, (4,))
+    with torch.no_grad():
+        a.fc1.weight.copy_(torch.diag(torch.tensor([0.0, 1e-5, 1e-2, 1.0])))
+        a.fc1.bias.copy_(torch.tensor([1000.0, 1000.0, 1000.0, 5.0]))
+    _, info = align(a, a, _batches((64, 4), 2), return_info=True)
+    assert info.constant == {"fc1.weight:0": (2, 2)}
 
 
 def test_empty_loader_and_missing_inputs():

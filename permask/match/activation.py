@@ -252,12 +252,13 @@ class CorrelationStats:
                     out[u.groups] = corr
         return out
 
-    def constant(self, rtol: float = 1e-5) -> dict[tuple[str, ...], tuple[int, int]]:
+    def constant(self, rtol: float = 1e-6) -> dict[tuple[str, ...], tuple[int, int]]:
         """Per unit key, how many of A's and of B's elements were constant (a ReLU that never
         fired, say) at every observation point: their correlations are all 0, so the data gives
         them no order and the assignment pairs them arbitrarily. Constant means a standard
-        deviation at most ``rtol`` times the unit's largest (or the element's mean) magnitude,
-        which also catches float32 rounding of a constant."""
+        deviation at most ``rtol`` times the element's mean magnitude plus the unit's largest
+        standard deviation: about 16 float32 steps of the mean, so rounding of a constant is
+        caught and any real variation (which the correlations do order) is not."""
         live: dict[tuple[str, ...], list[torch.Tensor]] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):

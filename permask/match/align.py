@@ -126,8 +126,6 @@ def align(
     distributed = distributed and dist.get_world_size() > 1
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
-    if method == "activation":
-        _check_same_dtypes(model_a, model_b)
     dev = torch.device(device) if device is not None else model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -181,18 +179,21 @@ def align(
     return (pi, info) if return_info else pi
 
 
-def _check_same_dtypes(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Both models run on the same batches: their floating-point dtypes must agree."""
+def _dtype_hint(model_a: nn.Module, model_b: nn.Module) -> str | None:
+    """Why a pass may have failed: the models' floating-point dtypes differ (both run on the
+    same batches). ``None`` when they agree. Only consulted after a failure, since a mix can
+    work (e.g. bfloat16 and float32 under ``torch.autocast``)."""
     da, db = (
         {p.dtype for p in m.parameters() if p.is_floating_point()} for m in (model_a, model_b)
     )
-    if da != db:
-        names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (da, db)]
-        raise ValueError(
-            f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
-            f"matching runs both models on the same batches: convert one to the other's dtype "
-            f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
-        )
+    if da == db:
+        return None
+    names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (da, db)]
+    return (
+        f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
+        f"matching runs both models on the same batches: convert one to the other's dtype "
+        f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
+    )
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
@@ -216,7 +217,13 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
         with torch.no_grad():
             for batch in itertools.chain([first] if first is not None else [], batches):
                 x = tuple(t.to(device, non_blocking=True) for t in _inputs(batch))
-                paired(*x)
+                try:
+                    paired(*x)
+                except RuntimeError as err:
+                    hint = _dtype_hint(a, b)
+                    if hint is None:
+                        raise
+                    raise ValueError(hint) from err
                 n_batches += 1
                 samples += len(x[0])
     finally:
@@ -234,7 +241,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
     constant = {" x ".join(k): c for k, c in stats.constant().items() if any(c)}
-    if constant:
+    if constant and (not distributed or torch.distributed.get_rank() == 0):  # one warning
         worst = max(constant, key=lambda k: max(constant[k]))
         log.warning(
             "activation matching: %d unit(s) have channels that were constant on the data, "

@@ -12,7 +12,8 @@ after the groups nearer the input, as a layer-wise match would; a random first s
 inner groups fit noise around a residual stream that is still at the identity, a fixed point
 that no single-group move leaves: a 12-block ViT's permuted copy ended with 47-49 of its 49
 groups wrong that way, and with none wrong in graph order. On pairs of independent inits the
-graph order also gave equal or higher objectives in fewer sweeps (docs/alignment.md).
+graph order also gave higher objectives, in as many or fewer sweeps on random inits and more on
+a trained MNIST pair (docs/alignment.md).
 
 Structures of blocks x within (a grouped conv's or GroupNorm's groups, attention heads x
 head_dim) get a joint move as well: when an outer group is visited, the blocks and every inner
