@@ -172,7 +172,7 @@ def _batches(loader: Iterable, max_batches: int | None, targets: bool = True):
                 "loss and accuracy need (inputs, targets) pairs of tensors (permask.align also "
                 "takes input-only batches, these metrics cannot)"
                 if targets
-                else "BatchNorm re-estimation needs input tensors or (inputs, targets) pairs"
+                else "it needs input tensors or (inputs, targets) pairs"
             )
             raise TypeError(f"the loader yielded {what}; {need}")
         yield batch
@@ -226,21 +226,29 @@ def predict_proba(
     model: nn.Module, loader: Iterable, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Softmax outputs ``[N, classes]`` (float32, CPU) over ``loader``, in eval mode."""
-    chunks = [out.float().softmax(1).cpu() for out, _ in _outputs(model, loader, device)]
+    outputs = _outputs(model, loader, device, targets=False)
+    chunks = [out.float().softmax(1).cpu() for out, _ in outputs]
     if not chunks:
         raise ValueError("the loader yielded no batches")
     return torch.cat(chunks)
 
 
-def _outputs(model: nn.Module, loader: Iterable, device, max_batches: int | None = None):
+def _outputs(
+    model: nn.Module,
+    loader: Iterable,
+    device,
+    max_batches: int | None = None,
+    targets: bool = True,
+):
     """Yield ``(logits, labels)`` on ``device`` (default: the model's) in eval mode, at most
-    ``max_batches``, restoring the model's mode afterwards."""
+    ``max_batches``, restoring the model's mode afterwards. With ``targets=False`` input-only
+    batches pass too (labels ``None``)."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:
-        for x, y in _batches(loader, max_batches):
-            yield model(x.to(device)), y.to(device)
+        for x, y in _batches(loader, max_batches, targets):
+            yield model(x.to(device)), None if y is None else y.to(device)
     finally:
         model.train(was_training)
 

@@ -7,7 +7,14 @@ from shared_data import one_thread  # noqa: F401
 from torch import nn
 
 from permask.experiment.models import mlp, resnet20
-from permask.metrics import _barrier, _reset_bn, ensemble_metrics, interpolate, plot_interpolation
+from permask.metrics import (
+    _barrier,
+    _reset_bn,
+    ensemble_metrics,
+    interpolate,
+    plot_interpolation,
+    predict_proba,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,6 +128,17 @@ def test_reset_bn_is_a_cumulative_average():
     assert bn.momentum == 0.1 and not model.training
     _reset_bn(model, data, "cpu", 1)
     torch.testing.assert_close(bn.running_mean, means[0])
+    _reset_bn(model, [x for x, _ in data], "cpu", None)  # input-only batches: no targets needed
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+
+
+def test_predict_proba_takes_input_only_batches():
+    torch.manual_seed(0)
+    model = mlp(in_features=12, hidden=(16,))
+    xs = [torch.randn(5, 12), torch.randn(3, 12)]
+    want = torch.cat([model(x).softmax(1) for x in xs]).detach()
+    torch.testing.assert_close(predict_proba(model, xs), want)
+    torch.testing.assert_close(predict_proba(model, [(x, torch.zeros(len(x))) for x in xs]), want)
 
 
 def test_plot_interpolation(tmp_path):
