@@ -48,12 +48,12 @@ def permute_mask(
     """Move every mask entry along the same axes as its weight (sparsity is kept exactly).
 
     Entries of tensors that no group permutes are returned unchanged. Every name must be a
-    parameter or buffer of the traced model, with its shape: a mask of another model would
-    otherwise pass through unpermuted and fail only later, far from the cause.
+    parameter of the traced model, with its shape: a mask of another model would otherwise
+    pass through unpermuted and fail only later, far from the cause.
     """
     for name, m in mask.items():
         shape = graph.shapes.get(name)
-        if shape is None:
+        if name not in graph.parameters:
             raise KeyError(
                 f"mask entry {name!r} names no parameter of the traced model; mask names must "
                 "be those of model.named_parameters() of the (unwrapped) model the graph was "

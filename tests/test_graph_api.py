@@ -237,6 +237,8 @@ def test_permute_mask_refuses_names_and_shapes_of_another_model(resnet):
     pi = permask.random_permutation(graph)
     with pytest.raises(KeyError, match="'conv.weight' names no parameter"):
         permask.permute_mask({"conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.bool)}, pi, graph)
+    with pytest.raises(KeyError, match="'bn1.running_mean' names no parameter"):  # a buffer
+        permask.permute_mask({"bn1.running_mean": torch.ones(16, dtype=torch.bool)}, pi, graph)
     with pytest.raises(ValueError, match=r"'conv1.weight' has shape \(8, 3, 3, 3\)"):
         permask.permute_mask({"conv1.weight": torch.ones(8, 3, 3, 3, dtype=torch.bool)}, pi, graph)
 
