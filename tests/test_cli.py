@@ -36,6 +36,15 @@ def test_flags_and_yaml_give_the_same_config(tmp_path):
     assert from_flags.width == 2 and from_flags.channels_last is True
 
 
+def test_help_states_each_default_once():
+    """Every flag's help ends in at most one default, and never a bare "(default: None)"."""
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    text = sub.choices["run"].format_help()
+    assert "(default: None)" not in text
+    for action in sub.choices["run"]._actions:
+        assert (action.help or "").count("(default") <= 1, action.dest
+
+
 def test_flags_override_yaml(tmp_path):
     yaml_file = tmp_path / "cfg.yaml"
     yaml_file.write_text("epochs: 20\nseeds: 3\n")
