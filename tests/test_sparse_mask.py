@@ -1,5 +1,7 @@
 """Masks: prunable selection, magnitude pruning (exact counts, ties), sparsity, apply, save/load."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -170,7 +172,7 @@ def test_bad_inputs_raise_clear_errors():
         apply_mask(net, {"fc.weight": mask["fc.weight"].int()})
     with pytest.raises(TypeError, match="bool tensor"):
         save_mask({"fc.weight": mask["fc.weight"].int()}, "unused.safetensors")
-    with pytest.raises(ValueError, match="sparsity must be in"):
+    with pytest.raises(ValueError, match="sparsity must be a fraction in .0, 1. .0.9 prunes 90%"):
         magnitude_mask(net, 1.5)
     with pytest.raises(ValueError, match="scope"):
         magnitude_mask(net, 0.5, scope="block")
@@ -180,3 +182,24 @@ def test_bad_inputs_raise_clear_errors():
         net["fc"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         magnitude_mask(net, 0.5)
+
+
+def test_a_tied_weight_is_prunable_under_its_first_name():
+    """An LM head tied to the embedding is a Linear weight: it is selected, as 'emb.weight'."""
+    lm = nn.Sequential()
+    lm.add_module("emb", nn.Embedding(50, 16))
+    lm.add_module("mid", nn.Linear(16, 16))
+    lm.add_module("head", nn.Linear(16, 50, bias=False))
+    lm.head.weight = lm.emb.weight
+    assert list(prunable_parameters(lm)) == ["emb.weight", "mid.weight"]
+
+
+def test_global_pruning_warns_when_it_empties_a_layer():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        net[0].weight.mul_(1e-3)  # every weight of the first layer smaller than the second's
+    with pytest.warns(UserWarning, match=r"every weight of '0.weight'.*layer collapse"):
+        magnitude_mask(net, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        magnitude_mask(net, 0.5, scope="layer")

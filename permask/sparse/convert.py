@@ -16,11 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from .._modules import unwrap
-from .mask import Mask, check_entry
-
-
-def _join(module_name: str, tensor_name: str) -> str:
-    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+from .mask import Mask, _join, check_entry
 
 
 def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -92,10 +88,13 @@ def from_parametrize(model: nn.Module, remove: bool = True) -> Mask:
     """The mask of every parametrization with a ``mask`` tensor (product if several).
 
     With ``remove=True`` (default) those tensors' parametrizations are removed with
-    ``leave_parametrized=True``: the plain parameter keeps the masked (effective) value.
+    ``leave_parametrized=True``: the plain parameter keeps the masked (effective) value. torch
+    removes a tensor's parametrizations all together, so a tensor that also has others (e.g.
+    weight norm) is refused with ``remove=True`` before anything changes: removing would
+    silently drop them.
     """
     model = unwrap(model)
-    mask = {}
+    found = []
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -103,10 +102,23 @@ def from_parametrize(model: nn.Module, remove: bool = True) -> Mask:
             masks = [p.mask for p in plist if isinstance(getattr(p, "mask", None), torch.Tensor)]
             if not masks:
                 continue
+            name = _join(module_name, attr)
+            others = [
+                type(p).__name__
+                for p in plist
+                if not isinstance(getattr(p, "mask", None), torch.Tensor)
+            ]
+            if remove and others:
+                raise ValueError(
+                    f"{name!r} also has the parametrization(s) {', '.join(others)}, which "
+                    "removing the mask would drop (torch removes a tensor's parametrizations "
+                    "together); call from_parametrize(model, remove=False) and keep them."
+                )
             m = masks[0].bool().clone()
             for other in masks[1:]:
                 m &= other.bool()
-            mask[_join(module_name, attr)] = m
-            if remove:
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-    return mask
+            found.append((module, attr, name, m))
+    if remove:
+        for module, attr, _, _ in found:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    return {name: m for _, _, name, m in found}

@@ -7,6 +7,7 @@ Names are those of ``model.named_parameters()`` on the unwrapped model (DDP, Dat
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, TypeAlias
 
@@ -38,20 +39,23 @@ def prunable_parameters(
 ) -> dict[str, nn.Parameter]:
     """Parameters that pruning may touch, in ``named_parameters()`` order.
 
-    Default: the ``weight`` of every Conv1d/2d/3d and Linear module (never norms or biases).
+    Default: the ``weight`` of every Conv1d/2d/3d and Linear module (never norms or biases). A
+    weight shared by several modules (a tied LM head and embedding) has one name, its first in
+    ``named_parameters()`` (e.g. ``"emb.weight"``); masks and optimizers use that name.
     ``include`` replaces that default by a name filter (glob patterns matched against the full
     parameter name with ``fnmatch``, or a predicate ``name -> bool``); ``exclude`` then removes
     names. ``dense_shortcuts=True`` removes every parameter whose name contains "shortcut" or
     "downsample" (the residual projection convs the paper leaves dense).
     """
     model = unwrap(model)
-    if include is None:
+    if include is None:  # by identity: a tied weight (an LM head sharing the embedding) is
+        # found under its first name, the one named_parameters() gives it
         selected = {
-            f"{mname}.weight" if mname else "weight": m.weight
-            for mname, m in model.named_modules()
+            id(m.weight)
+            for m in model.modules()
             if isinstance(m, PRUNABLE_TYPES) and isinstance(m.weight, nn.Parameter)
         }
-        params = {n: p for n, p in model.named_parameters() if n in selected}
+        params = {n: p for n, p in model.named_parameters() if id(p) in selected}
     else:
         keep = _matcher(include)
         params = {n: p for n, p in model.named_parameters() if keep(n)}
@@ -63,18 +67,55 @@ def prunable_parameters(
     return params
 
 
+def unknown_entry(
+    name: str, model: nn.Module | None, named: Mapping[str, torch.Tensor]
+) -> KeyError:
+    """The error for a mask entry that names no parameter, with the likely fix: the name a tied
+    weight goes by, a wrapper prefix to drop, or a pruning reparametrization still installed."""
+    aliases = {}
+    if model is not None:
+        first = {id(p): n for n, p in named.items()}
+        aliases = {
+            n: first[id(p)]
+            for n, p in unwrap(model).named_parameters(remove_duplicate=False)
+            if id(p) in first and n != first[id(p)]
+        }
+    if name in aliases:
+        hint = f" It is tied to {aliases[name]!r}, the name it has in named_parameters(); use that."
+    elif f"{name}_orig" in named or _parametrized(name) in named:
+        hint = (
+            " The model still has a pruning reparametrization on it (torch.nn.utils.prune or "
+            "parametrize); make it permanent first: from_torch_prune(model) or "
+            "from_parametrize(model)."
+        )
+    else:
+        close = [n for n in named if n.endswith("." + name) or name.endswith("." + n)]
+        hint = f" Did you mean {' or '.join(map(repr, close[:3]))}?" if close else ""
+    where = type(unwrap(model)).__name__ if model is not None else "the model"
+    return KeyError(
+        f"Mask entry {name!r} is not a parameter of {where}.{hint} Mask names must be those "
+        "of model.named_parameters() on the unwrapped model."
+    )
+
+
+def _parametrized(name: str) -> str:
+    """Where ``torch.nn.utils.parametrize`` keeps the original of parameter ``name``."""
+    module, _, attr = name.rpartition(".")
+    return _join(module, f"parametrizations.{attr}.original")
+
+
+def _join(module_name: str, tensor_name: str) -> str:
+    """A tensor's full name from its module's name (``""`` at the root)."""
+    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+
+
 def resolve(mask: Mapping[str, torch.Tensor], model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters named by ``mask``, in mask order, after validating the mask."""
     named = dict(unwrap(model).named_parameters())
     params = []
     for name, m in mask.items():
         if name not in named:
-            close = [n for n in named if n.endswith("." + name) or name.endswith("." + n)]
-            hint = f" Did you mean {' or '.join(map(repr, close[:3]))}?" if close else ""
-            raise KeyError(
-                f"Mask entry {name!r} is not a parameter of {type(model).__name__}.{hint} "
-                "Mask names must be those of model.named_parameters() on the unwrapped model."
-            )
+            raise unknown_entry(name, model, named)
         params.append(named[name])
         check_entry(name, m, named[name])
     return params
@@ -164,7 +205,7 @@ def _scores(
 def n_keep(total: int, sparsity: float) -> int:
     """Entries kept at ``sparsity`` out of ``total``: ``total - round(sparsity * total)``."""
     if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}.")
+        raise ValueError(f"sparsity must be a fraction in [0, 1] (0.9 prunes 90%), got {sparsity}.")
     return total - round(sparsity * total)
 
 
@@ -224,4 +265,14 @@ def magnitude_mask(
         keep = {n: n_keep(p.numel(), sparsity) for n, p in params.items()}
     else:
         raise ValueError(f'scope must be "global" or "layer", got {scope!r}.')
-    return mask_from_counts(params, keep, mask)
+    out = mask_from_counts(params, keep, mask)
+    if sparsity < 1.0:
+        emptied = [n for n, m in out.items() if m.numel() and not m.any()]
+        if emptied:
+            warnings.warn(
+                f"magnitude pruning removed every weight of {', '.join(map(repr, emptied[:3]))}"
+                f"{' and others' if len(emptied) > 3 else ''}: the layer is cut off (layer "
+                "collapse); prune with scope='layer', or leave it dense with exclude=.",
+                stacklevel=2,
+            )
+    return out
