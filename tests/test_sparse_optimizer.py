@@ -336,7 +336,7 @@ def test_errors_name_the_parameter_and_the_fix():
         make({**mask, "3.weight": torch.ones(16, 50, dtype=torch.bool)})
     with pytest.raises(TypeError, match=r"'3\.weight' must be a bool tensor.*\.bool\(\)"):
         make({**mask, "3.weight": mask["3.weight"].float()})
-    with pytest.raises(KeyError, match="'fc.weight' names no parameter"):
+    with pytest.raises(KeyError, match="'fc.weight' is not a parameter of Sequential"):
         make({"fc.weight": mask["3.weight"]})
     with pytest.raises(ValueError, match="not optimized"):
         MaskedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), mask, model)
@@ -352,3 +352,66 @@ def test_prune_reference_is_dense_under_the_mask():
     assert torch.count_nonzero(model[0].weight_orig.detach()[~mask["0.weight"]]) > 0
     prune.remove(model[0], "weight")
     assert torch.count_nonzero(model[0].weight.detach()[~mask["0.weight"]]) == 0
+
+
+def test_swapped_arguments_and_names_get_their_fix():
+    """Misuse a user hits: model and mask swapped, a name with a wrapper prefix, a tied
+    weight's second name, a pruning reparametrization still installed."""
+    model = make_model()
+    mask = magnitude_mask(model, 0.5)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    with pytest.raises(TypeError, match=r"order is MaskedOptimizer\(optimizer, mask, model\)"):
+        MaskedOptimizer(sgd(model), model, mask)
+    with pytest.raises(KeyError, match="Did you mean '3.weight'"):
+        MaskedOptimizer(sgd(model), {"module.3.weight": mask["3.weight"]}, model)
+    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(KeyError, match=r"'2.weight' is not a parameter.*tied to '0.weight'"):
+        MaskedOptimizer(sgd(tied), {"2.weight": torch.ones(10, 6, dtype=torch.bool)}, tied)
+    to_torch_prune(model, mask)
+    with pytest.raises(KeyError, match=r"still has a pruning reparametrization.*from_torch_prune"):
+        MaskedOptimizer(sgd(model), mask, model)
+
+
+def test_the_mask_is_a_copy():
+    """Editing the caller's mask afterwards changes neither what is applied nor what is saved."""
+    model = make_model()
+    mask = magnitude_mask(model, 0.5)
+    kept = {n: m.clone() for n, m in mask.items()}
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), mask, model)
+    mask["3.weight"][:] = False
+    assert all(torch.equal(opt.state_dict()["mask"][n], kept[n]) for n in kept)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.count_nonzero(model[3].weight.detach()) == int(kept["3.weight"].sum())
+
+
+def test_a_new_mask_warns_when_state_cannot_be_masked():
+    """L-BFGS keeps a flat history that describes the old mask: a changed mask warns; the same
+    mask, a state-dict load and shape-matching state (SGD momentum) do not."""
+    model = make_model()
+    mask = magnitude_mask(model, 0.5)
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = MaskedOptimizer(torch.optim.LBFGS(model.parameters(), max_iter=3), mask, model)
+    opt.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.set_mask(mask)
+        opt.load_state_dict(opt.state_dict())
+    with pytest.warns(UserWarning, match="LBFGS holds state .* Create a new optimizer"):
+        opt.set_mask(magnitude_mask(model, 0.8))
+    model = make_model()
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mask, model)
+    closure().item()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.set_mask(magnitude_mask(model, 0.8))

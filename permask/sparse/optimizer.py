@@ -18,6 +18,7 @@ values into pruned state and are not listed; tests check both sides of the list.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .._modules import unwrap
-from .mask import Mask, check_entry
+from .mask import Mask, check_entry, unknown_entry
 
 #: Optimizer classes (exact types, not subclasses) that keep exact zeros given zero grads.
 ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
@@ -58,6 +59,10 @@ def _named_parameters(
             )
         named.update(zip(group["param_names"], group["params"]))
     return named
+
+
+def _same_mask(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def _factor(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -108,11 +113,18 @@ class MaskedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if isinstance(optimizer, MaskedOptimizer):
             raise TypeError("The optimizer is already a MaskedOptimizer; use set_mask() instead.")
+        if not isinstance(mask, Mapping):
+            raise TypeError(
+                f"mask must be a dict of parameter name -> bool tensor, got "
+                f"{type(mask).__name__}; the order is MaskedOptimizer(optimizer, mask, model)."
+            )
         self.optimizer = optimizer
         if post_step_mask is None:
             post_step_mask = type(optimizer) not in ZERO_PRESERVING
         self.post_step_mask = post_step_mask
+        self._model = model if isinstance(model, nn.Module) else None
         self._named = _named_parameters(optimizer, model)
+        self._mask: Mask = {}
         self.set_mask(mask)
 
     # -- proxied optimizer API ---------------------------------------------------------------
@@ -160,18 +172,25 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """The current mask (bool tensors on the parameters' devices)."""
         return dict(self._mask)
 
-    @torch.no_grad()
     def set_mask(self, mask: Mapping[str, torch.Tensor]) -> None:
-        """Replace the mask (e.g. for the next IMP round) and apply it to weights, grads, state."""
+        """Replace the mask (e.g. for the next IMP round) and apply it to weights, grads, state.
+
+        The mask is copied: editing the caller's tensors later changes nothing here. State that
+        does not have its parameter's shape (L-BFGS's flat history, factored second moments)
+        cannot be masked; when the mask changes while such state exists, a warning says so
+        (re-create such an optimizer for the new mask).
+        """
+        self._set_mask(mask, state_matches=False)
+
+    @torch.no_grad()
+    def _set_mask(self, mask: Mapping[str, torch.Tensor], state_matches: bool) -> None:
+        """``set_mask``; ``state_matches``: the state was saved with ``mask`` (no warning)."""
         optimized = {id(p) for group in self.param_groups for p in group["params"]}
         params = []
         for name, m in mask.items():
             p = self._named.get(name)
             if p is None:
-                raise KeyError(
-                    f"Mask entry {name!r} names no parameter of the model. Mask names must be "
-                    "those of model.named_parameters() on the unwrapped model."
-                )
+                raise unknown_entry(name, self._model, self._named)
             check_entry(name, m, p)
             if id(p) not in optimized:
                 raise ValueError(
@@ -179,12 +198,34 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     "add it to the optimizer or drop it from the mask."
                 )
             params.append(p)
-        self._mask = {n: m.detach().to(p.device) for (n, m), p in zip(mask.items(), params)}
+        new = {n: m.detach().to(p.device, copy=True) for (n, m), p in zip(mask.items(), params)}
+        changed = self._mask and not state_matches and not _same_mask(self._mask, new)
+        if changed and self._unmaskable_state():
+            warnings.warn(
+                f"{type(self.optimizer).__name__} holds state that does not have its "
+                "parameter's shape (e.g. L-BFGS's flat history) and cannot be masked; it still "
+                "describes the old mask. Create a new optimizer for the new mask.",
+                stacklevel=2,
+            )
+        self._mask = new
         self._params = params
         self._factors = [_factor(m, p) for m, p in zip(self._mask.values(), params)]
         self._state_of: tuple[object, int] | None = None  # (state dict, its length) grouped
         self._mask_grads()
         self._mask_weights_and_state()
+
+    def _unmaskable_state(self) -> bool:
+        """Whether any state tensor of a masked parameter lacks the parameter's shape."""
+        masked = {id(p) for p in self._params}
+        for p, state in self.optimizer.state.items():
+            if id(p) not in masked:
+                continue
+            for value in state.values():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                for v in values:
+                    if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                        return True
+        return False
 
     def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Weights and same-shape state tensors with their factors, grouped once and cached.
@@ -264,4 +305,4 @@ class MaskedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         mask = state_dict.pop("mask", None)
         self.optimizer.load_state_dict(state_dict)
-        self.set_mask(self._mask if mask is None else mask)
+        self._set_mask(self._mask if mask is None else mask, state_matches=True)
