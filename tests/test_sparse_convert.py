@@ -85,3 +85,19 @@ def test_conversion_errors():
         to_torch_prune(net, {"fc.weight": torch.ones(5, 64, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"'3\.weight' has shape \(64, 5\)"):
         to_parametrize(net, {"3.weight": torch.ones(64, 5, dtype=torch.bool)})
+
+
+def test_from_parametrize_refuses_to_drop_other_parametrizations():
+    """torch removes a tensor's parametrizations together: with a weight norm beside the mask,
+    remove=True is refused before anything changes; remove=False reads the mask."""
+    net = make_net()
+    mask = magnitude_mask(net, 0.6)
+    net[3] = nn.utils.parametrizations.weight_norm(net[3])
+    to_parametrize(net, mask)
+    with pytest.raises(
+        ValueError, match=r"'3.weight' also has the parametrization\(s\) _WeightNorm"
+    ):
+        from_parametrize(net)
+    assert parametrize.is_parametrized(net[3]) and parametrize.is_parametrized(net[0])
+    back = from_parametrize(net, remove=False)
+    assert all(torch.equal(back[n], mask[n]) for n in mask)

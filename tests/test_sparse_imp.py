@@ -125,3 +125,9 @@ def test_imp_layer_scope_every_tensor_on_its_own_exact_target():
         assert int((~m).sum()) == round(0.7 * m.numel()), name
     with pytest.raises(ValueError, match="scope"):
         imp(net, lambda m, mask, r: None, 0.7, scope="net")
+
+
+def test_a_sparsity_that_prunes_nothing_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="prunes no weight of the 16 selected"):
+        imp(model, lambda m, mask, r: None, 0.0)

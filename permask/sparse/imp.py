@@ -89,6 +89,12 @@ def imp(
         rounds = [
             {n: s[min(r, len(s) - 1)] for n, s in per_layer.items()} for r in range(1, n_rounds + 1)
         ]
+    if not rounds:
+        raise ValueError(
+            f"sparsity {sparsity} prunes no weight of the {sum(sizes.values())} selected "
+            "(round(sparsity * n) = 0), so IMP would run no round and return no mask; ask for "
+            "a higher sparsity."
+        )
     mask: Mask | None = None
     result = ImpResult([], [])
     for r, keep in enumerate(rounds, start=1):
