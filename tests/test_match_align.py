@@ -157,6 +157,8 @@ def test_models_of_different_dtypes_named():
     a, b = mlp(32, (8,)).to(torch.bfloat16), mlp(32, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert len(align(a, b, _batches((8, 32), 1))) == 1
+    with pytest.raises(ValueError, match=r"inputs are float32 but both models are float64"):
+        align(mlp(32, (8,)).double(), mlp(32, (8,)).double(), _batches((8, 32), 1))
     a = a.double()
     with pytest.raises(
         ValueError, match=r"model_a's parameters are float64 but model_b's are float32"

@@ -179,21 +179,28 @@ def align(
     return (pi, info) if return_info else pi
 
 
-def _dtype_hint(model_a: nn.Module, model_b: nn.Module) -> str | None:
-    """Why a pass may have failed: the models' floating-point dtypes differ (both run on the
-    same batches). ``None`` when they agree. Only consulted after a failure, since a mix can
-    work (e.g. bfloat16 and float32 under ``torch.autocast``)."""
+def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: tuple) -> str | None:
+    """Why a pass may have failed: the models' floating-point dtypes differ from each other or
+    from the batch's (both models run on the same batches). ``None`` when they all agree. Only
+    consulted after a failure, since a mix can work (bfloat16 and float32 under autocast)."""
     da, db = (
         {p.dtype for p in m.parameters() if p.is_floating_point()} for m in (model_a, model_b)
     )
-    if da == db:
-        return None
     names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (da, db)]
-    return (
-        f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
-        f"matching runs both models on the same batches: convert one to the other's dtype "
-        f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
-    )
+    if da != db:
+        return (
+            f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
+            f"matching runs both models on the same batches: convert one to the other's dtype "
+            f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
+        )
+    batch = {t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(da) == 1 and batch and batch != da:
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in batch))
+        return (
+            f"the loader's inputs are {got} but both models are {names[0]}; convert the inputs "
+            f"(e.g. in the loader: x.to(torch.{names[0]})) or the models"
+        )
+    return None
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:
@@ -220,7 +227,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
                 try:
                     paired(*x)
                 except RuntimeError as err:
-                    hint = _dtype_hint(a, b)
+                    hint = _dtype_hint(a, b, x)
                     if hint is None:
                         raise
                     raise ValueError(hint) from err
