@@ -149,6 +149,9 @@ def test_apply_mask_in_place_and_save_load_round_trip(tmp_path):
     loaded = load_mask(tmp_path / "m.safetensors")
     assert set(loaded) == set(mask)
     assert all(loaded[n].dtype == torch.bool and torch.equal(loaded[n], mask[n]) for n in mask)
+    shared = torch.tensor([True, False])  # one tensor under two names (e.g. tied weights)
+    save_mask({"a": shared, "b": shared}, tmp_path / "s.safetensors")
+    assert load_mask(tmp_path / "s.safetensors")["b"].tolist() == [True, False]
 
 
 def test_load_accepts_uint8_and_rejects_non_masks(tmp_path):

@@ -16,7 +16,8 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None
     for name, m in mask.items():
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
             raise TypeError(f"Mask entry {name!r} must be a bool tensor; convert it with .bool().")
-    save_file({n: m.detach().cpu().contiguous() for n, m in mask.items()}, os.fspath(path))
+    # own copies: safetensors refuses entries that share memory (one tensor under two names)
+    save_file({n: m.detach().cpu().clone() for n, m in mask.items()}, os.fspath(path))
 
 
 def load_mask(path: str | os.PathLike, device: str | torch.device = "cpu") -> Mask:
