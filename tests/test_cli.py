@@ -71,6 +71,10 @@ def test_demo_defaults_are_the_documented_demo():
         (["--dataset", "imagefolder:/no/such/dir"], "searched /no/such/dir/train"),
         (["--dataset", "svhn"], "unknown dataset 'svhn'"),
         (["--match", "magic"], "match must be one of activation, weight"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--momentum", "1.5"], "momentum must be in [0, 1)"),
+        (["--threads", "0"], "threads must be >= 1"),
+        (["--out", ""], "out is empty"),
     ],
 )
 def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, flags, words):
@@ -105,6 +109,26 @@ def test_config_rejects_a_run_dir_with_other_settings(tmp_path):
 
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         _check_run_dir(RunConfig(out=str(tmp_path)))
+
+
+@needs_mnist
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("")
+    data = ["--data-dir", str(DATA), "--dataset", "mnist"]
+    assert main(["run", *data, "--out", str(in_the_way)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"permask: error: cannot create the run directory {in_the_way}")
+    assert err.count("\n") == 1
+
+
+def test_the_data_location_may_change_between_invocations(tmp_path):
+    """Where the same dataset lives (--data-dir or $PERMASK_DATA) does not change results."""
+    from permask.experiment.pipeline import _check_run_dir
+
+    key = {**RunConfig(data_dir="/old/place").to_dict()}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(key))
+    _check_run_dir(RunConfig(out=str(tmp_path)))
 
 
 def test_run_dir_from_before_a_setting_existed_counts_it_at_its_default(tmp_path):

@@ -21,7 +21,7 @@ import yaml
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
 # Fields that may change between invocations of one run directory without changing its results.
-RUNTIME_FIELDS = ("device", "threads", "progress", "out")
+RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir")
 
 
 class ConfigError(ValueError):
@@ -119,6 +119,17 @@ class RunConfig:
             raise ConfigError("sparse_lr applies only with sparse_schedule restart")
         if not 0.0 < self.imp_rate < 1.0:
             raise ConfigError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
+        for key in ("lr", "finetune_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.out is not None and not str(self.out).strip():
+            raise ConfigError("out is empty; give a run directory or leave it out for the default")
 
     @property
     def run_dir(self) -> Path:

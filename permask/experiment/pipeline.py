@@ -200,7 +200,10 @@ def run(cfg: RunConfig) -> Results:
     exp = prepare(cfg)
     start = time.perf_counter()
     out = cfg.run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file there, no permission, a read-only file system
+        raise ConfigError(f"cannot create the run directory {out}: {err}") from None
     saved = yaml.safe_dump(cfg.results_key(), sort_keys=False)
     atomic_write_bytes(saved.encode(), out / "config.yaml")
     handler = _attach_log(exp.log, out / "run.log")
