@@ -47,6 +47,9 @@ def test_schedule_by_integer_counts_lands_on_target():
     assert len(imp_schedule(272474, 0.9)) == 11
     assert imp_schedule(4, 0.5) == [3, 2]  # at least one weight per round, clipped to the target
     assert imp_schedule(100, 0.0) == []
+    # 1 - 0.8^2: per-round rounding leaves one weight over; that is no third round
+    assert imp_schedule(6082, 0.36) == [4866, 3892]
+    assert 6082 - round(0.36 * 6082) == 3892
     with pytest.raises(ValueError, match="rate"):
         imp_schedule(100, 0.5, rate=1.0)
 
