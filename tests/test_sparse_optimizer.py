@@ -408,6 +408,12 @@ def test_a_new_mask_warns_when_state_cannot_be_masked():
         opt.load_state_dict(opt.state_dict())
     with pytest.warns(UserWarning, match="LBFGS holds state .* Create a new optimizer"):
         opt.set_mask(magnitude_mask(model, 0.8))
+    # L-BFGS keeps its state under the group's first parameter, here one the mask leaves dense
+    later = magnitude_mask(model, 0.5, include=["5.weight"])
+    opt = MaskedOptimizer(torch.optim.LBFGS(model.parameters(), max_iter=3), later, model)
+    opt.step(closure)
+    with pytest.warns(UserWarning, match="LBFGS holds state"):
+        opt.set_mask(magnitude_mask(model, 0.8, include=["5.weight"]))
     model = make_model()
     opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mask, model)
     closure().item()

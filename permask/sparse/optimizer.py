@@ -199,8 +199,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 )
             params.append(p)
         new = {n: m.detach().to(p.device, copy=True) for (n, m), p in zip(mask.items(), params)}
-        changed = self._mask and not state_matches and not _same_mask(self._mask, new)
-        if changed and self._unmaskable_state():
+        if (
+            self._mask
+            and not state_matches
+            and self._unmaskable_state()
+            and not _same_mask(self._mask, new)
+        ):
             warnings.warn(
                 f"{type(self.optimizer).__name__} holds state that does not have its "
                 "parameter's shape (e.g. L-BFGS's flat history) and cannot be masked; it still "
@@ -215,17 +219,14 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._mask_weights_and_state()
 
     def _unmaskable_state(self) -> bool:
-        """Whether any state tensor of a masked parameter lacks the parameter's shape."""
-        masked = {id(p) for p in self._params}
-        for p, state in self.optimizer.state.items():
-            if id(p) not in masked:
-                continue
-            for value in state.values():
-                values = value if isinstance(value, (list, tuple)) else [value]
-                for v in values:
-                    if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                        return True
-        return False
+        """Whether any state tensor lacks its parameter's shape. All parameters count, masked or
+        not: L-BFGS keeps its flat history (over every parameter) under the group's first one."""
+        return any(
+            isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape
+            for p, state in self.optimizer.state.items()
+            for value in state.values()
+            for v in (value if isinstance(value, (list, tuple)) else [value])
+        )
 
     def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Weights and same-shape state tensors with their factors, grouped once and cached.
