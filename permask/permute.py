@@ -52,17 +52,16 @@ def permute_mask(
     pass through unpermuted and fail only later, far from the cause.
     """
     for name, m in mask.items():
-        shape = graph.shapes.get(name)
         if name not in graph.parameters:
             raise KeyError(
                 f"mask entry {name!r} names no parameter of the traced model; mask names must "
                 "be those of model.named_parameters() of the (unwrapped) model the graph was "
                 "traced from"
             )
-        if tuple(m.shape) != tuple(shape):
+        shape = tuple(graph.shapes[name])
+        if tuple(m.shape) != shape:
             raise ValueError(
-                f"mask entry {name!r} has shape {tuple(m.shape)} but the parameter has "
-                f"{tuple(shape)}"
+                f"mask entry {name!r} has shape {tuple(m.shape)} but the parameter has {shape}"
             )
     return permute_tensors(mask, pi, graph)
 

@@ -263,10 +263,9 @@ class CorrelationStats:
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
                 _, ma, mb, std_a, std_b = self._moments(i, j)
-                shift = self.shift.get((i, j))  # the values were shifted: add the shift back
+                shifts = self.shift.get((i, j), (None, None))  # add the shift back to the means
                 flags = []
-                for m, std, s in ((ma, std_a, None if shift is None else shift[0]),
-                                  (mb, std_b, None if shift is None else shift[1])):  # fmt: skip
+                for m, std, s in zip((ma, mb), (std_a, std_b), shifts):
                     mean = m if s is None else m + s.flatten().to(m.dtype)
                     flags.append(std > rtol * (mean.abs() + std.max()))
                 if u.groups in live:

@@ -183,22 +183,24 @@ def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: tuple) -> str | 
     """Why a pass may have failed: the models' floating-point dtypes differ from each other or
     from the batch's (both models run on the same batches). ``None`` when they all agree. Only
     consulted after a failure, since a mix can work (bfloat16 and float32 under autocast)."""
+
+    def names(dtypes: set[torch.dtype]) -> str:
+        return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
     da, db = (
         {p.dtype for p in m.parameters() if p.is_floating_point()} for m in (model_a, model_b)
     )
-    names = [", ".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (da, db)]
     if da != db:
         return (
-            f"model_a's parameters are {names[0]} but model_b's are {names[1]}; activation "
+            f"model_a's parameters are {names(da)} but model_b's are {names(db)}; activation "
             f"matching runs both models on the same batches: convert one to the other's dtype "
-            f"(e.g. model_b.to(torch.{names[0].split(', ')[0]}))"
+            f"(e.g. model_b.to(torch.{min(names({d}) for d in da)}))"
         )
     batch = {t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()}
     if len(da) == 1 and batch and batch != da:
-        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in batch))
         return (
-            f"the loader's inputs are {got} but both models are {names[0]}; convert the inputs "
-            f"(e.g. in the loader: x.to(torch.{names[0]})) or the models"
+            f"the loader's inputs are {names(batch)} but both models are {names(da)}; convert "
+            f"the inputs (e.g. in the loader: x.to(torch.{names(da)})) or the models"
         )
     return None
 
