@@ -7,7 +7,7 @@ in torchvision's layout (``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches
 Fashion-MNIST is also read from Debian's ``dataset-fashion-mnist`` (gzipped IDX files in
 ``/usr/share/datasets/fashion-mnist``). Otherwise torchvision downloads into the root (or
 ``~/.cache/permask/data`` when no root is set); when that fails too, ``DataNotFoundError`` lists
-every place searched.
+every place searched, and whatever the failed download created is removed again.
 
 Decoded JPEG folders are cached as one ``.pt`` file (atomic write, loaded with
 ``weights_only=True``) under ``$PERMASK_CACHE`` or ``$XDG_CACHE_HOME/permask`` (default
@@ -21,6 +21,9 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,12 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
 }
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DOWNLOAD_NAMES = {  # what torchvision's download writes under the root, per dataset
+    "mnist": ("MNIST",),
+    "fashion_mnist": ("FashionMNIST",),
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz"),
+}
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path | None:
@@ -202,11 +211,46 @@ def _download(name: str, root: Path, train: bool):
         "cifar10": tvd.CIFAR10,
         "cifar100": tvd.CIFAR100,
     }[name]
-    root.mkdir(parents=True, exist_ok=True)
-    ds = cls(str(root), train=train, download=True)
+    with _undone_on_failure(root, DOWNLOAD_NAMES[name]):
+        root.mkdir(parents=True, exist_ok=True)
+        ds = cls(str(root), train=train, download=True)
     x = torch.as_tensor(ds.data)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.contiguous(), torch.as_tensor(ds.targets).long()
+
+
+@contextmanager
+def _undone_on_failure(root: Path, names: tuple[str, ...]) -> Iterator[None]:
+    """If the block raises, remove what it created: ``root`` and its missing parents, or else
+    whatever is new under ``root/<name>`` for ``names`` (the folders torchvision writes).
+
+    Files and folders that were there before are kept, so a failed download leaves the disk as
+    it found it.
+    """
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    before = set(_entries(root, names))
+    try:
+        yield
+    except BaseException:
+        if missing:  # the topmost folder that did not exist
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        else:
+            new = set(_entries(root, names)) - before
+            for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
+def _entries(root: Path, names: tuple[str, ...]) -> Iterator[Path]:
+    for name in names:
+        path = root / name
+        if path.exists() or path.is_symlink():
+            yield path
+            if path.is_dir():
+                yield from path.rglob("*")
 
 
 def _load_image_folder(folder: Path, image_size: int | None):

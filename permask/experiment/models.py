@@ -8,6 +8,7 @@ trace with ``torch.fx``). Initialisation only uses torch's global RNG: the same
 
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,7 @@ __all__ = [
     "BasicBlock",
     "ResNet20",
     "build_model",
+    "check_model_name",
     "mlp",
     "model_names",
     "resnet20",
@@ -180,6 +182,43 @@ def model_names() -> list[str]:
     return [*BUILTINS, "timm:NAME", "tv:NAME"]
 
 
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` naming the problem when ``build_model`` could not know ``name``.
+
+    Cheap (no weights built, no data needed), so a typo is reported before anything is loaded:
+
+    >>> check_model_name("timm:resnet18")
+    >>> check_model_name("timm:resnet181")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown timm model 'resnet181' (did you mean resnet18, resnet18d, resnet101?); ...
+    """
+    if name in BUILTINS:
+        return
+    prefix, _, arch = name.partition(":")
+    if prefix == "timm" and arch:
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(_unknown("timm", arch, timm.list_models(), "timm.list_models()"))
+        return
+    if prefix == "tv" and arch:
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if arch.lower() not in known:
+            lister = "torchvision.models.list_models()"
+            raise ValueError(_unknown("torchvision", arch, known, lister))
+        return
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+
+
+def _unknown(zoo: str, arch: str, known: list[str], lister: str) -> str:
+    close = difflib.get_close_matches(arch.lower(), known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown {zoo} model {arch!r}{hint}; {lister} lists the names"
+
+
 def build_model(
     name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kw
 ) -> nn.Module:
@@ -190,19 +229,18 @@ def build_model(
     ``image_size`` only sets the MLP's input width (``in_channels * image_size**2``) unless
     ``in_features`` is given. Extra keywords go to the constructor (e.g. ``width=4``).
     """
+    check_model_name(name)
     if name in BUILTINS:
         return BUILTINS[name](num_classes, in_channels, image_size, **kw)
     prefix, _, arch = name.partition(":")
-    if prefix == "timm" and arch:
+    if prefix == "timm":
         import timm
 
         return timm.create_model(
             arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw
         )
-    if prefix == "tv" and arch:
-        import torchvision
+    import torchvision  # "tv:" (check_model_name left no other case)
 
-        if in_channels != 3:
-            raise ValueError(f"torchvision models take 3 input channels, got {in_channels}")
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    if in_channels != 3:
+        raise ValueError(f"torchvision models take 3 input channels, got {in_channels}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)

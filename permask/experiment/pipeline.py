@@ -39,7 +39,7 @@ from permask.experiment.atomic import atomic_path, atomic_save, atomic_write_byt
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.data import DataNotFoundError
 from permask.experiment.loader import TensorLoader, get_loaders
-from permask.experiment.models import build_model
+from permask.experiment.models import build_model, check_model_name
 from permask.experiment.prune import imp_rounds, imp_sparsities
 from permask.experiment.report import Results, collect, write_report
 from permask.experiment.train import (
@@ -122,7 +122,9 @@ class Experiment:
 
 
 def prepare(cfg: RunConfig) -> Experiment:
-    """Check everything that can fail before training: data, model name, tracing, run dir.
+    """Check everything that can fail before training: device, model name, run dir, data, tracing.
+
+    Checks that need no data run before any data is read or downloaded.
 
     Raises :class:`ConfigError` with a one-line message.
     """
@@ -149,6 +151,11 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:  # every check that needs no data comes first: a typo costs no download
+        check_model_name(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _check_run_dir(cfg)
     try:
         train_loader, test_loader, info = get_loaders(
             cfg.dataset,
@@ -161,7 +168,6 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    _check_run_dir(cfg)
     x = train_loader.images[:2]
     log = logging.getLogger(f"permask.run.{cfg.run_dir.resolve()}")
     exp = Experiment(cfg, train_loader, test_loader, info.num_classes, x.shape[1], x.shape[-1], log)
