@@ -1,10 +1,15 @@
-"""Where the tests find real data, and skip marks for when it is absent.
+"""Data for the tests: the real sets when present (skip marks when not), and small generated
+files in the real formats that every checkout has.
 
-``$PERMASK_DATA`` if set, else ``../shared/data`` beside the project root (as CI lays it out).
+Real data: ``$PERMASK_DATA`` if set, else ``../shared/data`` beside the project root (as CI lays it
+out). Tests that assert facts of the real sets (sizes, class counts, pixel statistics) use the
+``needs_*`` marks; everything else (the loaders' file formats, training, the pipeline, the CLI)
+runs on :func:`write_synthetic_mnist` and friends, so a fresh clone tests it too.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -14,12 +19,50 @@ import torch
 DATA = Path(
     os.environ.get("PERMASK_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
 )
+_HOW = "set PERMASK_DATA to a folder that holds it (torchvision's layout) to run this test"
 needs_mnist = pytest.mark.skipif(
-    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA}"
+    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA}; {_HOW}"
 )
 needs_cifar = pytest.mark.skipif(
-    not (DATA / "cifar10" / "test").is_dir(), reason=f"CIFAR-10 JPEGs not found under {DATA}"
+    not (DATA / "cifar10" / "test").is_dir(),
+    reason=f"CIFAR-10 JPEG folders (cifar10/test/<class>/) not found under {DATA}; {_HOW}",
 )
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """``array`` (uint8) as an IDX file, gzipped when ``path`` ends in ``.gz``."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+def synthetic_digits(n: int, seed: int, size: int = 28, channels: int = 1):
+    """``n`` uint8 images of 10 learnable classes and their labels: each class is a smooth random
+    template, drawn at a random shift of up to 3 pixels under pixel noise. Not trivial: a
+    64-64 MLP trained 4 epochs on 1000 images reaches 91% test accuracy (test loss 0.40)."""
+    g = torch.Generator().manual_seed(1234)  # the same templates for every split
+    base = torch.rand(10, channels, size // 4, size // 4, generator=g)
+    templates = torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear")
+    g.manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    shifts = torch.randint(-3, 4, (n, 2), generator=g)
+    images = torch.stack(
+        [templates[c].roll(tuple(s.tolist()), dims=(1, 2)) for c, s in zip(labels, shifts)]
+    )
+    images = images + 0.45 * torch.randn(images.shape, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def write_synthetic_mnist(root: Path, n_train: int = 10000, n_test: int = 1000) -> Path:
+    """MNIST's torchvision layout (``root/MNIST/raw``, plain IDX files) with synthetic digits."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+    return root
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from shared_data import DATA, needs_mnist
 
 from permask.cli import _parser, main
 from permask.experiment.config import ConfigError, RunConfig, config_from_flags, load_config
@@ -64,7 +63,8 @@ def test_demo_defaults_are_the_documented_demo():
     "flags, words",
     [
         (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
-        (["--model", "timm:nosuchnet"], "nosuchnet"),
+        (["--model", "timm:nosuchnet"], "unknown timm model 'nosuchnet'"),
+        (["--model", "tv:resnet181"], "unknown torchvision model 'resnet181' (did you mean"),
         (["--sparsity", "0.9", "1.5"], "sparsity must be in (0, 1)"),
         (["--sparsity", "0"], "sparsity must be in (0, 1)"),
         (["--rewind", "12", "--epochs", "10"], "rewind points must be in [0, epochs)"),
@@ -77,14 +77,25 @@ def test_demo_defaults_are_the_documented_demo():
         (["--out", ""], "out is empty"),
     ],
 )
-def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, flags, words):
+def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, mnist_dir, flags, words):
     out = tmp_path / "run"
-    data = ["--data-dir", str(DATA), "--dataset", "mnist"]
+    data = ["--data-dir", str(mnist_dir), "--dataset", "mnist"]
     assert main(["run", *data, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("permask: error: ") and words in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["nosuchnet", "timm:nosuchnet", "tv:nosuchnet"])
+def test_a_model_typo_is_reported_before_any_data_is_touched(tmp_path, capsys, model):
+    """The data dir does not exist, so reading data would try a download into it."""
+    data_dir = tmp_path / "nodata" / "here"
+    args = ["run", "--dataset", "mnist", "--data-dir", str(data_dir), "--model", model]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "model 'nosuchnet'" in err and "dataset" not in err, err
+    assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
@@ -111,11 +122,10 @@ def test_config_rejects_a_run_dir_with_other_settings(tmp_path):
         _check_run_dir(RunConfig(out=str(tmp_path)))
 
 
-@needs_mnist
-def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys, mnist_dir):
     in_the_way = tmp_path / "afile"
     in_the_way.write_text("")
-    data = ["--data-dir", str(DATA), "--dataset", "mnist"]
+    data = ["--data-dir", str(mnist_dir), "--dataset", "mnist"]
     assert main(["run", *data, "--out", str(in_the_way)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"permask: error: cannot create the run directory {in_the_way}")
@@ -167,13 +177,12 @@ def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
         prepare(RunConfig(out=str(tmp_path / "c")))
 
 
-@needs_mnist
-def test_device_auto_is_the_gpu_when_there_is_one(tmp_path):
+def test_device_auto_is_the_gpu_when_there_is_one(tmp_path, mnist_dir):
     """The default device is ``auto``: the run uses CUDA where torch sees it, else the CPU; the
     caller's config is left as given."""
     from permask.experiment.pipeline import prepare
 
-    cfg = RunConfig(dataset="mnist", data_dir=str(DATA), train_subset=64, test_subset=64,
+    cfg = RunConfig(dataset="mnist", data_dir=str(mnist_dir), train_subset=64, test_subset=64,
                     out=str(tmp_path / "auto"))  # fmt: skip
     assert cfg.device == "auto"
     exp = prepare(cfg)

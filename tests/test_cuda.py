@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import DATA, needs_mnist, sigkill_once_written
+from shared_data import sigkill_once_written
 from torch import nn
 
 import permask
@@ -116,23 +116,21 @@ def test_masked_optimizer_under_cuda_amp_follows_the_prune_reference(make_opt):
         torch.testing.assert_close(named[name].detach(), want, rtol=1e-4, atol=1e-6)
 
 
-@needs_mnist
-def test_loader_batches_on_cuda_equal_cpu_batches():
+def test_loader_batches_on_cuda_equal_cpu_batches(mnist_dir):
     common = dict(train_subset=512, test_subset=64, batch_size=100, augment=True, seed=3)
-    cpu, _, _ = get_loaders("mnist", DATA, **common)
-    gpu, _, _ = get_loaders("mnist", DATA, device="cuda", **common)
+    cpu, _, _ = get_loaders("mnist", mnist_dir, **common)
+    gpu, _, _ = get_loaders("mnist", mnist_dir, device="cuda", **common)
     for _ in range(2):  # two epochs: each draws its own order and augmentation
         for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
             assert xg.device.type == "cuda"
             assert torch.equal(xc, xg.cpu()) and torch.equal(yc, yg.cpu())
 
 
-@needs_mnist
-def test_pipeline_on_cuda_resumes_after_sigkill_to_identical_results(tmp_path):
+def test_pipeline_on_cuda_resumes_after_sigkill_to_identical_results(tmp_path, mnist_dir):
     """Two CLI runs on the GPU, one SIGKILLed inside dense B's training and rerun: same results.
 
     cuBLAS is made deterministic through its workspace setting (docs/pipeline.md)."""
-    settings = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(DATA),
+    settings = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(mnist_dir),
                 "--train-subset", "10000", "--test-subset", "300", "--epochs", "4",
                 "--sparsity", "0.5", "--rewind", "1", "--interp-points", "3",
                 "--device", "cuda", "--no-progress"]  # fmt: skip

@@ -1,4 +1,3 @@
-import gzip
 import pickle
 from pathlib import Path
 
@@ -6,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from shared_data import DATA as SHARED
-from shared_data import needs_cifar, needs_mnist, one_thread  # noqa: F401
+from shared_data import needs_cifar, needs_mnist, one_thread, write_idx  # noqa: F401
 
 from permask.experiment import data as data_mod
 from permask.experiment.data import DataNotFoundError, load_dataset
@@ -19,12 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PERMASK_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("PERMASK_DATA", raising=False)
-
-
-def _write_idx(path: Path, array: torch.Tensor) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.numpy().tobytes())
 
 
 def _write_png(img: torch.Tensor, path: Path) -> None:
@@ -42,13 +35,47 @@ def test_mnist_from_shared_root(monkeypatch):
     assert info.num_classes == 10 and info.in_channels == 1
 
 
+def test_mnist_layout_by_name_and_from_permask_data(mnist_dir, monkeypatch):
+    """torchvision's raw/ layout (plain IDX files), found by name under a root or $PERMASK_DATA."""
+    x, y, info = load_dataset("mnist", False, mnist_dir)
+    assert x.shape == (1000, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.dtype == torch.long and y.shape == (1000,) and set(y.tolist()) == set(range(10))
+    monkeypatch.setenv("PERMASK_DATA", str(mnist_dir))
+    assert torch.equal(load_dataset("mnist", False)[0], x)
+    assert load_dataset("mnist", True)[0].shape == (10000, 1, 28, 28)
+    assert info.num_classes == 10 and info.in_channels == 1
+
+
+def test_a_failed_download_removes_what_it_created(tmp_path, monkeypatch):
+    """A real torchvision download through a proxy that refuses connections: it fails, and the
+    disk is left as it was (a new root and its parents removed; older files in a root kept)."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    fresh = tmp_path / "new" / "data"
+    with pytest.raises(DataNotFoundError, match=f"download into {fresh} failed"):
+        load_dataset("mnist", True, fresh)
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    (old / "MNIST" / "raw").mkdir(parents=True)
+    (old / "MNIST" / "raw" / "notes.txt").write_text("mine")
+    (old / "keep.txt").write_text("mine")
+    before = sorted(old.rglob("*"))
+    with pytest.raises(DataNotFoundError, match="download into"):
+        load_dataset("cifar10", True, old)
+    with pytest.raises(DataNotFoundError, match="download into"):
+        load_dataset("mnist", True, old)
+    assert sorted(old.rglob("*")) == before
+
+
 def test_fashion_mnist_from_debian_gz(tmp_path, monkeypatch):
     deb = tmp_path / "deb"
     deb.mkdir()
     imgs = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
-    _write_idx(deb / "t10k-images-idx3-ubyte.gz", imgs)
-    _write_idx(deb / "t10k-labels-idx1-ubyte.gz", labels)
+    write_idx(deb / "t10k-images-idx3-ubyte.gz", imgs)
+    write_idx(deb / "t10k-labels-idx1-ubyte.gz", labels)
     monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", deb)
     x, y, _ = load_dataset("fashion_mnist", False, tmp_path / "empty", download=False)
     assert torch.equal(x[:, 0], imgs) and y.tolist() == [3, 1, 4, 1, 5]
@@ -109,6 +136,32 @@ def test_cifar10_jpeg_folders():
     x, y, _ = load_dataset("cifar10", False, SHARED)
     assert x.shape == (10000, 3, 32, 32) and y.bincount().tolist() == [1000] * 10
     assert abs(x.float().mean().item() / 255 - 0.4766) < 0.01
+
+
+def test_cifar10_jpeg_folders_by_name(tmp_path):
+    """The ``cifar10/{train,test}/<class>/*.jpg`` layout, found by the dataset's name."""
+    for i, cls in enumerate(["airplane", "automobile"]):
+        (tmp_path / "cifar10" / "test" / cls).mkdir(parents=True)
+        for j in range(3):
+            img = torch.full((3, 32, 32), 40 + 100 * i, dtype=torch.uint8)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(
+                tmp_path / "cifar10" / "test" / cls / f"{j}.jpg", quality=95
+            )
+    x, y, info = load_dataset("cifar10", False, tmp_path, download=False)
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (x[:3].float() - 40).abs().max() <= 2 and (x[3:].float() - 140).abs().max() <= 2
+    assert info.num_classes == 10 and info.augment
+
+
+def test_get_loaders_subset_and_normalisation_on_generated_digits(mnist_dir):
+    train, test, info = get_loaders("mnist", mnist_dir, batch_size=100, train_subset=1000)
+    assert len(train) == 10 and len(test) == 1 and not train.augment
+    x, y = next(iter(test))  # the test set in order, normalised by the dataset's statistics
+    raw, labels, _ = load_dataset("mnist", False, mnist_dir)
+    torch.testing.assert_close(x, (raw.float() / 255 - info.mean[0]) / info.std[0])
+    assert torch.equal(y, labels)
+    counts = train.labels.bincount()
+    assert len(counts) == 10 and counts.min() > 50  # random subset, not the first class
 
 
 def _toy_loader(**kw):

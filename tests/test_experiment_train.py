@@ -3,8 +3,7 @@ import sys
 
 import pytest
 import torch
-from shared_data import DATA as SHARED
-from shared_data import needs_mnist, one_thread, sigkill_once_written  # noqa: F401
+from shared_data import one_thread, sigkill_once_written  # noqa: F401
 
 from permask.experiment.loader import get_loaders
 from permask.experiment.models import mlp
@@ -16,13 +15,14 @@ from permask.experiment.train import (
     train,
 )
 
-pytestmark = [needs_mnist, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 KW = dict(epochs=4, lr=0.05, weight_decay=5e-4, progress=False)
 
 
-def _setup(seed=0):
+def _setup(root, seed=0):
+    """An MLP and loaders on ``root`` (the ``mnist_dir`` fixture: generated MNIST-format digits)."""
     train_loader, test_loader, _ = get_loaders(
-        "mnist", SHARED, batch_size=100, train_subset=1000, test_subset=1000, seed=seed
+        "mnist", root, batch_size=100, train_subset=1000, test_subset=1000, seed=seed
     )
     torch.manual_seed(seed)
     return mlp(hidden=(64, 64)), train_loader, test_loader
@@ -57,8 +57,8 @@ def _assert_same(a, b):
         assert torch.equal(v, w), k
 
 
-def test_learns_and_evaluates():
-    model, tr, te = _setup()
+def test_learns_and_evaluates(mnist_dir):
+    model, tr, te = _setup(mnist_dir)
     res = train(model, tr, **KW)
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
     loss, acc = evaluate(model, te)
@@ -71,14 +71,14 @@ def test_learns_and_evaluates():
     assert (probs.argmax(1) == te.labels).float().mean().item() == pytest.approx(acc)
 
 
-def test_resume_after_crash_is_bit_identical(tmp_path):
-    ref, tr, _ = _setup()
+def test_resume_after_crash_is_bit_identical(tmp_path, mnist_dir):
+    ref, tr, _ = _setup(mnist_dir)
     train(ref, tr, **KW)
-    model, tr, _ = _setup()
+    model, tr, _ = _setup(mnist_dir)
     with pytest.raises(Crash):
         train(model, CrashingLoader(tr, after=25), checkpoint_dir=tmp_path, **KW)  # in epoch 3
     assert load_checkpoint(checkpoint_path(tmp_path))["epoch"] == 2
-    model, tr, _ = _setup(seed=0)
+    model, tr, _ = _setup(mnist_dir, seed=0)
     torch.manual_seed(123)  # the resumed run must not depend on the RNG state it starts with
     res = train(model, tr, checkpoint_dir=tmp_path, **KW)
     assert res.resumed_from == 2 and len(res.history) == 4
@@ -89,8 +89,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
         train(model, tr, checkpoint_dir=tmp_path, **{**KW, "epochs": 5})
 
 
-def test_rewind_points_and_weights_only(tmp_path):
-    model, tr, _ = _setup()
+def test_rewind_points_and_weights_only(tmp_path, mnist_dir):
+    model, tr, _ = _setup(mnist_dir)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     train(model, tr, checkpoint_dir=tmp_path, keep_epochs=(0, 2), checkpoint_every=10, **KW)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -100,24 +100,24 @@ def test_rewind_points_and_weights_only(tmp_path):
     e2 = load_checkpoint(tmp_path / "epoch_2.pt")
     assert e2["epoch"] == 2 and len(e2["history"]) == 2
     # LR rewinding: continuing the schedule from epoch 2 reproduces the full run.
-    cont, tr, _ = _setup()
+    cont, tr, _ = _setup(mnist_dir)
     load_checkpoint(tmp_path / "epoch_2.pt", cont)
     train(cont, tr, start_epoch=2, checkpoint_dir=tmp_path / "c", **KW)
     last = load_checkpoint(tmp_path / "c" / "last.pt")
     assert last["epoch"] == 4 and len(last["history"]) == 2
 
 
-def test_masked_training_keeps_zeros_across_resume(tmp_path):
-    model, tr, _ = _setup()
+def test_masked_training_keeps_zeros_across_resume(tmp_path, mnist_dir):
+    model, tr, _ = _setup(mnist_dir)
     mask = {"fc1.weight": torch.rand(64, 784) < 0.1, "head.weight": torch.rand(10, 64) < 0.5}
     with pytest.raises(Crash):
         train(model, CrashingLoader(tr, after=15), mask=mask, checkpoint_dir=tmp_path, **KW)
-    model, tr, _ = _setup()
+    model, tr, _ = _setup(mnist_dir)
     train(model, tr, mask=mask, checkpoint_dir=tmp_path, **KW)
     for name, m in mask.items():
         w = model.get_parameter(name)
         assert torch.all(w[~m] == 0) and torch.all(w[m] != 0)
-    ref, tr, _ = _setup()
+    ref, tr, _ = _setup(mnist_dir)
     train(ref, tr, mask=mask, **KW)
     _assert_same(model, ref)
 
@@ -145,12 +145,12 @@ torch.save(model.state_dict(), ckpt + "/final.pt")
 """
 
 
-def test_sigkill_mid_training_then_resume(tmp_path):
+def test_sigkill_mid_training_then_resume(tmp_path, mnist_dir):
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(root=str(SHARED)))
+    script.write_text(SCRIPT.format(root=str(mnist_dir)))
 
-    ref, _, _ = _setup()  # one thread (fixture), as in the script: same kernels, same bits
-    tr, _, _ = get_loaders("mnist", SHARED, batch_size=100, train_subset=2000)
+    ref, _, _ = _setup(mnist_dir)  # one thread (fixture), as in the script: same kernels, same bits
+    tr, _, _ = get_loaders("mnist", mnist_dir, batch_size=100, train_subset=2000)
     train(ref, tr, epochs=5, lr=0.05, progress=False)
     killed = tmp_path / "killed"
     killed.mkdir()

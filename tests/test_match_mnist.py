@@ -6,10 +6,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from shared_data import DATA
+from shared_data import DATA, needs_mnist
 
 import permask
-from permask.experiment.data import DataNotFoundError
 from permask.experiment.loader import TensorLoader, get_loaders
 from permask.experiment.models import mlp
 from permask.match import align
@@ -33,12 +32,10 @@ def _train(seed: int, train_loader) -> torch.nn.Module:
 
 
 @pytest.mark.slow
+@needs_mnist
 def test_mnist_mlp_barrier_vanishes_after_alignment():
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    try:
-        train, test, info = get_loaders("mnist", DATA, batch_size=BATCH, download=False)
-    except DataNotFoundError as e:
-        pytest.skip(f"MNIST not available: {e}")
+    train, test, info = get_loaders("mnist", DATA, batch_size=BATCH, download=False)
     start = time.perf_counter()
     a, b = _train(0, train), _train(1, train)
     t_train = time.perf_counter() - start

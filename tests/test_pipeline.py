@@ -1,4 +1,5 @@
-"""End-to-end pipeline on a small subset of real MNIST: artifacts, skipping, SIGKILL resume."""
+"""End-to-end pipeline on a small subset of MNIST-format digits: artifacts, skipping, SIGKILL
+resume (synthetic digits, tests/shared_data.py: every checkout runs these)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import DATA, needs_mnist, sigkill_once_written
+from shared_data import sigkill_once_written
 
 from permask.experiment import RunConfig, run
 from permask.experiment.prune import imp_sparsities
@@ -17,10 +18,9 @@ from permask.experiment.train import load_checkpoint
 from permask.sparse import load_mask, sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
+_TINY = dict(
     model="mlp",
     dataset="mnist",
-    data_dir=str(DATA),
     train_subset=1000,
     test_subset=300,
     epochs=2,
@@ -43,13 +43,18 @@ def test_imp_sparsities_land_on_every_target():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny(mnist_dir):
+    """The tiny run's settings, on the generated MNIST-format data."""
+    return {**_TINY, "data_dir": str(mnist_dir)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    cfg = RunConfig(**TINY, out=str(out))
+    cfg = RunConfig(**tiny, out=str(out))
     return cfg, run(cfg)
 
 
-@needs_mnist
 def test_tiny_run_writes_every_artifact(tiny_run):
     cfg, results = tiny_run
     out = cfg.run_dir
@@ -94,7 +99,6 @@ def test_tiny_run_writes_every_artifact(tiny_run):
     assert csv_lines[0].startswith("method,sparsity,rewind") and len(csv_lines) == 6
 
 
-@needs_mnist
 def test_sparse_models_keep_their_masks(tiny_run):
     cfg, _ = tiny_run
     sd = cfg.run_dir / "seed0"
@@ -106,7 +110,6 @@ def test_sparse_models_keep_their_masks(tiny_run):
     assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (1, cfg.epochs, cfg.lr)
 
 
-@needs_mnist
 def test_rerun_skips_finished_stages(tiny_run):
     cfg, first = tiny_run
     evals = sorted(cfg.run_dir.glob("seed*/**/eval.pt"))
@@ -120,10 +123,9 @@ def test_rerun_skips_finished_stages(tiny_run):
     assert again.rows == first.rows
 
 
-@needs_mnist
-def test_sigkill_mid_training_resumes_to_identical_results(tmp_path):
+def test_sigkill_mid_training_resumes_to_identical_results(tmp_path, tiny):
     """Kill the CLI (SIGKILL) inside dense B's training; the rerun must equal a clean run."""
-    settings = {**TINY, "train_subset": 2000, "epochs": 3, "seeds": 1, "interp_points": 3}
+    settings = {**tiny, "train_subset": 2000, "epochs": 3, "seeds": 1, "interp_points": 3}
     ref = run(RunConfig(**settings, out=str(tmp_path / "ref")))
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "permask", "run", "--out", str(killed)]
@@ -152,9 +154,8 @@ def _no_time(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k != "train_seconds"})
 
 
-@needs_mnist
-def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path):
-    settings = {**TINY, "train_subset": 500, "imp": "rewind", "shared_a": True,
+def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path, tiny):
+    settings = {**tiny, "train_subset": 500, "imp": "rewind", "shared_a": True,
                 "match": "weight", "match_epoch": 1, "interp_points": 3,
                 "sparse_schedule": "restart", "sparse_lr": 0.02}  # fmt: skip
     results = run(RunConfig(**settings, out=str(tmp_path / "v")))
@@ -165,12 +166,11 @@ def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path):
     assert ckpt["meta"]["start_epoch"] == 1  # rewinding IMP retrains from k
     sparse = load_checkpoint(tmp_path / "v" / "seed0" / "sparse" / "naive_s0.5_k1" / "last.pt")
     meta = sparse["meta"]  # a fresh cosine over the remaining epochs at sparse_lr (the paper)
-    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (0, TINY["epochs"] - 1, 0.02)
+    assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (0, tiny["epochs"] - 1, 0.02)
 
 
-@needs_mnist
-def test_a_run_whose_models_did_not_learn_says_so(tmp_path):
-    settings = {**TINY, "train_subset": 200, "test_subset": 200, "epochs": 1, "seeds": 1,
+def test_a_run_whose_models_did_not_learn_says_so(tmp_path, tiny):
+    settings = {**tiny, "train_subset": 200, "test_subset": 200, "epochs": 1, "seeds": 1,
                 "rewind": [0], "lr": 1e-9, "finetune_lr": 1e-9, "interp_points": 2}  # fmt: skip
     results = run(RunConfig(**settings, out=str(tmp_path / "stuck")))
     assert len(results.notes) == 1 and "near chance (10.0%)" in results.notes[0]
