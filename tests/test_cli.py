@@ -172,8 +172,8 @@ def test_prepare_rejects_a_bad_device_and_torchrun(tmp_path, monkeypatch):
             prepare(RunConfig(device="cuda", out=str(tmp_path / "b")))
     with pytest.raises(ConfigError, match="'mps' has no float64.*--device cpu"):
         prepare(RunConfig(device="mps", out=str(tmp_path / "m")))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="without torchrun"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # but not started by torchrun
+    with pytest.raises(ConfigError, match="RANK, LOCAL_RANK, .* not set; start several .*torchrun"):
         prepare(RunConfig(out=str(tmp_path / "c")))
 
 

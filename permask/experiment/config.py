@@ -21,7 +21,7 @@ import yaml
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
 # Fields that may change between invocations of one run directory without changing its results.
-RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir")
+RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir", "dist_timeout")
 
 
 class ConfigError(ValueError):
@@ -83,6 +83,11 @@ class RunConfig:
     channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    dist_timeout: float = _f(
+        600.0,
+        "under torchrun: seconds a process waits in a collective for the others before it fails "
+        "(a dead rank ends the run with an error, not a hang)",
+    )
     progress: bool = _f(True, "show progress bars")
     out: str | None = _f(None, "run directory (default: runs/<model>-<dataset>)")
 
@@ -126,6 +131,8 @@ class RunConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.out is not None and not str(self.out).strip():

@@ -27,6 +27,10 @@ class TensorLoader:
     Each ``iter()`` plays epoch ``self.epoch`` and then advances it; ``set_epoch`` pins it (the
     trainer calls it so that a resumed run replays identical batches). ``max_batches`` caps the
     batches per epoch. ``len()`` is the number of batches per epoch.
+
+    With ``world_size`` > 1 (one loader per process under torchrun) ``batch_size`` is the global
+    batch: every rank draws the same order and augmentation and yields its contiguous share of
+    each batch (``torch.tensor_split``), so N processes see the batches of one process.
     """
 
     def __init__(
@@ -44,7 +48,11 @@ class TensorLoader:
         max_batches: int | None = None,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank} and {world_size}")
         if images.dtype != torch.uint8 or images.ndim != 4:
             got = f"{images.dtype} {tuple(images.shape)}"
             raise ValueError(f"images must be uint8 [N, C, H, W], got {got}")
@@ -65,6 +73,7 @@ class TensorLoader:
         self.drop_last = drop_last
         self.max_batches = max_batches
         self.channels_last = channels_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -87,6 +96,11 @@ class TensorLoader:
             x = self.images[idx]
             if self.augment:
                 x = _flip_crop(x, gen)
+            if self.world_size > 1:  # this rank's share, cut after augmenting the whole batch
+                n, w, r = len(idx), self.world_size, self.rank
+                start = r * (n // w) + min(r, n % w)
+                share = slice(start, start + n // w + (r < n % w))
+                x, idx = x[share], idx[share]
             x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from permask.experiment.atomic import atomic_path, atomic_save, atomic_write_bytes
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.data import DataNotFoundError
+from permask.experiment.distributed import World, init_world
 from permask.experiment.loader import TensorLoader, get_loaders
 from permask.experiment.models import build_model, check_model_name
 from permask.experiment.prune import imp_rounds, imp_sparsities
@@ -72,6 +72,7 @@ class Experiment:
     in_channels: int
     image_size: int
     log: logging.Logger
+    world: World = World()  # this process among torchrun's; rank 0 writes and logs
     graph: PermutationGraph | None = None  # set by prepare()
 
     def build(self, init_seed: int) -> nn.Module:
@@ -104,6 +105,7 @@ class Experiment:
             optimizer=cfg.optimizer,
             device=cfg.device,
             progress=cfg.progress,
+            distributed=self.world.active,
         )
         return train(model, loader, **{**recipe, **overrides}, checkpoint_dir=directory, desc=desc)
 
@@ -113,11 +115,14 @@ class Experiment:
         loader.seed = seed
         return loader
 
-    def statistics_loader(self) -> TensorLoader:
-        """Training data for matching and BN statistics: shuffled, not augmented, big batches."""
+    def statistics_loader(self, shard: bool = False) -> TensorLoader:
+        """Training data for matching and BN statistics: shuffled, not augmented, big batches;
+        this rank's share of each batch with ``shard`` (else all of it, as on one process)."""
         loader = self.loader(0)
         loader.augment = False
         loader.batch_size = self.test_loader.batch_size
+        if not shard:
+            loader.rank, loader.world_size = 0, 1
         return loader
 
 
@@ -128,12 +133,6 @@ def prepare(cfg: RunConfig) -> Experiment:
 
     Raises :class:`ConfigError` with a one-line message.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "permask run is one process on one device; start it without torchrun (every "
-            "process would run the whole experiment). Use torchrun in your own training loop "
-            "with MaskedOptimizer, which works under DDP"
-        )
     if cfg.device == "auto":  # the Experiment holds the device actually used
         cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -151,6 +150,16 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
+        world, device_name = init_world(cfg.device, cfg.dist_timeout)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cfg = replace(cfg, device=device_name)
+    if world.active and cfg.batch_size < world.size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch and must be >= the {world.size} "
+            "processes; raise --batch-size"
+        )
     try:  # every check that needs no data comes first: a typo costs no download
         check_model_name(cfg.model)
     except ValueError as err:
@@ -168,9 +177,12 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
+    train_loader.rank, train_loader.world_size = world.rank, world.size
     x = train_loader.images[:2]
     log = logging.getLogger(f"permask.run.{cfg.run_dir.resolve()}")
-    exp = Experiment(cfg, train_loader, test_loader, info.num_classes, x.shape[1], x.shape[-1], log)
+    exp = Experiment(
+        cfg, train_loader, test_loader, info.num_classes, x.shape[1], x.shape[-1], log, world
+    )
     try:
         model = exp.build(0)
     except Exception as err:  # unknown names surface from timm/torchvision in many types
@@ -205,23 +217,28 @@ def run(cfg: RunConfig) -> Results:
     """Run (or resume) the whole experiment; return the results table (also written to disk)."""
     exp = prepare(cfg)
     start = time.perf_counter()
-    out = cfg.run_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file there, no permission, a read-only file system
-        raise ConfigError(f"cannot create the run directory {out}: {err}") from None
-    saved = yaml.safe_dump(cfg.results_key(), sort_keys=False)
-    atomic_write_bytes(saved.encode(), out / "config.yaml")
-    handler = _attach_log(exp.log, out / "run.log")
+    out, world = cfg.run_dir, exp.world
+    if world.main:  # rank 0 alone writes the run directory and the log
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file there, no permission, a read-only file system
+            raise ConfigError(f"cannot create the run directory {out}: {err}") from None
+        saved = yaml.safe_dump(cfg.results_key(), sort_keys=False)
+        atomic_write_bytes(saved.encode(), out / "config.yaml")
+    handler = _attach_log(exp.log, out / "run.log" if world.main else None)
+    world.barrier()
     try:
         exp.log.info(
-            "run %s: %s on %s, %d seed(s), device %s",
+            "run %s: %s on %s, %d seed(s), device %s%s",
             out, cfg.model, cfg.dataset, cfg.seeds, exp.cfg.device,
+            f", {world.size} processes" if world.active else "",
         )  # fmt: skip
         for seed in range(cfg.seeds):
             _run_seed(exp, seed)
         results = collect(out, cfg, exp.test_loader.labels.cpu(), exp.num_classes)
-        write_report(out, cfg, results, time.perf_counter() - start)
+        if world.main:
+            write_report(out, cfg, results, time.perf_counter() - start)
+        world.barrier()
         for note in results.notes:
             exp.log.warning(note)
         exp.log.info(
@@ -235,9 +252,13 @@ def run(cfg: RunConfig) -> Results:
     return results
 
 
-def _attach_log(log: logging.Logger, path: Path) -> logging.Handler:
-    log.setLevel(logging.INFO)
+def _attach_log(log: logging.Logger, path: Path | None) -> logging.Handler:
+    """Console and ``path``; without a path (ranks other than 0) errors only, on the console."""
     log.propagate = False
+    if path is None:
+        log.setLevel(logging.ERROR)
+        return logging.NullHandler()
+    log.setLevel(logging.INFO)
     if not any(isinstance(h, logging.StreamHandler) and h.stream is not None for h in log.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -345,8 +366,7 @@ def _trained(
         keep_epochs=keep,
         **recipe,
     )
-    _evaluate_into(exp, model, done, time.perf_counter() - t0, result.resumed_from)
-    acc = torch.load(done, weights_only=True)["acc"]
+    acc = _evaluate_into(exp, model, done, time.perf_counter() - t0, result.resumed_from)
     resumed = f", resumed at epoch {result.resumed_from}" if result.resumed_from else ""
     exp.log.info(
         "%s: test acc %.2f%% (%.1f s%s)", name, 100 * acc, time.perf_counter() - t0, resumed
@@ -356,12 +376,17 @@ def _trained(
 
 def _evaluate_into(
     exp: Experiment, model: nn.Module, path: Path, seconds: float, resumed: int | None = None
-) -> None:
+) -> float:
+    """Test loss, accuracy and softmax into ``path`` (written by rank 0); returns the accuracy.
+    Every rank evaluates the whole test set (the same model: the same numbers)."""
     loss, acc = evaluate(model, exp.test_loader, exp.cfg.device)
     probs = predict_proba(model, exp.test_loader, exp.cfg.device)
     blob = {"probs": probs, "loss": loss, "acc": acc, "seconds": seconds}
     blob["resumed_from"] = -1 if resumed is None else resumed
-    atomic_save(blob, path)
+    if exp.world.main:
+        atomic_save(blob, path)
+    exp.world.barrier()
+    return acc
 
 
 def _imp(
@@ -402,16 +427,17 @@ def _imp(
         total=len(schedule),
         desc=f"[seed {seed}] IMP rounds",
         leave=False,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and exp.world.main),
     ):
         target = next((t for t in cfg.sparsity if abs(t - s) < 1e-12), None)
         if target is None:
             continue
+        exp.world.check_same(f"the {target:g} IMP mask", mask)  # pruned from identical weights
         masks[target] = mask
-        with atomic_path(paths[target]) as tmp:
-            save_mask(mask, tmp)
-        _evaluate_into(exp, model, evals[target], time.perf_counter() - t0)
-        acc = torch.load(evals[target], weights_only=True)["acc"]
+        if exp.world.main:
+            with atomic_path(paths[target]) as tmp:
+                save_mask(mask, tmp)
+        acc = _evaluate_into(exp, model, evals[target], time.perf_counter() - t0)
         msg = "[seed %d] IMP %.4g%% (round %d/%d): test acc %.2f%% (%.1f s)"
         dt = time.perf_counter() - t0
         exp.log.info(msg, seed, 100 * target, r, len(schedule), 100 * acc, dt)
@@ -432,7 +458,7 @@ def _align(
     if cfg.match_epoch is not None:
         target = exp.build(0)
         load_checkpoint(checkpoint_path(sd / "dense_b", cfg.match_epoch), target)
-    loader = exp.statistics_loader()
+    loader = exp.statistics_loader(shard=True)  # each rank its share; statistics summed
     pi = align(
         model_a,
         target,
@@ -441,9 +467,12 @@ def _align(
         graph=exp.graph,
         max_batches=cfg.match_batches,
         device=cfg.device,
+        distributed=exp.world.active,
     )
-    with atomic_path(path) as tmp:
-        pi.save(tmp)
+    if exp.world.main:
+        with atomic_path(path) as tmp:
+            pi.save(tmp)
+    exp.world.barrier()
     when = f" (B at epoch {cfg.match_epoch})" if cfg.match_epoch is not None else ""
     exp.log.info(
         "[seed %d] align (%s matching%s): %.1f s", seed, cfg.match, when, time.perf_counter() - t0
@@ -457,10 +486,14 @@ def _permuted_masks(
     out = {}
     for s, mask in masks.items():
         path = sd / "masks" / f"permuted_s{s:g}.safetensors"
-        if not path.is_file():
+        if path.is_file():
+            out[s] = load_mask(path, exp.cfg.device)
+            continue
+        out[s] = permute_mask(mask, pi, exp.graph)
+        if exp.world.main:
             with atomic_path(path) as tmp:
-                save_mask(permute_mask(mask, pi, exp.graph), tmp)
-        out[s] = load_mask(path, exp.cfg.device)
+                save_mask(out[s], tmp)
+    exp.world.barrier()
     return out
 
 
@@ -486,7 +519,9 @@ def _interpolation(
             permute_model(model_a, pi, exp.graph), model_b, exp.test_loader, **common
         ),
     }
-    atomic_write_bytes(json.dumps(curves, indent=1).encode(), path)
+    if exp.world.main:  # every rank computed the same curves on all of the data
+        atomic_write_bytes(json.dumps(curves, indent=1).encode(), path)
+    exp.world.barrier()
     exp.log.info(
         "[seed %d] interpolation: loss barrier naive %.3f, permuted %.3f (%.1f s)",
         seed,

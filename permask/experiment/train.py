@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from permask._modules import model_device
 from permask.experiment.atomic import atomic_save
+from permask.experiment.distributed import World
 from permask.metrics import evaluate, predict_proba  # re-exported: evaluation loops
 from permask.sparse import MaskedOptimizer
 
@@ -143,6 +145,7 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "train",
+    distributed: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for epochs ``start_epoch .. epochs - 1``.
 
@@ -151,11 +154,20 @@ def train(
     wrapped in :class:`permask.sparse.MaskedOptimizer`, so pruned weights stay exactly 0. With
     ``checkpoint_dir`` training resumes from ``last.pt`` if present (returning at once when it is
     complete) and keeps ``epoch_<k>.pt`` for every ``k`` in ``keep_epochs``.
+
+    ``distributed=True`` (every rank of an initialized ``torch.distributed`` group calls it, each
+    with its share of every batch, e.g. a :class:`TensorLoader` with ``rank``/``world_size``):
+    the model trains under ``DistributedDataParallel`` with the loss of the *global* batch (sums
+    over the ranks' shares divided by the global count, exact also for an uneven last batch),
+    so N processes take the steps of one. Rank 0 writes the checkpoints and every rank reads them
+    to resume; after each epoch rank 0's buffers (BatchNorm statistics) are broadcast and the
+    parameters are checked to be bit-identical on every rank.
     """
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    world = _world(distributed)
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
     steps = len(loader)  # type: ignore[arg-type]
@@ -185,19 +197,39 @@ def train(
         _set_rng(ckpt["rng"])
         epoch = result.resumed_from = ckpt["epoch"]
         result.history = list(ckpt["history"])
-    elif last is not None and start_epoch in keep:
+    elif last is not None and start_epoch in keep and world.main:
         _save(last.parent, start_epoch, model, opt, sched, meta, result, rewind=True)
     model.train()
+    net = _data_parallel(model, device) if world.active else model
     while epoch < epochs:
-        stats = _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs)
+        stats = _train_epoch(net, loader, opt, sched, epoch, device, progress, desc, epochs, world)
         result.history.append(stats)
         epoch += 1
-        if last is not None and (epoch % checkpoint_every == 0 or epoch == epochs or epoch in keep):
+        world.broadcast_buffers(model)
+        world.check_same(f"{desc}: the model after epoch {epoch}", dict(model.named_parameters()))
+        save = epoch % checkpoint_every == 0 or epoch == epochs or epoch in keep
+        if last is not None and save and world.main:
             _save(last.parent, epoch, model, opt, sched, meta, result, rewind=epoch in keep)
+    world.barrier()  # the checkpoints are on disk for every rank
     return result
 
 
-def _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs):
+def _world(distributed: bool) -> World:
+    if not distributed:
+        return World()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+
+
+def _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs, world):
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     start = time.perf_counter()
@@ -205,18 +237,36 @@ def _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     lr = opt.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress)
+    show = progress and world.main
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
-        loss = F.cross_entropy(out, y)
+        if world.active:  # the global batch's mean: DDP averages over ranks, hence * size
+            total = torch.tensor(float(len(y)), device=device)
+            dist.all_reduce(total)
+            loss_sum_b = F.cross_entropy(out, y, reduction="sum")
+            loss = loss_sum_b * world.size / total
+        else:
+            loss = F.cross_entropy(out, y)
+            loss_sum_b = loss.detach() * len(y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        loss_sum += loss.detach() * len(y)
+        loss_sum += loss_sum_b.detach()
         correct += (out.detach().argmax(1) == y).sum()
         seen += len(y)
+    if world.active:  # one collective per epoch for the statistics
+        counts = torch.stack(
+            [
+                loss_sum.double(),
+                correct.double(),
+                torch.tensor(seen, device=device, dtype=torch.float64),
+            ]
+        )
+        dist.all_reduce(counts)
+        loss_sum, correct, seen = counts[0], counts[1], int(counts[2].item())
     mean_loss = loss_sum.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"{desc}: training loss is {mean_loss} in epoch {epoch + 1}")

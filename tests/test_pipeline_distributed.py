@@ -1,0 +1,179 @@
+"""``permask run`` under torchrun: two real processes (gloo on the CPU) against one process with
+the same global batch and seeds, and a rank SIGKILLed mid-training, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from permask.cli import _parser
+from permask.experiment.config import config_from_flags
+from permask.experiment.pipeline import prepare
+from permask.experiment.train import load_checkpoint
+from permask.graph import Permutation
+from permask.sparse import load_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--model", "mlp", "--dataset", "mnist", "--train-subset", "1000", "--test-subset",
+         "300", "--epochs", "3", "--seeds", "1", "--sparsity", "0.5", "--rewind", "1",
+         "--interp-points", "3", "--threads", "1", "--device", "cpu", "--no-progress",
+         "--batch-size", "100"]  # fmt: skip
+
+
+def _cli(out: Path, data: Path, nproc: int, *extra: str) -> list[str]:
+    run = ["-m", "permask", "run", "--out", str(out), "--data-dir", str(data), *FLAGS, *extra]
+    if nproc == 1:
+        return [sys.executable, *run]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [sys.executable, *launch, *run]
+
+
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("dist")
+    _run(_cli(root / "one", mnist_dir, 1))
+    _run(_cli(root / "two", mnist_dir, 2))
+    return root / "one", root / "two"
+
+
+def _dead_units(run_dir: Path, data: Path, stage: str) -> dict[str, torch.Tensor]:
+    """Per MLP unit (group name), which of the trained model's ReLUs were constant on the
+    matching data: activation matching pairs those arbitrarily."""
+    args = _parser().parse_args(["run", "--data-dir", str(data), *FLAGS, "--out", str(run_dir)])
+    exp = prepare(config_from_flags(args))
+    model = exp.build(0)
+    load_checkpoint(run_dir / "seed0" / stage / "last.pt", model)
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in (1, 2, 3)}
+    for i in outputs:
+        getattr(model, f"relu{i}").register_forward_hook(lambda m, x, y, i=i: outputs[i].append(y))
+    with torch.no_grad():
+        for x, _ in exp.statistics_loader():
+            model(x)
+    return {f"fc{i}.weight:0": torch.cat(ys).std(0) == 0 for i, ys in outputs.items()}
+
+
+def test_two_processes_take_the_steps_of_one(one_and_two, mnist_dir):
+    """Same IMP masks; the same permutation wherever the data determines it (ReLUs that never
+    fire are paired arbitrarily: weights 1e-8 apart pair them differently in one process too);
+    accuracies and weights equal up to float summation order (gloo sums the ranks' gradients,
+    one process sums the whole batch; a sample crossing a ReLU's kink amplifies it a little)."""
+    one, two = one_and_two
+    s1, s2 = one / "seed0", two / "seed0"
+    m1, m2 = (load_mask(d / "masks" / "imp_s0.5.safetensors") for d in (s1, s2))
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    pi1, pi2 = (dict(Permutation.load(d / "align" / "pi.safetensors")) for d in (s1, s2))
+    dead_a, dead_b = (_dead_units(one, mnist_dir, s) for s in ("dense_a", "dense_b"))
+    for group, p in pi1.items():
+        differ = p != pi2[group]  # position i of B gets A's unit p[i] or pi2[group][i]
+        arbitrary = dead_b[group] | (dead_a[group][p] & dead_a[group][pi2[group]])
+        assert not (differ & ~arbitrary).any(), group
+    # pi(m_A) may differ in rows of never-firing units, so "permuted" trains another mask
+    for stage in ("dense_a", "dense_b", "sparse/lth_s0.5_k1", "sparse/naive_s0.5_k1"):
+        w1, w2 = (load_checkpoint(d / stage / "last.pt")["model"] for d in (s1, s2))
+        for k in w1:
+            scale = w1[k].abs().max().item()  # measured: dense 2e-8, sparse LTH up to 7e-4
+            assert (w1[k] - w2[k]).abs().max().item() <= 1e-3 * scale, (stage, k)
+    for r1, r2 in zip(_rows(one), _rows(two), strict=True):
+        key = ("method", "sparsity", "rewind")
+        assert [r1[k] for k in key] == [r2[k] for k in key]
+        assert abs(r1["acc_mean"] - r2["acc_mean"]) <= 1.0, (r1, r2)  # <= 3 of 300 test images
+    log = (two / "run.log").read_text()
+    assert "2 processes" in log and log.count("dense B: test acc") == 1  # rank 0 logs alone
+
+
+def test_weight_matching_gives_the_same_permutation(tmp_path, mnist_dir):
+    """Weight matching needs no data, so no unit is arbitrary: 1 and 2 processes agree exactly."""
+    weight = ("--match", "weight", "--epochs", "2", "--interp-points", "2")
+    _run(_cli(tmp_path / "one", mnist_dir, 1, *weight))
+    _run(_cli(tmp_path / "two", mnist_dir, 2, *weight))
+    pi1, pi2 = (
+        Permutation.load(tmp_path / d / "seed0/align/pi.safetensors") for d in ("one", "two")
+    )
+    assert pi1 == pi2
+    for name in ("imp_s0.5", "permuted_s0.5"):
+        m1, m2 = (
+            load_mask(tmp_path / d / f"seed0/masks/{name}.safetensors") for d in ("one", "two")
+        )
+        assert all(torch.equal(m1[k], m2[k]) for k in m1), name
+
+
+def test_masked_entries_stay_zero_under_two_processes(one_and_two):
+    _, two = one_and_two
+    sd = two / "seed0"
+    for method in ("lth", "permuted", "naive"):
+        name = "imp" if method != "permuted" else "permuted"
+        mask = load_mask(sd / "masks" / f"{name}_s0.5.safetensors")
+        weights = load_checkpoint(sd / "sparse" / f"{method}_s0.5_k1" / "last.pt")["model"]
+        for k, m in mask.items():
+            assert not weights[k][~m].any(), (method, k)
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (from /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in env:
+                    return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_killed_rank_ends_the_run_and_the_rerun_resumes(tmp_path, mnist_dir, one_and_two):
+    """SIGKILL rank 1 inside dense B's training: rank 0 fails within the collective timeout
+    (torchrun exits non-zero); the same command again resumes and ends with the results of the
+    uninterrupted two-process run."""
+    _, two = one_and_two
+    out = tmp_path / "killed"
+    cmd = _cli(out, mnist_dir, 2, "--dist-timeout", "60")
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        rank1 = _worker_pid(launcher, 1)
+        last = out / "seed0" / "dense_b" / "last.pt"
+        deadline = time.monotonic() + 240
+        while not last.exists():
+            assert launcher.poll() is None, "the run ended before dense B's first checkpoint"
+            assert time.monotonic() < deadline, "dense B never checkpointed"
+            time.sleep(0.01)
+        os.kill(rank1, signal.SIGKILL)
+        killed_at = time.monotonic()
+        launcher.wait(timeout=120)
+        waited = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0 and waited < 60, (launcher.returncode, waited)
+    assert load_checkpoint(last)["epoch"] < 3
+    assert not (out / "seed0" / "dense_b" / "eval.pt").exists()
+    _run(cmd)
+    assert "resumed at epoch" in (out / "run.log").read_text()
+    assert _rows(out) == _rows(two)
+    for stage in ("dense_b", "sparse/permuted_s0.5_k1"):
+        a = load_checkpoint(two / "seed0" / stage / "last.pt")["model"]
+        b = load_checkpoint(out / "seed0" / stage / "last.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
