@@ -74,6 +74,9 @@ def test_demo_defaults_are_the_documented_demo():
         (["--lr", "-1"], "lr must be > 0, got -1.0"),
         (["--momentum", "1.5"], "momentum must be in [0, 1)"),
         (["--threads", "0"], "threads must be >= 1"),
+        (["--amp", "fp32"], "amp must be one of off, bf16, fp16, got 'fp32'"),
+        (["--sync-bn", "--device", "cpu"], "sync_bn needs GPUs"),
+        (["--dist-timeout", "0"], "dist_timeout must be > 0 seconds"),
         (["--out", ""], "out is empty"),
     ],
 )

@@ -164,3 +164,62 @@ def test_sigkill_mid_training_then_resume(tmp_path, mnist_dir):
     got = torch.load(killed / "final.pt", weights_only=True)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, got[k]), k
+
+
+class Spiky:
+    """Wraps a loader; batch ``at`` of every epoch gets inputs x1000: finite in fp16, but its
+    scaled fp16 gradients overflow, so the GradScaler must skip that step."""
+
+    def __init__(self, loader, at):
+        self.loader, self.at = loader, at
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, e):
+        self.loader.set_epoch(e)
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.loader):
+            yield (x * 1000 if i == self.at else x), y
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_keeps_pruned_weights_zero_and_resumes_exactly(tmp_path, mnist_dir, amp):
+    mask = {"fc1.weight": torch.rand(64, 784) < 0.1, "head.weight": torch.rand(10, 64) < 0.5}
+    kw = {**KW, "amp": amp, "mask": mask}
+    ref, tr, _ = _setup(mnist_dir)
+    fp32, _, _ = _setup(mnist_dir)
+    train(ref, Spiky(tr, at=3), **kw)
+    train(fp32, Spiky(tr, at=3), **{**kw, "amp": "off"})
+    assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), fp32.parameters()))
+    model, tr, _ = _setup(mnist_dir)
+    with pytest.raises(Crash):
+        train(model, CrashingLoader(Spiky(tr, at=3), after=25), checkpoint_dir=tmp_path, **kw)
+    ckpt = load_checkpoint(checkpoint_path(tmp_path))
+    if amp == "fp16":  # the spikes overflowed: steps skipped, the scale backed off from 2**16
+        assert ckpt["scaler"]["scale"] < 2.0**16 and ckpt["meta"]["amp"] == "fp16"
+    model, tr, _ = _setup(mnist_dir)
+    train(model, Spiky(tr, at=3), checkpoint_dir=tmp_path, **kw)
+    _assert_same(model, ref)
+    for name, m in mask.items():
+        assert not model.get_parameter(name)[~m].any()
+    with pytest.raises(ValueError, match="different run"):
+        train(model, tr, checkpoint_dir=tmp_path, **{**kw, "amp": "off"})
+
+
+def test_sync_batchnorm_shares_weights_and_is_undone():
+    """SyncBatchNorm needs CUDA to run (tests/test_cuda.py); the swap itself is checked here."""
+    from permask.experiment.models import resnet20
+    from permask.experiment.train import _sync_batchnorm
+
+    model = resnet20(1)
+    bn = model.layer1[0].bn1
+    with _sync_batchnorm(model, True):
+        sync = model.layer1[0].bn1
+        assert isinstance(sync, torch.nn.SyncBatchNorm)
+        assert sync.weight is bn.weight and sync.running_mean is bn.running_mean
+    assert model.layer1[0].bn1 is bn
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    with pytest.raises(ValueError, match="sync_bn needs CUDA"):
+        train(model, [], epochs=1, sync_bn=True, device="cpu")

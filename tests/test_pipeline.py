@@ -154,10 +154,10 @@ def _no_time(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k != "train_seconds"})
 
 
-def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path, tiny):
+def test_variants_rewinding_imp_shared_a_weight_matching_early_match_bf16(tmp_path, tiny):
     settings = {**tiny, "train_subset": 500, "imp": "rewind", "shared_a": True,
                 "match": "weight", "match_epoch": 1, "interp_points": 3,
-                "sparse_schedule": "restart", "sparse_lr": 0.02}  # fmt: skip
+                "sparse_schedule": "restart", "sparse_lr": 0.02, "amp": "bf16"}  # fmt: skip
     results = run(RunConfig(**settings, out=str(tmp_path / "v")))
     assert results.row("imp", 0.5)["models"] == 1  # one shared A
     assert results.row("lth", 0.5, 1)["models"] == 2
@@ -167,6 +167,10 @@ def test_variants_rewinding_imp_shared_a_weight_matching_early_match(tmp_path, t
     sparse = load_checkpoint(tmp_path / "v" / "seed0" / "sparse" / "naive_s0.5_k1" / "last.pt")
     meta = sparse["meta"]  # a fresh cosine over the remaining epochs at sparse_lr (the paper)
     assert (meta["start_epoch"], meta["epochs"], meta["lr"]) == (0, tiny["epochs"] - 1, 0.02)
+    assert meta["amp"] == "bf16"  # every training of the run under bf16 autocast
+    mask = load_mask(tmp_path / "v" / "seed0" / "masks" / "imp_s0.5.safetensors")
+    assert all(not sparse["model"][k][~m].any() for k, m in mask.items())
+    assert "amp: bf16" in (tmp_path / "v" / "config.yaml").read_text()
 
 
 def test_a_run_whose_models_did_not_learn_says_so(tmp_path, tiny):

@@ -81,6 +81,12 @@ class RunConfig:
     interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
     interp_batches: int | None = _f(None, "test batches per interpolation point (default: all)")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
+    amp: str = _f(
+        "off", "mixed precision of training: off, bf16 or fp16 (autocast; fp16 with GradScaler)"
+    )
+    sync_bn: bool = _f(
+        False, "under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) in training"
+    )
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ...")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     dist_timeout: float = _f(
@@ -111,6 +117,7 @@ class RunConfig:
         choices = {"imp": ("finetune", "rewind"), "match": ("activation", "weight")}
         choices["optimizer"] = ("sgd", "adam", "adamw")
         choices["sparse_schedule"] = ("continue", "restart")
+        choices["amp"] = ("off", "bf16", "fp16")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 got = getattr(self, key)

@@ -106,6 +106,8 @@ class Experiment:
             device=cfg.device,
             progress=cfg.progress,
             distributed=self.world.active,
+            amp=cfg.amp,
+            sync_bn=cfg.sync_bn,
         )
         return train(model, loader, **{**recipe, **overrides}, checkpoint_dir=directory, desc=desc)
 
@@ -155,6 +157,10 @@ def prepare(cfg: RunConfig) -> Experiment:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     cfg = replace(cfg, device=device_name)
+    if cfg.sync_bn and torch.device(cfg.device).type != "cuda":
+        raise ConfigError(
+            f"sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel), device is {cfg.device}"
+        )
     if world.active and cfg.batch_size < world.size:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is the global batch and must be >= the {world.size} "

@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ def train(
     progress: bool = True,
     desc: str = "train",
     distributed: bool = False,
+    amp: str = "off",
+    sync_bn: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for epochs ``start_epoch .. epochs - 1``.
 
@@ -155,20 +158,30 @@ def train(
     ``checkpoint_dir`` training resumes from ``last.pt`` if present (returning at once when it is
     complete) and keeps ``epoch_<k>.pt`` for every ``k`` in ``keep_epochs``.
 
+    ``amp="bf16"`` or ``"fp16"`` runs forward and loss under ``torch.autocast`` (weights stay
+    float32); fp16 adds a ``GradScaler`` whose state is checkpointed. A step the scaler skips
+    (inf/NaN gradients) changes nothing, so pruned weights stay exactly 0 in every mode.
+
     ``distributed=True`` (every rank of an initialized ``torch.distributed`` group calls it, each
     with its share of every batch, e.g. a :class:`TensorLoader` with ``rank``/``world_size``):
     the model trains under ``DistributedDataParallel`` with the loss of the *global* batch (sums
     over the ranks' shares divided by the global count, exact also for an uneven last batch),
     so N processes take the steps of one. Rank 0 writes the checkpoints and every rank reads them
     to resume; after each epoch rank 0's buffers (BatchNorm statistics) are broadcast and the
-    parameters are checked to be bit-identical on every rank.
+    parameters are checked to be bit-identical on every rank. ``sync_bn=True`` (CUDA only: torch
+    has no CPU kernel for it) normalises BatchNorm over the global batch during training
+    (``nn.SyncBatchNorm`` sharing the model's parameters and buffers); ``model`` keeps its own
+    BatchNorm modules afterwards.
     """
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    world = _world(distributed)
+    if amp not in AMP:
+        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
     device = torch.device(device) if device is not None else model_device(model)
+    if sync_bn and device.type != "cuda":
+        raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm), got {device}")
     model.to(device)
     steps = len(loader)  # type: ignore[arg-type]
     opt = make_optimizer(optimizer, model, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -177,41 +190,54 @@ def train(
     sched = make_scheduler(
         opt, schedule, epochs * steps, warmup_epochs * steps, start_step=start_epoch * steps
     )
-    meta = {
-        "epochs": epochs,
-        "start_epoch": start_epoch,
-        "steps_per_epoch": steps,
-        "lr": lr,
-        "schedule": schedule,
-    }
-    result = TrainResult(epochs)
-    epoch = start_epoch
-    keep = set(keep_epochs)
-    last = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
-    if last is not None and last.is_file():
-        ckpt = load_checkpoint(last, map_location=device)
-        _check_meta(ckpt["meta"], meta, last)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng(ckpt["rng"])
-        epoch = result.resumed_from = ckpt["epoch"]
-        result.history = list(ckpt["history"])
-    elif last is not None and start_epoch in keep and world.main:
-        _save(last.parent, start_epoch, model, opt, sched, meta, result, rewind=True)
-    model.train()
-    net = _data_parallel(model, device) if world.active else model
-    while epoch < epochs:
-        stats = _train_epoch(net, loader, opt, sched, epoch, device, progress, desc, epochs, world)
-        result.history.append(stats)
-        epoch += 1
-        world.broadcast_buffers(model)
-        world.check_same(f"{desc}: the model after epoch {epoch}", dict(model.named_parameters()))
-        save = epoch % checkpoint_every == 0 or epoch == epochs or epoch in keep
-        if last is not None and save and world.main:
-            _save(last.parent, epoch, model, opt, sched, meta, result, rewind=epoch in keep)
+    meta = {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps, "lr": lr}
+    meta |= {"schedule": schedule} | ({"amp": amp} if amp != "off" else {})  # off: as before
+    world = _world(distributed)
+    with _sync_batchnorm(model, sync_bn and world.active):
+        loop = _Loop(model, opt, sched, device, world, amp, meta)
+        result = _run_epochs(loop, loader, start_epoch, epochs, checkpoint_dir, checkpoint_every,
+                             set(keep_epochs), progress, desc)  # fmt: skip
     world.barrier()  # the checkpoints are on disk for every rank
     return result
+
+
+def _run_epochs(loop, loader, start_epoch, epochs, checkpoint_dir, every, keep, progress, desc):
+    result = TrainResult(epochs)
+    epoch = start_epoch
+    last = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
+    if last is not None and last.is_file():
+        epoch = result.resumed_from = loop.resume(last, result)
+    elif last is not None and start_epoch in keep:
+        loop.save(last.parent, start_epoch, result, rewind=True)
+    while epoch < epochs:
+        result.history.append(loop.epoch(loader, epoch, epochs, desc, progress))
+        epoch += 1
+        if last is not None and (epoch % every == 0 or epoch == epochs or epoch in keep):
+            loop.save(last.parent, epoch, result, rewind=epoch in keep)
+    return result
+
+
+@contextmanager
+def _sync_batchnorm(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside: the model's BatchNorm modules are ``nn.SyncBatchNorm``s sharing their parameters
+    and buffers (torch's ``convert_sync_batchnorm``); after: the original modules again."""
+    if not enabled:
+        yield
+        return
+    originals = {
+        name: m
+        for name, m in model.named_modules()
+        if name and isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    try:
+        yield
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+
+
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _world(distributed: bool) -> World:
@@ -222,76 +248,104 @@ def _world(distributed: bool) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
+class _Loop:
+    """One training run's moving parts: epochs, steps, checkpoints (written by rank 0)."""
 
-    ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+    def __init__(self, model, opt, sched, device, world: World, amp: str, meta: dict) -> None:
+        self.model, self.opt, self.sched, self.meta = model, opt, sched, meta
+        self.device, self.world, self.dtype = device, world, AMP[amp]
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.net = model
+        if world.active:
+            from torch.nn.parallel import DistributedDataParallel
 
+            ids = [device] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
 
-def _train_epoch(model, loader, opt, sched, epoch, device, progress, desc, epochs, world):
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    lr = opt.param_groups[0]["lr"]
-    show = progress and world.main
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show)
-    for x, y in bar:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        if world.active:  # the global batch's mean: DDP averages over ranks, hence * size
-            total = torch.tensor(float(len(y)), device=device)
-            dist.all_reduce(total)
-            loss_sum_b = F.cross_entropy(out, y, reduction="sum")
-            loss = loss_sum_b * world.size / total
+    def epoch(self, loader, epoch: int, epochs: int, desc: str, progress: bool) -> dict:
+        """Train one epoch; its loss and accuracy over the global batches (one host sync)."""
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        self.model.train()
+        start = time.perf_counter()
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, seen
+        lr = self.opt.param_groups[0]["lr"]
+        show = progress and self.world.main
+        for x, y in tqdm(
+            loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show
+        ):
+            sums += self.step(
+                x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            )
+        if self.world.active:
+            dist.all_reduce(sums)
+            self.world.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics
+            where = f"{desc}: the model after epoch {epoch + 1}"
+            self.world.check_same(where, dict(self.model.named_parameters()))
+        loss, correct, seen = sums.tolist()
+        mean_loss = loss / max(seen, 1)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"{desc}: training loss is {mean_loss} in epoch {epoch + 1}")
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch + 1, "loss": mean_loss, "acc": correct / max(seen, 1), "lr": lr,
+                "seconds": seconds}  # fmt: skip
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's share; returns (loss sum, correct, count)."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            out = self.net(x)
+            if self.world.active:  # the global batch's mean; DDP averages over ranks: * size
+                total = torch.tensor(float(len(y)), device=self.device)
+                dist.all_reduce(total)
+                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                loss = loss_sum * (self.world.size / total)
+            else:
+                loss = F.cross_entropy(out.float(), y)
+                loss_sum = loss * len(y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)  # skipped on inf/NaN gradients: nothing moves
+            self.scaler.update()
         else:
-            loss = F.cross_entropy(out, y)
-            loss_sum_b = loss.detach() * len(y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_sum += loss_sum_b.detach()
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += len(y)
-    if world.active:  # one collective per epoch for the statistics
-        counts = torch.stack(
-            [
-                loss_sum.double(),
-                correct.double(),
-                torch.tensor(seen, device=device, dtype=torch.float64),
-            ]
+            loss.backward()
+            self.opt.step()
+        self.sched.step()
+        correct = (out.detach().argmax(1) == y).sum()
+        return torch.stack(
+            [loss_sum.detach().double(), correct.double(), correct.new_tensor(len(y)).double()]
         )
-        dist.all_reduce(counts)
-        loss_sum, correct, seen = counts[0], counts[1], int(counts[2].item())
-    mean_loss = loss_sum.item() / max(seen, 1)
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"{desc}: training loss is {mean_loss} in epoch {epoch + 1}")
-    return {
-        "epoch": epoch + 1,
-        "loss": mean_loss,
-        "acc": correct.item() / max(seen, 1),
-        "lr": lr,
-        "seconds": time.perf_counter() - start,
-    }
 
+    def save(self, directory: Path, epoch: int, result: TrainResult, rewind: bool) -> None:
+        if not self.world.main:
+            return
+        ckpt = {
+            "epoch": epoch,
+            "meta": self.meta,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": _get_rng(),
+            "history": result.history,
+        }
+        if self.scaler is not None:
+            ckpt["scaler"] = self.scaler.state_dict()
+        if rewind:
+            atomic_save(ckpt, checkpoint_path(directory, epoch))
+        atomic_save(ckpt, checkpoint_path(directory))
 
-def _save(directory, epoch, model, opt, sched, meta, result, rewind: bool) -> None:
-    ckpt = {
-        "epoch": epoch,
-        "meta": meta,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "rng": _get_rng(),
-        "history": result.history,
-    }
-    if rewind:
-        atomic_save(ckpt, checkpoint_path(directory, epoch))
-    atomic_save(ckpt, checkpoint_path(directory))
+    def resume(self, path: Path, result: TrainResult) -> int:
+        """Load ``path`` (every rank reads it); return its completed epochs."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        _check_meta(ckpt["meta"], self.meta, path)
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng(ckpt["rng"])
+        result.history = list(ckpt["history"])
+        return ckpt["epoch"]
 
 
 def _check_meta(found: dict, expected: dict, path: Path) -> None:
