@@ -36,14 +36,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         defaults = {"out": "runs/demo"} if args.command == "demo" else {}
         cfg = config_from_flags(args, **defaults)
+        from permask.experiment.distributed import leave_world
         from permask.experiment.pipeline import run  # heavy imports only once flags parse
 
         results = run(cfg)
+        main = leave_world()  # under torchrun: rank 0 prints the table
     except ConfigError as err:
         print(f"permask: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("permask: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(results)
+    if main:
+        print(results)
     return 0

@@ -65,6 +65,26 @@ def write_synthetic_mnist(root: Path, n_train: int = 10000, n_test: int = 1000) 
     return root
 
 
+def write_image_folder(
+    root: Path, classes: int = 4, per_class: int = 6, size: tuple[int, int] = (40, 48)
+) -> Path:
+    """``root/{train,val}/<class>/<i>.jpg``: RGB images (height, width = ``size``) whose class is
+    their colour under noise, in ImageNet's folder layout (val: half as many per class)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(7)
+    colours = torch.rand(classes, 3, 1, 1, generator=g)
+    for split, n in (("train", per_class), ("val", max(1, per_class // 2))):
+        for c in range(classes):
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = colours[c] + 0.2 * torch.randn(3, *size, generator=g)
+                pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""

@@ -21,7 +21,7 @@ import yaml
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
 # Fields that may change between invocations of one run directory without changing its results.
-RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir", "dist_timeout")
+RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir", "dist_timeout", "workers")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,13 @@ class RunConfig:
     epochs: int = _f(10, "epochs of dense training (and of sparse training, counted from 0)")
     batch_size: int = _f(128, "training batch size")
     optimizer: str = _f("sgd", "sgd, adam or adamw")
-    lr: float = _f(0.05, "peak learning rate of dense and sparse training (cosine schedule)")
+    lr: float = _f(0.05, "peak learning rate of dense and sparse training")
+    schedule: str = _f(
+        "cosine",
+        "learning-rate schedule of dense and sparse training: cosine (to 0) or step (x0.1 at "
+        "1/3, 2/3 and 8/9 of the epochs: 30, 60, 80 of 90, the paper's ImageNet recipe); IMP "
+        "fine-tuning is always cosine",
+    )
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay (all parameters, as in the paper)")
     warmup_epochs: int = _f(0, "linear warm-up epochs of dense training")
@@ -80,6 +86,12 @@ class RunConfig:
     )
     interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
     interp_batches: int | None = _f(None, "test batches per interpolation point (default: all)")
+    crop: int | None = _f(
+        None,
+        "imagefolder: stream from disk with ImageNet transforms at this crop size "
+        "(default: 224 when the images are >= 128 px, else decode the set into memory)",
+    )
+    workers: int = _f(4, "DataLoader processes decoding a streamed image folder")
     channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
     amp: str = _f(
         "off", "mixed precision of training: off, bf16 or fp16 (autocast; fp16 with GradScaler)"
@@ -118,6 +130,7 @@ class RunConfig:
         choices["optimizer"] = ("sgd", "adam", "adamw")
         choices["sparse_schedule"] = ("continue", "restart")
         choices["amp"] = ("off", "bf16", "fp16")
+        choices["schedule"] = ("cosine", "step")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 got = getattr(self, key)
@@ -138,6 +151,10 @@ class RunConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.crop is not None and self.crop < 8:
+            raise ConfigError(f"crop must be >= 8 pixels, got {self.crop}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not self.dist_timeout > 0:
             raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.threads is not None and self.threads < 1:

@@ -37,6 +37,7 @@ __all__ = [
     "DatasetInfo",
     "cache_dir",
     "data_root",
+    "image_folder_split",
     "load_dataset",
 ]
 
@@ -108,11 +109,7 @@ def load_dataset(
     """
     base = data_root(root)
     if name.startswith("imagefolder:"):
-        path = Path(name.partition(":")[2]).expanduser()
-        split = path / ("train" if train else "test")
-        folder = split if split.is_dir() else path
-        if not folder.is_dir():
-            raise DataNotFoundError(f"image folder not found: searched {split}, {path}")
+        folder = image_folder_split(name, train)
         x, y = _load_image_folder(folder, image_size)
         num_classes = sum(d.is_dir() for d in folder.iterdir())
         mean, std = IMAGENET_MEAN_STD  # generic natural-image statistics
@@ -140,6 +137,18 @@ def load_dataset(
     except Exception as err:  # offline, proxy, checksum: all mean "not found"
         msg = f"dataset {name!r} not found; searched: {where}; download into {target} failed: "
         raise DataNotFoundError(msg + f"{type(err).__name__}: {err}") from err
+
+
+def image_folder_split(name: str, train: bool) -> Path:
+    """The folder of ``imagefolder:PATH``'s split: ``PATH/train``, or for evaluation
+    ``PATH/test`` or else ``PATH/val`` (ImageNet's name); ``PATH`` itself when it has neither."""
+    path = Path(name.partition(":")[2]).expanduser()
+    options = [path / "train"] if train else [path / "test", path / "val"]
+    folder = next((p for p in options if p.is_dir()), path)
+    if not folder.is_dir():
+        searched = ", ".join(str(p) for p in [*options, path])
+        raise DataNotFoundError(f"image folder not found: searched {searched}")
+    return folder
 
 
 def _find_local(name: str, root: Path, train: bool, searched: list[str]):

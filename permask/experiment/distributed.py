@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "init_world"]
+__all__ = ["World", "init_world", "leave_world"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,12 @@ def init_world(device: str, timeout: float) -> tuple[World, str]:
         backend = "nccl" if kind == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     return world, device
+
+
+def leave_world() -> bool:
+    """Leave the process group (if any); return whether this process is rank 0 (prints)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    main = dist.get_rank() == 0
+    dist.destroy_process_group()
+    return main

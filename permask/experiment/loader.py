@@ -16,7 +16,12 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from permask.experiment.data import load_dataset
+from permask.experiment.data import (
+    IMAGENET_MEAN_STD,
+    DatasetInfo,
+    image_folder_split,
+    load_dataset,
+)
 
 __all__ = ["TensorLoader", "get_loaders"]
 
@@ -85,6 +90,11 @@ class TensorLoader:
         """Make the next ``iter()`` play epoch ``epoch``."""
         self.epoch = epoch
 
+    def example(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` inputs as a model sees them, not augmented (shapes, tracing)."""
+        x = (self.images[:n].float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
@@ -137,13 +147,33 @@ def get_loaders(
     download: bool = True,
     image_size: int | None = None,
     channels_last: bool = False,
+    crop: int | None = None,
+    workers: int = 4,
 ):
     """Train loader (shuffled, augmented if the dataset calls for it), test loader, and info.
 
     ``train_subset``/``test_subset`` keep a fixed random subset (drawn with seed 0, so the same
     examples for every run seed) for fast experiments and tests. ``augment`` overrides the
     dataset's default (flip + crop for CIFAR and image folders, none for (Fashion-)MNIST).
+
+    ``imagefolder:PATH`` streams from disk with ImageNet transforms at ``crop`` pixels
+    (:class:`~permask.experiment.stream.FolderLoader`, ``workers`` decoding processes) when
+    ``crop`` is given or its images are large (>= 128 px, default crop 224); otherwise it is
+    decoded into memory once, like the built-in sets.
     """
+    if dataset.startswith("imagefolder:"):
+        from permask.experiment.stream import FolderLoader, large_images
+
+        train_dir = image_folder_split(dataset, True)
+        if crop is not None or large_images(train_dir):
+            common = dict(crop=crop or 224, workers=workers, device=device,
+                          channels_last=channels_last)  # fmt: skip
+            train = FolderLoader(train_dir, batch_size=batch_size, shuffle=True, augment=True,
+                                 seed=seed, subset=train_subset, **common)  # fmt: skip
+            test = FolderLoader(image_folder_split(dataset, False), batch_size=eval_batch_size,
+                                subset=test_subset, **common)  # fmt: skip
+            mean, std = IMAGENET_MEAN_STD
+            return train, test, DatasetInfo(train.num_classes, 3, mean, std, augment=True)
     xtr, ytr, info = load_dataset(dataset, True, root, download=download, image_size=image_size)
     xte, yte, _ = load_dataset(dataset, False, root, download=download, image_size=image_size)
     xtr, ytr = _subset(xtr, ytr, train_subset)

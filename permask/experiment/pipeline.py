@@ -100,6 +100,7 @@ class Experiment:
         recipe = dict(
             epochs=cfg.epochs,
             lr=cfg.lr,
+            schedule=cfg.schedule,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             optimizer=cfg.optimizer,
@@ -180,11 +181,13 @@ def prepare(cfg: RunConfig) -> Experiment:
             train_subset=cfg.train_subset,
             test_subset=cfg.test_subset,
             channels_last=cfg.channels_last,
+            crop=cfg.crop,
+            workers=cfg.workers,
         )
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
     train_loader.rank, train_loader.world_size = world.rank, world.size
-    x = train_loader.images[:2]
+    x = test_loader.example(2)
     log = logging.getLogger(f"permask.run.{cfg.run_dir.resolve()}")
     exp = Experiment(
         cfg, train_loader, test_loader, info.num_classes, x.shape[1], x.shape[-1], log, world
@@ -193,9 +196,8 @@ def prepare(cfg: RunConfig) -> Experiment:
         model = exp.build(0)
     except Exception as err:  # unknown names surface from timm/torchvision in many types
         raise ConfigError(f"cannot build model {cfg.model!r}: {err}") from None
-    example = next(iter(test_loader))[0][:2]
     try:
-        exp.graph = trace(model, (example,))
+        exp.graph = trace(model, (x,))
     except TraceError as err:
         raise ConfigError(f"cannot trace {cfg.model!r}: {' '.join(str(err).split())}") from None
     return exp
@@ -417,9 +419,8 @@ def _imp(
             exp.fit(model, exp.loader(seeds["a"]), rdir, desc, start_epoch=k, mask=mask)
         else:
             loader = exp.loader(seeds["imp"] + r)
-            exp.fit(
-                model, loader, rdir, desc, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, mask=mask
-            )
+            recipe = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, schedule="cosine")
+            exp.fit(model, loader, rdir, desc, mask=mask, **recipe)
 
     t0 = time.perf_counter()
     model = copy.deepcopy(model_a)
