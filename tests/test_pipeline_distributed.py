@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def _worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> i
 def test_a_killed_rank_ends_the_run_and_the_rerun_resumes(tmp_path, mnist_dir, one_and_two):
     """SIGKILL rank 1 inside dense B's training: rank 0 fails within the collective timeout
     (torchrun exits non-zero); the same command again resumes and ends with the results of the
-    uninterrupted two-process run."""
+    uninterrupted two-process run; resumed by one process instead, it finishes too."""
     _, two = one_and_two
     out = tmp_path / "killed"
     cmd = _cli(out, mnist_dir, 2, "--dist-timeout", "60")
@@ -171,6 +172,7 @@ def test_a_killed_rank_ends_the_run_and_the_rerun_resumes(tmp_path, mnist_dir, o
     assert launcher.returncode != 0 and waited < 60, (launcher.returncode, waited)
     assert load_checkpoint(last)["epoch"] < 3
     assert not (out / "seed0" / "dense_b" / "eval.pt").exists()
+    shutil.copytree(out, tmp_path / "one_process")
     _run(cmd)
     assert "resumed at epoch" in (out / "run.log").read_text()
     assert _rows(out) == _rows(two)
@@ -178,6 +180,13 @@ def test_a_killed_rank_ends_the_run_and_the_rerun_resumes(tmp_path, mnist_dir, o
         a = load_checkpoint(two / "seed0" / stage / "last.pt")["model"]
         b = load_checkpoint(out / "seed0" / stage / "last.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+    # the same interrupted run resumed by one process (same global batch): it finishes, close
+    one = tmp_path / "one_process"
+    _run(_cli(one, mnist_dir, 1, "--dist-timeout", "60"))
+    assert "resumed at epoch" in (one / "run.log").read_text()
+    for r1, r2 in zip(_rows(one), _rows(two), strict=True):
+        assert abs(r1["acc_mean"] - r2["acc_mean"]) <= 1.0, (r1, r2)
 
 
 def test_resnet50_imagenet_example_under_torchrun(tmp_path):
