@@ -40,13 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from permask.experiment.pipeline import run  # heavy imports only once flags parse
 
         results = run(cfg)
-        main = leave_world()  # under torchrun: rank 0 prints the table
+        rank0 = leave_world()  # under torchrun: rank 0 prints the table
     except ConfigError as err:
         print(f"permask: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("permask: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    if main:
+    if rank0:
         print(results)
     return 0

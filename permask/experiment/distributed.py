@@ -15,6 +15,7 @@ forever; torchrun also stops the other workers as soon as one exits with an erro
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "init_world", "leave_world"]
+__all__ = ["World", "current_world", "init_world", "leave_world"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,20 @@ class World:
         if self.active:
             dist.barrier()
 
+    def written_by_main(self, write: Callable[..., object], *args: object) -> None:
+        """Rank 0 calls ``write(*args)``; every rank returns once it is done (the files are
+        there for all)."""
+        if self.main:
+            write(*args)
+        self.barrier()
+
     def check_same(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
         """Raise ``RuntimeError`` unless every rank holds bit-identical ``tensors`` (float64
         checksums per entry, compared with one all-reduce of their max and min)."""
         if not self.active or not tensors:
             return
-        names = list(tensors)
-        device = next(iter(tensors.values())).device
-        sums = torch.stack([_checksum(tensors[n]).to(device) for n in names])
+        names = list(tensors)  # checksums stay on the tensors' device: no host round trip
+        sums = torch.stack([_checksum(tensors[n]) for n in names])
         high, low = sums.clone(), sums.clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -75,7 +82,18 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     """Two float64 sums that any change of a value or of its position alters."""
     flat = t.detach().flatten().double()
     ramp = torch.arange(1, len(flat) + 1, device=flat.device, dtype=torch.float64) / len(flat)
-    return torch.stack([flat.sum(), (flat * ramp).sum()]).cpu()
+    return torch.stack([flat.sum(), (flat * ramp).sum()])
+
+
+def current_world(distributed: bool) -> World:
+    """The world of the initialized default process group (``distributed=True``), else one
+    process. Raises ``ValueError`` when ``distributed`` is asked for without a group."""
+    if not distributed:
+        return World()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return World(dist.get_rank(), dist.get_world_size(), local)
 
 
 def init_world(device: str, timeout: float) -> tuple[World, str]:

@@ -92,8 +92,7 @@ class TensorLoader:
 
     def example(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` inputs as a model sees them, not augmented (shapes, tracing)."""
-        x = (self.images[:n].float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalize(self.images[:n], self.mean, self.std, self.channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -107,14 +106,28 @@ class TensorLoader:
             if self.augment:
                 x = _flip_crop(x, gen)
             if self.world_size > 1:  # this rank's share, cut after augmenting the whole batch
-                n, w, r = len(idx), self.world_size, self.rank
-                start = r * (n // w) + min(r, n % w)
-                share = slice(start, start + n // w + (r < n % w))
-                x, idx = x[share], idx[share]
-            x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+                x = x.tensor_split(self.world_size)[self.rank]
+                idx = idx.tensor_split(self.world_size)[self.rank]
+            yield normalize(x, self.mean, self.std, self.channels_last), self.labels[idx]
+
+
+def normalize(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool
+) -> torch.Tensor:
+    """uint8 images (on their device) -> float ``(x - mean) / std``, channels_last if asked;
+    ``mean`` and ``std`` are [1, C, 1, 1] in pixel units (0-255)."""
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def subset_indices(n: int, size: int | None) -> torch.Tensor:
+    """The sorted indices of a fixed random subset of ``size`` of ``n`` examples (drawn with
+    seed 0, the same for every run seed); all of them when ``size`` is None or >= ``n``."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    if size < 1:
+        raise ValueError(f"subset size must be >= 1, got {size}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values
 
 
 def _flip_crop(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -190,7 +203,5 @@ def get_loaders(
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None):
     if n is None or n >= len(x):
         return x, y
-    if n < 1:
-        raise ValueError(f"subset size must be >= 1, got {n}")
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    keep = subset_indices(len(x), n)
     return x[keep], y[keep]

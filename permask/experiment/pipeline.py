@@ -21,10 +21,11 @@ checkpoint with identical results. Layout, for seed ``s``::
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -391,9 +392,7 @@ def _evaluate_into(
     probs = predict_proba(model, exp.test_loader, exp.cfg.device)
     blob = {"probs": probs, "loss": loss, "acc": acc, "seconds": seconds}
     blob["resumed_from"] = -1 if resumed is None else resumed
-    if exp.world.main:
-        atomic_save(blob, path)
-    exp.world.barrier()
+    exp.world.written_by_main(atomic_save, blob, path)
     return acc
 
 
@@ -441,9 +440,7 @@ def _imp(
             continue
         exp.world.check_same(f"the {target:g} IMP mask", mask)  # pruned from identical weights
         masks[target] = mask
-        if exp.world.main:
-            with atomic_path(paths[target]) as tmp:
-                save_mask(mask, tmp)
+        exp.world.written_by_main(_save_mask, mask, paths[target])
         acc = _evaluate_into(exp, model, evals[target], time.perf_counter() - t0)
         msg = "[seed %d] IMP %.4g%% (round %d/%d): test acc %.2f%% (%.1f s)"
         dt = time.perf_counter() - t0
@@ -476,10 +473,7 @@ def _align(
         device=cfg.device,
         distributed=exp.world.active,
     )
-    if exp.world.main:
-        with atomic_path(path) as tmp:
-            pi.save(tmp)
-    exp.world.barrier()
+    exp.world.written_by_main(_save_atomically, pi.save, path)
     when = f" (B at epoch {cfg.match_epoch})" if cfg.match_epoch is not None else ""
     exp.log.info(
         "[seed %d] align (%s matching%s): %.1f s", seed, cfg.match, when, time.perf_counter() - t0
@@ -497,11 +491,18 @@ def _permuted_masks(
             out[s] = load_mask(path, exp.cfg.device)
             continue
         out[s] = permute_mask(mask, pi, exp.graph)
-        if exp.world.main:
-            with atomic_path(path) as tmp:
-                save_mask(out[s], tmp)
-    exp.world.barrier()
+        exp.world.written_by_main(_save_mask, out[s], path)
     return out
+
+
+def _save_mask(mask: Mask, path: Path) -> None:
+    _save_atomically(functools.partial(save_mask, mask), path)
+
+
+def _save_atomically(save: Callable[[Path], object], path: Path) -> None:
+    """``save(tmp)`` into a temporary path that replaces ``path`` once complete."""
+    with atomic_path(path) as tmp:
+        save(tmp)
 
 
 def _interpolation(
@@ -526,9 +527,8 @@ def _interpolation(
             permute_model(model_a, pi, exp.graph), model_b, exp.test_loader, **common
         ),
     }
-    if exp.world.main:  # every rank computed the same curves on all of the data
-        atomic_write_bytes(json.dumps(curves, indent=1).encode(), path)
-    exp.world.barrier()
+    blob = json.dumps(curves, indent=1).encode()  # every rank computed the same curves
+    exp.world.written_by_main(atomic_write_bytes, blob, path)
     exp.log.info(
         "[seed %d] interpolation: loss barrier naive %.3f, permuted %.3f (%.1f s)",
         seed,

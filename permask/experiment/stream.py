@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from permask.experiment.loader import normalize, subset_indices
+
 __all__ = ["FolderLoader", "large_images"]
 
 
@@ -72,7 +74,7 @@ class FolderLoader:
         self.dataset = ImageFolder(str(folder))
         self.device = torch.device(device)
         labels = torch.tensor(self.dataset.targets, dtype=torch.long)
-        self.indices = _subset(len(labels), subset)
+        self.indices = subset_indices(len(labels), subset)
         self.labels = labels[self.indices].to(self.device)
         self.crop, self.batch_size, self.shuffle, self.augment = crop, batch_size, shuffle, augment
         shape = (1, -1, 1, 1)
@@ -100,8 +102,7 @@ class FolderLoader:
         dataset.transform = self._transform(augment=False)
         items = _Indexed(dataset, self.indices[:n])
         x = torch.stack([items[i][0] for i in range(len(items))]).to(self.device)
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalize(x, self.mean, self.std, self.channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
@@ -126,10 +127,8 @@ class FolderLoader:
             persistent_workers=False,
         )
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std,
+                          self.channels_last)  # fmt: skip
             yield x, y.to(self.device, non_blocking=True)
 
     def _transform(self, augment: bool):
@@ -155,10 +154,3 @@ class _Indexed(torch.utils.data.Dataset):
         path, label = self.dataset.samples[self.indices[i]]
         image = self.dataset.loader(path).convert("RGB")
         return self.dataset.transform(image), label
-
-
-def _subset(n: int, size: int | None) -> torch.Tensor:
-    """A fixed random subset (seed 0, sorted), as the in-memory loaders draw it."""
-    if size is None or size >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from permask._modules import model_device
 from permask.experiment.atomic import atomic_save
-from permask.experiment.distributed import World
+from permask.experiment.distributed import World, current_world
 from permask.metrics import evaluate, predict_proba  # re-exported: evaluation loops
 from permask.sparse import MaskedOptimizer
 
@@ -50,6 +50,7 @@ __all__ = [
 
 OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 SCHEDULES = ("cosine", "step", "constant")
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 STEP_MILESTONES = (1 / 3, 2 / 3, 8 / 9)  # of the schedule: epochs 30, 60, 80 of 90 (ImageNet)
 
 
@@ -197,7 +198,7 @@ def train(
     )
     meta = {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps, "lr": lr}
     meta |= {"schedule": schedule} | ({"amp": amp} if amp != "off" else {})  # off: as before
-    world = _world(distributed)
+    world = current_world(distributed)
     with _sync_batchnorm(model, sync_bn and world.active):
         loop = _Loop(model, opt, sched, device, world, amp, meta)
         result = _run_epochs(loop, loader, start_epoch, epochs, checkpoint_dir, checkpoint_every,
@@ -242,17 +243,6 @@ def _sync_batchnorm(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.set_submodule(name, module)
 
 
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _world(distributed: bool) -> World:
-    if not distributed:
-        return World()
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
-    return World(dist.get_rank(), dist.get_world_size())
-
-
 class _Loop:
     """One training run's moving parts: epochs, steps, checkpoints (written by rank 0)."""
 
@@ -273,7 +263,8 @@ class _Loop:
             loader.set_epoch(epoch)
         self.model.train()
         start = time.perf_counter()
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, seen
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
+        seen = 0  # on the host: the batch sizes are known there
         lr = self.opt.param_groups[0]["lr"]
         show = progress and self.world.main
         for x, y in tqdm(
@@ -282,6 +273,8 @@ class _Loop:
             sums += self.step(
                 x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             )
+            seen += len(y)
+        sums = torch.cat([sums, sums.new_tensor([seen])])
         if self.world.active:
             dist.all_reduce(sums)
             self.world.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics
@@ -296,7 +289,7 @@ class _Loop:
                 "seconds": seconds}  # fmt: skip
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this rank's share; returns (loss sum, correct, count)."""
+        """One optimizer step on this rank's share; returns (loss sum, correct) on the device."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.net(x)
             if self.world.active:  # the global batch's mean; DDP averages over ranks: * size
@@ -317,9 +310,7 @@ class _Loop:
             self.opt.step()
         self.sched.step()
         correct = (out.detach().argmax(1) == y).sum()
-        return torch.stack(
-            [loss_sum.detach().double(), correct.double(), correct.new_tensor(len(y)).double()]
-        )
+        return torch.stack([loss_sum.detach().double(), correct.double()])
 
     def save(self, directory: Path, epoch: int, result: TrainResult, rewind: bool) -> None:
         if not self.world.main:
