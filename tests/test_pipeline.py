@@ -13,9 +13,8 @@ import torch
 from shared_data import sigkill_once_written
 
 from permask.experiment import RunConfig, run
-from permask.experiment.prune import imp_sparsities
 from permask.experiment.train import load_checkpoint
-from permask.sparse import load_mask, sparsity
+from permask.sparse import imp_sparsities, load_mask, sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 _TINY = dict(

@@ -1,4 +1,4 @@
-"""IMP: exact target sparsity by integer counts, nested masks, rewinding, determinism."""
+"""IMP: exact target sparsities (one or several per run), nested masks, rewinding, determinism."""
 
 import copy
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from permask.sparse import MaskedOptimizer, imp, imp_schedule, magnitude_mask, sparsity
+from permask.sparse import (
+    MaskedOptimizer,
+    imp,
+    imp_schedule,
+    imp_sparsities,
+    magnitude_mask,
+    sparsity,
+)
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -134,3 +141,33 @@ def test_a_sparsity_that_prunes_nothing_is_refused():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="prunes no weight of the 16 selected"):
         imp(model, lambda m, mask, r: None, 0.0)
+
+
+def test_one_run_lands_exactly_on_several_targets_and_reports_them():
+    net, seen = make_net(), []
+    result = imp(net, trainer(), [0.9, 0.5], on_round=seen.append)
+    total = sum(m.numel() for m in result.masks[-1].values())
+    assert [r.round for r in seen] == list(range(1, len(result.masks) + 1))
+    assert all(r.rounds == len(result.masks) for r in seen)
+    assert [(r.round, r.targets) for r in seen if r.targets] == [
+        (result.rounds_of[0.5], (0.5,)),
+        (result.rounds_of[0.9], (0.9,)),
+    ]
+    for target in (0.5, 0.9):
+        mask = result.mask_at(target)
+        assert sum(int((~m).sum()) for m in mask.values()) == round(target * total)
+    assert result.masks[-1] is result.mask_at(0.9)
+    # round r prunes 20% of what survived, whatever the later targets are
+    single = imp(make_net(), trainer(), 0.5)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(single.masks, result.masks) for n in a)
+    with pytest.raises(KeyError, match="requested"):
+        result.mask_at(0.7)
+
+
+def test_schedule_of_several_targets_is_the_geometric_one_rounded_per_round():
+    total = 272474
+    counts = imp_schedule(total, [0.97, 0.9])
+    assert counts == [total - round(s * total) for s in imp_sparsities([0.9, 0.97])]
+    assert counts[:2] == [total - round(0.2 * total), total - round(0.36 * total)]
+    assert imp_schedule(total, 0.9) == counts[: len(imp_schedule(total, 0.9))]
+    assert imp_schedule(total, 0.9)[-1] == total - round(0.9 * total)

@@ -41,7 +41,6 @@ from permask.experiment.data import DataNotFoundError
 from permask.experiment.distributed import World, init_world
 from permask.experiment.loader import TensorLoader, get_loaders
 from permask.experiment.models import build_model, check_model_name
-from permask.experiment.prune import imp_rounds, imp_sparsities
 from permask.experiment.report import Results, collect, write_report
 from permask.experiment.train import (
     TrainResult,
@@ -55,7 +54,7 @@ from permask.graph import Permutation, PermutationGraph, TraceError, trace
 from permask.match import align
 from permask.metrics import interpolate
 from permask.permute import permute_mask, permute_model
-from permask.sparse import Mask, load_mask, save_mask
+from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask
 
 __all__ = ["run", "prepare", "Experiment"]
 
@@ -422,29 +421,28 @@ def _imp(
             exp.fit(model, loader, rdir, desc, mask=mask, **recipe)
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(model_a)
-    schedule = imp_sparsities(cfg.sparsity, cfg.imp_rate)
-    rounds = imp_rounds(
-        model, schedule, train_fn, rewind_state=rewind, dense_shortcuts=cfg.dense_shortcuts
-    )
     masks: dict[float, Mask] = {}
-    for r, s, mask in tqdm(
-        rounds,
-        total=len(schedule),
-        desc=f"[seed {seed}] IMP rounds",
-        leave=False,
-        disable=not (cfg.progress and exp.world.main),
-    ):
-        target = next((t for t in cfg.sparsity if abs(t - s) < 1e-12), None)
-        if target is None:
-            continue
-        exp.world.check_same(f"the {target:g} IMP mask", mask)  # pruned from identical weights
-        masks[target] = mask
-        exp.world.written_by_main(_save_mask, mask, paths[target])
-        acc = _evaluate_into(exp, model, evals[target], time.perf_counter() - t0)
-        msg = "[seed %d] IMP %.4g%% (round %d/%d): test acc %.2f%% (%.1f s)"
-        dt = time.perf_counter() - t0
-        exp.log.info(msg, seed, 100 * target, r, len(schedule), 100 * acc, dt)
+    show = cfg.progress and exp.world.main
+    bar = tqdm(desc=f"[seed {seed}] IMP rounds", leave=False, disable=not show)
+
+    def on_round(done: ImpRound) -> None:
+        bar.total = done.rounds
+        bar.update()
+        for target in done.targets:
+            exp.world.check_same(f"the {target:g} IMP mask", done.mask)  # identical weights
+            masks[target] = done.mask
+            exp.world.written_by_main(_save_mask, done.mask, paths[target])
+            acc = _evaluate_into(exp, model, evals[target], time.perf_counter() - t0)
+            msg = "[seed %d] IMP %.4g%% (round %d/%d): test acc %.2f%% (%.1f s)"
+            dt = time.perf_counter() - t0
+            exp.log.info(msg, seed, 100 * target, done.round, done.rounds, 100 * acc, dt)
+
+    model = copy.deepcopy(model_a)
+    with bar:
+        imp(
+            model, train_fn, cfg.sparsity, rate=cfg.imp_rate, rewind_state=rewind,
+            dense_shortcuts=cfg.dense_shortcuts, on_round=on_round,
+        )  # fmt: skip
     return masks
 
 

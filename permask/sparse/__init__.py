@@ -11,13 +11,14 @@ from .convert import (
     to_parametrize,
     to_torch_prune,
 )
-from .imp import ImpResult, imp, imp_schedule
+from .imp import ImpResult, ImpRound, imp, imp_schedule, imp_sparsities
 from .io import load_mask, save_mask
 from .mask import Mask, Sparsity, apply_mask, magnitude_mask, prunable_parameters, sparsity
 from .optimizer import ZERO_PRESERVING, MaskedOptimizer
 
 __all__ = [
     "ImpResult",
+    "ImpRound",
     "Mask",
     "MaskParametrization",
     "MaskedOptimizer",
@@ -28,6 +29,7 @@ __all__ = [
     "from_torch_prune",
     "imp",
     "imp_schedule",
+    "imp_sparsities",
     "load_mask",
     "magnitude_mask",
     "prunable_parameters",

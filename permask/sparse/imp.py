@@ -1,60 +1,123 @@
 """Iterative magnitude pruning (IMP), with fine-tuning (the paper) or rewinding (Frankle et al.).
 
+One run can land exactly on several sparsities (``imp(model, train_fn, [0.9, 0.97])``): the round
+that would pass a requested sparsity is clipped to it, so each one is the mask of some round.
+``permask run`` calls this same function, with ``on_round`` saving and evaluating each target.
+
 Rewind points count *completed* epochs: the checkpoint "at k" is the state after k full epochs
 (k=0 is the initialization). The paper's released code saves its "epoch k" after k+1 epochs,
 so its k=20 is k=21 here.
+
+Example::
+
+    result = imp(model, train_fn, [0.5, 0.9])   # train_fn(model, mask, round) trains in place
+    result.mask_at(0.9)                          # the mask of the round that landed on 90%
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .mask import Mask, NameFilter, apply_mask, mask_from_counts, n_keep, prunable_parameters
+from .mask import (
+    Mask,
+    NameFilter,
+    apply_mask,
+    mask_from_counts,
+    n_keep,
+    prunable_parameters,
+    warn_layer_collapse,
+)
 from .mask import sparsity as mask_sparsity
+
+__all__ = ["ImpResult", "ImpRound", "imp", "imp_schedule", "imp_sparsities"]
 
 #: ``train_fn(model, mask, round)``: train ``model`` in place with ``mask`` fixed (round >= 1).
 TrainFn = Callable[[nn.Module, Mask, int], None]
 
 
-def imp_schedule(total: int, sparsity: float, rate: float = 0.2) -> list[int]:
-    """Kept counts after each IMP round, by integer counts.
+def imp_sparsities(targets: float | Iterable[float], rate: float = 0.2) -> list[float]:
+    """Overall sparsity after each round, passing exactly through every target.
 
-    Each round prunes ``max(1, round(rate * kept))`` of the ``kept`` remaining weights; the last
-    round is clipped to exactly ``total - round(sparsity * total)``. E.g. 90% at rate 0.2 takes
-    11 rounds. A round that would leave at most 1% of its own step to a further round goes to
-    the target at once: a sparsity of ``1 - 0.8**2`` is 2 rounds, not a third retraining to prune
-    the one weight that the per-round rounding left over.
+    Round r prunes ``rate`` of what survived round r - 1, clipped at the next target: e.g.
+    targets (0.5,) at rate 0.2 give 0.2, 0.36, 0.488, 0.5.
     """
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be in (0, 1), got {rate}.")
-    target = n_keep(total, sparsity)
-    counts, kept = [], total
-    while kept > target:
-        step = max(1, round(rate * kept))
-        kept = max(target, kept - step)
-        if kept - target <= step // 100:  # a rounding tail, not a round
-            kept = target
-        counts.append(kept)
-    return counts
+    out: list[float] = []
+    s = 0.0
+    for target in sorted({targets} if isinstance(targets, (int, float)) else set(targets)):
+        while s < target:
+            s = min(target, 1.0 - (1.0 - s) * (1.0 - rate))
+            out.append(s)
+    return out
+
+
+def _rounds(
+    sizes: Mapping[str, int], targets: float | Iterable[float], rate: float, scope: str
+) -> list[tuple[int | dict[str, int], tuple[float, ...]]]:
+    """Kept counts of each round (in total, or per tensor for ``scope="layer"``) and the
+    requested sparsities it lands on; a round that would prune nothing is no round."""
+    wanted = {targets} if isinstance(targets, (int, float)) else set(targets)
+    total = sum(sizes.values())
+    prev: int | dict[str, int] = total if scope == "global" else dict(sizes)
+    out: list[tuple[int | dict[str, int], tuple[float, ...]]] = []
+    for s in imp_sparsities(wanted, rate):
+        by_tensor = {n: n_keep(size, s) for n, size in sizes.items()}
+        keep = n_keep(total, s) if scope == "global" else by_tensor
+        reached = (s,) if s in wanted else ()
+        if keep == prev:  # per-round rounding already got here (e.g. 1 - 0.8**2 from 0.8 * 0.8)
+            if out:
+                out[-1] = (out[-1][0], out[-1][1] + reached)
+            continue
+        out.append((keep, reached))
+        prev = keep
+    return out
+
+
+def imp_schedule(total: int, sparsity: float | Iterable[float], rate: float = 0.2) -> list[int]:
+    """Kept counts after each IMP round: ``n_keep(total, s)`` for each ``s`` of
+    :func:`imp_sparsities`, rounds that would prune nothing left out. E.g. 90% at rate 0.2 takes
+    11 rounds; ``1 - 0.8**2`` takes 2 (the float 0.8 * 0.8 lands on the target's count)."""
+    return [keep for keep, _ in _rounds({"": total}, sparsity, rate, "global")]  # type: ignore[misc]
+
+
+@dataclass
+class ImpRound:
+    """One finished round: ``round`` of ``rounds`` (from 1), its ``mask``, the mask's overall
+    ``sparsity``, and the requested sparsities (``targets``) this mask is (often none)."""
+
+    round: int
+    rounds: int
+    mask: Mask
+    sparsity: float
+    targets: tuple[float, ...]
 
 
 @dataclass
 class ImpResult:
-    """Masks after each round (round r is ``masks[r - 1]``) and their overall sparsities."""
+    """Masks after each round (round r is ``masks[r - 1]``), their overall sparsities, and the
+    round that landed on each requested sparsity (``rounds_of``; see :meth:`mask_at`)."""
 
     masks: list[Mask]
     sparsities: list[float]
+    rounds_of: dict[float, int] = field(default_factory=dict)
+
+    def mask_at(self, target: float) -> Mask:
+        """The mask of the round that landed exactly on the requested sparsity ``target``."""
+        if target not in self.rounds_of:
+            raise KeyError(f"{target} was not requested; requested: {sorted(self.rounds_of)}")
+        return self.masks[self.rounds_of[target] - 1]
 
 
 def imp(
     model: nn.Module,
     train_fn: TrainFn,
-    sparsity: float,
+    sparsity: float | Iterable[float],
     *,
     rate: float = 0.2,
     rewind_state: Mapping[str, torch.Tensor] | None = None,
@@ -62,12 +125,14 @@ def imp(
     include: NameFilter | None = None,
     exclude: NameFilter | None = None,
     dense_shortcuts: bool = False,
+    on_round: Callable[[ImpRound], None] | None = None,
 ) -> ImpResult:
     """Prune ``model`` (already trained dense) to exactly ``sparsity`` by IMP, in place.
 
-    Each round removes ``rate`` of the remaining prunable weights by magnitude (``scope``
-    "global", as the paper, or "layer"; kept counts from :func:`imp_schedule`, so the last round
-    lands exactly on the target), zeroes them, then calls ``train_fn(model, mask, round)``:
+    ``sparsity`` is one target or several (each lands exactly on some round). Each round removes
+    ``rate`` of the remaining prunable weights by magnitude (``scope`` "global", as the paper, or
+    "layer"; kept counts from :func:`imp_schedule`), zeroes them, then calls
+    ``train_fn(model, mask, round)``:
 
     - fine-tuning (``rewind_state=None``, the paper): training continues from the current weights;
     - rewinding (Frankle et al.): the model is first reset to ``rewind_state`` (a
@@ -75,8 +140,9 @@ def imp(
       build a fresh optimizer (e.g. :class:`MaskedOptimizer`) and resume the schedule at k.
 
     ``train_fn`` must keep pruned weights at zero (use :class:`MaskedOptimizer`); the mask is
-    re-applied after it anyway. Pruning itself is deterministic (ties broken by position), so the
-    whole run is deterministic when ``train_fn`` is.
+    re-applied after it anyway. ``on_round`` is called with an :class:`ImpRound` after each round
+    (the model then holds that round's trained weights): save, evaluate or log there. Pruning
+    is deterministic (ties broken by position), so the run is deterministic when ``train_fn`` is.
     """
     if scope not in ("global", "layer"):
         raise ValueError(f'scope must be "global" or "layer", got {scope!r}.')
@@ -86,14 +152,7 @@ def imp(
     # A copy, so that training cannot modify the rewind point through shared storage.
     rewind = None if rewind_state is None else copy.deepcopy(dict(rewind_state))
     sizes = {n: p.numel() for n, p in params.items()}
-    if scope == "global":
-        rounds: list[int | dict[str, int]] = list(imp_schedule(sum(sizes.values()), sparsity, rate))
-    else:  # each tensor on its own schedule; those that reach their target early stay there
-        per_layer = {n: [size, *imp_schedule(size, sparsity, rate)] for n, size in sizes.items()}
-        n_rounds = max(len(s) - 1 for s in per_layer.values())
-        rounds = [
-            {n: s[min(r, len(s) - 1)] for n, s in per_layer.items()} for r in range(1, n_rounds + 1)
-        ]
+    rounds = _rounds(sizes, sparsity, rate, scope)
     if not rounds:
         raise ValueError(
             f"sparsity {sparsity} prunes no weight of the {sum(sizes.values())} selected "
@@ -102,13 +161,17 @@ def imp(
         )
     mask: Mask | None = None
     result = ImpResult([], [])
-    for r, keep in enumerate(rounds, start=1):
+    for r, (keep, reached) in enumerate(rounds, start=1):
         mask = mask_from_counts(params, keep, mask)
+        warn_layer_collapse(mask, stacklevel=2)
         if rewind is not None:
             model.load_state_dict(rewind)
         apply_mask(model, mask)
         train_fn(model, mask, r)
         apply_mask(model, mask)
-        result.masks.append({n: m.clone() for n, m in mask.items()})
+        result.masks.append(mask)
         result.sparsities.append(mask_sparsity(mask).overall)
+        result.rounds_of.update(dict.fromkeys(reached, r))
+        if on_round is not None:
+            on_round(ImpRound(r, len(rounds), mask, result.sparsities[-1], reached))
     return result

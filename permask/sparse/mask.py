@@ -267,12 +267,18 @@ def magnitude_mask(
         raise ValueError(f'scope must be "global" or "layer", got {scope!r}.')
     out = mask_from_counts(params, keep, mask)
     if sparsity < 1.0:
-        emptied = [n for n, m in out.items() if m.numel() and not m.any()]
-        if emptied:
-            warnings.warn(
-                f"magnitude pruning removed every weight of {', '.join(map(repr, emptied[:3]))}"
-                f"{' and others' if len(emptied) > 3 else ''}: the layer is cut off (layer "
-                "collapse); prune with scope='layer', or leave it dense with exclude=.",
-                stacklevel=2,
-            )
+        warn_layer_collapse(out, stacklevel=2)
     return out
+
+
+def warn_layer_collapse(mask: Mapping[str, torch.Tensor], stacklevel: int = 2) -> None:
+    """Warn if pruning removed every weight of a tensor (the layer is cut off); ``stacklevel``
+    counts from the function that calls this one."""
+    emptied = [n for n, m in mask.items() if m.numel() and not m.any()]
+    if emptied:
+        warnings.warn(
+            f"magnitude pruning removed every weight of {', '.join(map(repr, emptied[:3]))}"
+            f"{' and others' if len(emptied) > 3 else ''}: the layer is cut off (layer "
+            "collapse); prune with scope='layer', or leave it dense with exclude=.",
+            stacklevel=stacklevel + 1,
+        )
