@@ -68,13 +68,72 @@ def test_negative_control_wrong_permutation_changes_outputs(name):
     assert rel_err(outputs(model, x), outputs(broken, x)) > 1e-3
 
 
+def _bn(prefix: str) -> set[str]:
+    return {f"{prefix}.{p}:0" for p in ("weight", "bias", "running_mean", "running_var")}
+
+
+def _resnet20_expected_groups() -> list[set[str]]:
+    """ResNet20's groups, from the architecture: per stage one residual stream, per block one."""
+    streams, inner = [], []
+    for s in (1, 2, 3):
+        # the stream starts at the stem (stage 1) or at the first block's conv shortcut
+        if s == 1:
+            stream = {"conv1.weight:0", *_bn("bn1")}
+        else:
+            stream = {f"layer{s}.0.shortcut.0.weight:0", *_bn(f"layer{s}.0.shortcut.1")}
+        for j in range(3):
+            b = f"layer{s}.{j}"
+            stream |= {f"{b}.conv2.weight:0", *_bn(f"{b}.bn2")}  # block output, added to stream
+            if s == 1 or j > 0:  # identity shortcut: the block reads the stream directly
+                stream.add(f"{b}.conv1.weight:1")
+            inner.append({f"{b}.conv1.weight:0", *_bn(f"{b}.bn1"), f"{b}.conv2.weight:1"})
+        # read by the next stage's first block (conv1 and shortcut conv) or by the head
+        stream |= (
+            {f"layer{s + 1}.0.conv1.weight:1", f"layer{s + 1}.0.shortcut.0.weight:1"}
+            if s < 3
+            else {"linear.weight:1"}
+        )
+        streams.append(stream)
+    return streams + inner
+
+
+def _members(group) -> set[str]:
+    return {f"{m.tensor}:{m.axis}" for m in group.members}
+
+
+def _group_with(graph, member: str):
+    (group,) = [g for g in graph if member in _members(g)]
+    return group
+
+
 def test_resnet20_residual_stream_is_one_group_per_stage():
-    """Each stage's residual stream (stem/shortcut outputs, block outputs, BN stats) is shared."""
+    """Each stage's residual stream (stem/shortcut outputs, block outputs, BN stats) is shared.
+
+    A tracer that merged a stage's stream with its blocks' inner channels (all 16 wide in stage
+    1), split the stream at a residual add, or froze it, gives a different partition.
+    """
     _, _, graph = traced("resnet20x1")
-    by_size: dict[int, int] = {}
-    for g in graph:
-        by_size[g.size] = by_size.get(g.size, 0) + 1
-    # 3 streams + 9 inner block channels (one per BasicBlock)
-    assert len(graph) == 12
-    stream = next(g for g in graph if "conv1.weight" in g.tensors[0] or g.size == 16)
-    assert any("running_mean" in t for t in stream.tensors)
+    expected = _resnet20_expected_groups()
+    assert len(graph) == 12  # 3 streams + 9 inner block channels (one per BasicBlock)
+    assert sorted(g.size for g in graph) == [16] * 4 + [32] * 4 + [64] * 4
+    assert sorted(map(sorted, map(_members, graph))) == sorted(map(sorted, expected))
+
+    # stage 1: the stem's output, all three blocks' outputs and the BN stats of each are one group
+    stream = _group_with(graph, "layer1.0.conv2.weight:0")
+    assert stream.size == 16
+    assert _members(stream) == expected[0]
+    assert _group_with(graph, "conv1.weight:0") is stream
+    assert _group_with(graph, "layer1.2.bn2.running_mean:0") is stream
+    assert _group_with(graph, "layer2.0.shortcut.0.weight:1") is stream
+    # ... and distinct from the first block's inner channels, also 16 wide
+    inner = _group_with(graph, "layer1.0.conv1.weight:0")
+    assert inner is not stream and inner.size == 16
+    assert _members(inner) == {
+        "layer1.0.conv1.weight:0",
+        *_bn("layer1.0.bn1"),
+        "layer1.0.conv2.weight:1",
+    }
+    # stages are separate: stage 2's stream starts at its shortcut conv
+    stage2 = _group_with(graph, "layer2.0.shortcut.0.weight:0")
+    assert stage2.size == 32 and stage2 is not stream
+    assert _members(stage2) == expected[1]

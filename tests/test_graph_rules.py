@@ -323,10 +323,29 @@ def test_rule_is_equivariant(name, seed):
     assert_equivariant(model, x, graph, seed, tol=1e-10)
 
 
+def members(graph) -> dict[str, set[str]]:
+    """Group name -> its members as "tensor:axis"."""
+    return {grp.name: {f"{m.tensor}:{m.axis}" for m in grp.members} for grp in graph}
+
+
 def test_linear_rank3_groups():
     _, _, g = build("linear_rank3")
     assert [grp.size for grp in g] == [12]
     assert g.tensors["a.weight"] == [GroupAxis("a.weight:0", 12), Fixed(6)]
+
+
+def test_conv1d_conv3d_hidden_channels_are_groups():
+    _, _, g = build("conv1d_conv3d")
+    assert members(g) == {
+        "c1.weight:0": {"c1.weight:0", "c1.bias:0", "c2.weight:1"},
+        "d1.weight:0": {"d1.weight:0", "d1.bias:0", "d2.weight:1"},
+    }
+    assert [grp.size for grp in g] == [8, 6]
+    assert g.tensors["c1.weight"] == [GroupAxis("c1.weight:0", 8), Fixed(3), Fixed(3)]
+    assert g.tensors["c2.weight"] == [Fixed(4), GroupAxis("c1.weight:0", 8), Fixed(1)]
+    d1 = GroupAxis("d1.weight:0", 6)
+    assert g.tensors["d1.weight"] == [d1, Fixed(3), Fixed(3), Fixed(3), Fixed(3)]
+    assert g.tensors["d2.weight"] == [Fixed(4), d1, Fixed(1), Fixed(1), Fixed(1)]
 
 
 def test_depthwise_couples_input_and_output():
@@ -411,6 +430,14 @@ def test_torch_mha_heads_and_separate_value_dim():
     assert q.factors[0] == v.factors[0] and q.factors[0].size == 3  # heads shared
 
 
+def test_pool_resize_dropout_pad_keep_channels_free():
+    _, _, g = build("pool_resize")  # pools, interpolate, dropout, identity, pad: channel-wise
+    assert members(g) == {"a.weight:0": {"a.weight:0", "a.bias:0", "b.weight:1"}}
+    a = GroupAxis("a.weight:0", 8)
+    assert g.tensors["a.weight"] == [a, Fixed(3), Fixed(3), Fixed(3)]
+    assert g.tensors["b.weight"] == [Fixed(4), a, Fixed(1), Fixed(1)]
+
+
 @pytest.mark.parametrize("name", ["fused_qkv_unbind", "fused_qkv_index"])
 def test_fused_qkv_items_get_their_own_head_dims(name):
     _, _, g = build(name)
@@ -431,6 +458,20 @@ def test_fused_qkv_rope_fixes_q_and_k_head_dims_only():
     q, k, v = g.tensors["qkv.weight"][0].parts
     assert isinstance(q.factors[1], Fixed) and isinstance(k.factors[1], Fixed)
     assert isinstance(v.factors[1], GroupAxis) and isinstance(v.factors[0], GroupAxis)
+
+
+def test_shared_inplace_ties_reused_layer_and_slice_splits():
+    _, _, g = build("shared_inplace")
+    # shared reads y and its own output: both its axes follow y's channels; the cat of y[:, :2]
+    # and z[:, 2:] cuts that group at 2 -> two groups, each moving every tensor on the stream
+    head, tail = GroupAxis("a.weight:0[0:2]", 2), GroupAxis("a.weight:0[2:7]", 5)
+    stream = {"a.weight:0", "a.bias:0", "shared.weight:0", "shared.weight:1", "shared.bias:0"}
+    assert members(g) == {head.group: stream | {"b.weight:1"}, tail.group: stream | {"b.weight:1"}}
+    split = Concat((head, tail))
+    assert g.tensors["a.weight"] == [split, Fixed(5)]
+    assert g.tensors["shared.weight"] == [split, split]
+    assert g.tensors["shared.bias"] == [split]
+    assert g.tensors["b.weight"] == [Fixed(3), split]
 
 
 def test_embedding_rows_fixed():
