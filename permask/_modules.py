@@ -23,3 +23,22 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (else buffer); CPU for a model with neither."""
     t = next(itertools.chain(model.parameters(), model.buffers()), None)
     return t.device if t is not None else torch.device("cpu")
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first tensor whose name or shape differs between the two
+    models' state dicts (wrappers such as DDP are looked through)."""
+    sd_a, sd_b = unwrap(model_a).state_dict(), unwrap(model_b).state_dict()
+    for name, ta in sd_a.items():
+        tb = sd_b.get(name)
+        if tb is None:
+            raise ValueError(f"model_b has no '{name}' (model_a: shape {tuple(ta.shape)})")
+        if ta.shape != tb.shape:
+            raise ValueError(
+                f"models differ: {name} has shape {tuple(ta.shape)} in model_a and "
+                f"{tuple(tb.shape)} in model_b; both must be the same architecture"
+            )
+    extra = [n for n in sd_b if n not in sd_a]
+    if extra:
+        shape = tuple(sd_b[extra[0]].shape)
+        raise ValueError(f"model_a has no '{extra[0]}' (model_b: shape {shape})")

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._modules import model_device, unwrap
+from ._atomic import atomic_path
+from ._batches import batches
+from ._modules import check_same_architecture, model_device, unwrap
 
 __all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation", "predict_proba"]
 
@@ -98,13 +100,8 @@ def interpolate(
     accuracy with the sign flipped (the largest drop below the linear path).
     """
     model_a, model_b = unwrap(model_a), unwrap(model_b)
+    check_same_architecture(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    if sd_a.keys() != sd_b.keys():
-        diff = sorted(set(sd_a) ^ set(sd_b))
-        raise ValueError(f"models differ in state dict keys, e.g. {diff[:3]}")
-    for k, v in sd_a.items():
-        if v.shape != sd_b[k].shape:
-            raise ValueError(f"{k} has shape {tuple(v.shape)} in A and {tuple(sd_b[k].shape)} in B")
     if isinstance(alphas, int):
         alphas = torch.linspace(0, 1, alphas).tolist()
     alphas = [float(a) for a in alphas]
@@ -145,39 +142,6 @@ def _barrier(alphas: list[float], values: list[float]) -> float:
     return max(v - (v0 + (a - a0) / span * (v1 - v0)) for a, v in zip(alphas, values))
 
 
-def _batches(loader: Iterable, max_batches: int | None, targets: bool = True):
-    """``(inputs, targets)`` pairs of the loader, at most ``max_batches``; anything else is
-    refused by name (unpacking would otherwise split an input-only tensor batch into rows).
-    With ``targets=False`` (BatchNorm re-estimation) input tensors alone pass too, as
-    ``(inputs, None)``."""
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            return
-        if not targets and isinstance(batch, torch.Tensor):
-            batch = (batch, None)
-        if not (
-            isinstance(batch, (tuple, list))
-            and len(batch) == 2
-            and isinstance(batch[0], torch.Tensor)
-            and (isinstance(batch[1], torch.Tensor) or not targets)
-        ):
-            if isinstance(batch, torch.Tensor):
-                what = f"a tensor of shape {tuple(batch.shape)}"
-            elif isinstance(batch, (tuple, list)):
-                kinds = ", ".join(type(t).__name__ for t in batch)
-                what = f"a {type(batch).__name__} of {len(batch)} items ({kinds})"
-            else:
-                what = f"a {type(batch).__name__}"
-            need = (
-                "loss and accuracy need (inputs, targets) pairs of tensors (permask.align also "
-                "takes input-only batches, these metrics cannot)"
-                if targets
-                else "it needs input tensors or (inputs, targets) pairs"
-            )
-            raise TypeError(f"the loader yielded {what}; {need}")
-        yield batch
-
-
 def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | None) -> None:
     bns = [
         m
@@ -192,8 +156,8 @@ def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | Non
         m.momentum = None
     model.train()
     seen = 0
-    for x, _ in _batches(loader, max_batches, targets=False):
-        model(x.to(device))
+    for inputs, _ in batches(loader, max_batches):
+        model(*(x.to(device) for x in inputs))
         seen += 1
     for m, mom in zip(bns, saved):
         m.momentum = mom
@@ -242,13 +206,14 @@ def _outputs(
 ):
     """Yield ``(logits, labels)`` on ``device`` (default: the model's) in eval mode, at most
     ``max_batches``, restoring the model's mode afterwards. With ``targets=False`` input-only
-    batches pass too (labels ``None``)."""
+    batches pass too (labels ``None``); see :mod:`permask._batches` for what a batch may be."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:
-        for x, y in _batches(loader, max_batches, targets):
-            yield model(x.to(device)), None if y is None else y.to(device)
+        for inputs, y in batches(loader, max_batches, need_targets=targets):
+            out = model(*(x.to(device) for x in inputs))
+            yield out, None if y is None else y.to(device)
     finally:
         model.train(was_training)
 
@@ -282,7 +247,5 @@ def plot_interpolation(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

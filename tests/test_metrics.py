@@ -6,11 +6,13 @@ import torch
 from shared_data import one_thread  # noqa: F401
 from torch import nn
 
+import permask
 from permask.experiment.models import mlp, resnet20
 from permask.metrics import (
     _barrier,
     _reset_bn,
     ensemble_metrics,
+    evaluate,
     interpolate,
     plot_interpolation,
     predict_proba,
@@ -153,3 +155,42 @@ def test_plot_interpolation(tmp_path):
     for name in ["one.png", "two.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]
+
+
+def test_a_failed_plot_leaves_no_file(tmp_path):
+    bad = {"alphas": [0, 1], "losses": [0.3], "accs": [0.9, 0.8], "barrier": 0.0}  # 2 vs 1 point
+    with pytest.raises(ValueError):
+        plot_interpolation(bad, tmp_path / "bad.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x, scale):
+        return self.fc(x) * scale
+
+
+def test_one_batch_reader_for_metrics_and_align():
+    """Input-only batches, (inputs, targets) pairs and tuples of inputs mean the same to
+    permask.align and to the metrics; what neither can read gets the same message."""
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    x, s, y = torch.randn(6, 12), torch.rand(6, 1) + 0.5, torch.randint(0, 10, (6,))
+    want = model(x, s).softmax(1).detach()
+    torch.testing.assert_close(predict_proba(model, [((x, s), y)]), want)
+    torch.testing.assert_close(predict_proba(model, [((x, s),)]), want)
+    loss, acc = evaluate(model, [((x, s), y)])
+    assert loss == pytest.approx(nn.functional.cross_entropy(model(x, s), y).item(), rel=1e-6)
+    assert len(permask.align(model, _TwoInputs(), [((x, s), y)])) == 0  # no hidden layer
+    with pytest.raises(TypeError, match=r"tensor of shape \(6, 12\) \(inputs only\); loss and"):
+        evaluate(mlp(in_features=12, hidden=(16,)), [x])
+    three = (x, y, y)
+    for call in (
+        lambda: evaluate(mlp(in_features=12, hidden=(16,)), [three]),
+        lambda: permask.align(mlp(12, (16,)), mlp(12, (16,)), [three]),
+    ):
+        with pytest.raises(TypeError, match=r"a tuple of 3 items \(Tensor, Tensor, Tensor\); a"):
+            call()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from permask.experiment.atomic import atomic_save
+from permask._atomic import atomic_save
 
 __all__ = [
     "DATASETS",

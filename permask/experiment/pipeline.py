@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from permask.experiment.atomic import atomic_path, atomic_save, atomic_write_bytes
+from permask._atomic import atomic_path, atomic_save, atomic_write_bytes
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.data import DataNotFoundError
 from permask.experiment.distributed import World, init_world

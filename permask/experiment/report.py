@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from permask.experiment.atomic import atomic_path, atomic_write_bytes
+from permask._atomic import atomic_path, atomic_write_bytes
 from permask.experiment.config import RunConfig
 from permask.metrics import ensemble_metrics, plot_interpolation
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from permask._atomic import atomic_save
 from permask._modules import model_device
-from permask.experiment.atomic import atomic_save
 from permask.experiment.distributed import World, current_world
 from permask.metrics import evaluate, predict_proba  # re-exported: evaluation loops
 from permask.sparse import MaskedOptimizer

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._modules import model_device, unwrap
+from .._batches import split_batch
+from .._modules import check_same_architecture, model_device, unwrap
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, paired_module
 from .assign import assign
@@ -52,38 +53,6 @@ class AlignInfo:
     unmatched: tuple[str, ...] = ()
     pass_seconds: float = 0.0
     constant: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first tensor whose name or shape differs (wrappers such
-    as DDP are looked through)."""
-    sd_a, sd_b = unwrap(model_a).state_dict(), unwrap(model_b).state_dict()
-    for name, ta in sd_a.items():
-        tb = sd_b.get(name)
-        if tb is None:
-            raise ValueError(f"model_b has no '{name}' (model_a: shape {tuple(ta.shape)})")
-        if ta.shape != tb.shape:
-            raise ValueError(
-                f"models differ at '{name}': model_a has shape {tuple(ta.shape)}, "
-                f"model_b has shape {tuple(tb.shape)}"
-            )
-    extra = [n for n in sd_b if n not in sd_a]
-    if extra:
-        shape = tuple(sd_b[extra[0]].shape)
-        raise ValueError(f"model_a has no '{extra[0]}' (model_b: shape {shape})")
-
-
-def _inputs(batch: Any) -> tuple:
-    """Model inputs of a batch: a tensor, or the first item of an (inputs, targets) pair."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
-        x = batch[0]
-        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    raise TypeError(
-        f"cannot find model inputs in a batch of type {type(batch).__name__}; the loader must "
-        "yield tensors or (inputs, targets) pairs"
-    )
 
 
 def align(
@@ -153,7 +122,7 @@ def align(
                     raise ValueError("a rank's loader yielded no batches; pass graph= to align")
             if first is None:
                 raise ValueError("the loader yielded no batches")
-            example_inputs = _inputs(first)
+            example_inputs = split_batch(first)[0]
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         graph = trace(model_a, tuple(t.to(model_device(model_a)) for t in inputs))
     if method == "weight":
@@ -225,7 +194,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
         paired.eval()
         with torch.no_grad():
             for batch in itertools.chain([first] if first is not None else [], batches):
-                x = tuple(t.to(device, non_blocking=True) for t in _inputs(batch))
+                x = tuple(t.to(device, non_blocking=True) for t in split_batch(batch)[0])
                 try:
                     paired(*x)
                 except RuntimeError as err:
