@@ -10,10 +10,7 @@ Visiting order: the first sweep takes the groups in the graph's order (input to 
 sweeps in a seeded random order (Git Re-Basin). In the first sweep each group is then solved
 after the groups nearer the input, as a layer-wise match would; a random first sweep lets many
 inner groups fit noise around a residual stream that is still at the identity, a fixed point
-that no single-group move leaves: a 12-block ViT's permuted copy ended with 47-49 of its 49
-groups wrong that way, and with none wrong in graph order. On pairs of independent inits the
-graph order also gave higher objectives, in as many or fewer sweeps on random inits and more on
-a trained MNIST pair (docs/alignment.md).
+that no single-group move leaves.
 
 Structures of blocks x within (a grouped conv's or GroupNorm's groups, attention heads x
 head_dim) get a joint move as well: when an outer group is visited, the blocks and every inner
@@ -26,16 +23,28 @@ joint moves as well as of the single-group ones.
 
 A group's scores are kept as one running sum of its member axes' contributions, each updated
 only when a group it depends on has changed, and then only for the elements that moved:
-``B[D] (A[new[D]] - A[old[D]])^T`` (late sweeps move a few percent of a group). A group whose
-contributions are all current is skipped (re-solving it would give the same answer). The same
-result as re-solving everything, up to float32 rounding in the running scores (far below the
-1e-7 relative improvement a move needs), at a fraction of the matrix products; memory is
-``4 * n^2`` bytes per group.
+``B[D] (A[new[D]] - A[old[D]])^T``. A group whose contributions are all current is skipped
+(re-solving it would give the same answer). The same result as re-solving everything, up to
+float32 rounding in the running scores (far below the 1e-7 relative improvement a move needs),
+at a fraction of the matrix products; memory is ``4 * n^2`` bytes per group.
 
 Each LAP is solved in a background thread (scipy and lapx release the GIL) while the next
 groups in the visiting order are scored; a group first waits for the pending LAPs of the groups
 its scores depend on, so the result is exactly that of the sequential loop (tested).
 Parameters only (no BatchNorm running statistics), float32 on the given device.
+
+>>> import torch, permask
+>>> from permask.match import weight_matching
+>>> a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> graph = permask.trace(a, torch.randn(1, 8))
+>>> pi = permask.random_permutation(graph)
+>>> b = permask.permute_model(a, pi, graph)
+>>> res = weight_matching(a.state_dict(), b.state_dict(), graph)
+>>> permask.Permutation(res.perms) == pi
+True
+
+Measurements (visiting orders compared, sweeps, timings, the background LAPs):
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -111,12 +120,206 @@ def weight_matching(
     are optimised and every other group stays at its ``init`` value (activation matching uses
     this for groups that no activation shows, e.g. heads inside ``nn.MultiheadAttention``).
     ``overlap`` solves each LAP in a background thread while the next groups that do not depend
-    on it are scored; the result is the same as without.
+    on it are scored; the result is the same as without. At most ``max_iter`` sweeps.
     """
-    layouts = {n: lays for n, lays in graph.permuted_tensors().items() if n in graph.parameters}
-    device = next(iter(params_b.values())).device
-    wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
-    wb = {n: params_b[n].detach().to(device, torch.float32) for n in layouts}
+    descent = _Descent(
+        params_a, params_b, graph, seed=seed, solver=solver, init=init, only=only, overlap=overlap
+    )
+    descent.settle(max_iter)
+    return descent.result()
+
+
+class _Descent:
+    """One weight matching's coordinate descent: estimates, running scores, seeded order.
+
+    Built with every optimised group (``only``, default all) at its ``init`` estimate (default
+    the identity) and every score stale; arguments as :func:`weight_matching`'s. ``perms`` holds
+    the current estimates (on B's device), ``iterations`` the sweeps run so far.
+
+    - ``visit(g)``: bring g's running score up to date and solve its LAP with every other group
+      fixed; the answer replaces g's estimate only if it raises g's score by more than 1e-7
+      relative. Inside :meth:`settle` the LAP may still be pending when it returns (it is taken
+      before anything that depends on it); outside, it is solved before it returns. For the outer
+      group of a blocks x within structure, then :meth:`joint_move` if a group its tensors
+      depend on has changed since the last try.
+    - ``joint_move(outer)``: re-solve that structure's blocks and within orders together; kept
+      only if the objective of the tensors it touches improves.
+    - ``sweep()``: visit every optimised group once, in the graph's order on the first sweep and
+      in a seeded random order after it.
+    - ``settle(max_iter)``: sweep until no group can improve (nothing stale) or ``max_iter``
+      sweeps in all, LAPs in a background thread (``overlap``) or one by one.
+    - ``result()``: the :class:`WeightMatchResult` at the current estimates.
+
+    The same inputs and ``seed`` give the same estimates, objective and sweeps, with or without
+    ``overlap``. :func:`weight_matching` is ``settle(max_iter)`` then ``result()``.
+
+    >>> import torch, permask
+    >>> from permask.match.weight import _Descent
+    >>> a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> graph = permask.trace(a, torch.randn(1, 8))
+    >>> pi = permask.random_permutation(graph)
+    >>> b = permask.permute_model(a, pi, graph)
+    >>> d = _Descent(a.state_dict(), b.state_dict(), graph)
+    >>> d.visit("0.weight:0")  # the only hidden group: solved at once
+    >>> torch.equal(d.perms["0.weight:0"], pi["0.weight:0"])
+    True
+    >>> d.settle()  # nothing is stale any more: no sweep
+    >>> d.iterations, permask.Permutation(d.result().perms) == pi
+    (0, True)
+    """
+
+    def __init__(
+        self,
+        params_a: Mapping[str, torch.Tensor],
+        params_b: Mapping[str, torch.Tensor],
+        graph: PermutationGraph,
+        *,
+        seed: int = 0,
+        solver: str = "auto",
+        init: Mapping[str, torch.Tensor] | None = None,
+        only: Collection[str] | None = None,
+        overlap: bool = True,
+    ) -> None:
+        layouts = {n: lays for n, lays in graph.permuted_tensors().items() if n in graph.parameters}
+        self._device = device = next(iter(params_b.values())).device
+        self._layouts = layouts
+        self._wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
+        self._wb = {n: params_b[n].detach().to(device, torch.float32) for n in layouts}
+        self._slots = slots = _group_slots(graph, layouts, self._wb, device)
+        self._affected: dict[str, list[tuple[str, int]]] = {}  # group -> the slots it changes
+        for g, ss in slots.items():
+            for i, s in enumerate(ss):
+                for h in s.depends:
+                    self._affected.setdefault(h, []).append((g, i))
+        self._names = names = [g for g in slots if only is None or g in only]
+        self._sizes = {g.name: g.size for g in graph}
+        self._joint = _joint_slots(layouts, self._sizes, self._wb, device, set(names))
+        self.perms = {g.name: torch.arange(g.size, device=device) for g in graph}
+        self.perms.update({g: p.to(device) for g, p in (init or {}).items()})
+        self._seen: dict[tuple[str, int], list[torch.Tensor | None]] = {}  # last scored at
+        self._totals: dict[str, torch.Tensor] = {}  # a group's scores: its slots' sum
+        self._stale = {(g, i) for g in names for i in range(len(slots[g]))}
+        # a joint move is re-tried when a group its tensors depend on changed since its last try
+        self._joint_deps = {
+            o: set().union(*(_groups_of(layouts[s.tensor]) for s in ss))
+            for o, ss in self._joint.items()
+        }
+        self._joint_stale = set(self._joint)
+        # groups whose estimates a group's scores (and its stale slots) depend on
+        self._deps = {g: frozenset().union(*(s.depends for s in slots[g])) for g in names}
+        self._pending: dict[str, Future] = {}  # LAPs solving in the background, in visiting order
+        self._pool: ThreadPoolExecutor | None = None  # while settle() runs
+        self._gen = torch.Generator().manual_seed(seed)
+        self.solver, self.overlap, self.iterations = solver, overlap, 0
+
+    def settle(self, max_iter: int = 100) -> None:
+        """Sweep until no group can improve or ``max_iter`` sweeps in all have run."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            self._pool = pool
+            try:
+                while (self._stale or self._joint_stale) and self.iterations < max_iter:
+                    self.sweep()
+            finally:
+                self._pool = None
+
+    def sweep(self) -> None:
+        """Visit every optimised group once: the graph's order first, then seeded random ones
+        (module docstring); then take every pending LAP."""
+        self.iterations += 1
+        order = range(len(self._names))
+        if self.iterations > 1:
+            order = torch.randperm(len(self._names), generator=self._gen).tolist()
+        for i in order:
+            self.visit(self._names[i])
+        self._collect()
+
+    def visit(self, g: str) -> None:
+        """Update ``g``'s running score and solve its LAP, every other group fixed (class
+        docstring); no LAP when none of its contributions changed."""
+        self._collect(self._deps[g] | {g})  # its scores and staleness are now those of the sequence
+        todo = [i for i in range(len(self._slots[g])) if (g, i) in self._stale]
+        for i in todo:
+            s = self._slots[g][i]
+            idxs = _indices(s, self._layouts, self.perms)
+            if g not in self._totals:
+                self._totals[g] = _contribution(s, self._wa, idxs)
+            else:
+                _accumulate(self._totals[g], s, self._wa, self._wb, idxs, self._seen.get((g, i)))
+            self._seen[(g, i)] = idxs
+            self._stale.discard((g, i))
+        if todo:  # a GPU score is copied here, on the caller's CUDA stream
+            total = self._totals[g]
+            score = total if total.device.type == "cpu" else total.cpu()
+            if self._pool is None:  # visited outside settle(): solved here
+                self._pending[g] = done = Future()
+                done.set_result(solve_lap(score, solver=self.solver))
+            else:
+                self._pending[g] = self._pool.submit(solve_lap, score, solver=self.solver)
+            if not self.overlap or self._pool is None:
+                self._collect()
+        if g in self._joint:  # the sequence's estimates and joint_stale (g's own LAP may add g)
+            self._collect()
+            if g in self._joint_stale:
+                self.joint_move(g)
+
+    def joint_move(self, outer: str) -> list[str]:
+        """Re-solve the blocks x within structure of ``outer`` jointly from its full
+        ``(block, within)`` scores; keep it if the objective of the tensors it touches improves.
+        Returns the groups that changed."""
+        self._collect()
+        self._joint_stale.discard(outer)
+        scores: dict[tuple[str, ...], torch.Tensor] = {}
+        for s in self._joint[outer]:
+            c = _contribution(s, self._wa, _indices(s, self._layouts, self.perms)).T  # [n_a, n_b]
+            scores[s.groups] = scores[s.groups] + c if s.groups in scores else c
+        proposal = {
+            g: p.to(self.perms[g].device)
+            for g, p in assign(scores, self._sizes, self.solver).items()
+        }
+        changed = [g for g, p in proposal.items() if not torch.equal(p, self.perms[g])]
+        if not changed:
+            return []
+        touched = {n for n, lays in self._layouts.items() if set(changed) & _groups_of(lays)}
+        old = _objective(touched, self._wa, self._wb, self._layouts, self.perms)
+        new = _objective(touched, self._wa, self._wb, self._layouts, {**self.perms, **proposal})
+        if not _improves(new, old):
+            return []
+        self.perms.update(proposal)
+        for h in changed:
+            self._moved(h)
+        return changed
+
+    def result(self) -> WeightMatchResult:
+        """Estimates (on the CPU), objective and sweeps so far."""
+        objective = _objective(self._layouts, self._wa, self._wb, self._layouts, self.perms)
+        perms = {g: p.cpu() for g, p in self.perms.items()}
+        return WeightMatchResult(perms, objective, self.iterations)
+
+    def _collect(self, among: Collection[str] | None = None) -> None:
+        """Take the pending LAP results of ``among`` (all: None) as the sequential loop would:
+        in visiting order, each kept if it improves its group's score."""
+        for h in [h for h in self._pending if among is None or h in among]:
+            p = self._pending.pop(h).result().to(self._device)
+            score, ar = self._totals[h], torch.arange(len(p), device=self._device)
+            new, old = score[ar, p].sum().item(), score[ar, self.perms[h]].sum().item()
+            if _improves(new, old):
+                self.perms[h] = p
+                self._moved(h)
+
+    def _moved(self, h: str) -> None:
+        """``h``'s estimate changed: mark the scores and joint moves that depend on it."""
+        self._stale.update(k for k in self._affected.get(h, ()) if k[0] in self._names)
+        self._joint_stale.update(o for o, deps in self._joint_deps.items() if h in deps)
+
+
+def _group_slots(
+    graph: PermutationGraph,
+    layouts: dict[str, list[Layout]],
+    wb: dict[str, torch.Tensor],
+    device: torch.device,
+) -> dict[str, list[_Slot]]:
+    """Per group, a slot for each of its member axes on a parameter, with the groups that its
+    contribution depends on."""
     slots: dict[str, list[_Slot]] = {}
     for g in graph:
         for m in g.members:
@@ -131,77 +334,7 @@ def weight_matching(
             slots.setdefault(g.name, []).append(
                 _Slot((g.name,), m.tensor, m.axis, rows, b, frozenset(depends))
             )
-    affected: dict[str, list[tuple[str, int]]] = {}
-    for g, ss in slots.items():
-        for i, s in enumerate(ss):
-            for h in s.depends:
-                affected.setdefault(h, []).append((g, i))
-    names = [g for g in slots if only is None or g in only]
-    sizes = {g.name: g.size for g in graph}
-    joint = _joint_slots(layouts, sizes, wb, device, set(names))
-    perms = {g.name: torch.arange(g.size, device=device) for g in graph}
-    perms.update({g: p.to(device) for g, p in (init or {}).items()})
-    seen: dict[tuple[str, int], list[torch.Tensor | None]] = {}  # index maps last scored at
-    totals: dict[str, torch.Tensor] = {}  # a group's scores: sum of its slots' contributions
-    stale = {(g, i) for g in names for i in range(len(slots[g]))}
-    # a joint move is re-tried when a group its tensors depend on changed since its last try
-    joint_deps = {
-        o: set().union(*(_groups_of(layouts[s.tensor]) for s in ss)) for o, ss in joint.items()
-    }
-    joint_stale = set(joint)
-
-    def changed(h: str) -> None:
-        stale.update(k for k in affected.get(h, ()) if k[0] in names)
-        joint_stale.update(o for o, deps in joint_deps.items() if h in deps)
-
-    # groups whose estimates a group's scores (and its stale slots) depend on
-    deps = {g: frozenset().union(*(s.depends for s in slots[g])) for g in names}
-    pending: dict[str, Future] = {}  # LAPs solving in the background, in visiting order
-
-    def settle(among: Collection[str] | None = None) -> None:
-        """Take the pending LAP results of ``among`` (all: None) as the sequential loop would."""
-        for h in [h for h in pending if among is None or h in among]:
-            p = pending.pop(h).result().to(device)
-            score, ar = totals[h], torch.arange(len(p), device=device)
-            new, old = score[ar, p].sum().item(), score[ar, perms[h]].sum().item()
-            if _improves(new, old):
-                perms[h] = p
-                changed(h)
-
-    gen = torch.Generator().manual_seed(seed)
-    iterations = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        while (stale or joint_stale) and iterations < max_iter:
-            iterations += 1
-            # the graph's order first, then seeded random ones (module docstring)
-            order = range(len(names))
-            if iterations > 1:
-                order = torch.randperm(len(names), generator=gen).tolist()
-            for g in (names[i] for i in order):
-                settle(deps[g] | {g})  # its scores and staleness are now those of the sequence
-                todo = [i for i in range(len(slots[g])) if (g, i) in stale]
-                for i in todo:
-                    s, idxs = slots[g][i], _indices(slots[g][i], layouts, perms)
-                    if g not in totals:
-                        totals[g] = _contribution(s, wa, idxs)
-                    else:
-                        _accumulate(totals[g], s, wa, wb, idxs, seen.get((g, i)))
-                    seen[(g, i)] = idxs
-                    stale.discard((g, i))
-                if todo:  # a GPU score is copied here, on the caller's CUDA stream
-                    score = totals[g] if totals[g].device.type == "cpu" else totals[g].cpu()
-                    pending[g] = pool.submit(solve_lap, score, solver=solver)
-                    if not overlap:
-                        settle()
-                if g in joint:  # the sequence's estimates and joint_stale (g's own LAP may add g)
-                    settle()
-                if g in joint_stale:
-                    joint_stale.discard(g)
-                    for h in _joint_move(joint[g], wa, wb, layouts, perms, sizes, solver):
-                        changed(h)
-            settle()
-    objective = _objective(layouts, wa, wb, layouts, perms)
-    return WeightMatchResult({g: p.cpu() for g, p in perms.items()}, objective, iterations)
+    return slots
 
 
 def _joint_slots(
@@ -248,34 +381,6 @@ def _joint_slots(
                 b = _gather(wb[tensor], axis, rows)
                 joint.setdefault(outer, []).append(_Slot(u.groups, tensor, axis, rows, b))
     return joint
-
-
-def _joint_move(
-    slots: list[_Slot],
-    wa: dict[str, torch.Tensor],
-    wb: dict[str, torch.Tensor],
-    layouts: dict[str, list[Layout]],
-    perms: dict[str, torch.Tensor],
-    sizes: dict[str, int],
-    solver: str,
-) -> list[str]:
-    """Re-solve a blocks x within structure jointly; keep it if the objective of the tensors it
-    touches improves. Updates ``perms`` in place and returns the groups that changed."""
-    scores: dict[tuple[str, ...], torch.Tensor] = {}
-    for s in slots:
-        c = _contribution(s, wa, _indices(s, layouts, perms)).T  # assign takes [n_a, n_b]
-        scores[s.groups] = scores[s.groups] + c if s.groups in scores else c
-    proposal = {g: p.to(perms[g].device) for g, p in assign(scores, sizes, solver).items()}
-    changed = [g for g, p in proposal.items() if not torch.equal(p, perms[g])]
-    if not changed:
-        return []
-    touched = {n for n, lays in layouts.items() if set(changed) & _groups_of(lays)}
-    old = _objective(touched, wa, wb, layouts, perms)
-    new = _objective(touched, wa, wb, layouts, {**perms, **proposal})
-    if not _improves(new, old):
-        return []
-    perms.update(proposal)
-    return changed
 
 
 def _improves(new: float, old: float) -> bool:
