@@ -114,14 +114,31 @@ def test_untraceable_model_names_module_and_fix():
     assert "'block'" in msg and "DataDependent" in msg and "register_rule" in msg
 
 
-def test_register_rule_makes_a_leaf_and_is_used():
-    @permask.register_rule(DataDependent)
-    def _rule(ctx, x):
-        w, b = ctx.tensor("weight", ctx.module.lin), ctx.tensor("bias", ctx.module.lin)
-        ctx.unify(w.axes[1], x.axes[-1])
-        ctx.unify(b.axes[0], w.axes[0])
-        return [*x.axes[:-1], w.axes[0]]
+def _data_dependent_rule(ctx: permask.graph.RuleContext, x: permask.graph.TracedTensor) -> list:
+    w, b = ctx.tensor("weight", ctx.module.lin), ctx.tensor("bias", ctx.module.lin)
+    ctx.unify(w.axes[1], x.axes[-1])
+    ctx.unify(b.axes[0], w.axes[0])
+    return [*x.axes[:-1], w.axes[0]]
 
+
+def _decline(ctx, x):
+    raise permask.graph.Decline("declined for a test")
+
+
+def test_a_rule_given_to_trace_makes_a_leaf_and_is_used_for_that_call_only():
+    model = double_eval(Wrapper())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    graph = permask.trace(model, x, rules={DataDependent: _data_dependent_rule})
+    assert sorted(graph.groups) == ["block.lin.weight:0", "pre.weight:0"]
+    assert_equivariant(model, x, graph, seed=3)
+    with pytest.raises(permask.TraceError, match="DataDependent"):  # not registered
+        permask.trace(model, x)
+
+
+def test_register_rule_makes_a_leaf_and_is_used():
+    from permask.graph import registry
+
+    permask.register_rule(DataDependent)(_data_dependent_rule)
     try:
         model = double_eval(Wrapper())
         x = torch.randn(5, 4, dtype=torch.float64)
@@ -130,10 +147,12 @@ def test_register_rule_makes_a_leaf_and_is_used():
         assert_equivariant(model, x, graph, seed=3)
         with pytest.raises(ValueError, match="already registered"):
             permask.register_rule(DataDependent)(lambda ctx, x: x.axes)
+        # a rule given to one call comes first: this one declines, freezing all it touches
+        declined = permask.trace(model, x, rules={DataDependent: _decline})
+        assert list(declined.groups) == []
+        assert "declined for a test" in str(declined)
     finally:
-        from permask.graph import registry
-
-        registry._MODULE_RULES.pop(DataDependent)
+        registry._MODULE_RULES.pop(DataDependent)  # the one test of the global registry
 
 
 def test_subclass_with_new_forward_does_not_inherit_rule():
@@ -247,8 +266,9 @@ def test_example_inputs_that_do_not_fit_name_the_node():
     """One message naming the node and the fix, without torch.fx's appended traceback."""
     from permask.experiment.models import mlp
 
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(permask.TraceError) as err:  # a ValueError, as before
         permask.trace(mlp(12, (8,)), torch.randn(2, 13))
+    assert isinstance(err.value, ValueError) and isinstance(err.value, RuntimeError)
     text = str(err.value)
     assert text.startswith("running node 'fc1' (call_module fc1) on the example inputs failed")
     assert text.endswith("Check that example_inputs fit the model.")
@@ -265,3 +285,38 @@ def test_print_and_networkx(resnet):
     assert g.number_of_edges() == sum(len(grp.members) for grp in graph)
     # a conv weight links its input and output groups: the stages form one component
     assert nx.has_path(g, ("group", "conv1.weight:0"), ("tensor", "linear.weight"))
+
+
+class _ScaleShift(nn.Module):
+    """docs/graph.md's example module (its forward branches on data: fx cannot trace it)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * self.weight + self.bias
+        return x * self.weight + self.bias
+
+
+def test_the_rule_check_of_docs_graph_md():
+    from permask.graph import RuleContext, TracedTensor
+    from permask.testing import equivalence_error, perturb_
+
+    def _scale_shift(ctx: RuleContext, x: TracedTensor) -> list:
+        for name in ("weight", "bias"):
+            ctx.unify(ctx.tensor(name).axes[0], x.axes[-1])
+        return x.axes
+
+    net = nn.Sequential(nn.Linear(16, 8), _ScaleShift(8), nn.ReLU(), nn.Linear(8, 4))
+    model = perturb_(net.double().eval())
+    x = torch.randn(4, 16, dtype=torch.float64)
+    graph = permask.trace(model, x, rules={_ScaleShift: _scale_shift})
+    for seed in range(5):
+        pi = permask.random_permutation(graph, generator=torch.Generator().manual_seed(seed))
+        assert equivalence_error(model, x, pi, graph) < 1e-10
+    members = {(m.tensor, m.axis) for m in graph["0.weight:0"].members}
+    assert {("1.weight", 0), ("1.bias", 0), ("3.weight", 1)} <= members
+    with pytest.raises(permask.TraceError, match="_ScaleShift"):  # the rule was for that call
+        permask.trace(model, x)

@@ -1,10 +1,19 @@
-"""Tracing models into permutation-group graphs."""
+"""Tracing models into permutation-group graphs.
 
+``trace`` captures a model and returns its :class:`PermutationGraph`; rule authors use
+``register_rule``, :class:`RuleContext`, :class:`TracedTensor`, :class:`Decline` and
+``handles_items`` (docs/graph.md, "Adding a rule"), and check a new rule with
+:mod:`permask.testing`.
+"""
+
+from .context import RuleContext
+from .errors import TraceError
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
-from .layout import Concat, Fixed, GroupAxis, Product, layout_index
+from .layout import Concat, Fixed, GroupAxis, Product, group_element_map, layout_index
 from .permutation import Permutation, random_permutation
-from .registry import Decline, TVal, register_rule
-from .trace import TraceError, trace
+from .registry import Decline, Rule, TracedTensor, handles_items, register_rule
+from .trace import trace
+from .unify import AxisTerm
 
 __all__ = [
     "trace",
@@ -17,11 +26,16 @@ __all__ = [
     "Permutation",
     "random_permutation",
     "register_rule",
+    "Rule",
+    "RuleContext",
     "Decline",
-    "TVal",
+    "TracedTensor",
+    "AxisTerm",
+    "handles_items",
     "Fixed",
     "GroupAxis",
     "Concat",
     "Product",
     "layout_index",
+    "group_element_map",
 ]

@@ -1,22 +1,24 @@
 """The op-rule registry: one place that says how each op moves tensor axes.
 
-A rule is a small function ``rule(ctx, *args, **kwargs)`` called with the fx node's arguments,
-in which every traced tensor is a :class:`TVal` (shape plus one layout per axis) and everything
-else is the concrete value seen while tracing. It relates axes through ``ctx`` (unify, freeze,
-split) and returns the layouts of the output (a list with one layout per axis, or a tuple of
-such lists for tuple outputs). Rules are keyed by
+A rule is a small function ``rule(ctx: RuleContext, *args, **kwargs)`` called with the fx
+node's arguments, in which every traced tensor is a :class:`TracedTensor` (its shape and one
+axis term per dimension) and everything else is the concrete value seen while tracing. It
+relates axes through ``ctx`` (:class:`~permask.graph.context.RuleContext`: unify, freeze, split,
+...) and returns the axes of the output (a list with one term per dimension, or a tuple of such
+lists for tuple outputs). Rules are keyed by
 
 * module class (for fx leaf modules) -- e.g. ``nn.Conv2d``;
 * function -- e.g. ``torch.cat``, ``F.layer_norm``, ``operator.add``;
 * method name -- e.g. ``"view"``, ``"flatten"``.
 
 A rule that raises :class:`Decline` (or any error) freezes every axis the op touches. An op with
-no rule is frozen the same way: soundness never depends on a rule being present.
+no rule is frozen the same way: soundness never depends on a rule being present. Rules given to
+one call, ``permask.trace(model, x, rules={target: rule})``, come before the registered ones.
 
 Registering a rule for your own module class also makes it a tracing leaf::
 
     @permask.register_rule(MyGatedUnit)
-    def _my_gated_unit(ctx, x):
+    def _my_gated_unit(ctx: RuleContext, x: TracedTensor) -> list[AxisTerm]:
         w = ctx.tensor("weight")              # (C,) parameter of the module
         ctx.unify(w.axes[0], x.axes[-1])      # it scales the channels of x elementwise
         return x.axes                         # output has the layout of x
@@ -24,16 +26,26 @@ Registering a rule for your own module class also makes it a tracing leaf::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .unify import BLayout
+from .unify import AxisTerm
 
-__all__ = ["TVal", "Decline", "register_rule", "find_rule", "handles_items", "Rule"]
+__all__ = [
+    "TracedTensor",
+    "Decline",
+    "register_rule",
+    "find_rule",
+    "handles_items",
+    "Rule",
+    "scoped_rules",
+]
 
 Rule = Callable[..., Any]
 
@@ -50,7 +62,7 @@ _HARMLESS_METHODS = {
 
 
 @dataclass
-class TVal:
+class TracedTensor:
     """A traced tensor: its shape and one layout per axis.
 
     A *stacked* tensor (``items`` set; e.g. timm's fused ``qkv`` after
@@ -61,9 +73,9 @@ class TVal:
     """
 
     shape: tuple[int, ...]
-    axes: list[BLayout]
+    axes: list[AxisTerm]
     dtype: torch.dtype | None = None
-    items: list[list[BLayout]] | None = None
+    items: list[list[AxisTerm]] | None = None
     stack: int | None = None
 
     @property
@@ -72,7 +84,7 @@ class TVal:
 
 
 def handles_items(rule: Rule) -> Rule:
-    """Mark ``rule`` as one that understands stacked tensors (``TVal.items``)."""
+    """Mark ``rule`` as one that understands stacked tensors (``TracedTensor.items``)."""
     rule.handles_items = True  # type: ignore[attr-defined]
     return rule
 
@@ -84,6 +96,21 @@ class Decline(Exception):
 _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
+_Tables = tuple[dict[type, Rule], dict[Any, Rule], dict[str, Rule]]
+_REGISTERED: _Tables = (_MODULE_RULES, _FUNCTION_RULES, _METHOD_RULES)
+# Rules given to one trace(..., rules=...) call, looked up before the registered ones.
+_SCOPED: ContextVar[_Tables | None] = ContextVar("permask_scoped_rules", default=None)
+
+
+def _table(target: type | Callable | str, tables: _Tables) -> dict:
+    modules, functions, methods = tables
+    if isinstance(target, str):
+        return methods
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return modules
+    if callable(target):
+        return functions
+    raise TypeError(f"cannot register a rule for {target!r}: not a class, function or str")
 
 
 def register_rule(
@@ -91,21 +118,15 @@ def register_rule(
 ) -> Callable[[Rule], Rule]:
     """Decorator registering ``rule`` for module classes, functions or method names.
 
-    Registering an existing target raises unless ``override=True``.
+    Registering an existing target raises unless ``override=True``. To use a rule for one call
+    only, pass it to ``permask.trace(model, x, rules={target: rule})`` instead.
     """
     if not targets:
         raise TypeError("register_rule needs at least one module class, function or method name")
 
     def deco(rule: Rule) -> Rule:
         for t in targets:
-            if isinstance(t, str):
-                table: dict = _METHOD_RULES
-            elif isinstance(t, type) and issubclass(t, nn.Module):
-                table = _MODULE_RULES
-            elif callable(t):
-                table = _FUNCTION_RULES
-            else:
-                raise TypeError(f"cannot register a rule for {t!r}: not a class, function or str")
+            table = _table(t, _REGISTERED)
             if t in table and not override and table[t] is not rule:
                 raise ValueError(f"a rule for {t!r} is already registered; pass override=True")
             table[t] = rule
@@ -114,9 +135,29 @@ def register_rule(
     return deco
 
 
+@contextlib.contextmanager
+def scoped_rules(rules: Mapping[Any, Rule]) -> Iterator[None]:
+    """Within the block, ``rules`` (``{target: rule}``) come before the registered rules."""
+    tables: _Tables = ({}, {}, {})
+    for target, rule in rules.items():
+        _table(target, tables)[target] = rule
+    token = _SCOPED.set(tables if rules else None)
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+def _lookup(kind: int, key: Any) -> Rule | None:
+    scoped = _SCOPED.get()
+    if scoped is not None and key in scoped[kind]:
+        return scoped[kind][key]
+    return _REGISTERED[kind].get(key)
+
+
 def has_module_rule(cls: type) -> bool:
-    """Whether ``cls`` itself has a registered rule (such modules are traced as leaves)."""
-    return cls in _MODULE_RULES
+    """Whether ``cls`` itself has a rule (such modules are traced as leaves)."""
+    return _lookup(0, cls) is not None
 
 
 def find_module_rule(module: nn.Module) -> Rule | None:
@@ -126,7 +167,7 @@ def find_module_rule(module: nn.Module) -> Rule | None:
     harmless ones: a new ``forward`` may compute anything, so it must not borrow a rule.
     """
     for cls in type(module).__mro__:
-        rule = _MODULE_RULES.get(cls)
+        rule = _lookup(0, cls)
         if rule is not None:
             return rule
         if any(callable(v) and k not in _HARMLESS_METHODS for k, v in vars(cls).items()):
@@ -139,8 +180,8 @@ def find_rule(op: str, target: Any, module: nn.Module | None = None) -> Rule | N
     if op == "call_module":
         return find_module_rule(module)
     if op == "call_method":
-        return _METHOD_RULES.get(target)
+        return _lookup(2, target)
     try:
-        return _FUNCTION_RULES.get(target)
+        return _lookup(1, target)
     except TypeError:  # unhashable target
         return None

@@ -1,11 +1,13 @@
 """Union-find over group axes, with structure (concat / product) and freezing.
 
-While tracing, every tensor axis gets a mutable layout built from :class:`Var` leaves and
-:class:`Cat` / :class:`Prod` nodes. Rules relate axes with :meth:`Solver.unify`; a var that must
-equal a structured layout is *defined* as it (so a channel axis split by ``torch.split`` becomes
-a concat of new vars), and anything two layouts cannot be proven to share is frozen. Freezing is
-always sound: a frozen axis is never permuted. :meth:`Solver.expand` turns the result into the
-immutable public layouts of :mod:`permask.graph.layout`.
+While tracing, every tensor axis gets a mutable *axis term* (:data:`AxisTerm`) built from
+:class:`AxisVar` leaves and :class:`ConcatTerm` / :class:`ProductTerm` nodes (the trace-time
+counterparts of the public :class:`~permask.graph.layout.Concat` and
+:class:`~permask.graph.layout.Product`). Rules relate axes with :meth:`Solver.unify`; a var
+that must equal a structured term is *defined* as it (so a channel axis split by
+``torch.split`` becomes a concat of new vars), and anything two terms cannot be proven to share
+is frozen. Freezing is always sound: a frozen axis is never permuted. :meth:`Solver.expand`
+turns the result into the immutable public layouts of :mod:`permask.graph.layout`.
 """
 
 from __future__ import annotations
@@ -35,15 +37,15 @@ class Reason:
         return f"{self.message} ({where})" if where else self.message
 
 
-class Var:
+class AxisVar:
     """A leaf axis of the union-find forest."""
 
     __slots__ = ("size", "parent", "defn", "frozen", "reasons", "id", "name", "proven")
 
     def __init__(self, size: int, vid: int, name: str, proven: bool = False):
         self.size = size
-        self.parent: Var = self
-        self.defn: BLayout | None = None
+        self.parent: AxisVar = self
+        self.defn: AxisTerm | None = None
         self.frozen = False
         self.reasons: list[Reason] = []
         self.id = vid
@@ -51,10 +53,10 @@ class Var:
         self.proven = proven  # created free by a rule (not merely a parameter axis)
 
     def __repr__(self) -> str:
-        return f"Var({self.name}, {self.size})"
+        return f"AxisVar({self.name}, {self.size})"
 
 
-class Cat:
+class ConcatTerm:
     __slots__ = ("parts", "size")
 
     def __init__(self, parts):
@@ -62,7 +64,7 @@ class Cat:
         self.size = sum(p.size for p in self.parts)
 
 
-class Prod:
+class ProductTerm:
     __slots__ = ("factors", "size")
 
     def __init__(self, factors):
@@ -73,7 +75,7 @@ class Prod:
         self.size = n
 
 
-BLayout = Var | Cat | Prod
+AxisTerm = AxisVar | ConcatTerm | ProductTerm
 
 
 class LayoutMismatch(Exception):
@@ -84,22 +86,22 @@ class Solver:
     """Owns all vars of one trace."""
 
     def __init__(self) -> None:
-        self.vars: list[Var] = []
+        self.vars: list[AxisVar] = []
 
     # -- creation ---------------------------------------------------------------------------
-    def new(self, size: int, name: str, proven: bool = False) -> Var:
-        v = Var(size, len(self.vars), name, proven)
+    def new(self, size: int, name: str, proven: bool = False) -> AxisVar:
+        v = AxisVar(size, len(self.vars), name, proven)
         self.vars.append(v)
         return v
 
-    def fixed(self, size: int, reason: Reason, name: str = "fixed") -> Var:
+    def fixed(self, size: int, reason: Reason, name: str = "fixed") -> AxisVar:
         v = self.new(size, name)
         v.frozen = True
         v.reasons.append(reason)
         return v
 
     # -- union-find ---------------------------------------------------------------------------
-    def find(self, v: Var) -> Var:
+    def find(self, v: AxisVar) -> AxisVar:
         root = v
         while root.parent is not root:
             root = root.parent
@@ -107,35 +109,35 @@ class Solver:
             v.parent, v = root, v.parent
         return root
 
-    def resolve(self, layout: BLayout) -> BLayout:
-        """Follow definitions and flatten until the top node is a root var, Cat or Prod."""
+    def resolve(self, layout: AxisTerm) -> AxisTerm:
+        """Follow definitions and flatten until the top node is a root var or a structure."""
         while True:
-            if isinstance(layout, Var):
+            if isinstance(layout, AxisVar):
                 root = self.find(layout)
                 if root.defn is None:
                     return root
                 layout = root.defn
-            elif isinstance(layout, Cat):
-                parts = self._flat(layout, Cat)
+            elif isinstance(layout, ConcatTerm):
+                parts = self._flat(layout, ConcatTerm)
                 if len(parts) == 1:
                     layout = parts[0]
                     continue
-                return Cat(parts) if parts else layout
+                return ConcatTerm(parts) if parts else layout
             else:
-                factors = self._flat(layout, Prod)
+                factors = self._flat(layout, ProductTerm)
                 if len(factors) == 1:
                     layout = factors[0]
                     continue
-                return Prod(factors) if factors else layout
+                return ProductTerm(factors) if factors else layout
 
-    def _flat(self, layout: BLayout, kind: type) -> list[BLayout]:
+    def _flat(self, layout: AxisTerm, kind: type) -> list[AxisTerm]:
         """Children of nested ``kind`` nodes (definitions followed), without neutral elements."""
-        neutral = 0 if kind is Cat else 1
-        out: list[BLayout] = []
+        neutral = 0 if kind is ConcatTerm else 1
+        out: list[AxisTerm] = []
         stack = [layout]
         while stack:
             node = stack.pop()
-            if isinstance(node, Var):
+            if isinstance(node, AxisVar):
                 root = self.find(node)
                 node = root if root.defn is None else root.defn
             if isinstance(node, kind):
@@ -144,13 +146,13 @@ class Solver:
                 out.append(node)
         return out
 
-    def leaves(self, layout: BLayout) -> list[Var]:
+    def leaves(self, layout: AxisTerm) -> list[AxisVar]:
         """Root vars (without definition) under a layout."""
-        out: list[Var] = []
+        out: list[AxisVar] = []
         stack = [layout]
         while stack:
             node = stack.pop()
-            if isinstance(node, Var):
+            if isinstance(node, AxisVar):
                 root = self.find(node)
                 if root.defn is None:
                     out.append(root)
@@ -161,14 +163,14 @@ class Solver:
         return out
 
     # -- constraints ------------------------------------------------------------------------
-    def freeze(self, layout: BLayout, reason: Reason) -> None:
+    def freeze(self, layout: AxisTerm, reason: Reason) -> None:
         for leaf in self.leaves(layout):
             if not leaf.frozen:
                 leaf.frozen = True
             if len(leaf.reasons) < MAX_REASONS and reason not in leaf.reasons:
                 leaf.reasons.append(reason)
 
-    def unify(self, a: BLayout, b: BLayout, reason: Reason) -> None:
+    def unify(self, a: AxisTerm, b: AxisTerm, reason: Reason) -> None:
         """Constrain two axes to be permuted identically; freeze what cannot be aligned."""
         if a.size != b.size:
             raise LayoutMismatch(f"cannot unify axes of size {a.size} and {b.size}")
@@ -177,18 +179,18 @@ class Solver:
         ra, rb = self.resolve(a), self.resolve(b)
         if ra is rb:
             return
-        if isinstance(ra, Var) and isinstance(rb, Var):
+        if isinstance(ra, AxisVar) and isinstance(rb, AxisVar):
             self._union(ra, rb, reason)
-        elif isinstance(ra, Var):
+        elif isinstance(ra, AxisVar):
             self._define(ra, rb, reason)
-        elif isinstance(rb, Var):
+        elif isinstance(rb, AxisVar):
             self._define(rb, ra, reason)
-        elif isinstance(ra, Cat) or isinstance(rb, Cat):
-            self._unify_pieces(ra, rb, reason, Cat)
+        elif isinstance(ra, ConcatTerm) or isinstance(rb, ConcatTerm):
+            self._unify_pieces(ra, rb, reason, ConcatTerm)
         else:
-            self._unify_pieces(ra, rb, reason, Prod)
+            self._unify_pieces(ra, rb, reason, ProductTerm)
 
-    def _union(self, a: Var, b: Var, reason: Reason) -> None:
+    def _union(self, a: AxisVar, b: AxisVar, reason: Reason) -> None:
         if b.id < a.id:
             a, b = b, a
         b.parent = a
@@ -204,7 +206,7 @@ class Solver:
         if da is not None and db is not None:
             self.unify(da, db, reason)
 
-    def _define(self, v: Var, layout: BLayout, reason: Reason) -> None:
+    def _define(self, v: AxisVar, layout: AxisTerm, reason: Reason) -> None:
         if any(leaf is v for leaf in self.leaves(layout)):
             self.freeze(v, reason)
             self.freeze(layout, reason)
@@ -213,10 +215,10 @@ class Solver:
         if v.frozen:
             self.freeze(layout, v.reasons[0] if v.reasons else reason)
 
-    def _unify_pieces(self, a: BLayout, b: BLayout, reason: Reason, kind: type) -> None:
+    def _unify_pieces(self, a: AxisTerm, b: AxisTerm, reason: Reason, kind: type) -> None:
         """Unify two concats (or two products) on the common refinement of their pieces."""
         pa, pb = self._flat(a, kind), self._flat(b, kind)
-        if kind is Cat:
+        if kind is ConcatTerm:
             bounds = sorted(set(_cumsum(pa)) | set(_cumsum(pb)))
             sizes = [y - x for x, y in zip([0] + bounds[:-1], bounds)]
             sa, sb = self.split_cat(a, sizes), self.split_cat(b, sizes)
@@ -236,17 +238,17 @@ class Solver:
             self.unify(x, y, reason)
 
     # -- refinement ----------------------------------------------------------------------------
-    def split_cat(self, layout: BLayout, sizes: list[int]) -> list[BLayout] | None:
+    def split_cat(self, layout: AxisTerm, sizes: list[int]) -> list[AxisTerm] | None:
         """Cut an axis into consecutive segments of ``sizes``; None if a cut is impossible.
 
         A root var is defined as the concat of new vars; a product is cut along its slowest
         factor (``(a x b)`` with ``a = [a1 | a2]`` is ``[(a1 x b) | (a2 x b)]``).
         """
         assert sum(sizes) == layout.size
-        pieces = self._flat(layout, Cat)
-        out: list[BLayout] = []
+        pieces = self._flat(layout, ConcatTerm)
+        out: list[AxisTerm] = []
         for s in sizes:
-            taken: list[BLayout] = []
+            taken: list[AxisTerm] = []
             need = s
             while need > 0:
                 head = pieces.pop(0)
@@ -260,19 +262,21 @@ class Solver:
                 taken.append(cut[0])
                 pieces.insert(0, cut[1])
                 need = 0
-            out.append(taken[0] if len(taken) == 1 else Cat(taken) if taken else _empty(self))
+            out.append(
+                taken[0] if len(taken) == 1 else ConcatTerm(taken) if taken else _empty(self)
+            )
         return out
 
-    def _cut(self, layout: BLayout, at: int) -> tuple[BLayout, BLayout] | None:
+    def _cut(self, layout: AxisTerm, at: int) -> tuple[AxisTerm, AxisTerm] | None:
         layout = self.resolve(layout)
-        if not isinstance(layout, Var) and self._all_frozen(layout):
+        if not isinstance(layout, AxisVar) and self._all_frozen(layout):
             layout = self.fixed(layout.size, Reason("frozen"), "fixed")
-        if isinstance(layout, Var):
+        if isinstance(layout, AxisVar):
             left = self.new(at, f"{layout.name}[:{at}]", layout.proven)
             right = self.new(layout.size - at, f"{layout.name}[{at}:]", layout.proven)
-            self._define(layout, Cat([left, right]), Reason("split"))
+            self._define(layout, ConcatTerm([left, right]), Reason("split"))
             return left, right
-        if isinstance(layout, Prod):
+        if isinstance(layout, ProductTerm):
             head, rest = layout.factors[0], layout.factors[1:]
             inner = layout.size // head.size
             if at % inner:
@@ -280,22 +284,22 @@ class Solver:
             cut = self._cut(head, at // inner)
             if cut is None:
                 return None
-            return Prod([cut[0], *rest]), Prod([cut[1], *rest])
-        return None  # a Cat is already flattened into pieces
+            return ProductTerm([cut[0], *rest]), ProductTerm([cut[1], *rest])
+        return None  # a ConcatTerm is already flattened into pieces
 
-    def split_prod(self, layout: BLayout, sizes: list[int]) -> list[BLayout] | None:
+    def split_prod(self, layout: AxisTerm, sizes: list[int]) -> list[AxisTerm] | None:
         """Factor an axis into row-major factors of ``sizes``; None if impossible."""
         n = 1
         for s in sizes:
             n *= s
         assert n == layout.size
-        factors = self._flat(layout, Prod)
-        out: list[BLayout] = []
+        factors = self._flat(layout, ProductTerm)
+        out: list[AxisTerm] = []
         for s in sizes:
             if s == 1:
                 out.append(_unit(self))
                 continue
-            taken: list[BLayout] = []
+            taken: list[AxisTerm] = []
             need = s
             while need > 1:
                 head = self.resolve(factors.pop(0))
@@ -307,26 +311,26 @@ class Solver:
                     continue
                 if head.size % need:
                     return None
-                if not isinstance(head, Var):
+                if not isinstance(head, AxisVar):
                     head = self._factorable(head, head.size // need)
                     if head is None:
                         return None
-                    if isinstance(head, Prod):
+                    if isinstance(head, ProductTerm):
                         factors[0:0] = list(head.factors)
                         continue
                 slow = self.new(need, f"{head.name}/{need}", head.proven)
                 fast = self.new(head.size // need, f"{head.name}%{need}", head.proven)
-                self._define(head, Prod([slow, fast]), Reason("reshape"))
+                self._define(head, ProductTerm([slow, fast]), Reason("reshape"))
                 taken.append(slow)
                 factors.insert(0, fast)
                 need = 1
-            out.append(taken[0] if len(taken) == 1 else Prod(taken))
+            out.append(taken[0] if len(taken) == 1 else ProductTerm(taken))
         return out
 
-    def _all_frozen(self, layout: BLayout) -> bool:
+    def _all_frozen(self, layout: AxisTerm) -> bool:
         return all(leaf.frozen for leaf in self.leaves(layout))
 
-    def _factorable(self, layout: BLayout, fast: int) -> BLayout | None:
+    def _factorable(self, layout: AxisTerm, fast: int) -> AxisTerm | None:
         """``layout`` as ``(slow x fast)`` so :meth:`split_prod` can cut it, or None.
 
         A fully frozen layout carries no structure worth keeping: one fixed axis. A concat whose
@@ -337,9 +341,9 @@ class Solver:
         """
         if self._all_frozen(layout):
             return self.fixed(layout.size, Reason("frozen"), "fixed")
-        if not isinstance(layout, Cat):
+        if not isinstance(layout, ConcatTerm):
             return None
-        parts = self._flat(layout, Cat)
+        parts = self._flat(layout, ConcatTerm)
         if any(p.size % fast for p in parts):
             return None
         slows, fasts = [], []
@@ -351,19 +355,19 @@ class Solver:
             fasts.append(sp[1])
         for f in fasts[1:]:
             self.unify(fasts[0], f, Reason("reshape ties the segments' inner factor"))
-        return Prod([Cat(slows), fasts[0]])
+        return ProductTerm([ConcatTerm(slows), fasts[0]])
 
     # -- results ------------------------------------------------------------------------------
-    def expand(self, layout: BLayout, names: dict[int, str]) -> Layout:
+    def expand(self, layout: AxisTerm, names: dict[int, str]) -> Layout:
         """Immutable public layout; ``names`` maps root var ids to group names."""
-        if isinstance(layout, Var):
+        if isinstance(layout, AxisVar):
             root = self.find(layout)
             if root.defn is not None:
                 return self.expand(root.defn, names)
             if root.frozen or root.id not in names:
                 return Fixed(root.size)
             return GroupAxis(names[root.id], root.size)
-        if isinstance(layout, Cat):
+        if isinstance(layout, ConcatTerm):
             parts: list[Layout] = []
             for p in layout.parts:
                 e = self.expand(p, names)
@@ -394,23 +398,23 @@ class Solver:
         return factors[0] if len(factors) == 1 else Product(tuple(factors))
 
 
-def _children(node: Cat | Prod) -> tuple[BLayout, ...]:
-    return node.parts if isinstance(node, Cat) else node.factors
+def _children(node: ConcatTerm | ProductTerm) -> tuple[AxisTerm, ...]:
+    return node.parts if isinstance(node, ConcatTerm) else node.factors
 
 
-def _unit(solver: Solver) -> Var:
+def _unit(solver: Solver) -> AxisVar:
     v = solver.new(1, "unit")
     v.frozen = True
     return v
 
 
-def _empty(solver: Solver) -> Var:
+def _empty(solver: Solver) -> AxisVar:
     v = solver.new(0, "empty")
     v.frozen = True
     return v
 
 
-def _cumsum(parts: list[BLayout]) -> list[int]:
+def _cumsum(parts: list[AxisTerm]) -> list[int]:
     out, acc = [], 0
     for p in parts:
         acc += p.size
@@ -418,7 +422,7 @@ def _cumsum(parts: list[BLayout]) -> list[int]:
     return out
 
 
-def _cumprod(factors: list[BLayout]) -> list[int]:
+def _cumprod(factors: list[AxisTerm]) -> list[int]:
     out, acc = [], 1
     for f in factors:
         acc *= f.size

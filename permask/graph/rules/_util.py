@@ -6,13 +6,14 @@ from typing import Any
 
 from torch.utils._pytree import tree_flatten
 
-from ..registry import Decline, TVal
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor
 
 
-def tvals(*args: Any) -> list[TVal]:
+def tvals(*args: Any) -> list[TracedTensor]:
     """Every traced tensor in (nested) arguments."""
-    leaves, _ = tree_flatten(args, is_leaf=lambda x: isinstance(x, TVal))
-    return [x for x in leaves if isinstance(x, TVal)]
+    leaves, _ = tree_flatten(args, is_leaf=lambda x: isinstance(x, TracedTensor))
+    return [x for x in leaves if isinstance(x, TracedTensor)]
 
 
 def norm_dim(dim: int, ndim: int) -> int:
@@ -28,11 +29,11 @@ def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> An
     return kwargs.get(name, default)
 
 
-def unit(ctx) -> Any:
+def unit(ctx: RuleContext) -> Any:
     return ctx.fixed(1, "size-1 axis")
 
 
-def broadcast(ctx, inputs: list[TVal], out_shape: tuple[int, ...]) -> list:
+def broadcast(ctx: RuleContext, inputs: list[TracedTensor], out_shape: tuple[int, ...]) -> list:
     """Output layouts of a broadcasting elementwise op; equal-size axes are unified."""
     n = len(out_shape)
     out: list = [None] * n

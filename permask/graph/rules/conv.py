@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import TVal, register_rule
+from ..context import RuleContext
+from ..registry import TracedTensor, register_rule
 
 
-def _spatial_out(ctx, x: TVal, nsp: int) -> list:
+def _spatial_out(ctx: RuleContext, x: TracedTensor, nsp: int) -> list:
     """A kernel slides over positions: input positions freeze, output positions are fixed."""
     for ax in x.axes[x.ndim - nsp :]:
         ctx.freeze(ax, "a conv kernel slides over this axis")
@@ -23,7 +24,14 @@ def _spatial_out(ctx, x: TVal, nsp: int) -> list:
     return [ctx.fixed(s, "spatial positions") for s in shape[len(shape) - nsp :]]
 
 
-def conv_axes(ctx, x: TVal, w: TVal, b: TVal | None, groups: int, transposed: bool = False):
+def conv_axes(
+    ctx,
+    x: TracedTensor,
+    w: TracedTensor,
+    b: TracedTensor | None,
+    groups: int,
+    transposed: bool = False,
+):
     nsp = w.ndim - 2
     c = x.ndim - nsp - 1  # channel axis (0 for unbatched input)
     w_in, w_out = (w.axes[0], w.axes[1]) if transposed else (w.axes[1], w.axes[0])
@@ -53,23 +61,23 @@ def conv_axes(ctx, x: TVal, w: TVal, b: TVal | None, groups: int, transposed: bo
 
 
 @register_rule(F.conv1d, F.conv2d, F.conv3d)
-def conv(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv(ctx: RuleContext, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return conv_axes(ctx, input, weight, bias, groups)
 
 
 @register_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-def conv_transpose(ctx, input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                   groups=1, dilation=1):  # fmt: skip
+def conv_transpose(ctx: RuleContext, input, weight, bias=None, stride=1, padding=0,
+                   output_padding=0, groups=1, dilation=1):  # fmt: skip
     return conv_axes(ctx, input, weight, bias, groups, transposed=True)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_module(ctx, x: TVal):
+def conv_module(ctx: RuleContext, x: TracedTensor):
     m = ctx.module
     return conv_axes(ctx, x, ctx.tensor("weight"), ctx.tensor("bias"), m.groups)
 
 
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def conv_transpose_module(ctx, x: TVal, output_size=None):
+def conv_transpose_module(ctx: RuleContext, x: TracedTensor, output_size=None):
     m = ctx.module
     return conv_axes(ctx, x, ctx.tensor("weight"), ctx.tensor("bias"), m.groups, transposed=True)

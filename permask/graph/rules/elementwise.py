@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import Decline, TVal, register_rule
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor, register_rule
 from ._util import broadcast, tvals
 
 _FUNCTIONS = [
@@ -63,12 +64,12 @@ _MODULES = [
 
 
 @register_rule(*_FUNCTIONS, *_METHODS, *_MODULES)
-def elementwise(ctx, *args, **kwargs):
+def elementwise(ctx: RuleContext, *args, **kwargs):
     return broadcast(ctx, tvals(args, kwargs), ctx.out.shape)
 
 
 @register_rule("to", "type", "type_as")
-def cast(ctx, x: TVal, *args, **kwargs):
+def cast(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Dtype/device casts; a tensor argument only supplies the dtype."""
     return x.axes
 
@@ -77,7 +78,7 @@ _SOFTMAX = [F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softma
 
 
 @register_rule(*_SOFTMAX, "softmax", "log_softmax")
-def along_dim(ctx, x: TVal, *args, **kwargs):
+def along_dim(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Softmax / L_p-normalisation along a dim: equivariant under permutations of any axis."""
     if tvals(args, kwargs):
         raise Decline("unexpected tensor argument")
@@ -85,12 +86,12 @@ def along_dim(ctx, x: TVal, *args, **kwargs):
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
-def softmax_module(ctx, x: TVal):
+def softmax_module(ctx: RuleContext, x: TracedTensor):
     return x.axes
 
 
 @register_rule(nn.PReLU, F.prelu)
-def prelu(ctx, x: TVal, weight: TVal | None = None):
+def prelu(ctx: RuleContext, x: TracedTensor, weight: TracedTensor | None = None):
     """PReLU: one slope per channel (axis 1), or one for all."""
     w = ctx.tensor("weight") if weight is None else weight
     if w.shape[0] > 1:

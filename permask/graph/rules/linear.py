@@ -14,11 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import Decline, TVal, register_rule
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor, register_rule
 from ._util import unit
 
 
-def contract(ctx, operands: list[TVal], subscripts: list[str], output: str) -> list:
+def contract(
+    ctx: RuleContext, operands: list[TracedTensor], subscripts: list[str], output: str
+) -> list:
     """Unify axes by einsum letter; return the output layouts."""
     by_letter: dict[str, object] = {}
     for t, sub in zip(operands, subscripts):
@@ -34,7 +37,7 @@ def contract(ctx, operands: list[TVal], subscripts: list[str], output: str) -> l
     return [by_letter.get(c) or unit(ctx) for c in output]
 
 
-def _expand_ellipsis(subs: list[str], operands: list[TVal], output: str | None):
+def _expand_ellipsis(subs: list[str], operands: list[TracedTensor], output: str | None):
     free = [c for c in string.ascii_letters if c not in "".join(subs) + (output or "")]
     width = max((t.ndim - len(s.replace("...", "")) for s, t in zip(subs, operands)), default=0)
     fill = "".join(free[:width])
@@ -50,7 +53,7 @@ def _expand_ellipsis(subs: list[str], operands: list[TVal], output: str | None):
 
 
 @register_rule(torch.einsum)
-def einsum(ctx, equation: str, *operands):
+def einsum(ctx: RuleContext, equation: str, *operands):
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     eq = equation.replace(" ", "")
@@ -69,7 +72,7 @@ def _batch_letters(n: int) -> str:
 
 
 @register_rule(operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm")
-def matmul(ctx, a: TVal, b: TVal):
+def matmul(ctx: RuleContext, a: TracedTensor, b: TracedTensor):
     if a.ndim < 1 or b.ndim < 1:
         raise Decline("matmul of a scalar")
     # letters: x=rows of a, y=contracted, z=cols of b; batch letters broadcast from the right.
@@ -81,7 +84,7 @@ def matmul(ctx, a: TVal, b: TVal):
     return contract(ctx, [a, b], [sa, sb], out)
 
 
-def _linear(ctx, x: TVal, w: TVal, b: TVal | None):
+def _linear(ctx: RuleContext, x: TracedTensor, w: TracedTensor, b: TracedTensor | None):
     lead = _batch_letters(x.ndim - 1)
     out = contract(ctx, [x, w], [lead + "y", "zy"], lead + "z")
     if b is not None:
@@ -90,34 +93,36 @@ def _linear(ctx, x: TVal, w: TVal, b: TVal | None):
 
 
 @register_rule(F.linear)
-def linear(ctx, input: TVal, weight: TVal, bias: TVal | None = None):
+def linear(
+    ctx: RuleContext, input: TracedTensor, weight: TracedTensor, bias: TracedTensor | None = None
+):
     return _linear(ctx, input, weight, bias)
 
 
 @register_rule(nn.Linear)
-def linear_module(ctx, x: TVal):
+def linear_module(ctx: RuleContext, x: TracedTensor):
     return _linear(ctx, x, ctx.tensor("weight"), ctx.tensor("bias"))
 
 
-def _embedding(ctx, idx: TVal, weight: TVal):
+def _embedding(ctx: RuleContext, idx: TracedTensor, weight: TracedTensor):
     ctx.freeze(weight.axes[0], "embedding rows are addressed by value")
     return [*idx.axes, weight.axes[1]]
 
 
 @register_rule(F.embedding)
-def embedding(ctx, input: TVal, weight: TVal, *args, **kwargs):
+def embedding(ctx: RuleContext, input: TracedTensor, weight: TracedTensor, *args, **kwargs):
     return _embedding(ctx, input, weight)
 
 
 @register_rule(nn.Embedding)
-def embedding_module(ctx, x: TVal):
+def embedding_module(ctx: RuleContext, x: TracedTensor):
     return _embedding(ctx, x, ctx.tensor("weight"))
 
 
 @register_rule(F.scaled_dot_product_attention)
-def scaled_dot_product_attention(ctx, query: TVal, key: TVal, value: TVal, attn_mask=None,
-                                 dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):  # fmt: skip
+def scaled_dot_product_attention(ctx: RuleContext, query: TracedTensor, key: TracedTensor,
+                                 value: TracedTensor, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):  # fmt: skip
     """softmax(q k^T * scale + mask) v: an einsum over (L, E) x (S, E) then (L, S) x (S, Ev).
 
     The default scale depends only on E's size, so any permutation shared by q's and k's
@@ -135,22 +140,23 @@ def scaled_dot_product_attention(ctx, query: TVal, key: TVal, value: TVal, attn_
         bl[batch - (t.ndim - 2) :] + tail for t, tail in ((query, "le"), (key, "se"), (value, "sv"))
     ]
     operands = [query, key, value]
-    if isinstance(attn_mask, TVal):
+    if isinstance(attn_mask, TracedTensor):
         subs.append(bl[batch - (attn_mask.ndim - 2) :] + "ls")
         operands.append(attn_mask)
     return contract(ctx, operands, subs, bl + "lv")
 
 
 @register_rule(nn.MultiheadAttention)
-def multihead_attention(ctx, query: TVal, key: TVal, value: TVal, key_padding_mask=None,
-                        need_weights=True, attn_mask=None, average_attn_weights=True,
+def multihead_attention(ctx: RuleContext, query: TracedTensor, key: TracedTensor,
+                        value: TracedTensor, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True,
                         is_causal=False):  # fmt: skip
     """Heads are shared by q, k, v and the output projection's input; q and k share a
     within-head permutation, v (and the output projection's input) has its own."""
     m = ctx.module
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         raise Decline("MultiheadAttention with separate q/k/v dims, bias_k/v or zero attention")
-    if isinstance(key_padding_mask, TVal) or is_causal:
+    if isinstance(key_padding_mask, TracedTensor) or is_causal:
         raise Decline("MultiheadAttention with a key padding mask or causal flag")
     heads, dim = m.num_heads, m.head_dim
     h = ctx.new(heads, f"{ctx.label}.heads")
@@ -173,7 +179,7 @@ def multihead_attention(ctx, query: TVal, key: TVal, value: TVal, key_padding_ma
     if query.ndim == 3:
         ctx.unify(query.axes[bat], key.axes[bat])
         ctx.unify(key.axes[bat], value.axes[bat])
-    if isinstance(attn_mask, TVal):
+    if isinstance(attn_mask, TracedTensor):
         if attn_mask.ndim != 2:
             raise Decline("per-head attention masks")
         ctx.unify(attn_mask.axes[0], query.axes[seq])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import Decline, TVal, register_rule
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor, register_rule
 
 
-def spatial(ctx, x: TVal, nsp: int) -> list:
+def spatial(ctx: RuleContext, x: TracedTensor, nsp: int) -> list:
     """Leading (batch, channel) axes pass; the last ``nsp`` axes become fixed positions."""
     if isinstance(ctx.out, tuple):
         raise Decline("pooling that returns indices")
@@ -19,7 +20,7 @@ def spatial(ctx, x: TVal, nsp: int) -> list:
 
 
 def _rule(nsp: int):
-    def rule(ctx, x: TVal, *args, **kwargs):
+    def rule(ctx, x: TracedTensor, *args, **kwargs):
         if kwargs.get("return_indices"):
             raise Decline("pooling that returns indices")
         return spatial(ctx, x, nsp)
@@ -41,11 +42,11 @@ for _nsp, _targets in _BY_DIM.items():
 
 @register_rule(F.interpolate, F.upsample, nn.Upsample, nn.UpsamplingNearest2d,
                nn.UpsamplingBilinear2d)  # fmt: skip
-def interpolate(ctx, x: TVal, *args, **kwargs):
+def interpolate(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     return spatial(ctx, x, x.ndim - 2)
 
 
-def pad_axes(ctx, x: TVal, pad, mode: str = "constant"):
+def pad_axes(ctx: RuleContext, x: TracedTensor, pad, mode: str = "constant"):
     """Constant padding adds fixed segments around an axis; other modes copy by position."""
     axes = list(x.axes)
     for k in range(len(pad) // 2):
@@ -64,7 +65,7 @@ def pad_axes(ctx, x: TVal, pad, mode: str = "constant"):
 
 
 @register_rule(F.pad)
-def pad(ctx, input, pad, mode="constant", value=None):
+def pad(ctx: RuleContext, input, pad, mode="constant", value=None):
     return pad_axes(ctx, input, pad, mode)
 
 
@@ -79,5 +80,5 @@ _PAD_MODULES = {
 
 
 @register_rule(*_PAD_MODULES)
-def pad_module(ctx, x: TVal):
+def pad_module(ctx: RuleContext, x: TracedTensor):
     return pad_axes(ctx, x, ctx.module.padding, _PAD_MODULES[type(ctx.module)])

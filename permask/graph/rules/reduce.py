@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Decline, TVal, register_rule
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor, register_rule
 from ._util import arg, broadcast, norm_dim, tvals, unit
 
 _INVARIANT = [
@@ -20,14 +21,14 @@ _WITH_INDICES = ["max", "min", "median", torch.max, torch.min, torch.median]
 _ARG = ["argmax", "argmin", torch.argmax, torch.argmin]
 
 
-def _reduced(x: TVal, dim) -> list[int]:
+def _reduced(x: TracedTensor, dim) -> list[int]:
     if dim is None:
         return list(range(x.ndim))
     dims = [dim] if isinstance(dim, int) else list(dim)
     return sorted({norm_dim(d, x.ndim) for d in dims})
 
 
-def _reduce(ctx, x: TVal, dims: list[int], keepdim: bool) -> list:
+def _reduce(ctx: RuleContext, x: TracedTensor, dims: list[int], keepdim: bool) -> list:
     out = []
     for k, ax in enumerate(x.axes):
         if k not in dims:
@@ -38,7 +39,7 @@ def _reduce(ctx, x: TVal, dims: list[int], keepdim: bool) -> list:
 
 
 @register_rule(*_INVARIANT)
-def reduce(ctx, x: TVal, *args, **kwargs):
+def reduce(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     is_norm = getattr(ctx.node.target, "__name__", ctx.node.target) == "norm"
     dim = kwargs.get("dim", kwargs.get("axis"))
     pos = 1 if is_norm else 0  # torch.norm(x, p, dim)
@@ -54,7 +55,7 @@ def reduce(ctx, x: TVal, *args, **kwargs):
 
 
 @register_rule(*_WITH_INDICES)
-def reduce_with_indices(ctx, x: TVal, *args, **kwargs):
+def reduce_with_indices(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     others = tvals(args, kwargs)
     if others:  # torch.max(a, b) is elementwise
         return broadcast(ctx, [x, *others], ctx.out.shape)
@@ -69,7 +70,7 @@ def reduce_with_indices(ctx, x: TVal, *args, **kwargs):
 
 
 @register_rule(*_ARG)
-def arg_reduce(ctx, x: TVal, dim=None, keepdim: bool = False):
+def arg_reduce(ctx: RuleContext, x: TracedTensor, dim=None, keepdim: bool = False):
     dims = _reduced(x, dim)
     for d in dims:
         ctx.freeze(x.axes[d], "argmax/argmin returns positions")

@@ -13,7 +13,8 @@ import operator
 import torch
 import torch.nn as nn
 
-from ..registry import Decline, TVal, handles_items, register_rule
+from ..context import RuleContext
+from ..registry import Decline, TracedTensor, handles_items, register_rule
 from ._util import arg, norm_dim, unit
 
 
@@ -47,7 +48,7 @@ def _reshape_groups(
     return groups
 
 
-def _group_axes(ctx, x: TVal, src: tuple[int, ...], sizes: list[int]) -> list:
+def _group_axes(ctx: RuleContext, x: TracedTensor, src: tuple[int, ...], sizes: list[int]) -> list:
     """Layouts of one reshape group's output dims (``sizes``) from input dims ``src``."""
     if not src:
         return [unit(ctx)]
@@ -56,7 +57,7 @@ def _group_axes(ctx, x: TVal, src: tuple[int, ...], sizes: list[int]) -> list:
     return ctx.factor(combined, sizes) if len(sizes) > 1 else [combined]
 
 
-def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
+def reshape_axes(ctx: RuleContext, x: TracedTensor, out_shape: tuple[int, ...]) -> list:
     """Layouts after a row-major reshape of ``x`` to ``out_shape``."""
     if 0 in x.shape or 0 in out_shape:
         raise Decline("reshape of an empty tensor")
@@ -69,7 +70,9 @@ def reshape_axes(ctx, x: TVal, out_shape: tuple[int, ...]) -> list:
 STACK_MAX = 4  # a reshape's leading factor of at most this size may be a stack of items
 
 
-def _stacked_reshape(ctx, x: TVal, out_shape: tuple[int, ...]) -> TVal | None:
+def _stacked_reshape(
+    ctx: RuleContext, x: TracedTensor, out_shape: tuple[int, ...]
+) -> TracedTensor | None:
     """timm's fused projections: ``(B, N, 3*H*D) -> (B, N, 3, H, D)``, taken apart by
     ``permute``/``unbind``/``[i]``. The reshape ties q, k and v's head-dim orders if read as one
     product ``3 x H x D``; read as three items ``H x D`` (segments of the Linear's output), each
@@ -103,7 +106,7 @@ def _stacked_reshape(ctx, x: TVal, out_shape: tuple[int, ...]) -> TVal | None:
             else:
                 layouts += shared[d]
         items.append(layouts)
-    return TVal(tuple(out_shape), list(items[0]), x.dtype, items, dst[0])
+    return TracedTensor(tuple(out_shape), list(items[0]), x.dtype, items, dst[0])
 
 
 def _only_taken_apart(node, axis: int, ndim: int) -> bool:
@@ -156,7 +159,7 @@ _RESHAPES = [
 
 
 @register_rule(*_RESHAPES)
-def reshape(ctx, x: TVal, *args, **kwargs):
+def reshape(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
         raise Decline("view as another dtype reinterprets memory")
     return _stacked_reshape(ctx, x, ctx.out.shape) or reshape_axes(ctx, x, ctx.out.shape)
@@ -166,25 +169,25 @@ def _dims(args: tuple) -> list[int]:
     return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
 
 
-def _reorder(x: TVal, order: list[int]) -> list | TVal:
+def _reorder(x: TracedTensor, order: list[int]) -> list | TracedTensor:
     """``x``'s axes in ``order`` (a stacked tensor keeps its items, reordered alike)."""
     axes = [x.axes[d] for d in order]
     if x.items is None:
         return axes
     items = [[item[d] for d in order] for item in x.items]
-    return TVal(x.shape, axes, x.dtype, items, order.index(x.stack))
+    return TracedTensor(x.shape, axes, x.dtype, items, order.index(x.stack))
 
 
 @register_rule("permute", torch.permute)
 @handles_items
-def permute(ctx, x: TVal, *args, dims=None):
+def permute(ctx: RuleContext, x: TracedTensor, *args, dims=None):
     order = _dims(args) if dims is None else list(dims)
     return _reorder(x, [norm_dim(d, x.ndim) for d in order])
 
 
 @register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes)
 @handles_items
-def transpose(ctx, x: TVal, dim0: int, dim1: int):
+def transpose(ctx: RuleContext, x: TracedTensor, dim0: int, dim1: int):
     order = list(range(x.ndim))
     a, b = norm_dim(dim0, x.ndim), norm_dim(dim1, x.ndim)
     order[a], order[b] = order[b], order[a]
@@ -192,12 +195,12 @@ def transpose(ctx, x: TVal, dim0: int, dim1: int):
 
 
 @register_rule("t", torch.t)
-def t(ctx, x: TVal):
+def t(ctx: RuleContext, x: TracedTensor):
     return list(reversed(x.axes))
 
 
 @register_rule("movedim", "moveaxis", torch.movedim, torch.moveaxis)
-def movedim(ctx, x: TVal, source, destination):
+def movedim(ctx: RuleContext, x: TracedTensor, source, destination):
     src = [source] if isinstance(source, int) else list(source)
     dst = [destination] if isinstance(destination, int) else list(destination)
     src = [norm_dim(d, x.ndim) for d in src]
@@ -208,11 +211,11 @@ def movedim(ctx, x: TVal, source, destination):
 
 
 @register_rule(getattr)
-def tensor_attribute(ctx, x, name: str, *default):
+def tensor_attribute(ctx: RuleContext, x, name: str, *default):
     """``x.shape`` and friends carry no layout; ``x.T`` / ``x.mT`` transpose."""
     if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
         return None
-    if not isinstance(x, TVal):
+    if not isinstance(x, TracedTensor):
         raise Decline(f"attribute {name} of a non-tensor")
     if name == "T":
         return list(reversed(x.axes))
@@ -222,12 +225,12 @@ def tensor_attribute(ctx, x, name: str, *default):
 
 
 @register_rule("size", "dim", "numel", "ndimension", "get_device", "nelement", len)
-def shape_query(ctx, *args, **kwargs):
+def shape_query(ctx: RuleContext, *args, **kwargs):
     return None
 
 
 @register_rule("expand", "expand_as")
-def expand(ctx, x: TVal, *args, **kwargs):
+def expand(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Broadcast copies: an axis expanded from size 1 is constant, so any permutation is free."""
     out_shape = ctx.out.shape
     lead = len(out_shape) - x.ndim
@@ -238,7 +241,7 @@ def expand(ctx, x: TVal, *args, **kwargs):
 
 
 @register_rule("repeat")
-def repeat(ctx, x: TVal, *args):
+def repeat(ctx: RuleContext, x: TracedTensor, *args):
     """Tiling: each axis becomes (copies x axis), copies slowest."""
     reps = _dims(args)
     lead = len(reps) - x.ndim
@@ -249,7 +252,7 @@ def repeat(ctx, x: TVal, *args):
 
 
 @register_rule("repeat_interleave", torch.repeat_interleave)
-def repeat_interleave(ctx, x: TVal, repeats, dim=None, **kwargs):
+def repeat_interleave(ctx: RuleContext, x: TracedTensor, repeats, dim=None, **kwargs):
     if not isinstance(repeats, int) or dim is None:
         raise Decline("repeat_interleave with tensor repeats or without dim")
     d = norm_dim(dim, x.ndim)
@@ -258,7 +261,7 @@ def repeat_interleave(ctx, x: TVal, repeats, dim=None, **kwargs):
     return axes
 
 
-def index_axes(ctx, x: TVal, index) -> list:
+def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     """Layouts after indexing ``x`` with ints, slices, None, Ellipsis and one integer tensor.
 
     A tensor index picks positions along its axis by value, so that axis is frozen and the
@@ -266,7 +269,7 @@ def index_axes(ctx, x: TVal, index) -> list:
     buffer of positions keeps its free head axis).
     """
     idx = list(index) if isinstance(index, tuple) else [index]
-    tensors = [i for i in idx if isinstance(i, TVal)]
+    tensors = [i for i in idx if isinstance(i, TracedTensor)]
     if any(isinstance(i, (list, torch.Tensor)) for i in idx) or len(tensors) > 1:
         raise Decline("advanced indexing with several or non-traced index tensors")
     if tensors and (tensors[0].dtype == torch.bool or None in idx):
@@ -295,7 +298,7 @@ def index_axes(ctx, x: TVal, index) -> list:
             else:
                 ctx.freeze(ax, "strided or reversed slice")
                 out.append(ctx.fixed(len(range(start, stop, step)), "strided slice"))
-        elif isinstance(i, TVal):
+        elif isinstance(i, TracedTensor):
             ctx.freeze(ax, "positions picked by a tensor index")
             out.extend(i.axes)
         else:
@@ -305,10 +308,10 @@ def index_axes(ctx, x: TVal, index) -> list:
 
 @register_rule(operator.getitem)
 @handles_items
-def getitem(ctx, obj, index):
+def getitem(ctx: RuleContext, obj, index):
     if isinstance(obj, (tuple, list)):
         return obj[index]
-    if not isinstance(obj, TVal):
+    if not isinstance(obj, TracedTensor):
         raise Decline("indexing a non-tensor")
     if obj.items is not None:
         i = _item_index(index, obj.stack)
@@ -320,7 +323,7 @@ def getitem(ctx, obj, index):
 
 
 @register_rule("roll", torch.roll)
-def roll(ctx, x: TVal, shifts, dims=None):
+def roll(ctx: RuleContext, x: TracedTensor, shifts, dims=None):
     """Cyclic shifts depend on position: the rolled axes freeze, the others pass."""
     rolled = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
     for d in rolled:
@@ -329,7 +332,7 @@ def roll(ctx, x: TVal, shifts, dims=None):
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
-def cat(ctx, tensors, dim: int = 0, **kwargs):
+def cat(ctx: RuleContext, tensors, dim: int = 0, **kwargs):
     dim = kwargs.get("axis", dim)
     parts = [t for t in tensors if not (t.ndim == 1 and t.shape[0] == 0)]
     ndim = parts[0].ndim
@@ -344,7 +347,7 @@ def cat(ctx, tensors, dim: int = 0, **kwargs):
 
 
 @register_rule(torch.stack)
-def stack(ctx, tensors, dim: int = 0):
+def stack(ctx: RuleContext, tensors, dim: int = 0):
     out = list(tensors[0].axes)
     for t in tensors[1:]:
         for a, b in zip(out, t.axes):
@@ -356,7 +359,7 @@ def stack(ctx, tensors, dim: int = 0):
 
 @register_rule("split", "chunk", "tensor_split", "split_with_sizes", torch.split,
                torch.chunk, torch.tensor_split)  # fmt: skip
-def split(ctx, x: TVal, *args, **kwargs):
+def split(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Outputs are consecutive segments of ``x`` along ``dim``."""
     outs = ctx.out
     dim = arg(args, kwargs, 1, "dim", 0)
@@ -370,7 +373,7 @@ def split(ctx, x: TVal, *args, **kwargs):
 
 @register_rule("unbind", torch.unbind)
 @handles_items
-def unbind(ctx, x: TVal, dim: int = 0):
+def unbind(ctx: RuleContext, x: TracedTensor, dim: int = 0):
     d = norm_dim(dim, x.ndim)
     if x.items is not None:
         if d != x.stack:

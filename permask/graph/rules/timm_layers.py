@@ -6,7 +6,7 @@ timm's activation classes are elementwise; they matter when they sit inside a le
 
 from __future__ import annotations
 
-from ..registry import TVal, register_rule
+from ..registry import TracedTensor, register_rule
 from .conv import conv_axes
 from .elementwise import elementwise
 from .norm import bn_tensors, per_channel
@@ -35,18 +35,18 @@ if tl is not None:
         """timm's non-traceable module classes with these names (several share a name)."""
         return [c for c in dict.fromkeys(tl.get_notrace_modules()) if c.__name__ in names]
 
-    def _norm_act(ctx, x: TVal):
+    def _norm_act(ctx, x: TracedTensor):
         """BatchNorm (per channel) followed by the module's dropout and activation."""
         out = per_channel(ctx, x, *bn_tensors(ctx))
         for sub in ("drop", "act"):
             m = getattr(ctx.module, sub, None)
             if m is not None:
-                out = ctx.call(m, TVal(x.shape, list(out)))
+                out = ctx.call(m, TracedTensor(x.shape, list(out)))
         return out
 
     register_rule(*_leaves("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"))(_norm_act)
 
-    def _conv_same(ctx, x: TVal):
+    def _conv_same(ctx, x: TracedTensor):
         """TF-'same' padded (and weight-standardised) convs: channels as in a plain conv.
 
         Weight standardisation normalises each output filter over its (in, kh, kw) entries,
@@ -60,7 +60,7 @@ if tl is not None:
 
     register_rule(*_leaves("Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame"))(_conv_same)
 
-    def _pool_same(ctx, x: TVal):
+    def _pool_same(ctx, x: TracedTensor):
         return spatial(ctx, x, 2)
 
     register_rule(*_leaves("MaxPool2dSame", "AvgPool2dSame"))(_pool_same)
@@ -81,7 +81,7 @@ if tl is not None:
     register_rule(*_leaves("PositionalEncodingFourier"))(_fourier_positions)
 
     def _window_reverse(channel_axis: int):
-        def rule(ctx, windows: TVal, *args, **kwargs):
+        def rule(ctx, windows: TracedTensor, *args, **kwargs):
             """Windows back to an image: positions move, the channel axis is kept."""
             for d, ax in enumerate(windows.axes):
                 if d != channel_axis % windows.ndim:
