@@ -104,6 +104,10 @@ def _alarm(signum, frame):
 
 
 def sweep(args: argparse.Namespace) -> None:
+    from permask.graph.rules.timm_layers import MISSING_TIMM_NAMES
+
+    if MISSING_TIMM_NAMES:  # a rule that misses its class would only show up as freezes
+        sys.exit(f"timm {timm.__version__} lacks what permask's rules name: {MISSING_TIMM_NAMES}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

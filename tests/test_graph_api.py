@@ -320,3 +320,31 @@ def test_the_rule_check_of_docs_graph_md():
     assert {("1.weight", 0), ("1.bias", 0), ("3.weight", 1)} <= members
     with pytest.raises(permask.TraceError, match="_ScaleShift"):  # the rule was for that call
         permask.trace(model, x)
+
+
+def test_observations_carry_the_role_their_rule_registered():
+    """Activation matching picks points by role (nonlinear, residual, pass-through), which the
+    rules' registrations state; no op is recognised by its class name."""
+    from permask.graph.registry import register_role
+    from permask.match.points import select_observations
+
+    class Act(nn.Module):  # named like nothing permask knows
+        def forward(self, x):
+            return torch.relu(x)
+
+    model = nn.Sequential(nn.Linear(4, 6), Act(), nn.Dropout(), nn.Linear(6, 2))
+    rule = {Act: lambda ctx, x: x.axes}
+    graph = permask.trace(model, torch.randn(3, 4), rules=rule)
+    roles = {o.node: o.role for o in graph["0.weight:0"].observations}
+    assert roles == {"_0": None, "_1": None, "_2": "pass_through"}
+    with pytest.raises(ValueError, match="unknown role 'hidden'"):
+        register_role("hidden", Act)
+    register_role("nonlinear", Act)
+    try:
+        graph = permask.trace(model, torch.randn(3, 4), rules=rule)
+        assert {o.node: o.role for o in graph["0.weight:0"].observations}["_1"] == "nonlinear"
+        assert [o.node for o in select_observations(graph["0.weight:0"].observations)] == ["_1"]
+    finally:
+        from permask.graph import registry
+
+        registry._ROLES.pop(Act)

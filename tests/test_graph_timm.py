@@ -117,3 +117,11 @@ def test_vit_heads_are_structured_groups():
     assert "[(* x g64) | (* x g64) | (* x g64)]" in text  # the heads group
     assert "[(g3 x *) | (g3 x *) | (g3 x g64)]" in text  # q/k's within-head group
     assert "[(g3 x g64) | (g3 x g64) | (g3 x *)]" in text  # v's within-head group
+
+
+def test_every_timm_name_a_rule_is_attached_to_exists():
+    """Rules for timm's classes are attached by name; a rename in timm must fail here (and in
+    benchmarks/timm_coverage.py), not only freeze the models that use the class."""
+    from permask.graph.rules.timm_layers import MISSING_TIMM_NAMES
+
+    assert MISSING_TIMM_NAMES == []

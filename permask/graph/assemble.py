@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import target_name
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import layout_groups, locate
-from .registry import TracedTensor
+from .registry import TracedTensor, find_role
 from .unify import AxisTerm, Reason
 from .walk import Walker
 
@@ -48,12 +48,18 @@ class _Assembly:
             lay = self.s.expand(ax, names)
             for g in layout_groups(lay):
                 groups[g].observations.append(
-                    Observation(node.name, axis, lay, node.op, target_name(node), item)
+                    Observation(
+                        node.name, axis, lay, node.op, target_name(node), item, self.role(node)
+                    )
                 )
         frozen.extend(self.frozen_io())
         groups = {k: g for k, g in groups.items() if g.members}
         params = frozenset(n for n, _ in root.named_parameters())
         return PermutationGraph(groups, tensors, frozen, shapes, params, self.w.gm.graph)
+
+    def role(self, node: fx.Node) -> str | None:
+        module = self.w.gm.get_submodule(node.target) if node.op == "call_module" else None
+        return find_role(node.op, node.target, module)
 
     def leaf_ids(self, axes: list[AxisTerm]) -> dict[int, None]:
         return {leaf.id: None for ax in axes for leaf in self.s.leaves(ax)}

@@ -35,7 +35,9 @@ class Observation:
     """Where a group's activations can be seen: fx node ``node``, axis ``axis``.
 
     ``item`` is the position among the node's output tensors (in ``tree_flatten`` order) when
-    the node returns several (a tuple), else None.
+    the node returns several (a tuple), else None. ``role`` is what the op is to activation
+    matching, as its rule's registration says: "nonlinear", "residual", "pass_through" or None
+    (see :func:`permask.graph.registry.register_role`).
     """
 
     node: str
@@ -44,6 +46,7 @@ class Observation:
     op: str
     target: str
     item: int | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True)

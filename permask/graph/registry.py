@@ -45,6 +45,9 @@ __all__ = [
     "handles_items",
     "Rule",
     "scoped_rules",
+    "register_role",
+    "find_role",
+    "ROLES",
 ]
 
 Rule = Callable[..., Any]
@@ -102,6 +105,14 @@ _REGISTERED: _Tables = (_MODULE_RULES, _FUNCTION_RULES, _METHOD_RULES)
 _SCOPED: ContextVar[_Tables | None] = ContextVar("permask_scoped_rules", default=None)
 
 
+#: What an op is to activation matching (:mod:`permask.match.points`): "nonlinear" (its outputs
+#: are hidden units), "residual" (an addition of streams), "pass_through" (repeats its input's
+#: values: dropout, views, casts). A role may also be ``role(module) -> role or None``.
+ROLES = ("nonlinear", "residual", "pass_through")
+Role = str | Callable[[nn.Module], str | None]
+_ROLES: dict[Any, Role] = {}
+
+
 def _table(target: type | Callable | str, tables: _Tables) -> dict:
     modules, functions, methods = tables
     if isinstance(target, str):
@@ -114,11 +125,12 @@ def _table(target: type | Callable | str, tables: _Tables) -> dict:
 
 
 def register_rule(
-    *targets: type | Callable | str, override: bool = False
+    *targets: type | Callable | str, override: bool = False, role: Role | None = None
 ) -> Callable[[Rule], Rule]:
     """Decorator registering ``rule`` for module classes, functions or method names.
 
-    Registering an existing target raises unless ``override=True``. To use a rule for one call
+    Registering an existing target raises unless ``override=True``. ``role`` also registers what
+    the targets are to activation matching (:func:`register_role`). To use a rule for one call
     only, pass it to ``permask.trace(model, x, rules={target: rule})`` instead.
     """
     if not targets:
@@ -130,6 +142,8 @@ def register_rule(
             if t in table and not override and table[t] is not rule:
                 raise ValueError(f"a rule for {t!r} is already registered; pass override=True")
             table[t] = rule
+        if role is not None:
+            register_role(role, *targets)
         return rule
 
     return deco
@@ -155,6 +169,29 @@ def _lookup(kind: int, key: Any) -> Rule | None:
     return _REGISTERED[kind].get(key)
 
 
+def register_role(role: Role, *targets: type | Callable | str) -> None:
+    """Say what ``targets`` (module classes, functions, method names) are to activation matching:
+    one of :data:`ROLES`, or a function of the module giving one (or ``None``)."""
+    if isinstance(role, str) and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    for t in targets:
+        _table(t, _REGISTERED)  # the same kinds of target as rules
+        _ROLES[t] = role
+
+
+def find_role(op: str, target: Any, module: nn.Module | None = None) -> str | None:
+    """The role of an fx node's op (see :data:`ROLES`), ``None`` if it has none."""
+    if op == "call_module":
+        cls = _rule_class(module)
+        role = _ROLES.get(cls) if cls is not None else None
+        return role(module) if callable(role) else role
+    try:
+        role = _ROLES.get(target)
+    except TypeError:  # unhashable target
+        return None
+    return role if isinstance(role, str) else None
+
+
 def has_module_rule(cls: type) -> bool:
     """Whether ``cls`` itself has a rule (such modules are traced as leaves)."""
     return _lookup(0, cls) is not None
@@ -166,10 +203,15 @@ def find_module_rule(module: nn.Module) -> Rule | None:
     A subclass inherits its base's rule only if no class in between defines methods other than
     harmless ones: a new ``forward`` may compute anything, so it must not borrow a rule.
     """
+    cls = _rule_class(module)
+    return None if cls is None else _lookup(0, cls)
+
+
+def _rule_class(module: nn.Module) -> type | None:
+    """The class in the module's MRO whose rule applies to it (see :func:`find_module_rule`)."""
     for cls in type(module).__mro__:
-        rule = _lookup(0, cls)
-        if rule is not None:
-            return rule
+        if _lookup(0, cls) is not None:
+            return cls
         if any(callable(v) and k not in _HARMLESS_METHODS for k, v in vars(cls).items()):
             return None
     return None

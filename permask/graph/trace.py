@@ -57,5 +57,5 @@ def trace(
         work, gm, metas = record_shapes(model, tuple(inputs))
         walker = Walker(work, gm, metas)
         walker.run()
-    shapes = {n: tuple(t.shape) for n, t in [*work.named_parameters(), *work.named_buffers()]}
-    return assemble(walker, work, shapes)
+        tensors = [*work.named_parameters(), *work.named_buffers()]
+        return assemble(walker, work, {name: tuple(t.shape) for name, t in tensors})

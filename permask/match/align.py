@@ -179,7 +179,7 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _activation(model_a, model_b, graph, first, batches, device, solver, distributed):
-    plan = plan_points(graph, model_a)
+    plan = plan_points(graph)
     log.info(
         "activation matching: %d points, %.1f MiB float64 statistics",
         len(plan.points), plan.stats_bytes() / 2**20,

@@ -8,6 +8,9 @@ Observation points of a group (the first rule that finds any wins):
 3. any other observation except pass-through ops (dropout, identity, reshape/view, flatten,
    transpose, getitem, ...) that would only repeat the same values.
 
+What an op is, its *role*, is what its rule's registration says (``Observation.role``; see
+:func:`permask.graph.registry.register_role`).
+
 A group's channels at a point are found with :func:`~permask.graph.layout.group_element_map`. A
 group repeated inside a product (e.g. ``(C x fixed(HW))`` after a flatten) gives ``k`` samples
 per position. Two groups that share positions (``(blocks x within)`` of a grouped conv or
@@ -21,26 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from ..graph import Observation, PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups
 
 __all__ = ["Unit", "Point", "Plan", "axis_units", "plan_points", "select_observations"]
-
-# names are compared lower-cased without underscores: LeakyReLU, leaky_relu, relu_ all match
-NONLINEAR = {
-    "relu", "relu6", "gelu", "gelutanh", "quickgelu", "silu", "swish", "mish", "hardmish",
-    "leakyrelu", "elu", "selu", "celu", "prelu", "hardswish", "hardsigmoid", "sigmoid", "tanh",
-    "softplus", "hardtanh",
-}  # fmt: skip
-RESIDUAL = {"add", "iadd"}
-PASS_THROUGH = {
-    "dropout", "dropout1d", "dropout2d", "alphadropout", "droppath", "dropblock", "identity",
-    "flatten", "unflatten", "reshape", "view", "permute", "transpose", "contiguous", "getitem",
-    "squeeze", "unsqueeze", "clone", "to", "float", "typeas", "detach", "expand", "split",
-    "chunk", "unbind", "tensorsplit",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,33 +67,15 @@ class Plan:
         return sum(8 * (u.size**2 + 4 * u.size) for p in self.points for u in p.units)
 
 
-def _norm(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower().replace("_", "")
-
-
-def _kind(obs: Observation, model: nn.Module) -> str:
-    """What the node computes: the module's class name, else the function/method name."""
-    if obs.op != "call_module":
-        return _norm(obs.target)
-    mod = model.get_submodule(obs.target)
-    act = getattr(mod, "act", None)  # timm BatchNormAct2d and friends end in an activation
-    if isinstance(act, nn.Module) and _norm(type(act).__name__) in NONLINEAR:
-        return _norm(type(act).__name__)
-    return _norm(type(mod).__name__)
-
-
-def select_observations(observations: list[Observation], model: nn.Module) -> list[Observation]:
-    """The observation points activation matching uses for one group (rules in module doc)."""
-    kinds = [
-        (o, _kind(o, model))
-        for o in observations
-        if o.op != "get_attr" and o.item is None  # capture reads single-tensor outputs
-    ]
-    for wanted in (NONLINEAR, RESIDUAL):
-        chosen = [o for o, k in kinds if k in wanted]
+def select_observations(observations: list[Observation]) -> list[Observation]:
+    """The observation points activation matching uses for one group (rules in module doc):
+    by the role each op's rule registered (:func:`permask.graph.registry.register_role`)."""
+    usable = [o for o in observations if o.op != "get_attr" and o.item is None]  # single outputs
+    for wanted in ("nonlinear", "residual"):
+        chosen = [o for o in usable if o.role == wanted]
         if chosen:
             return chosen
-    return [o for o, k in kinds if k not in PASS_THROUGH]
+    return [o for o in usable if o.role != "pass_through"]
 
 
 def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
@@ -140,13 +110,13 @@ def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
     return units
 
 
-def plan_points(graph: PermutationGraph, model: nn.Module) -> Plan:
+def plan_points(graph: PermutationGraph) -> Plan:
     """Choose every group's observation points and lay out the units to correlate there."""
     order = {n.name: i for i, n in enumerate(graph.fx_graph.nodes)}
     sizes = {g.name: g.size for g in graph}
     chosen: dict[tuple[str, int], tuple[Observation, set[str]]] = {}
     for g in graph:
-        for o in select_observations(g.observations, model):
+        for o in select_observations(g.observations):
             chosen.setdefault((o.node, o.axis), (o, set()))[1].add(g.name)
     found: list[tuple[Observation, list[Unit]]] = []
     outer_of: dict[str, str] = {}

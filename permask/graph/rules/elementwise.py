@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..context import RuleContext
-from ..registry import Decline, TracedTensor, register_rule
+from ..registry import Decline, TracedTensor, register_role, register_rule
 from ._util import broadcast, tvals
 
 _FUNCTIONS = [
@@ -68,7 +68,27 @@ def elementwise(ctx: RuleContext, *args, **kwargs):
     return broadcast(ctx, tvals(args, kwargs), ctx.out.shape)
 
 
-@register_rule("to", "type", "type_as")
+# What activation matching looks at (permask.match.points): hidden units are the outputs of
+# nonlinearities; residual streams show at additions; pass-through ops repeat their input.
+register_role(
+    "nonlinear",
+    torch.sigmoid, torch.tanh, torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu,
+    F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.hardtanh_, F.sigmoid, F.tanh, F.softplus,
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+)  # fmt: skip
+register_role("residual", operator.add, operator.iadd, torch.add, "add", "add_")
+register_role(
+    "pass_through",
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.Identity, torch.clone, "clone", "contiguous", "float", "detach",
+)  # fmt: skip
+
+
+@register_rule("to", "type", "type_as", role="pass_through")
 def cast(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Dtype/device casts; a tensor argument only supplies the dtype."""
     return x.axes
@@ -90,7 +110,7 @@ def softmax_module(ctx: RuleContext, x: TracedTensor):
     return x.axes
 
 
-@register_rule(nn.PReLU, F.prelu)
+@register_rule(nn.PReLU, F.prelu, role="nonlinear")
 def prelu(ctx: RuleContext, x: TracedTensor, weight: TracedTensor | None = None):
     """PReLU: one slope per channel (axis 1), or one for all."""
     w = ctx.tensor("weight") if weight is None else weight

@@ -158,7 +158,7 @@ _RESHAPES = [
 ]  # fmt: skip
 
 
-@register_rule(*_RESHAPES)
+@register_rule(*_RESHAPES, role="pass_through")
 def reshape(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
         raise Decline("view as another dtype reinterprets memory")
@@ -178,14 +178,16 @@ def _reorder(x: TracedTensor, order: list[int]) -> list | TracedTensor:
     return TracedTensor(x.shape, axes, x.dtype, items, order.index(x.stack))
 
 
-@register_rule("permute", torch.permute)
+@register_rule("permute", torch.permute, role="pass_through")
 @handles_items
 def permute(ctx: RuleContext, x: TracedTensor, *args, dims=None):
     order = _dims(args) if dims is None else list(dims)
     return _reorder(x, [norm_dim(d, x.ndim) for d in order])
 
 
-@register_rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes)
+@register_rule(
+    "transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, role="pass_through"
+)
 @handles_items
 def transpose(ctx: RuleContext, x: TracedTensor, dim0: int, dim1: int):
     order = list(range(x.ndim))
@@ -229,7 +231,7 @@ def shape_query(ctx: RuleContext, *args, **kwargs):
     return None
 
 
-@register_rule("expand", "expand_as")
+@register_rule("expand", "expand_as", role="pass_through")
 def expand(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Broadcast copies: an axis expanded from size 1 is constant, so any permutation is free."""
     out_shape = ctx.out.shape
@@ -306,7 +308,7 @@ def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     return out
 
 
-@register_rule(operator.getitem)
+@register_rule(operator.getitem, role="pass_through")
 @handles_items
 def getitem(ctx: RuleContext, obj, index):
     if isinstance(obj, (tuple, list)):
@@ -358,7 +360,7 @@ def stack(ctx: RuleContext, tensors, dim: int = 0):
 
 
 @register_rule("split", "chunk", "tensor_split", "split_with_sizes", torch.split,
-               torch.chunk, torch.tensor_split)  # fmt: skip
+               torch.chunk, torch.tensor_split, role="pass_through")  # fmt: skip
 def split(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Outputs are consecutive segments of ``x`` along ``dim``."""
     outs = ctx.out
@@ -371,7 +373,7 @@ def split(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     return tuple([*x.axes[:d], s, *x.axes[d + 1 :]] for s in segs)
 
 
-@register_rule("unbind", torch.unbind)
+@register_rule("unbind", torch.unbind, role="pass_through")
 @handles_items
 def unbind(ctx: RuleContext, x: TracedTensor, dim: int = 0):
     d = norm_dim(dim, x.ndim)

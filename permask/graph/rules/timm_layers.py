@@ -6,7 +6,9 @@ timm's activation classes are elementwise; they matter when they sit inside a le
 
 from __future__ import annotations
 
-from ..registry import TracedTensor, register_rule
+import torch.nn as nn
+
+from ..registry import TracedTensor, find_role, register_rule
 from .conv import conv_axes
 from .elementwise import elementwise
 from .norm import bn_tensors, per_channel
@@ -18,22 +20,30 @@ try:
 except ImportError:  # timm is optional for tracing
     tl = None
 
+#: timm names these rules are attached to but the installed timm lacks (a rename in timm makes
+#: a rule silently miss its class; the coverage sweep and tests/test_graph_timm.py fail on it).
+MISSING_TIMM_NAMES: list[str] = []
+
 if tl is not None:
+
+    def _named(module, *names: str) -> list:
+        MISSING_TIMM_NAMES.extend(f"{module.__name__}.{n}" for n in names if not hasattr(module, n))
+        return [getattr(module, n) for n in names if hasattr(module, n)]
+
     _ACTS = [
-        getattr(mod, name)
-        for mod, names in (
-            (activations, ["GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish",
-                           "QuickGELU", "Sigmoid", "Swish", "Tanh"]),
-            (activations_me, ["HardMishMe", "HardSigmoidMe", "HardSwishMe", "MishMe", "SwishMe"]),
-        )
-        for name in names
-        if hasattr(mod, name)
+        *_named(activations, "GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish",
+                "QuickGELU", "Sigmoid", "Swish", "Tanh"),
+        *_named(activations_me, "HardMishMe", "HardSigmoidMe", "HardSwishMe", "MishMe",
+                "SwishMe"),
     ]  # fmt: skip
-    register_rule(*_ACTS)(elementwise)
+    register_rule(*_ACTS, role="nonlinear")(elementwise)
 
     def _leaves(*names: str) -> list[type]:
         """timm's non-traceable module classes with these names (several share a name)."""
-        return [c for c in dict.fromkeys(tl.get_notrace_modules()) if c.__name__ in names]
+        found = [c for c in dict.fromkeys(tl.get_notrace_modules()) if c.__name__ in names]
+        have = {c.__name__ for c in found}
+        MISSING_TIMM_NAMES.extend(f"notrace module {n}" for n in names if n not in have)
+        return found
 
     def _norm_act(ctx, x: TracedTensor):
         """BatchNorm (per channel) followed by the module's dropout and activation."""
@@ -44,7 +54,14 @@ if tl is not None:
                 out = ctx.call(m, TracedTensor(x.shape, list(out)))
         return out
 
-    register_rule(*_leaves("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"))(_norm_act)
+    def _norm_act_role(module: nn.Module) -> str | None:
+        """Nonlinear when the module ends in a nonlinearity (``act`` may be an Identity)."""
+        act = getattr(module, "act", None)
+        nonlinear = isinstance(act, nn.Module) and find_role("call_module", None, act)
+        return "nonlinear" if nonlinear == "nonlinear" else None
+
+    _NORM_ACTS = _leaves("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+    register_rule(*_NORM_ACTS, role=_norm_act_role)(_norm_act)
 
     def _conv_same(ctx, x: TracedTensor):
         """TF-'same' padded (and weight-standardised) convs: channels as in a plain conv.
@@ -93,9 +110,12 @@ if tl is not None:
 
         return rule
 
+    _CHANNEL_AXIS = {"window_reverse": -1, "grid_reverse": -1, "window_reverse_nchw": 1,
+                     "grid_reverse_nchw": 1}  # fmt: skip
+    _seen = set()
     for _fn in tl.get_notrace_functions():
         _name = getattr(_fn, "__name__", "")
-        if _name in ("window_reverse", "grid_reverse"):
-            register_rule(_fn)(_window_reverse(-1))
-        elif _name in ("window_reverse_nchw", "grid_reverse_nchw"):
-            register_rule(_fn)(_window_reverse(1))
+        if _name in _CHANNEL_AXIS:
+            register_rule(_fn)(_window_reverse(_CHANNEL_AXIS[_name]))
+            _seen.add(_name)
+    MISSING_TIMM_NAMES.extend(f"notrace function {n}" for n in _CHANNEL_AXIS if n not in _seen)
