@@ -28,7 +28,8 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line, for the command line."""
 
 
-def _f(default: Any, help: str) -> Any:
+def _setting(default: Any, help: str) -> Any:
+    """A config field: its default (a list is copied per config) and its ``--help`` text."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -38,76 +39,86 @@ def _f(default: Any, help: str) -> Any:
 class RunConfig:
     """Settings of one run of the paper's pipeline (see ``docs/pipeline.md``)."""
 
-    model: str = _f("mlp", "resnet20, vgg11, mlp, timm:NAME or tv:NAME")
-    width: int = _f(1, "width multiplier of resnet20 / vgg11")
-    batch_norm: bool = _f(False, "vgg11 with BatchNorm (the paper's VGG11 has none)")
-    dataset: str = _f("fashion_mnist", "mnist, fashion_mnist, cifar10, cifar100, imagefolder:PATH")
-    data_dir: str | None = _f(None, "data root (default: $PERMASK_DATA, then standard places)")
-    train_subset: int | None = _f(
+    model: str = _setting("mlp", "resnet20, vgg11, mlp, timm:NAME or tv:NAME")
+    width: int = _setting(1, "width multiplier of resnet20 / vgg11")
+    batch_norm: bool = _setting(False, "vgg11 with BatchNorm (the paper's VGG11 has none)")
+    dataset: str = _setting(
+        "fashion_mnist", "mnist, fashion_mnist, cifar10, cifar100, imagefolder:PATH"
+    )
+    data_dir: str | None = _setting(
+        None, "data root (default: $PERMASK_DATA, then standard places)"
+    )
+    train_subset: int | None = _setting(
         None, "train on a fixed random subset of this many examples (default: all)"
     )
-    test_subset: int | None = _f(
+    test_subset: int | None = _setting(
         None, "evaluate on a fixed random subset of this many examples (default: all)"
     )
-    seeds: int = _f(1, "number of seeds (independent repeats of the whole pipeline)")
-    shared_a: bool = _f(False, "train A, IMP and m_A once (seed 0) and reuse them for every seed")
-    epochs: int = _f(10, "epochs of dense training (and of sparse training, counted from 0)")
-    batch_size: int = _f(128, "training batch size")
-    optimizer: str = _f("sgd", "sgd, adam or adamw")
-    lr: float = _f(0.05, "peak learning rate of dense and sparse training")
-    schedule: str = _f(
+    seeds: int = _setting(1, "number of seeds (independent repeats of the whole pipeline)")
+    shared_a: bool = _setting(
+        False, "train A, IMP and m_A once (seed 0) and reuse them for every seed"
+    )
+    epochs: int = _setting(10, "epochs of dense training (and of sparse training, counted from 0)")
+    batch_size: int = _setting(128, "training batch size")
+    optimizer: str = _setting("sgd", "sgd, adam or adamw")
+    lr: float = _setting(0.05, "peak learning rate of dense and sparse training")
+    schedule: str = _setting(
         "cosine",
         "learning-rate schedule of dense and sparse training: cosine (to 0) or step (x0.1 at "
         "1/3, 2/3 and 8/9 of the epochs: 30, 60, 80 of 90, the paper's ImageNet recipe); IMP "
         "fine-tuning is always cosine",
     )
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "weight decay (all parameters, as in the paper)")
-    warmup_epochs: int = _f(0, "linear warm-up epochs of dense training")
-    sparsity: list[float] = _f([0.98], "target sparsities in (0, 1), e.g. 0.9 0.97")
-    rewind: list[int] = _f([2], "rewind points k (completed epochs) for sparse training")
-    sparse_schedule: str = _f(
+    momentum: float = _setting(0.9, "SGD momentum")
+    weight_decay: float = _setting(5e-4, "weight decay (all parameters, as in the paper)")
+    warmup_epochs: int = _setting(0, "linear warm-up epochs of dense training")
+    sparsity: list[float] = _setting([0.98], "target sparsities in (0, 1), e.g. 0.9 0.97")
+    rewind: list[int] = _setting([2], "rewind points k (completed epochs) for sparse training")
+    sparse_schedule: str = _setting(
         "continue",
         "sparse training from k: continue (the dense cosine resumed at k, learning-rate "
         "rewinding) or restart (a fresh cosine over epochs - k at sparse_lr, as in the paper)",
     )
-    sparse_lr: float | None = _f(None, "peak lr of a restarted sparse schedule (default: lr)")
-    imp: str = _f("finetune", "IMP variant: finetune (the paper) or rewind (Frankle et al.)")
-    imp_rate: float = _f(0.2, "fraction of the remaining weights pruned per IMP round")
-    finetune_epochs: int = _f(1, "epochs of fine-tuning per IMP round (finetune variant)")
-    finetune_lr: float = _f(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
-    dense_shortcuts: bool = _f(True, "never prune residual shortcut/downsample convs")
-    match: str = _f("activation", "alignment method: activation or weight")
-    match_epoch: int | None = _f(
+    sparse_lr: float | None = _setting(None, "peak lr of a restarted sparse schedule (default: lr)")
+    imp: str = _setting("finetune", "IMP variant: finetune (the paper) or rewind (Frankle et al.)")
+    imp_rate: float = _setting(0.2, "fraction of the remaining weights pruned per IMP round")
+    finetune_epochs: int = _setting(1, "epochs of fine-tuning per IMP round (finetune variant)")
+    finetune_lr: float = _setting(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
+    dense_shortcuts: bool = _setting(True, "never prune residual shortcut/downsample convs")
+    match: str = _setting("activation", "alignment method: activation or weight")
+    match_epoch: int | None = _setting(
         None, "align A to B's checkpoint after this many epochs (default: final B)"
     )
-    match_batches: int | None = _f(
+    match_batches: int | None = _setting(
         None, "batches of training data for activation matching (default: all)"
     )
-    interp_points: int = _f(11, "points on the interpolation curve between pi(A) and B")
-    interp_batches: int | None = _f(None, "test batches per interpolation point (default: all)")
-    crop: int | None = _f(
+    interp_points: int = _setting(11, "points on the interpolation curve between pi(A) and B")
+    interp_batches: int | None = _setting(
+        None, "test batches per interpolation point (default: all)"
+    )
+    crop: int | None = _setting(
         None,
         "imagefolder: stream from disk with ImageNet transforms at this crop size "
         "(default: 224 when the images are >= 128 px, else decode the set into memory)",
     )
-    workers: int = _f(4, "DataLoader processes decoding a streamed image folder")
-    channels_last: bool = _f(False, "channels_last memory format (faster convs on CPU)")
-    amp: str = _f(
+    workers: int = _setting(4, "DataLoader processes decoding a streamed image folder")
+    channels_last: bool = _setting(False, "channels_last memory format (faster convs on CPU)")
+    amp: str = _setting(
         "off", "mixed precision of training: off, bf16 or fp16 (autocast; fp16 with GradScaler)"
     )
-    sync_bn: bool = _f(
+    sync_bn: bool = _setting(
         False, "under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) in training"
     )
-    device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ...")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
-    dist_timeout: float = _f(
+    device: str = _setting(
+        "auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ..."
+    )
+    threads: int | None = _setting(None, "torch CPU threads (default: torch's choice)")
+    dist_timeout: float = _setting(
         600.0,
         "under torchrun: seconds a process waits in a collective for the others before it fails "
         "(a dead rank ends the run with an error, not a hang)",
     )
-    progress: bool = _f(True, "show progress bars")
-    out: str | None = _f(None, "run directory (default: runs/<model>-<dataset>)")
+    progress: bool = _setting(True, "show progress bars")
+    out: str | None = _setting(None, "run directory (default: runs/<model>-<dataset>)")
 
     def __post_init__(self) -> None:
         self.sparsity = sorted({float(s) for s in self.sparsity})

@@ -294,25 +294,31 @@ def _seeds(seed: int) -> dict[str, int]:
 
 def _run_seed(exp: Experiment, seed: int) -> None:
     cfg = exp.cfg
-    sd, ad = seed_dir(cfg, seed), seed_dir(cfg, a_seed(cfg, seed))
-    sa, sb = _seeds(a_seed(cfg, seed)), _seeds(seed)
+    seed_of_a = a_seed(cfg, seed)  # the seed whose A serves this one (0 with shared_a)
+    own_dir, a_dir = seed_dir(cfg, seed), seed_dir(cfg, seed_of_a)  # B and the rest; A and IMP
+    a_seeds, own_seeds = _seeds(seed_of_a), _seeds(seed)
     keep_a = set(cfg.rewind)  # IMP's rewinding variant rewinds to rewind[0]
-    name_a = f"[seed {a_seed(cfg, seed)}] dense A"
+    name_a = f"[seed {seed_of_a}] dense A"
     model_a = _trained(
-        exp, name_a, ad / "dense_a", exp.build(sa["a"]), exp.loader(sa["a"]), keep=keep_a
+        exp,
+        name_a,
+        a_dir / "dense_a",
+        exp.build(a_seeds["a"]),
+        exp.loader(a_seeds["a"]),
+        keep=keep_a,
     )
-    masks = _imp(exp, a_seed(cfg, seed), ad, model_a, sa)
+    masks = _imp(exp, seed_of_a, a_dir, model_a, a_seeds)
     keep_b = {*cfg.rewind} | ({cfg.match_epoch} if cfg.match_epoch is not None else set())
     model_b = _trained(
         exp,
         f"[seed {seed}] dense B",
-        sd / "dense_b",
-        exp.build(sb["b"]),
-        exp.loader(sb["b"]),
+        own_dir / "dense_b",
+        exp.build(own_seeds["b"]),
+        exp.loader(own_seeds["b"]),
         keep=keep_b,
     )
-    pi = _align(exp, seed, sd, model_a, model_b)
-    permuted = _permuted_masks(exp, sd, masks, pi)
+    pi = _align(exp, seed, own_dir, model_a, model_b)
+    permuted = _permuted_masks(exp, own_dir, masks, pi)
     for s in cfg.sparsity:
         for k in cfg.rewind:
             if cfg.sparse_schedule == "restart":
@@ -320,9 +326,9 @@ def _run_seed(exp: Experiment, seed: int) -> None:
             else:  # the dense schedule resumed at k
                 schedule = dict(start_epoch=k)
             starts = {
-                "lth": (ad / "dense_a", masks[s]),
-                "permuted": (sd / "dense_b", permuted[s]),
-                "naive": (sd / "dense_b", masks[s]),
+                "lth": (a_dir / "dense_a", masks[s]),
+                "permuted": (own_dir / "dense_b", permuted[s]),
+                "naive": (own_dir / "dense_b", masks[s]),
             }
             for method in METHODS:
                 src, mask = starts[method]
@@ -332,13 +338,13 @@ def _run_seed(exp: Experiment, seed: int) -> None:
                 _trained(
                     exp,
                     name,
-                    sd / "sparse" / f"{method}_s{s:g}_k{k}",
+                    own_dir / "sparse" / f"{method}_s{s:g}_k{k}",
                     model,
-                    exp.loader(sb["sparse"]),
+                    exp.loader(own_seeds["sparse"]),
                     mask=mask,
                     **schedule,
                 )
-    _interpolation(exp, seed, sd, model_a, model_b, pi)
+    _interpolation(exp, seed, own_dir, model_a, model_b, pi)
 
 
 def _trained(
@@ -396,29 +402,29 @@ def _evaluate_into(
 
 
 def _imp(
-    exp: Experiment, seed: int, ad: Path, model_a: nn.Module, seeds: dict[str, int]
+    exp: Experiment, seed: int, a_dir: Path, model_a: nn.Module, seeds: dict[str, int]
 ) -> dict[float, Mask]:
     """IMP on (a copy of) trained A; masks and evaluations at every requested sparsity."""
     cfg = exp.cfg
-    paths = {s: ad / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
-    evals = {s: ad / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
+    paths = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
+    evals = {s: a_dir / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
     if all(p.is_file() for p in [*paths.values(), *evals.values()]):
         exp.log.info("[seed %d] IMP: done earlier (skipped)", seed)
         return {s: load_mask(p, cfg.device) for s, p in paths.items()}
     k = cfg.rewind[0]
     rewind = None
     if cfg.imp == "rewind":
-        ckpt = load_checkpoint(checkpoint_path(ad / "dense_a", k), map_location=cfg.device)
+        ckpt = load_checkpoint(checkpoint_path(a_dir / "dense_a", k), map_location=cfg.device)
         rewind = ckpt["model"]
 
     def train_fn(model: nn.Module, mask: Mask, r: int) -> None:
-        rdir, desc = ad / "imp" / f"round{r:02d}", f"IMP round {r}"
+        round_dir, desc = a_dir / "imp" / f"round{r:02d}", f"IMP round {r}"
         if cfg.imp == "rewind":
-            exp.fit(model, exp.loader(seeds["a"]), rdir, desc, start_epoch=k, mask=mask)
+            exp.fit(model, exp.loader(seeds["a"]), round_dir, desc, start_epoch=k, mask=mask)
         else:
             loader = exp.loader(seeds["imp"] + r)
             recipe = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, schedule="cosine")
-            exp.fit(model, loader, rdir, desc, mask=mask, **recipe)
+            exp.fit(model, loader, round_dir, desc, mask=mask, **recipe)
 
     t0 = time.perf_counter()
     masks: dict[float, Mask] = {}
@@ -447,11 +453,11 @@ def _imp(
 
 
 def _align(
-    exp: Experiment, seed: int, sd: Path, model_a: nn.Module, model_b: nn.Module
+    exp: Experiment, seed: int, own_dir: Path, model_a: nn.Module, model_b: nn.Module
 ) -> Permutation:
     """pi moving A into B's basin (B at ``match_epoch`` if set), saved as safetensors."""
     cfg = exp.cfg
-    path = sd / "align" / "pi.safetensors"
+    path = own_dir / "align" / "pi.safetensors"
     if path.is_file():
         exp.log.info("[seed %d] align: done earlier (skipped)", seed)
         return Permutation.load(path)
@@ -459,7 +465,7 @@ def _align(
     target = model_b
     if cfg.match_epoch is not None:
         target = exp.build(0)
-        load_checkpoint(checkpoint_path(sd / "dense_b", cfg.match_epoch), target)
+        load_checkpoint(checkpoint_path(own_dir / "dense_b", cfg.match_epoch), target)
     loader = exp.statistics_loader(shard=True)  # each rank its share; statistics summed
     pi = align(
         model_a,
@@ -480,11 +486,11 @@ def _align(
 
 
 def _permuted_masks(
-    exp: Experiment, sd: Path, masks: dict[float, Mask], pi: Permutation
+    exp: Experiment, own_dir: Path, masks: dict[float, Mask], pi: Permutation
 ) -> dict[float, Mask]:
     out = {}
     for s, mask in masks.items():
-        path = sd / "masks" / f"permuted_s{s:g}.safetensors"
+        path = own_dir / "masks" / f"permuted_s{s:g}.safetensors"
         if path.is_file():
             out[s] = load_mask(path, exp.cfg.device)
             continue
@@ -504,11 +510,16 @@ def _save_atomically(save: Callable[[Path], object], path: Path) -> None:
 
 
 def _interpolation(
-    exp: Experiment, seed: int, sd: Path, model_a: nn.Module, model_b: nn.Module, pi: Permutation
+    exp: Experiment,
+    seed: int,
+    own_dir: Path,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    pi: Permutation,
 ) -> None:
     """Loss/accuracy along A -> B (naive) and pi(A) -> B (aligned), with barriers."""
     cfg = exp.cfg
-    path = sd / "interpolation.json"
+    path = own_dir / "interpolation.json"
     if path.is_file():
         exp.log.info("[seed %d] interpolation: done earlier (skipped)", seed)
         return

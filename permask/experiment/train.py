@@ -179,15 +179,8 @@ def train(
     (``nn.SyncBatchNorm`` sharing the model's parameters and buffers); ``model`` keeps its own
     BatchNorm modules afterwards.
     """
-    if not 0 <= start_epoch <= epochs:
-        raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if amp not in AMP:
-        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
-    device = torch.device(device) if device is not None else model_device(model)
-    if sync_bn and device.type != "cuda":
-        raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm), got {device}")
+    _check_train_arguments(start_epoch, epochs, checkpoint_every, amp)
+    device = _training_device(model, device, sync_bn)
     model.to(device)
     steps = len(loader)  # type: ignore[arg-type]
     opt = make_optimizer(optimizer, model, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -196,8 +189,7 @@ def train(
     sched = make_scheduler(
         opt, schedule, epochs * steps, warmup_epochs * steps, start_step=start_epoch * steps
     )
-    meta = {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps, "lr": lr}
-    meta |= {"schedule": schedule} | ({"amp": amp} if amp != "off" else {})  # off: as before
+    meta = _checkpoint_meta(epochs, start_epoch, steps, lr, schedule, amp)
     world = current_world(distributed)
     with _sync_batchnorm(model, sync_bn and world.active):
         loop = _Loop(model, opt, sched, device, world, amp, meta)
@@ -207,19 +199,62 @@ def train(
     return result
 
 
-def _run_epochs(loop, loader, start_epoch, epochs, checkpoint_dir, every, keep, progress, desc):
+def _check_train_arguments(start_epoch: int, epochs: int, checkpoint_every: int, amp: str) -> None:
+    """Raise ``ValueError`` for :func:`train` arguments that cannot run (nothing touched yet)."""
+    if not 0 <= start_epoch <= epochs:
+        raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if amp not in AMP:
+        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+
+
+def _training_device(
+    model: nn.Module, device: torch.device | str | None, sync_bn: bool
+) -> torch.device:
+    """``device``, or the model's when None; ``sync_bn`` needs a CUDA device."""
+    device = torch.device(device) if device is not None else model_device(model)
+    if sync_bn and device.type != "cuda":
+        raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm), got {device}")
+    return device
+
+
+def _checkpoint_meta(
+    epochs: int, start_epoch: int, steps: int, lr: float, schedule: str, amp: str
+) -> dict[str, Any]:
+    """The settings a checkpoint records; resuming with others is an error (:func:`_check_meta`).
+    ``amp`` is recorded only when on, so checkpoints from before it existed still resume."""
+    meta = {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps, "lr": lr}
+    meta |= {"schedule": schedule} | ({"amp": amp} if amp != "off" else {})  # off: as before
+    return meta
+
+
+def _run_epochs(
+    loop: _Loop,
+    loader: Iterable,
+    start_epoch: int,
+    epochs: int,
+    checkpoint_dir: str | os.PathLike | None,
+    checkpoint_every: int,
+    keep_epochs: set[int],
+    progress: bool,
+    desc: str,
+) -> TrainResult:
+    """Epochs ``start_epoch .. epochs - 1`` of ``loop``, resumed from ``last.pt`` if there, with
+    a checkpoint every ``checkpoint_every`` epochs, after the last, and at each rewind point."""
     result = TrainResult(epochs)
     epoch = start_epoch
     last = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
     if last is not None and last.is_file():
         epoch = result.resumed_from = loop.resume(last, result)
-    elif last is not None and start_epoch in keep:
+    elif last is not None and start_epoch in keep_epochs:
         loop.save(last.parent, start_epoch, result, rewind=True)
     while epoch < epochs:
         result.history.append(loop.epoch(loader, epoch, epochs, desc, progress))
         epoch += 1
-        if last is not None and (epoch % every == 0 or epoch == epochs or epoch in keep):
-            loop.save(last.parent, epoch, result, rewind=epoch in keep)
+        due = epoch % checkpoint_every == 0 or epoch == epochs or epoch in keep_epochs
+        if last is not None and due:
+            loop.save(last.parent, epoch, result, rewind=epoch in keep_epochs)
     return result
 
 

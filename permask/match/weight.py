@@ -75,9 +75,10 @@ class WeightMatchResult:
 
 
 @dataclass(frozen=True)
-class _Slot:
-    """Elements of ``groups`` on one tensor axis: B's rows gathered once, A's re-gathered per
-    estimate (every axis permuted by the current estimates except ``groups`` on ``axis``)."""
+class _ScoreTerm:
+    """One tensor axis's term of a group's score matrix: the elements of ``groups`` on that axis,
+    B's rows gathered once, A's re-gathered per estimate (every axis permuted by the current
+    estimates except ``groups`` on ``axis``)."""
 
     groups: tuple[str, ...]  # one group, or (outer, inner) whose elements are pairs
     tensor: str
@@ -185,28 +186,28 @@ class _Descent:
         self._layouts = layouts
         self._wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
         self._wb = {n: params_b[n].detach().to(device, torch.float32) for n in layouts}
-        self._slots = slots = _group_slots(graph, layouts, self._wb, device)
-        self._affected: dict[str, list[tuple[str, int]]] = {}  # group -> the slots it changes
-        for g, ss in slots.items():
+        self._terms = terms = _group_terms(graph, layouts, self._wb, device)
+        self._affected: dict[str, list[tuple[str, int]]] = {}  # group -> the terms it changes
+        for g, ss in terms.items():
             for i, s in enumerate(ss):
                 for h in s.depends:
                     self._affected.setdefault(h, []).append((g, i))
-        self._names = names = [g for g in slots if only is None or g in only]
+        self._names = names = [g for g in terms if only is None or g in only]
         self._sizes = {g.name: g.size for g in graph}
-        self._joint = _joint_slots(layouts, self._sizes, self._wb, device, set(names))
+        self._joint = _joint_terms(layouts, self._sizes, self._wb, device, set(names))
         self.perms = {g.name: torch.arange(g.size, device=device) for g in graph}
         self.perms.update({g: p.to(device) for g, p in (init or {}).items()})
         self._seen: dict[tuple[str, int], list[torch.Tensor | None]] = {}  # last scored at
-        self._totals: dict[str, torch.Tensor] = {}  # a group's scores: its slots' sum
-        self._stale = {(g, i) for g in names for i in range(len(slots[g]))}
+        self._totals: dict[str, torch.Tensor] = {}  # a group's scores: its terms' sum
+        self._stale = {(g, i) for g in names for i in range(len(terms[g]))}
         # a joint move is re-tried when a group its tensors depend on changed since its last try
         self._joint_deps = {
             o: set().union(*(_groups_of(layouts[s.tensor]) for s in ss))
             for o, ss in self._joint.items()
         }
         self._joint_stale = set(self._joint)
-        # groups whose estimates a group's scores (and its stale slots) depend on
-        self._deps = {g: frozenset().union(*(s.depends for s in slots[g])) for g in names}
+        # groups whose estimates a group's scores (and its stale terms) depend on
+        self._deps = {g: frozenset().union(*(s.depends for s in terms[g])) for g in names}
         self._pending: dict[str, Future] = {}  # LAPs solving in the background, in visiting order
         self._pool: ThreadPoolExecutor | None = None  # while settle() runs
         self._gen = torch.Generator().manual_seed(seed)
@@ -237,9 +238,9 @@ class _Descent:
         """Update ``g``'s running score and solve its LAP, every other group fixed (class
         docstring); no LAP when none of its contributions changed."""
         self._collect(self._deps[g] | {g})  # its scores and staleness are now those of the sequence
-        todo = [i for i in range(len(self._slots[g])) if (g, i) in self._stale]
+        todo = [i for i in range(len(self._terms[g])) if (g, i) in self._stale]
         for i in todo:
-            s = self._slots[g][i]
+            s = self._terms[g][i]
             idxs = _indices(s, self._layouts, self.perms)
             if g not in self._totals:
                 self._totals[g] = _contribution(s, self._wa, idxs)
@@ -312,15 +313,15 @@ class _Descent:
         self._joint_stale.update(o for o, deps in self._joint_deps.items() if h in deps)
 
 
-def _group_slots(
+def _group_terms(
     graph: PermutationGraph,
     layouts: dict[str, list[Layout]],
     wb: dict[str, torch.Tensor],
     device: torch.device,
-) -> dict[str, list[_Slot]]:
-    """Per group, a slot for each of its member axes on a parameter, with the groups that its
+) -> dict[str, list[_ScoreTerm]]:
+    """Per group, a term for each of its member axes on a parameter, with the groups that its
     contribution depends on."""
-    slots: dict[str, list[_Slot]] = {}
+    terms: dict[str, list[_ScoreTerm]] = {}
     for g in graph:
         for m in g.members:
             if m.tensor not in layouts:
@@ -331,21 +332,21 @@ def _group_slots(
                 depends |= others - {g.name} if axis == m.axis else others
             rows = _rows(m.layout, g.name, g.size, device)
             b = _gather(wb[m.tensor], m.axis, rows)
-            slots.setdefault(g.name, []).append(
-                _Slot((g.name,), m.tensor, m.axis, rows, b, frozenset(depends))
+            terms.setdefault(g.name, []).append(
+                _ScoreTerm((g.name,), m.tensor, m.axis, rows, b, frozenset(depends))
             )
-    return slots
+    return terms
 
 
-def _joint_slots(
+def _joint_terms(
     layouts: dict[str, list[Layout]],
     sizes: dict[str, int],
     wb: dict[str, torch.Tensor],
     device: torch.device,
     names: set[str],
-) -> dict[str, list[_Slot]]:
+) -> dict[str, list[_ScoreTerm]]:
     """Per outer group of a blocks x within structure (all of whose groups are optimised), the
-    slots of every axis unit made of the outer group and/or its inner groups."""
+    terms of every axis unit made of the outer group and/or its inner groups."""
 
     def units(shared: bool) -> list:
         """Axis units; with ``shared``, only on axes where groups share positions."""
@@ -373,13 +374,13 @@ def _joint_slots(
         for outer, ins in inners.items()
         if outer not in outers and {outer} | ins <= names
     }
-    joint: dict[str, list[_Slot]] = {}
+    joint: dict[str, list[_ScoreTerm]] = {}
     for u, tensor, axis in units(shared=False) if families else ():
         for outer, family in families.items():
             if set(u.groups) <= family and (len(u.groups) == 1 or u.groups[0] == outer):
                 rows = u.index.T.to(device)
                 b = _gather(wb[tensor], axis, rows)
-                joint.setdefault(outer, []).append(_Slot(u.groups, tensor, axis, rows, b))
+                joint.setdefault(outer, []).append(_ScoreTerm(u.groups, tensor, axis, rows, b))
     return joint
 
 
@@ -408,14 +409,14 @@ def _objective(
 
 
 def _indices(
-    slot: _Slot, layouts: dict[str, list[Layout]], perms: dict[str, torch.Tensor]
+    term: _ScoreTerm, layouts: dict[str, list[Layout]], perms: dict[str, torch.Tensor]
 ) -> list[torch.Tensor | None]:
-    """Per axis of the slot's tensor, A's index map at the current estimates (``None``: identity);
-    on the slot's own axis only the groups other than the slot's move."""
-    others = {k: v for k, v in perms.items() if k not in slot.groups}
+    """Per axis of the term's tensor, A's index map at the current estimates (``None``: identity);
+    on the term's own axis only the groups other than the term's move."""
+    others = {k: v for k, v in perms.items() if k not in term.groups}
     out: list[torch.Tensor | None] = []
-    for axis, lay in enumerate(layouts[slot.tensor]):
-        idx = layout_index(lay, others if axis == slot.axis else perms, slot.b.device)
+    for axis, lay in enumerate(layouts[term.tensor]):
+        idx = layout_index(lay, others if axis == term.axis else perms, term.b.device)
         out.append(None if torch.equal(idx, torch.arange(len(idx), device=idx.device)) else idx)
     return out
 
@@ -428,54 +429,54 @@ def _take(t: torch.Tensor, idxs: list[torch.Tensor | None], skip: int = -1) -> t
 
 
 def _contribution(
-    slot: _Slot, wa: dict[str, torch.Tensor], idxs: list[torch.Tensor | None]
+    term: _ScoreTerm, wa: dict[str, torch.Tensor], idxs: list[torch.Tensor | None]
 ) -> torch.Tensor:
-    """``[n_b, n_a]`` scores from one slot with A's axes at ``idxs`` (B-major: the LAP reads it
+    """``[n_b, n_a]`` scores from one term with A's axes at ``idxs`` (B-major: the LAP reads it
     without a transposing copy)."""
-    a = _gather(_take(wa[slot.tensor], idxs), slot.axis, slot.rows)
+    a = _gather(_take(wa[term.tensor], idxs), term.axis, term.rows)
     with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
-        return slot.b @ a.T
+        return term.b @ a.T
 
 
 def _accumulate(
     total: torch.Tensor,
-    slot: _Slot,
+    term: _ScoreTerm,
     wa: dict[str, torch.Tensor],
     wb: dict[str, torch.Tensor],
     idxs: list[torch.Tensor | None],
     old: list[torch.Tensor | None] | None,
 ) -> None:
-    """Add a slot's contribution at ``idxs`` to ``total``, which holds it at ``old`` (``None``:
+    """Add a term's contribution at ``idxs`` to ``total``, which holds it at ``old`` (``None``:
     not yet), in place.
 
     When one other axis moved, only its moved positions ``D`` are recomputed:
     ``total += B[D] (A[new[D]] - A[old[D]])^T``, a product ``|D| / n`` the size of the full one.
     Late sweeps of coordinate descent move a few elements at a time, so this is most updates,
-    and no per-slot scores need to be kept.
+    and no per-term scores need to be kept.
     """
     if old is None:
-        total.add_(_contribution(slot, wa, idxs))
+        total.add_(_contribution(term, wa, idxs))
         return
     moved = [a for a, (i, j) in enumerate(zip(idxs, old)) if not _same(i, j)]
     if not moved:  # its groups moved and came back
         return
-    if len(moved) != 1 or moved[0] == slot.axis:  # several axes, or a shared one: in full
-        total.add_(_contribution(slot, wa, idxs)).sub_(_contribution(slot, wa, old))
+    if len(moved) != 1 or moved[0] == term.axis:  # several axes, or a shared one: in full
+        total.add_(_contribution(term, wa, idxs)).sub_(_contribution(term, wa, old))
         return
     axis = moved[0]
-    n = wa[slot.tensor].shape[axis]
+    n = wa[term.tensor].shape[axis]
     i_new, i_old = (
         torch.arange(n, device=total.device) if i is None else i for i in (idxs[axis], old[axis])
     )
     d = (i_new != i_old).nonzero().flatten()
-    t = _take(wa[slot.tensor].index_select(axis, torch.cat([i_new[d], i_old[d]])), idxs, skip=axis)
+    t = _take(wa[term.tensor].index_select(axis, torch.cat([i_new[d], i_old[d]])), idxs, skip=axis)
     diff = t.narrow(axis, 0, len(d)) - t.narrow(axis, len(d), len(d))
     b = (
-        slot.b
+        term.b
         if len(d) == n
-        else _gather(wb[slot.tensor].index_select(axis, d), slot.axis, slot.rows)
+        else _gather(wb[term.tensor].index_select(axis, d), term.axis, term.rows)
     )
-    total.addmm_(b, _gather(diff, slot.axis, slot.rows).T)
+    total.addmm_(b, _gather(diff, term.axis, term.rows).T)
 
 
 def _same(i: torch.Tensor | None, j: torch.Tensor | None) -> bool:
