@@ -193,7 +193,7 @@ def test_constant_channels_are_counted_and_logged(caplog):
     data = _batches((64, 12), 2)
     want = _constant_units(a, data)
     assert want["fc1.weight:0"] == (20, 20)
-    with caplog.at_level("WARNING", logger="permask.match.align"):
+    with caplog.at_level("WARNING", logger="permask.match.alignment"):
         _, info = align(a, b, data, graph=graph, return_info=True)
     assert info.constant == want
     assert "'fc1.weight:0': 20 in model_a, 20 in model_b" in caplog.text
@@ -337,7 +337,7 @@ def test_running_scores_follow_moves_exactly(name):
             if m.tensor in layouts:
                 rows = wm._rows(m.layout, g.name, g.size, torch.device("cpu"))
                 b = wm._gather(other[m.tensor], m.axis, rows)
-                slots.append(wm._Slot((g.name,), m.tensor, m.axis, rows, b))
+                slots.append(wm._ScoreTerm((g.name,), m.tensor, m.axis, rows, b))
     seen = [wm._indices(s, layouts, perms) for s in slots]
     totals = [wm._contribution(s, params, i) for s, i in zip(slots, seen)]
     for step in range(4):  # move a few elements (or all, or none) of every group, then update
@@ -383,3 +383,11 @@ def test_wrapped_models_are_looked_through():
     torch.testing.assert_close(
         moved.state_dict(), permask.permute_model(model, pi, graph).state_dict()
     )
+
+
+def test_the_return_type_follows_return_info():
+    import typing
+
+    hints = [typing.get_type_hints(f)["return"] for f in typing.get_overloads(permask.align)]
+    assert hints == [permask.Permutation, tuple[permask.Permutation, permask.match.AlignInfo]]
+    assert type(permask.match.alignment).__name__ == "module"  # not shadowed by the function

@@ -1,6 +1,6 @@
 """Matching: the permutation that moves model A into model B's basin."""
 
-from .align import AlignInfo, align, check_same_architecture
+from .alignment import AlignInfo, align, check_same_architecture
 from .lap import available_solvers, solve_lap
 from .weight import weight_matching
 

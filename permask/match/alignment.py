@@ -6,11 +6,12 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .._batches import split_batch
@@ -55,6 +56,20 @@ class AlignInfo:
     constant: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+@overload
+def align(
+    model_a: nn.Module, model_b: nn.Module, loader: Iterable | None = None, *,
+    method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
+    max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
+    seed: int = ..., distributed: bool = ..., return_info: Literal[False] = False,
+) -> Permutation: ...  # fmt: skip
+@overload
+def align(
+    model_a: nn.Module, model_b: nn.Module, loader: Iterable | None = None, *,
+    method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
+    max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
+    seed: int = ..., distributed: bool = ..., return_info: Literal[True],
+) -> tuple[Permutation, AlignInfo]: ...  # fmt: skip
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -89,12 +104,43 @@ def align(
     """
     if method not in ("activation", "weight"):
         raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
-    dist = torch.distributed
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
-    distributed = distributed and dist.get_world_size() > 1
+    distributed = _world(distributed)
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
+    dev = _work_device(model_a, device)
+    start = time.perf_counter()
+    batches = iter(() if loader is None else itertools.islice(loader, max_batches))
+    first = None
+    if graph is None:
+        if example_inputs is None:
+            if loader is None:
+                raise ValueError(f"method={method!r} needs graph=, example_inputs= or a loader")
+            first = _first_batch(batches, dev, distributed)
+            example_inputs = split_batch(first)[0]
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        graph = trace(model_a, tuple(t.to(model_device(model_a)) for t in inputs))
+    if method == "weight":
+        pi, info = _weight(model_a, model_b, graph, dev, seed, solver)
+    else:
+        if loader is None:
+            raise ValueError("activation matching needs a loader; use method='weight' for none")
+        pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver, distributed)
+    info.seconds = time.perf_counter() - start
+    if distributed:  # every rank has the same statistics; rank 0's answer for certain
+        shared = [dict(pi)]
+        dist.broadcast_object_list(shared, src=0, device=dev if dev.type == "cuda" else None)
+        pi = Permutation(shared[0])
+    return (pi, info) if return_info else pi
+
+
+def _world(distributed: bool) -> bool:
+    """Whether to sum statistics over ranks (``distributed`` and more than one rank)."""
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed.init_process_group() first")
+    return distributed and dist.get_world_size() > 1
+
+
+def _work_device(model_a: nn.Module, device: torch.device | str | None) -> torch.device:
     dev = torch.device(device) if device is not None else model_device(model_a)
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -104,48 +150,30 @@ def align(
             "the weight-matching objective accumulate in; pass device='cpu' (the models are "
             "copied there, not moved)"
         )
-    start = time.perf_counter()
-    batches: Iterable = ()
-    if loader is not None:
-        batches = itertools.islice(loader, max_batches) if max_batches is not None else loader
-    batches = iter(batches)
-    first = None
-    if graph is None:
-        if example_inputs is None:
-            if loader is None:
-                raise ValueError(f"method={method!r} needs graph=, example_inputs= or a loader")
-            first = next(batches, None)
-            if distributed:  # every rank must trace, or the others would wait forever
-                empty = torch.tensor([float(first is None)], device=dev)
-                dist.all_reduce(empty, op=dist.ReduceOp.MAX)
-                if empty.item():
-                    raise ValueError("a rank's loader yielded no batches; pass graph= to align")
-            if first is None:
-                raise ValueError("the loader yielded no batches")
-            example_inputs = split_batch(first)[0]
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        graph = trace(model_a, tuple(t.to(model_device(model_a)) for t in inputs))
-    if method == "weight":
-        res = weight_matching(
-            _on(model_a, dev).state_dict(), _on(model_b, dev).state_dict(), graph,
-            seed=seed, solver=solver,
-        )  # fmt: skip
-        pi = Permutation(res.perms)
-        info = AlignInfo(
-            "weight", time.perf_counter() - start, len(graph),
-            objective=res.objective, iterations=res.iterations,
-        )  # fmt: skip
-        log.info("weight matching: %d sweeps, objective %.6g", res.iterations, res.objective)
-    else:
-        if loader is None:
-            raise ValueError("activation matching needs a loader; use method='weight' for none")
-        pi, info = _activation(model_a, model_b, graph, first, batches, dev, solver, distributed)
-        info.seconds = time.perf_counter() - start
-    if distributed:  # every rank has the same statistics; rank 0's answer for certain
-        shared = [dict(pi)]
-        dist.broadcast_object_list(shared, src=0, device=dev if dev.type == "cuda" else None)
-        pi = Permutation(shared[0])
-    return (pi, info) if return_info else pi
+    return dev
+
+
+def _first_batch(batches: Iterator, device: torch.device, distributed: bool) -> Any:
+    """The loader's first batch (to trace on); every rank must have one, or none traces."""
+    first = next(batches, None)
+    if distributed:  # every rank must trace, or the others would wait forever
+        empty = torch.tensor([float(first is None)], device=device)
+        dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        if empty.item():
+            raise ValueError("a rank's loader yielded no batches; pass graph= to align")
+    if first is None:
+        raise ValueError("the loader yielded no batches")
+    return first
+
+
+def _weight(model_a, model_b, graph, device, seed, solver) -> tuple[Permutation, AlignInfo]:
+    res = weight_matching(
+        _on(model_a, device).state_dict(), _on(model_b, device).state_dict(), graph,
+        seed=seed, solver=solver,
+    )  # fmt: skip
+    log.info("weight matching: %d sweeps, objective %.6g", res.iterations, res.objective)
+    info = AlignInfo("weight", 0.0, len(graph), objective=res.objective, iterations=res.iterations)
+    return Permutation(res.perms), info
 
 
 def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: tuple) -> str | None:
@@ -179,6 +207,7 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _activation(model_a, model_b, graph, first, batches, device, solver, distributed):
+    """Activation matching: one pass of both models over the data, then one LAP per group."""
     plan = plan_points(graph)
     log.info(
         "activation matching: %d points, %.1f MiB float64 statistics",
@@ -186,14 +215,45 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     )  # fmt: skip
     stats = CorrelationStats(plan, device)
     a, b = _on(model_a, device), _on(model_b, device)
-    modes = {m: m.training for m in (*a.modules(), *b.modules())}
-    paired = paired_module(a, b, graph.fx_graph, stats)
-    n_batches = samples = 0
+    data = itertools.chain([first] if first is not None else [], batches)
     start = time.perf_counter()
+    n_batches, samples = _stream(a, b, paired_module(a, b, graph.fx_graph, stats), data, device)
+    pass_seconds = time.perf_counter() - start
+    if distributed:  # each rank streamed its own shard: sum them all
+        stats.all_reduce()
+        counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        n_batches, samples = (int(c) for c in counts.tolist())
+    if n_batches == 0:
+        raise ValueError("the loader yielded no batches")
+    stats.check_finite()
+    constant = {" x ".join(k): c for k, c in stats.constant().items() if any(c)}
+    if constant and (not distributed or dist.get_rank() == 0):  # one warning
+        _warn_constant(constant)
+    perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
+    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
+        perms = weight_matching(
+            a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
+        ).perms
+    points: dict[str, list[str]] = {}
+    for p in plan.points:
+        for g in (g for u in p.units for g in u.groups):
+            points.setdefault(g, []).append(p.node)
+    info = AlignInfo(
+        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
+        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
+    )  # fmt: skip
+    return Permutation(perms), info
+
+
+def _stream(a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, device) -> tuple:
+    """Run every batch through both models (eval mode, restored after); (batches, samples)."""
+    modes = {m: m.training for m in (*a.modules(), *b.modules())}
+    n_batches = samples = 0
     try:
         paired.eval()
         with torch.no_grad():
-            for batch in itertools.chain([first] if first is not None else [], batches):
+            for batch in data:
                 x = tuple(t.to(device, non_blocking=True) for t in split_batch(batch)[0])
                 try:
                     paired(*x)
@@ -209,36 +269,14 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
             m.train(training)
     if device.type == "cuda":  # the clock must not stop before the queued work does
         torch.cuda.synchronize(device)
-    pass_seconds = time.perf_counter() - start
-    if distributed:  # each rank streamed its own shard: sum them all
-        stats.all_reduce()
-        counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(counts)
-        n_batches, samples = (int(c) for c in counts.tolist())
-    if n_batches == 0:
-        raise ValueError("the loader yielded no batches")
-    stats.check_finite()
-    constant = {" x ".join(k): c for k, c in stats.constant().items() if any(c)}
-    if constant and (not distributed or torch.distributed.get_rank() == 0):  # one warning
-        worst = max(constant, key=lambda k: max(constant[k]))
-        log.warning(
-            "activation matching: %d unit(s) have channels that were constant on the data, "
-            "paired arbitrarily (e.g. '%s': %d in model_a, %d in model_b); use more or other "
-            "data, or method='weight' (AlignInfo.constant lists them)",
-            len(constant), worst, *constant[worst],
-        )  # fmt: skip
-    perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
-    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
-        perms = weight_matching(
-            a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
-        ).perms
-    points: dict[str, list[str]] = {}
-    for p in plan.points:
-        for u in p.units:
-            for g in u.groups:
-                points.setdefault(g, []).append(p.node)
-    info = AlignInfo(
-        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
-        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
+    return n_batches, samples
+
+
+def _warn_constant(constant: dict[str, tuple[int, int]]) -> None:
+    worst = max(constant, key=lambda k: max(constant[k]))
+    log.warning(
+        "activation matching: %d unit(s) have channels that were constant on the data, "
+        "paired arbitrarily (e.g. '%s': %d in model_a, %d in model_b); use more or other "
+        "data, or method='weight' (AlignInfo.constant lists them)",
+        len(constant), worst, *constant[worst],
     )  # fmt: skip
-    return Permutation(perms), info
