@@ -348,3 +348,13 @@ def test_observations_carry_the_role_their_rule_registered():
         from permask.graph import registry
 
         registry._ROLES.pop(Act)
+
+
+def test_every_tracing_failure_is_a_trace_error():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(permask.TraceError, match=r"has 2 inputs but the model's forward takes 1"):
+        permask.trace(model, (torch.randn(2, 4), torch.randn(2, 4)))
+    with pytest.raises(permask.TraceError, match="must be Tensor, not str"):
+        permask.trace(model, "hello")
+    with pytest.raises(permask.TraceError, match="needs an nn.Module, got a str"):
+        permask.trace("model", torch.randn(2, 4))

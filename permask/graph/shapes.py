@@ -67,6 +67,12 @@ def record_shapes(model: nn.Module, inputs: tuple) -> tuple[nn.Module, fx.GraphM
     for meta in (True, False):
         work = (_meta_copy(model) if meta else copy.deepcopy(model)).eval()
         gm = fx_capture(work, len(inputs))
+        wanted = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(inputs) > len(wanted) and not any(w.startswith("*") for w in wanted):
+            raise TraceError(
+                f"example_inputs has {len(inputs)} inputs but the model's forward takes "
+                f"{len(wanted)} ({', '.join(wanted)}); pass one example per forward argument"
+            )
         recorder = ShapeRecorder(gm)
         args = tree_map(_to_meta, inputs) if meta else inputs
         try:

@@ -51,6 +51,8 @@ def trace(
     the registered ones: a way to try a rule without registering it for everyone. Any failure
     to trace raises :class:`TraceError`.
     """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace needs an nn.Module, got a {type(model).__name__}")
     model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with scoped_rules(rules or {}):
