@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import networkx as nx
 import pytest
@@ -358,3 +359,27 @@ def test_every_tracing_failure_is_a_trace_error():
         permask.trace(model, "hello")
     with pytest.raises(permask.TraceError, match="needs an nn.Module, got a str"):
         permask.trace("model", torch.randn(2, 4))
+
+
+class _CumsumBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity())
+
+    def forward(self, x):
+        return torch.cumsum(self.conv1(x), dim=1)
+
+
+def test_an_op_without_a_rule_is_named_with_its_module_in_a_warning_and_the_printout():
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), _CumsumBlock(), nn.Conv2d(8, 4, 1))
+    with pytest.warns(UserWarning, match=r"1 op\(s\) without a working rule.*torch\.cumsum in "):
+        graph = permask.trace(net, torch.randn(1, 3, 8, 8))
+    (op,) = graph.unruled_ops()
+    assert (op.op, op.module, op.node) == ("torch.cumsum", "2", "cumsum")
+    assert "torch.cumsum in module '2' (node cumsum)" in str(graph)
+    assert sorted(graph.groups) == ["0.weight:0"]  # the block's 8 channels are frozen
+    frozen = str(graph).split("frozen: ")[1].split(" axes")[0]
+    assert int(frozen) == len(graph.frozen)  # the header adds up
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model whose ops all have rules: no warning
+        permask.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4))

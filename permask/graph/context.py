@@ -38,8 +38,9 @@ class RuleContext:
     """The node a rule is applied to, its module, and the operations on axes.
 
     Attributes: ``node`` (the ``torch.fx.Node``), ``module`` (the ``nn.Module`` of a
-    ``call_module`` node, else ``None``), ``module_path`` (its dotted path in the model) and
-    ``out`` (the recorded output: a ``TensorMeta`` with ``shape`` and ``dtype``, or a tuple).
+    ``call_module`` node, else ``None``), ``module_path`` (its dotted path in the model),
+    ``within`` (the path of the module whose forward makes the call, "" at the top) and ``out``
+    (the recorded output: a ``TensorMeta`` with ``shape`` and ``dtype``, or a tuple).
     """
 
     def __init__(self, walker: Walker, frame: Frame, node: fx.Node, module: nn.Module | None):
@@ -47,12 +48,16 @@ class RuleContext:
         self.node = node
         self.module = module
         self.module_path = frame.prefix + node.target if node.op == "call_module" else None
+        stack = node.meta.get("nn_module_stack") or {}
+        caller = next(reversed(stack.values()))[0] if stack else ""
+        self.within = (frame.prefix + caller) if caller else frame.prefix.rstrip(".")
         self.out: Any = frame.metas.get(node)
 
     # -- axes -----------------------------------------------------------------------------
     def reason(self, message: str) -> Reason:
-        """A :class:`Reason` naming this node, its op and module path."""
-        return Reason(message, self.node.name, target_name(self.node), self.module_path)
+        """A :class:`Reason` naming this node, its op and the module it is or sits in."""
+        where = self.module_path or self.within or None
+        return Reason(message, self.node.name, target_name(self.node), where)
 
     def new(self, size: int, name: str | None = None) -> AxisTerm:
         """A fresh, free axis (a new group unless later unified with another).

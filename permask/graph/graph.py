@@ -64,6 +64,16 @@ class FrozenAxis:
         return f"{self.kind} {self.name} axis {self.axis} (size {self.size}): {why}"
 
 
+NO_RULE = "no rule for this op"
+RULE_FAILED = "rule failed"
+
+
+def describe_op(reason: Reason) -> str:
+    """``torch.cumsum in module 'block.conv1.1' (node cumsum)`` for a :class:`Reason`."""
+    where = f" in module '{reason.module}'" if reason.module else ""
+    return f"{reason.op or reason.node}{where} (node {reason.node})"
+
+
 @dataclass
 class Group:
     """One permutation of ``size`` elements and every axis it moves."""
@@ -142,6 +152,16 @@ class PermutationGraph:
                 c[r.message] += 1
         return c
 
+    def unruled_ops(self) -> list[Reason]:
+        """Ops that froze tensor axes for want of a rule (no rule, or one that failed), one
+        :class:`Reason` per op: ``op``, ``node`` and ``module`` (the module it is or sits in)."""
+        out: dict[tuple, Reason] = {}
+        for f in self.frozen:
+            for r in f.reasons if f.kind == "tensor" else ():
+                if r.message == NO_RULE or r.message.startswith(RULE_FAILED):
+                    out.setdefault((r.node, r.op, r.module), r)
+        return list(out.values())
+
     def __str__(self) -> str:
         rows = [("group", "size", "#tensors", "structure", "example members", "observed at")]
         for g in self:
@@ -172,9 +192,20 @@ class PermutationGraph:
             )
         tensor_frozen = [f for f in self.frozen if f.kind == "tensor"]
         io = len(self.frozen) - len(tensor_frozen)
-        lines.append(f"frozen: {len(tensor_frozen)} tensor axes, {io} model input/output axes")
+        lines.append(
+            f"frozen: {len(self.frozen)} axes ({len(tensor_frozen)} of tensors, {io} of model "
+            "inputs/outputs), by first reason:"
+        )
         for msg, n in self.frozen_reasons().most_common(8):
             lines.append(f"  {n:4d} x {msg}")
+        unruled = self.unruled_ops()
+        if unruled:
+            lines.append(
+                f"ops without a working rule ({len(unruled)}), each froze what it touches:"
+            )
+            lines.extend(f"  {describe_op(r)}" for r in unruled[:8])
+            if len(unruled) > 8:
+                lines.append(f"  ... and {len(unruled) - 8} more (graph.unruled_ops())")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

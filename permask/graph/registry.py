@@ -192,6 +192,14 @@ def find_role(op: str, target: Any, module: nn.Module | None = None) -> str | No
     return role if isinstance(role, str) else None
 
 
+def has_rule(target: type | Callable | str) -> bool:
+    """Whether ``target`` has a registered rule (rules given to one trace call not counted)."""
+    try:
+        return target in _table(target, _REGISTERED)
+    except TypeError:
+        return False
+
+
 def has_module_rule(cls: type) -> bool:
     """Whether ``cls`` itself has a rule (such modules are traced as leaves)."""
     return _lookup(0, cls) is not None

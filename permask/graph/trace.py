@@ -20,17 +20,18 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
 
 from .._modules import unwrap
-from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .assemble import assemble
 from .errors import TraceError
-from .graph import PermutationGraph
+from .graph import PermutationGraph, describe_op
 from .registry import Rule, scoped_rules
+from .rules import load_timm_rules
 from .shapes import record_shapes
 from .walk import Walker
 
@@ -53,6 +54,7 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace needs an nn.Module, got a {type(model).__name__}")
+    load_timm_rules()
     model = unwrap(model)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with scoped_rules(rules or {}):
@@ -60,4 +62,20 @@ def trace(
         walker = Walker(work, gm, metas)
         walker.run()
         tensors = [*work.named_parameters(), *work.named_buffers()]
-        return assemble(walker, work, {name: tuple(t.shape) for name, t in tensors})
+        graph = assemble(walker, work, {name: tuple(t.shape) for name, t in tensors})
+    _warn_unruled(graph)
+    return graph
+
+
+def _warn_unruled(graph: PermutationGraph) -> None:
+    """One warning naming the ops that froze axes for want of a rule (the fix is a rule)."""
+    unruled = graph.unruled_ops()
+    if unruled:
+        names = "; ".join(describe_op(r) for r in unruled[:3])
+        more = f" and {len(unruled) - 3} more" if len(unruled) > 3 else ""
+        warnings.warn(
+            f"permask.trace: {len(unruled)} op(s) without a working rule froze the axes they "
+            f"touch: {names}{more} (print(graph) lists them). Those channels will not be "
+            "permuted; if they should be, add a rule (docs/graph.md, 'Adding a rule').",
+            stacklevel=3,
+        )

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .capture import fx_capture
 from .context import RuleContext
 from .errors import TraceError
+from .graph import NO_RULE, RULE_FAILED
 from .registry import Decline, TracedTensor, find_rule
 from .shapes import ShapeRecorder, TensorMeta
 from .unify import LayoutMismatch, Reason, Solver
@@ -138,7 +139,7 @@ class Walker:
             inner = self.inline(frame, node, module, args)
             if inner is not None:
                 return self.wrap(inner, meta)
-        raise Decline("no rule for this op")
+        raise Decline(NO_RULE)
 
     def inline(self, frame: Frame, node: fx.Node, module: nn.Module, args: tuple) -> Any:
         """Walk the traced forward of a leaf module that has no rule, if it traces alone.
@@ -172,7 +173,8 @@ class Walker:
         return None
 
     def freeze_op(self, ctx: RuleContext, args, kwargs, meta, err: Exception) -> Any:
-        msg = str(err) if isinstance(err, Decline) else f"rule failed: {type(err).__name__}: {err}"
+        failed = f"{RULE_FAILED}: {type(err).__name__}: {err}"
+        msg = str(err) if isinstance(err, Decline) else failed
         reason = ctx.reason(msg)
         self.freeze_all((args, kwargs), reason)
         if ctx.module is not None:

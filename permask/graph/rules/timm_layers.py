@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..registry import TracedTensor, find_role, register_rule
+from ..registry import TracedTensor, find_role, has_rule, register_rule
 from .conv import conv_axes
 from .elementwise import elementwise
 from .norm import bn_tensors, per_channel
@@ -24,6 +24,19 @@ except ImportError:  # timm is optional for tracing
 #: a rule silently miss its class; the coverage sweep and tests/test_graph_timm.py fail on it).
 MISSING_TIMM_NAMES: list[str] = []
 
+
+def _register(*targets, role=None):
+    """register_rule for the targets without a rule yet (a user's earlier rule is kept)."""
+
+    def deco(rule):
+        fresh = [t for t in targets if not has_rule(t)]
+        if fresh:
+            register_rule(*fresh, role=role)(rule)
+        return rule
+
+    return deco
+
+
 if tl is not None:
 
     def _named(module, *names: str) -> list:
@@ -36,7 +49,7 @@ if tl is not None:
         *_named(activations_me, "HardMishMe", "HardSigmoidMe", "HardSwishMe", "MishMe",
                 "SwishMe"),
     ]  # fmt: skip
-    register_rule(*_ACTS, role="nonlinear")(elementwise)
+    _register(*_ACTS, role="nonlinear")(elementwise)
 
     def _leaves(*names: str) -> list[type]:
         """timm's non-traceable module classes with these names (several share a name)."""
@@ -61,7 +74,7 @@ if tl is not None:
         return "nonlinear" if nonlinear == "nonlinear" else None
 
     _NORM_ACTS = _leaves("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
-    register_rule(*_NORM_ACTS, role=_norm_act_role)(_norm_act)
+    _register(*_NORM_ACTS, role=_norm_act_role)(_norm_act)
 
     def _conv_same(ctx, x: TracedTensor):
         """TF-'same' padded (and weight-standardised) convs: channels as in a plain conv.
@@ -75,12 +88,12 @@ if tl is not None:
             ctx.unify(gain.axes[0], w.axes[0])
         return conv_axes(ctx, x, w, ctx.tensor("bias"), ctx.module.groups)
 
-    register_rule(*_leaves("Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame"))(_conv_same)
+    _register(*_leaves("Conv2dSame", "StdConv2dSame", "ScaledStdConv2dSame"))(_conv_same)
 
     def _pool_same(ctx, x: TracedTensor):
         return spatial(ctx, x, 2)
 
-    register_rule(*_leaves("MaxPool2dSame", "AvgPool2dSame"))(_pool_same)
+    _register(*_leaves("MaxPool2dSame", "AvgPool2dSame"))(_pool_same)
 
     def _fourier_positions(ctx, *args, **kwargs):
         """Fourier position features projected by a 1x1 conv: the output channels are free."""
@@ -95,7 +108,7 @@ if tl is not None:
             ctx.fixed(s, "spatial positions") for s in shape[2:]
         ]
 
-    register_rule(*_leaves("PositionalEncodingFourier"))(_fourier_positions)
+    _register(*_leaves("PositionalEncodingFourier"))(_fourier_positions)
 
     def _window_reverse(channel_axis: int):
         def rule(ctx, windows: TracedTensor, *args, **kwargs):
@@ -116,6 +129,6 @@ if tl is not None:
     for _fn in tl.get_notrace_functions():
         _name = getattr(_fn, "__name__", "")
         if _name in _CHANNEL_AXIS:
-            register_rule(_fn)(_window_reverse(_CHANNEL_AXIS[_name]))
+            _register(_fn)(_window_reverse(_CHANNEL_AXIS[_name]))
             _seen.add(_name)
     MISSING_TIMM_NAMES.extend(f"notrace function {n}" for n in _CHANNEL_AXIS if n not in _seen)
