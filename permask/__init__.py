@@ -11,6 +11,7 @@ from .graph import (
 )
 from .match import align
 from .permute import permute_mask, permute_model, permute_tensors
+from .testing import CheckResult, check
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "permute_model",
     "permute_mask",
     "permute_tensors",
+    "check",
+    "CheckResult",
     "align",
     "metrics",
     "sparse",
