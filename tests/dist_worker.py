@@ -5,6 +5,7 @@ saves what it got; the test compares with one process streaming every batch.
 """
 
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import permask
+from permask.experiment.distributed import World
 from permask.experiment.models import mlp
 from permask.match.activation import CorrelationStats
 from permask.match.points import Plan, Point, Unit
@@ -49,6 +51,19 @@ def point_plan() -> Plan:
     return Plan((Point("x", 1, "x", 6, (Unit(("g",), torch.arange(6)[None]),)),), ())
 
 
+def _exists_when_rank0_writes(rank: int, size: int, path: Path) -> bool:
+    """World.exists where rank 0 writes the file right after asking and rank 1 asks late: both
+    must get rank 0's answer (no file), or rank 1 would skip a stage rank 0 runs."""
+    world = World(rank, size, rank)
+    if rank == 0:
+        seen = world.exists(path)
+        path.write_text("written")
+    else:
+        time.sleep(1.0)  # by now rank 0 would have written the file, were it not waiting
+        seen = world.exists(path)
+    return seen
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a stuck test ends
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,10 +80,11 @@ def main(out: Path) -> None:
     for xa, xb in stats_shards(world)[rank]:
         stats.observe(0, xa, xb)
     stats.all_reduce()
+    exists = _exists_when_rank0_writes(rank, world, out / "written_by_rank0")
     torch.save(
         {"pi": dict(pi), "batches": info.batches, "samples": info.samples,
          "only_rank0": dict(only_rank0), "untraced": untraced,
-         "scores": stats.scores()[("g",)], "count": stats.count[0][0]},
+         "scores": stats.scores()[("g",)], "count": stats.count[0][0], "exists": exists},
         out / f"rank{rank}.pt",
     )  # fmt: skip
     dist.destroy_process_group()

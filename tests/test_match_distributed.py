@@ -35,6 +35,7 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(
             permask.permute_model(a, want, graph)(x), b(x), atol=2e-2, rtol=0
         )
+    assert [r["exists"] for r in ranks] == [False, False]  # rank 0's answer, on both ranks
     for got in ranks:
         assert permask.Permutation(got["pi"]) == want
         assert permask.Permutation(got["only_rank0"]) == want  # one rank had every batch

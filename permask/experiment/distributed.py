@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,20 @@ class World:
         if self.main:
             write(*args)
         self.barrier()
+
+    def exists(self, *paths: Path) -> bool:
+        """Whether every path is a file, as rank 0 sees it: the same answer on every rank.
+
+        A stage is skipped on resume when its files exist. Were each rank to look for itself, a
+        rank running late could find a file that rank 0 has just written in this very stage,
+        skip it, and leave the others waiting at its barrier until the collective timeout.
+        """
+        found = all(Path(p).is_file() for p in paths)
+        if self.active:
+            shared = [found]
+            dist.broadcast_object_list(shared, src=0)
+            found = bool(shared[0])
+        return found
 
     def check_same(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
         """Raise ``RuntimeError`` unless every rank holds bit-identical ``tensors`` (float64

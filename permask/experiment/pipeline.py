@@ -363,7 +363,7 @@ def _trained(
     ``recipe`` overrides the run's training settings (e.g. ``epochs``, ``lr``)."""
     cfg = exp.cfg
     done = directory / "eval.pt"
-    if done.is_file():
+    if exp.world.exists(done):
         load_checkpoint(checkpoint_path(directory), model)
         exp.log.info("%s: done earlier (skipped)", name)
         return model
@@ -408,7 +408,7 @@ def _imp(
     cfg = exp.cfg
     paths = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
     evals = {s: a_dir / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
-    if all(p.is_file() for p in [*paths.values(), *evals.values()]):
+    if exp.world.exists(*paths.values(), *evals.values()):
         exp.log.info("[seed %d] IMP: done earlier (skipped)", seed)
         return {s: load_mask(p, cfg.device) for s, p in paths.items()}
     k = cfg.rewind[0]
@@ -458,7 +458,7 @@ def _align(
     """pi moving A into B's basin (B at ``match_epoch`` if set), saved as safetensors."""
     cfg = exp.cfg
     path = own_dir / "align" / "pi.safetensors"
-    if path.is_file():
+    if exp.world.exists(path):
         exp.log.info("[seed %d] align: done earlier (skipped)", seed)
         return Permutation.load(path)
     t0 = time.perf_counter()
@@ -491,7 +491,7 @@ def _permuted_masks(
     out = {}
     for s, mask in masks.items():
         path = own_dir / "masks" / f"permuted_s{s:g}.safetensors"
-        if path.is_file():
+        if exp.world.exists(path):  # decided before rank 0 writes it below
             out[s] = load_mask(path, exp.cfg.device)
             continue
         out[s] = permute_mask(mask, pi, exp.graph)
@@ -520,7 +520,7 @@ def _interpolation(
     """Loss/accuracy along A -> B (naive) and pi(A) -> B (aligned), with barriers."""
     cfg = exp.cfg
     path = own_dir / "interpolation.json"
-    if path.is_file():
+    if exp.world.exists(path):
         exp.log.info("[seed %d] interpolation: done earlier (skipped)", seed)
         return
     t0 = time.perf_counter()
