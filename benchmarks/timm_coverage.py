@@ -88,7 +88,7 @@ def check(name: str, size: int) -> dict:
         traced=True,
         rel_err=err,
         ok=bool(err <= TOL),
-        moved=round(graph.permutable_fraction(), 4),
+        moved=round(graph.permutable_fraction, 4),
         groups=len(graph),
         freeze_reasons=dict(reasons.most_common(5)),
     )

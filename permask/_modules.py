@@ -42,3 +42,27 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     if extra:
         shape = tuple(sd_b[extra[0]].shape)
         raise ValueError(f"model_a has no '{extra[0]}' (model_b: shape {shape})")
+
+
+def usable_device(device: torch.device | str, caller: str) -> torch.device:
+    """``device`` as a ``torch.device``, refused before any work when this machine or build
+    cannot use it (``caller`` names the function in the message). MPS is refused too: it has no
+    float64, which alignment and the metrics accumulate in."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{caller}: device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{caller}: device {str(device)!r}, but this torch build or machine has no CUDA; "
+            "pass device='cpu'"
+        )
+    if dev.type == "mps":
+        raise ValueError(
+            f"{caller} cannot work on MPS: it has no float64, which the correlation statistics, "
+            "the weight-matching objective and the metrics accumulate in; pass device='cpu' "
+            "(models elsewhere are copied there, not moved)"
+        )
+    return dev

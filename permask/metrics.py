@@ -21,7 +21,7 @@ from torch import nn
 
 from ._atomic import atomic_path
 from ._batches import batches
-from ._modules import check_same_architecture, model_device, unwrap
+from ._modules import check_same_architecture, model_device, unwrap, usable_device
 
 __all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation", "predict_proba"]
 
@@ -107,6 +107,7 @@ def interpolate(
     alphas = [float(a) for a in alphas]
     if device is None:
         device = next(iter(sd_a.values())).device
+    device = usable_device(device, "interpolate")
     model = copy.deepcopy(model_a).to(device)
     losses, accs = [], []
     for alpha in alphas:
@@ -207,7 +208,7 @@ def _outputs(
     """Yield ``(logits, labels)`` on ``device`` (default: the model's) in eval mode, at most
     ``max_batches``, restoring the model's mode afterwards. With ``targets=False`` input-only
     batches pass too (labels ``None``); see :mod:`permask._batches` for what a batch may be."""
-    device = torch.device(device) if device is not None else model_device(model)
+    device = usable_device(device, "evaluate") if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:

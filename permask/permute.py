@@ -61,7 +61,9 @@ def permute_mask(
         shape = tuple(graph.shapes[name])
         if tuple(m.shape) != shape:
             raise ValueError(
-                f"mask entry {name!r} has shape {tuple(m.shape)} but the parameter has {shape}"
+                f"mask entry {name!r} has shape {tuple(m.shape)} but the parameter has {shape}: "
+                "the mask is of another model; compute it on the model the graph was traced "
+                "from (e.g. magnitude_mask(model_a, 0.9)), or trace the model the mask fits"
             )
     return permute_tensors(mask, pi, graph)
 
@@ -82,13 +84,13 @@ def permute_model(
     target = model if inplace else copy.deepcopy(model)
     named = dict(target.named_parameters())
     named.update(dict(target.named_buffers()))
-    missing = [n for n in graph.permuted_tensors() if n not in named]
+    missing = [n for n in graph.permuted_tensors if n not in named]
     if missing:
         raise ValueError(
             f"model has no tensor '{missing[0]}' that the graph permutes; "
             "pass the graph traced from this architecture"
         )
-    new = permute_tensors({n: named[n] for n in graph.permuted_tensors()}, pi, graph)
+    new = permute_tensors({n: named[n] for n in graph.permuted_tensors}, pi, graph)
     with torch.no_grad():
         for name, t in new.items():
             named[name].copy_(t)

@@ -374,7 +374,7 @@ def test_an_op_without_a_rule_is_named_with_its_module_in_a_warning_and_the_prin
     net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), _CumsumBlock(), nn.Conv2d(8, 4, 1))
     with pytest.warns(UserWarning, match=r"1 op\(s\) without a working rule.*torch\.cumsum in "):
         graph = permask.trace(net, torch.randn(1, 3, 8, 8))
-    (op,) = graph.unruled_ops()
+    (op,) = graph.unruled_ops
     assert (op.op, op.module, op.node) == ("torch.cumsum", "2", "cumsum")
     assert "torch.cumsum in module '2' (node cumsum)" in str(graph)
     assert sorted(graph.groups) == ["0.weight:0"]  # the block's 8 channels are frozen
@@ -383,3 +383,29 @@ def test_an_op_without_a_rule_is_named_with_its_module_in_a_warning_and_the_prin
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model whose ops all have rules: no warning
         permask.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4))
+
+
+def test_trace_errors_show_values_not_fx_proxies():
+    import timm
+
+    with pytest.raises(permask.TraceError, match=r"Input height \(64\) doesn't match model"):
+        permask.trace(timm.create_model("vit_tiny_patch16_224"), torch.randn(1, 3, 64, 64))
+
+
+def test_the_printout_marks_cuts_keeps_counts_and_names_the_unpermuted():
+    class Long(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            name = "a_rather_long_module_name_that_will_not_fit_in_a_column"
+            self.add_module(name, nn.Linear(4, 6))
+            self.head = nn.Linear(6, 2)
+            self.name = name
+
+        def forward(self, x):
+            return self.head(torch.relu(getattr(self, self.name)(x)))
+
+    text = str(permask.trace(Long(), torch.randn(2, 4)))
+    row = next(line for line in text.splitlines() if line.startswith("a_rather"))
+    assert "~" in row and "(+2)" in row  # cut with a marker, the count kept
+    assert "traced tensors permuted (not: head.bias)" in text
+    assert "(observed at: the fx node and output axis" in text

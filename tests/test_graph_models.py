@@ -56,7 +56,7 @@ def test_random_permutation_keeps_outputs(name, seed):
 def test_nearly_everything_is_permuted(name):
     """Only inputs and logits may be frozen: >= 95% of parameters move."""
     _, _, graph = traced(name)
-    assert graph.permutable_fraction() >= 0.95, str(graph)
+    assert graph.permutable_fraction >= 0.95, str(graph)
     assert len(graph) > 0
 
 

@@ -99,13 +99,13 @@ def test_timm_model_is_equivalent_after_random_permutation(name):
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(1))
     assert equivalence_error(model, x, pi, graph) <= 1e-5
     if name not in KNOWN_LOW:
-        assert graph.permutable_fraction() >= 0.9, str(graph)
+        assert graph.permutable_fraction >= 0.9, str(graph)
 
 
 def test_vit_heads_are_structured_groups():
     model, x = _build("vit_tiny_patch16_224")
     graph = permask.trace(model, x)
-    assert graph.permutable_fraction() >= 0.95
+    assert graph.permutable_fraction >= 0.95
     q, k, v = graph.tensors["blocks.0.attn.qkv.weight"][0].parts  # fused qkv: three segments
     heads, dim_qk = q.factors
     assert k.factors == (heads, dim_qk) and v.factors[0] == heads  # heads shared by q, k, v

@@ -330,7 +330,7 @@ def test_running_scores_follow_moves_exactly(name):
     gen = torch.Generator().manual_seed(0)
     other = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     perms = {g.name: torch.arange(g.size) for g in graph}
-    layouts = {n: lays for n, lays in graph.permuted_tensors().items() if n in params}
+    layouts = {n: lays for n, lays in graph.permuted_tensors.items() if n in params}
     slots = []
     for g in graph:
         for m in g.members:
@@ -391,3 +391,22 @@ def test_the_return_type_follows_return_info():
     hints = [typing.get_type_hints(f)["return"] for f in typing.get_overloads(permask.align)]
     assert hints == [permask.Permutation, tuple[permask.Permutation, permask.match.AlignInfo]]
     assert type(permask.match.alignment).__name__ == "module"  # not shadowed by the function
+
+
+def test_errors_that_name_the_fix():
+    """Issue 19, item 5: CUDA refused before any work on a machine without it; a batch that
+    does not fit says which one and what to check; a wrong mask says where masks come from."""
+    a, b = mlp(32, (8,)), mlp(32, (8,))
+    graph = permask.trace(a, torch.randn(2, 32))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"align: device 'cuda', but .* no CUDA; pass dev"):
+            align(a, b, _batches((8, 32), 1), graph=graph, device="cuda")
+        with pytest.raises(ValueError, match=r"evaluate: device 'cuda', but .* no CUDA"):
+            permask.metrics.evaluate(a, _batches((8, 32), 1), device="cuda")
+    good, bad = _batches((8, 32), 1)[0], _batches((8, 31), 1)[0]
+    with pytest.raises(ValueError, match=r"batch 1 of the loader does not fit the models"):
+        align(a, b, [good, bad], graph=graph)
+    mask = {"fc1.weight": torch.ones(8, 31, dtype=torch.bool)}
+    pi = permask.random_permutation(graph)
+    with pytest.raises(ValueError, match=r"the mask is of another model; compute it on the mo"):
+        permask.permute_mask(mask, pi, graph)

@@ -12,6 +12,7 @@ failed and the fix::
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 from .errors import TraceError
 from .registry import has_module_rule
 
-__all__ = ["fx_capture", "target_name"]
+__all__ = ["fx_capture", "target_name", "unproxy"]
 
 
 def _timm_registries() -> tuple[set[type], list[Callable]]:
@@ -78,13 +79,25 @@ def fx_capture(model: nn.Module, n_inputs: int | None = None) -> fx.GraphModule:
         where = tracer.failed_in or ""
         mod = model.get_submodule(where)
         where = where or "<root>"
+        said = unproxy(str(e))
         raise TraceError(
             f"torch.fx cannot trace module '{where}' ({type(mod).__name__}): "
-            f"{type(e).__name__}: {e}. Fix: register that module class as a leaf with a rule "
+            f"{type(e).__name__}: {said}. Fix: register that module class as a leaf with a rule "
             f"(`@permask.register_rule({type(mod).__name__})`, see docs/graph.md), or make its "
             "forward free of control flow that depends on tensor values."
         ) from e
     return fx.GraphModule(tracer.root, graph)
+
+
+def unproxy(text: str, values: dict[str, Any] | None = None) -> str:
+    """``text`` with fx's stand-ins (``Proxy(getitem_2)``) replaced by the value the node had
+    (from ``values``, node name -> value), else by ``<a traced value>``."""
+
+    def value(m: re.Match) -> str:
+        v = (values or {}).get(m.group(1), m)
+        return "<a traced value>" if v is m else str(v)
+
+    return re.sub(r"Proxy\((\w+)\)", value, text)
 
 
 def target_name(node: fx.Node) -> str:

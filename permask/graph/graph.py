@@ -64,6 +64,25 @@ class FrozenAxis:
         return f"{self.kind} {self.name} axis {self.axis} (size {self.size}): {why}"
 
 
+_CELL = 48  # widest column of the printout
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` with a visible marker."""
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def _examples(group: Group, width: int) -> str:
+    """The first members that fit in ``width``, then ``(+N)`` for the rest (never cut off)."""
+    names = [f"{m.tensor}[{m.axis}]" for m in group.members]
+    for k in range(min(2, len(names)), 0, -1):
+        more = f", ... (+{len(names) - k})" if len(names) > k else ""
+        text = ", ".join(names[:k]) + more
+        if len(text) <= width or k == 1:
+            return text if len(text) <= width else _cut(names[0], width - len(more)) + more
+    return ""
+
+
 NO_RULE = "no rule for this op"
 RULE_FAILED = "rule failed"
 
@@ -96,6 +115,8 @@ class PermutationGraph:
         tensors: parameter/buffer name -> one :class:`Layout` per axis (frozen axes are
             ``Fixed``). Only tensors that the traced forward uses appear here.
         frozen: axes held fixed (model inputs/outputs and tensor axes), with reasons.
+        permuted_tensors, permutable_fraction, frozen_reasons, unruled_ops: read-only
+            summaries of the above (see each).
         shapes: name -> shape of every parameter and buffer of the model.
         parameters: the names in ``shapes`` that are parameters (the rest are buffers).
         fx_graph: the traced ``torch.fx.Graph`` (node names match ``Observation.node``).
@@ -126,14 +147,16 @@ class PermutationGraph:
     def __getitem__(self, name: str) -> Group:
         return self.groups[name]
 
+    @property
     def permuted_tensors(self) -> dict[str, list[Layout]]:
         """Tensors with at least one axis that a permutation moves."""
         return {n: lays for n, lays in self.tensors.items() if any(layout_groups(x) for x in lays)}
 
+    @property
     def permutable_fraction(self) -> float:
         """Fraction of the model's parameter elements in tensors that some group moves."""
         total = moved = 0
-        permuted = self.permuted_tensors()
+        permuted = self.permuted_tensors
         for name in self.parameters:
             shape = self.shapes[name]
             n = 1
@@ -144,6 +167,7 @@ class PermutationGraph:
                 moved += n
         return moved / total if total else 0.0
 
+    @property
     def frozen_reasons(self) -> Counter:
         """How many frozen tensor axes each reason message explains."""
         c: Counter = Counter()
@@ -152,6 +176,7 @@ class PermutationGraph:
                 c[r.message] += 1
         return c
 
+    @property
     def unruled_ops(self) -> list[Reason]:
         """Ops that froze tensor axes for want of a rule (no rule, or one that failed), one
         :class:`Reason` per op: ``op``, ``node`` and ``module`` (the module it is or sits in)."""
@@ -165,9 +190,6 @@ class PermutationGraph:
     def __str__(self) -> str:
         rows = [("group", "size", "#tensors", "structure", "example members", "observed at")]
         for g in self:
-            ex = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.members[:2])
-            if len(g.members) > 2:
-                ex += f", ... (+{len(g.members) - 2})"
             obs = next((o for o in g.observations if o.op != "get_attr"), None)
             shape = next((m.layout for m in g.members if not isinstance(m.layout, GroupAxis)), None)
             rows.append(
@@ -176,36 +198,41 @@ class PermutationGraph:
                     str(g.size),
                     str(len(g.tensors)),
                     render(shape, g.name) if shape is not None else "*",
-                    ex,
+                    _examples(g, _CELL),
                     f"{obs.node}[{obs.axis}]" if obs else "-",
                 )
             )
-        widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        moved = self.permuted_tensors
+        permuted, traced = len(moved), len(self.tensors)
+        still = [n for n in self.tensors if n not in moved]
         lines = [
-            f"PermutationGraph: {len(self)} groups, "
-            f"{len(self.permuted_tensors())}/{len(self.tensors)} traced tensors permuted, "
-            f"{self.permutable_fraction():.1%} of parameters"
+            f"PermutationGraph: {len(self)} groups, {permuted}/{traced} traced tensors permuted"
+            + (f" (not: {', '.join(still)})" if 0 < len(still) <= 3 else "")
+            + f", {self.permutable_fraction:.1%} of parameters"
         ]
         for r in rows:
-            lines.append(
-                "  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(r)).rstrip()
-            )
+            lines.append("  ".join(_cut(c, _CELL).ljust(min(w, _CELL)) for c, w in zip(r, widths)))
+            lines[-1] = lines[-1].rstrip()
+        lines.append(
+            "(observed at: the fx node and output axis where activation matching sees the group)"
+        )
         tensor_frozen = [f for f in self.frozen if f.kind == "tensor"]
         io = len(self.frozen) - len(tensor_frozen)
         lines.append(
             f"frozen: {len(self.frozen)} axes ({len(tensor_frozen)} of tensors, {io} of model "
             "inputs/outputs), by first reason:"
         )
-        for msg, n in self.frozen_reasons().most_common(8):
+        for msg, n in self.frozen_reasons.most_common(8):
             lines.append(f"  {n:4d} x {msg}")
-        unruled = self.unruled_ops()
+        unruled = self.unruled_ops
         if unruled:
             lines.append(
                 f"ops without a working rule ({len(unruled)}), each froze what it touches:"
             )
             lines.extend(f"  {describe_op(r)}" for r in unruled[:8])
             if len(unruled) > 8:
-                lines.append(f"  ... and {len(unruled) - 8} more (graph.unruled_ops())")
+                lines.append(f"  ... and {len(unruled) - 8} more (graph.unruled_ops)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from .capture import fx_capture, target_name
+from .capture import fx_capture, target_name, unproxy
 from .errors import TraceError
 
 __all__ = ["TensorMeta", "ShapeRecorder", "record_shapes"]
@@ -52,9 +52,11 @@ class ShapeRecorder(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as e:
+            values = {node.name: v for node, v in self.metas.items()}
             raise TraceError(
                 f"running node '{n.name}' ({n.op} {target_name(n)}) on the example inputs failed: "
-                f"{type(e).__name__}: {e}. Check that example_inputs fit the model."
+                f"{type(e).__name__}: {unproxy(str(e), values)}. Check that example_inputs fit "
+                "the model."
             ) from e
         self.metas[n] = tree_map(
             lambda v: TensorMeta(v) if isinstance(v, torch.Tensor) else v, result

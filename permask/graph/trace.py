@@ -69,7 +69,7 @@ def trace(
 
 def _warn_unruled(graph: PermutationGraph) -> None:
     """One warning naming the ops that froze axes for want of a rule (the fix is a rule)."""
-    unruled = graph.unruled_ops()
+    unruled = graph.unruled_ops
     if unruled:
         names = "; ".join(describe_op(r) for r in unruled[:3])
         more = f" and {len(unruled) - 3} more" if len(unruled) > 3 else ""

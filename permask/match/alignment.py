@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .._batches import split_batch
-from .._modules import check_same_architecture, model_device, unwrap
+from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, paired_module
 from .assign import assign
@@ -141,15 +141,9 @@ def _world(distributed: bool) -> bool:
 
 
 def _work_device(model_a: nn.Module, device: torch.device | str | None) -> torch.device:
-    dev = torch.device(device) if device is not None else model_device(model_a)
+    dev = usable_device(device if device is not None else model_device(model_a), "align")
     if dev.type == "cuda" and dev.index is None:  # as the models' devices are named: cuda:i
         dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type == "mps":
-        raise ValueError(
-            "align cannot work on MPS: it has no float64, which the correlation statistics and "
-            "the weight-matching objective accumulate in; pass device='cpu' (the models are "
-            "copied there, not moved)"
-        )
     return dev
 
 
@@ -258,9 +252,13 @@ def _stream(a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, devic
                 try:
                     paired(*x)
                 except RuntimeError as err:
-                    hint = _dtype_hint(a, b, x)
-                    if hint is None:
+                    if isinstance(err, torch.OutOfMemoryError):
                         raise
+                    hint = _dtype_hint(a, b, x) or (
+                        f"batch {n_batches} of the loader does not fit the models "
+                        f"({type(err).__name__}: {_first_line(err)}); check the loader's "
+                        "batches against the example inputs the graph was traced on"
+                    )
                     raise ValueError(hint) from err
                 n_batches += 1
                 samples += len(x[0])
@@ -270,6 +268,10 @@ def _stream(a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, devic
     if device.type == "cuda":  # the clock must not stop before the queued work does
         torch.cuda.synchronize(device)
     return n_batches, samples
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _warn_constant(constant: dict[str, tuple[int, int]]) -> None:

@@ -181,7 +181,7 @@ class _Descent:
         only: Collection[str] | None = None,
         overlap: bool = True,
     ) -> None:
-        layouts = {n: lays for n, lays in graph.permuted_tensors().items() if n in graph.parameters}
+        layouts = {n: lays for n, lays in graph.permuted_tensors.items() if n in graph.parameters}
         self._device = device = next(iter(params_b.values())).device
         self._layouts = layouts
         self._wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
