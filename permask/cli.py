@@ -1,9 +1,11 @@
-"""The ``permask`` command: ``permask run`` (the paper's experiment) and ``permask demo``.
+"""The ``permask`` command: ``permask run`` (the paper's experiment), ``permask demo``, and the
+step-wise commands for your own checkpoints (``trace``, ``align``, ``permute-mask``; docs/cli.md).
 
 ``permask run --config cfg.yaml`` and/or flags (one per :class:`RunConfig` field, flags override
 the YAML); ``permask demo`` runs the embedded default (MLP on Fashion-MNIST, ~4 minutes on two
 CPU cores) into ``runs/demo``. Running the same command again skips finished stages and resumes
-an interrupted training. Errors in the configuration or data stop before any work with one line.
+an interrupted training. Errors in the configuration or data stop before any work with one line
+(exit status 2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from permask.experiment.commands import add_commands
 from permask.experiment.config import ConfigError, add_config_flags, config_from_flags
 
 __all__ = ["main"]
@@ -27,12 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     add_config_flags(run)
     demo = sub.add_parser("demo", help="the default experiment (MLP, Fashion-MNIST, 98%%)")
     add_config_flags(demo)
+    add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``permask`` and ``python -m permask``; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command not in ("run", "demo"):
+        try:
+            print(args.handler(args))
+        except ConfigError as err:
+            print(f"permask {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         defaults = {"out": "runs/demo"} if args.command == "demo" else {}
         cfg = config_from_flags(args, **defaults)
