@@ -23,7 +23,14 @@ from ._atomic import atomic_path
 from ._batches import batches
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 
-__all__ = ["ensemble_metrics", "evaluate", "interpolate", "plot_interpolation", "predict_proba"]
+__all__ = [
+    "barrier",
+    "ensemble_metrics",
+    "evaluate",
+    "interpolate",
+    "plot_interpolation",
+    "predict_proba",
+]
 
 
 def ensemble_metrics(
@@ -85,6 +92,7 @@ def interpolate(
     bn_loader: Iterable | None = None,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
+    bn_batches: int | None = None,
 ) -> dict[str, Any]:
     """Loss and accuracy of ``(1 - alpha) * A + alpha * B`` (state dicts) for each alpha.
 
@@ -92,7 +100,9 @@ def interpolate(
     BatchNorm running statistics of every interpolated model (endpoints included) are re-estimated
     by one pass over ``bn_loader`` (default ``loader``) in train mode with ``momentum=None``
     (exact cumulative average), without gradients: interpolated weights make the interpolated
-    running statistics meaningless (Jordan et al., REPAIR). ``max_batches`` caps both passes.
+    running statistics meaningless (Jordan et al., REPAIR). ``max_batches`` caps both passes;
+    ``bn_batches`` caps the re-estimation alone (a few thousand samples estimate the statistics
+    as well as a whole training set: docs/benchmarks.md).
     Non-float buffers (BN batch counters) are taken from A. Models are never modified.
 
     Returns ``alphas``, ``losses``, ``accs`` (lists), ``barrier`` = max over alpha of
@@ -119,7 +129,8 @@ def interpolate(
         }
         model.load_state_dict(mixed)
         if reset_bn:
-            _reset_bn(model, bn_loader if bn_loader is not None else loader, device, max_batches)
+            bn_data = bn_loader if bn_loader is not None else loader
+            _reset_bn(model, bn_data, device, bn_batches if bn_batches is not None else max_batches)
         loss, acc = evaluate(model, loader, device, max_batches)
         losses.append(loss)
         accs.append(acc)
@@ -127,12 +138,12 @@ def interpolate(
         "alphas": alphas,
         "losses": losses,
         "accs": accs,
-        "barrier": _barrier(alphas, losses),
-        "acc_barrier": _barrier(alphas, [-a for a in accs]),
+        "barrier": barrier(alphas, losses),
+        "acc_barrier": barrier(alphas, [-a for a in accs]),
     }
 
 
-def _barrier(alphas: list[float], values: list[float]) -> float:
+def barrier(alphas: list[float], values: list[float]) -> float:
     """max over alpha of value(alpha) minus the straight line between the two endpoints.
 
     The endpoints are the values at the smallest and largest alpha given.

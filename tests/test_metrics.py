@@ -9,8 +9,8 @@ from torch import nn
 import permask
 from permask.experiment.models import mlp, resnet20
 from permask.metrics import (
-    _barrier,
     _reset_bn,
+    barrier,
     ensemble_metrics,
     evaluate,
     interpolate,
@@ -60,8 +60,8 @@ def test_ensemble_metrics_zeros_and_limits():
 
 
 def test_barrier_formula():
-    assert _barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
-    assert _barrier([0.0, 0.5, 1.0], [1.0, 1.0, 3.0]) == pytest.approx(0.0)  # endpoints only
+    assert barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
+    assert barrier([0.0, 0.5, 1.0], [1.0, 1.0, 3.0]) == pytest.approx(0.0)  # endpoints only
 
 
 def _batches(shape, n=3, classes=10, seed=0):
@@ -194,3 +194,23 @@ def test_one_batch_reader_for_metrics_and_align():
     ):
         with pytest.raises(TypeError, match=r"a tuple of 3 items \(Tensor, Tensor, Tensor\); a"):
             call()
+
+
+def test_bn_batches_bounds_the_re_estimation_and_a_permuted_end_is_the_same_point():
+    """What the pipeline relies on: bn_batches caps only the BatchNorm pass, and pi(A) at
+    alpha = 0 gives A's loss (BatchNorm re-estimated on the same data), so one curve's end can
+    stand for the other's."""
+    torch.manual_seed(0)
+    a, b = resnet20(1), resnet20(1)
+    data = [(torch.randn(8, 3, 8, 8) * (i + 1), torch.randint(0, 10, (8,))) for i in range(3)]
+    capped = interpolate(a, b, data, alphas=[0.0], bn_batches=1)
+    full = interpolate(a, b, data, alphas=[0.0])
+    assert capped["losses"] != full["losses"]  # statistics from 1 batch differ from 3 batches'
+    one = [data[0]]  # the same single batch, evaluated on all three
+    want = interpolate(a, b, data, alphas=[0.0], bn_loader=one)
+    assert capped["losses"] == pytest.approx(want["losses"], rel=1e-6)
+    graph = permask.trace(a, torch.randn(2, 3, 8, 8))
+    moved = permask.permute_model(a, permask.random_permutation(graph), graph)
+    assert interpolate(moved, b, data, alphas=[0.0])["losses"] == pytest.approx(
+        full["losses"], rel=1e-5
+    )

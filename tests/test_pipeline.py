@@ -83,7 +83,11 @@ def test_tiny_run_writes_every_artifact(tiny_run):
         ):
             assert (sd / stage / "eval.pt").is_file(), stage
         assert (sd / "dense_a" / "epoch_1.pt").is_file()
-        assert json.loads((sd / "interpolation.json").read_text())["permuted"]["barrier"] >= 0
+        curves = json.loads((sd / "interpolation.json").read_text())
+        assert curves["permuted"]["barrier"] >= 0
+        for end in (0, -1):  # computed once: pi(A) is A's function, B is B
+            assert curves["permuted"]["losses"][end] == curves["naive"]["losses"][end]
+        assert curves["seconds"] > 0 and curves["bn_samples"] == 4096
     methods = [(r["method"], r["sparsity"], r["rewind"]) for r in results.rows]
     assert methods == [
         ("dense", None, None),
@@ -94,6 +98,7 @@ def test_tiny_run_writes_every_artifact(tiny_run):
     ]
     assert all(r["models"] == 2 for r in results.rows)
     assert "| permuted | 50% | 1 | 2 |" in results.markdown()
+    assert "Interpolation stage: " in results.markdown() and len(results.interpolation_seconds) == 2
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,sparsity,rewind") and len(csv_lines) == 6
 

@@ -95,6 +95,9 @@ class RunConfig:
     interp_batches: int | None = _setting(
         None, "test batches per interpolation point (default: all)"
     )
+    interp_bn_samples: int = _setting(
+        4096, "training images per BatchNorm re-estimation along the interpolation (0: all)"
+    )
     crop: int | None = _setting(
         None,
         "imagefolder: stream from disk with ImageNet transforms at this crop size "
@@ -146,9 +149,15 @@ class RunConfig:
             if getattr(self, key) not in allowed:
                 got = getattr(self, key)
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {got!r}")
-        for key in ("seeds", "width", "batch_size", "finetune_epochs", "interp_points"):
+        for key in ("seeds", "width", "batch_size", "finetune_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.interp_points < 2:
+            raise ConfigError(f"interp_points must be >= 2 (A and B), got {self.interp_points}")
+        if self.interp_bn_samples < 0:
+            raise ConfigError(
+                f"interp_bn_samples must be >= 0 (0: all), got {self.interp_bn_samples}"
+            )
         if self.sparse_lr is not None and not self.sparse_lr > 0:
             raise ConfigError(f"sparse_lr must be > 0, got {self.sparse_lr}")
         if self.sparse_lr is not None and self.sparse_schedule != "restart":

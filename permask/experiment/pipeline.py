@@ -24,6 +24,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -52,7 +53,7 @@ from permask.experiment.train import (
 )
 from permask.graph import Permutation, PermutationGraph, TraceError, trace
 from permask.match import align
-from permask.metrics import interpolate
+from permask.metrics import barrier, interpolate
 from permask.permute import permute_mask, permute_model
 from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask
 
@@ -524,24 +525,34 @@ def _interpolation(
         exp.log.info("[seed %d] interpolation: done earlier (skipped)", seed)
         return
     t0 = time.perf_counter()
+    bn_data = exp.statistics_loader()
+    bn_samples = cfg.interp_bn_samples
     common = dict(
-        alphas=cfg.interp_points,
-        bn_loader=exp.statistics_loader(),
+        bn_loader=bn_data,
         device=cfg.device,
         max_batches=cfg.interp_batches,
+        bn_batches=math.ceil(bn_samples / bn_data.batch_size) if bn_samples else None,
     )
-    curves = {
-        "naive": interpolate(model_a, model_b, exp.test_loader, **common),
-        "permuted": interpolate(
-            permute_model(model_a, pi, exp.graph), model_b, exp.test_loader, **common
-        ),
-    }
-    blob = json.dumps(curves, indent=1).encode()  # every rank computed the same curves
-    exp.world.written_by_main(atomic_write_bytes, blob, path)
+    alphas = torch.linspace(0, 1, cfg.interp_points).tolist()
+    naive = interpolate(model_a, model_b, exp.test_loader, alphas=alphas, **common)
+    inner = alphas[1:-1]  # the ends are shared: pi(A) computes A's function, and B is B
+    moved = permute_model(model_a, pi, exp.graph)
+    between = interpolate(moved, model_b, exp.test_loader, alphas=inner, **common) if inner else {}
+    curves = {"naive": naive, "permuted": _with_ends(between, naive)}
+    seconds = time.perf_counter() - t0
+    blob = json.dumps({**curves, "seconds": seconds, "bn_samples": bn_samples}, indent=1)
+    exp.world.written_by_main(atomic_write_bytes, blob.encode(), path)  # the same on every rank
     exp.log.info(
         "[seed %d] interpolation: loss barrier naive %.3f, permuted %.3f (%.1f s)",
-        seed,
-        curves["naive"]["barrier"],
-        curves["permuted"]["barrier"],
-        time.perf_counter() - t0,
-    )
+        seed, naive["barrier"], curves["permuted"]["barrier"], seconds,
+    )  # fmt: skip
+
+
+def _with_ends(between: dict[str, Any], ends: dict[str, Any]) -> dict[str, Any]:
+    """The curve through ``between``'s points with the ends of ``ends`` (same alphas)."""
+    out = {}
+    for key in ("alphas", "losses", "accs"):
+        out[key] = [ends[key][0], *between.get(key, []), ends[key][-1]]
+    out["barrier"] = barrier(out["alphas"], out["losses"])
+    out["acc_barrier"] = barrier(out["alphas"], [-a for a in out["accs"]])
+    return out

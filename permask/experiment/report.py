@@ -47,6 +47,7 @@ class Results:
     interpolation: dict[str, list[float]] = field(default_factory=dict)  # method -> barriers
     curves: dict[str, Any] = field(default_factory=dict)  # seed 0's curves, for the plot
     notes: list[str] = field(default_factory=list)  # warnings about the run, printed below
+    interpolation_seconds: list[float] = field(default_factory=list)  # the stage, per seed
 
     def row(self, method: str, sparsity: float | None = None, rewind: int | None = None) -> dict:
         """The row of ``method`` (at ``sparsity`` and ``rewind`` where they apply)."""
@@ -78,6 +79,9 @@ class Results:
             parts = [f"{m} {_mean(b):.3f}" for m, b in self.interpolation.items()]
             lines.append("")
             lines.append("Interpolation loss barrier to B (mean over seeds): " + ", ".join(parts))
+        if self.interpolation_seconds:
+            each = ", ".join(f"{s:.0f}" for s in self.interpolation_seconds)
+            lines.append(f"Interpolation stage: {each} s (per seed)")
         lines += [f"\n**Warning:** {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -113,13 +117,15 @@ def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: in
                 ]
     rows = [_row(key, paths, labels) for key, paths in groups.items()]
     barriers: dict[str, list[float]] = {"naive": [], "permuted": []}
-    curves = {}
+    curves, seconds = {}, []
     for s in seeds:
         data = json.loads((run_dir / f"seed{s}" / "interpolation.json").read_text())
         for method in barriers:
             barriers[method].append(data[method]["barrier"])
+        if "seconds" in data:  # runs before 2026-12-04 did not record it
+            seconds.append(data["seconds"])
         curves = curves or data
-    return Results(rows, barriers, curves, _notes(rows, num_classes))
+    return Results(rows, barriers, curves, _notes(rows, num_classes), seconds)
 
 
 def _notes(rows: list[dict[str, Any]], num_classes: int) -> list[str]:
@@ -169,6 +175,7 @@ def write_report(run_dir: Path, cfg: RunConfig, results: Results, seconds: float
         "config": cfg.results_key(),
         "rows": results.rows,
         "interpolation_barriers": results.interpolation,
+        "interpolation_seconds": results.interpolation_seconds,
         "notes": results.notes,
         "wall_seconds": seconds,
     }
