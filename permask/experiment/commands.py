@@ -63,7 +63,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-kwargs", default="{}", help="JSON keywords for the model's factory")
 
 
-def build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     """The model of ``args.model`` (fresh weights) and an example input of ``--input-size``."""
     try:
         kwargs = json.loads(args.model_kwargs)
@@ -112,7 +112,7 @@ def _weights(model: nn.Module, path: str) -> nn.Module:
 
 
 def trace_command(args: argparse.Namespace) -> str:
-    model, x = build(args)
+    model, x = _build(args)
     graph = _trace(model, x)
     if not args.json:
         return str(graph)
@@ -124,8 +124,8 @@ def trace_command(args: argparse.Namespace) -> str:
 
 
 def align_command(args: argparse.Namespace) -> str:
-    model_a, x = build(args)
-    model_b = build(args)[0]
+    model_a, x = _build(args)
+    model_b = _build(args)[0]
     _weights(model_a, args.a)
     _weights(model_b, args.b)
     _writable(args.out, args.save_permuted)
@@ -168,7 +168,7 @@ def _loader(args: argparse.Namespace):
 
 
 def permute_mask_command(args: argparse.Namespace) -> str:
-    model, x = build(args)
+    model, x = _build(args)
     graph = _trace(model, x)
     _writable(args.out)
     try:
