@@ -29,24 +29,26 @@ _WRAPPERS = ("module.", "_orig_mod.")
 
 def read_state_dict(path: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path`` (see the module doc); ``ValueError`` if there is none."""
-    path = Path(path)
+    sd = _unwrap(_load(Path(path), "checkpoint"), ema, Path(path))
+    return _pruned_weights_rebuilt(_without_prefixes(sd))
+
+
+def _load(path: Path, what: str) -> object:
+    """What the safetensors or torch file at ``path`` holds (torch: ``weights_only=True``)."""
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd: object = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # not a torch file, or one that needs arbitrary code
-            first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-            raise ValueError(
-                f"cannot read {str(path)!r} as a checkpoint with weights_only=True ({first}); "
-                "save the state dict with torch.save(model.state_dict(), ...) or safetensors"
-            ) from None
-    sd = _unwrap(sd, ema, path)
-    return _pruned_weights_rebuilt(_without_prefixes(sd))
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs arbitrary code
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(
+            f"cannot read {str(path)!r} as a {what} with weights_only=True ({first}); "
+            "save the state dict with torch.save(model.state_dict(), ...) or safetensors"
+        ) from None
 
 
 def _unwrap(obj: object, ema: bool, path: Path) -> dict[str, torch.Tensor]:
@@ -114,13 +116,10 @@ def read_mask(path: str | os.PathLike) -> Mask:
     """A mask from ``save_mask``'s safetensors, or the ``*_mask`` entries of a torch-prune'd
     checkpoint (``conv.weight_mask`` -> ``conv.weight``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"mask {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        return load_mask(path)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    masks = _without_prefixes({k: v for k, v in raw.items() if k.endswith("_mask")})
+    if path.suffix == ".safetensors" and path.is_file():
+        return load_mask(path)  # bool or 0/1 entries checked there
+    sd = _without_prefixes(_unwrap(_load(path, "mask"), False, path))
+    masks = {k[: -len("_mask")]: v.bool() for k, v in sd.items() if k.endswith("_mask")}
     if not masks:
         raise ValueError(f"{str(path)!r} has no mask: expected safetensors or '*_mask' entries")
-    return {k[: -len("_mask")]: v.bool() for k, v in masks.items()}
+    return masks
