@@ -226,6 +226,8 @@ def test_empty_loader_and_missing_inputs():
         align(a, b, method="weight")
     with pytest.raises(ValueError, match="unknown method"):
         align(a, b, [], method="magic")
+    with pytest.raises(ValueError, match="unknown precision 'fast'; choose 'highest'"):
+        align(a, b, [], precision="fast")
 
 
 def test_nan_activations_name_the_node():

@@ -9,6 +9,7 @@ float32 would lose the covariance: the per-channel shift must keep it.
 import pytest
 import torch
 
+from permask.match import activation
 from permask.match.activation import CorrelationStats
 from permask.match.points import Plan, Point, Unit
 
@@ -40,27 +41,60 @@ def reference(xs_a, xs_b, axis, index):
     ids=["bmm", "transposed", "last", "replicas"],
 )
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "under-bf16-autocast"])
-def test_correlations_match_float64_reference(shape, axis, index, amp):
-    """Also inside a caller's ``torch.autocast``: the products must stay float32."""
+@pytest.mark.parametrize("fused", [False, True], ids=["sums", "var_mean"])
+def test_correlations_match_float64_reference(shape, axis, index, amp, fused, monkeypatch):
+    """Also inside a caller's ``torch.autocast``: the products must stay float32; and with the
+    moments from one Welford pass (CUDA's default), forced here on the CPU."""
+    monkeypatch.setitem(activation.FUSED_MOMENTS, "cpu", fused)
+    got, want = _stats_and_reference(shape, axis, index, amp, torch.float32, "cpu", None)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_half_precision_activations_are_promoted_not_rounded():
+    """Activations a model returns in bfloat16 (its own AMP): shifted in float32, so the
+    statistics are those of the bfloat16 values exactly as float64 sees them."""
+    got, want = _stats_and_reference((4, 16, 8, 8), 1, None, False, torch.bfloat16, "cpu", None)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def _stats_and_reference(shape, axis, index, amp, dtype, device, precision):
     channels = shape[axis]
     index = torch.arange(channels)[None] if index is None else index.reshape(2, channels // 2)
     point = Point("x", axis, "x", channels, (Unit(("g",), index),))
-    stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
+    stats = CorrelationStats(Plan((point,), ()), torch.device(device), precision)
     g = torch.Generator().manual_seed(1)
     xs_a, xs_b = [], []
     for _ in range(3):
         a = 50 + torch.randn(shape, generator=g)
         b = 50 + 0.5 * a.roll(1, axis) + torch.randn(shape, generator=g)  # correlated, shifted
+        a, b = a.to(device, dtype), b.to(device, dtype)
         xs_a.append(a.clone())
         xs_b.append(b.clone())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             stats.observe(0, a, b)
         assert torch.equal(a, xs_a[-1]) and torch.equal(b, xs_b[-1])  # only copies are shifted
-    got = stats.scores(EPS)[("g",)]
-    want = reference(xs_a, xs_b, axis, index)
+    got = stats.scores(EPS)[("g",)].cpu()
+    want = reference([x.cpu() for x in xs_a], [x.cpu() for x in xs_b], axis, index)
     assert got.shape == want.shape == (index.shape[1], index.shape[1])
     assert want.abs().max() > 0.3  # the test data does correlate
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    return got, want
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision, atol", [("highest", 2e-5), ("high", 5e-3)])
+def test_cuda_statistics_match_float64_reference(precision, atol):
+    """On CUDA (moments by var_mean): float32 products to float32 accuracy, TF32 to ~1e-3."""
+    for shape, axis in (((4, 16, 8, 8), 1), ((4, 32, 2, 2), 1), ((4, 7, 24), 2)):
+        got, want = _stats_and_reference(shape, axis, None, False, torch.float32, "cuda", precision)
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    assert torch.get_float32_matmul_precision() == "highest"  # restored
+
+
+def test_an_unknown_precision_is_refused():
+    point = Point("x", 1, "x", 4, (Unit(("g",), torch.arange(4)[None]),))
+    with pytest.raises(ValueError, match="precision='medium'"):
+        CorrelationStats(Plan((point,), ()), torch.device("cpu"), "medium")
 
 
 def test_dead_channel_gives_zero_not_nan():

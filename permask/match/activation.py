@@ -15,7 +15,12 @@ as in the paper; dead channels give 0, not NaN).
 Precision: each batch's products are formed in the activations' dtype (a float32 GEMM is about
 twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are first
 shifted by a per-channel constant (the first batch's mean), so the sums are of centred-ish values
-and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically.
+and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically. Half-precision activations
+(AMP) are promoted to float32 in that same shifting pass. The cross products follow torch's
+float32 matmul setting unless ``precision`` says otherwise, on CUDA: ``"high"`` allows TF32
+(10-bit mantissas in, float32 sums out, on tensor cores), ``"highest"`` forbids it. On a CPU the
+products are float32 either way. (bfloat16 products were measured too, on an H200: no faster
+than TF32 once the extra rounding pass is paid, and 6x the error; docs/benchmarks.md.)
 
 Speed: the shifted copy keeps the activation's own layout, viewed as ``[before, channels,
 after]`` (``N x C x HW`` for a conv): moving channels last is a transposing copy that cost twice
@@ -28,6 +33,8 @@ layers), the faster of the two there (benchmarks in docs/benchmarks.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,6 +47,11 @@ __all__ = ["paired_module", "CorrelationStats"]
 
 
 _BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
+_PRODUCT_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) become float32
+PRECISIONS = (None, "highest", "high")
+# CUDA: per-channel sum and sum of squares from one Welford pass (torch.var_mean) instead of
+# three (sum, square, sum); on the CPU var_mean is 2-4x slower than those three (measured)
+FUSED_MOMENTS = {"cuda": True}
 
 
 def _unit_values(
@@ -50,27 +62,59 @@ def _unit_values(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"observed node returned {type(x).__name__}, not a tensor")
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
     x = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
     if idx is not None:  # gathering copies: [before, k, n, after] -> [before * k, n, after]
         x = x[:, idx].reshape(-1, idx.shape[-1], x.shape[-1])
+        x = x if x.dtype in _PRODUCT_DTYPES else x.float()
         return x if shift is None else x.sub_(shift)
-    return x.clone() if shift is None else x - shift
+    if shift is not None:  # one pass: float32 shift, so bfloat16/float16 values promote
+        return x - shift
+    return x.clone() if x.dtype in _PRODUCT_DTYPES else x.float()
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[C, C]`` sums of ``a[., i, .] * b[., j, .]`` for ``[before, C, after]`` inputs."""
+def _cross(a: torch.Tensor, b: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+    """``[C, C]`` sums of ``a[., i, .] * b[., j, .]`` for ``[before, C, after]`` inputs,
+    products at ``precision`` (CUDA; see :class:`CorrelationStats`)."""
     before, c, after = a.shape
-    if after == 1:
-        return a.view(before, c).T @ b.view(before, c)
-    if after >= c:
-        chunk = max(1, _BMM_ELEMENTS // (c * c))
-        out = torch.bmm(a[:chunk], b[:chunk].transpose(1, 2)).sum(0)
-        for i in range(chunk, before, chunk):
-            out += torch.bmm(a[i : i + chunk], b[i : i + chunk].transpose(1, 2)).sum(0)
-        return out
-    return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
+    with _matmul_precision(precision, a.device):
+        if after == 1:
+            return a.view(before, c).T @ b.view(before, c)
+        if after >= c:
+            chunk = max(1, _BMM_ELEMENTS // (c * c))
+            out = torch.bmm(a[:chunk], b[:chunk].transpose(1, 2)).sum(0)
+            for i in range(chunk, before, chunk):
+                out += torch.bmm(a[i : i + chunk], b[i : i + chunk].transpose(1, 2)).sum(0)
+            return out
+        return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
+
+
+def _add_moments(x: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
+    """Add the per-channel sums of ``x`` and of its squares (``[before, C, after]``) to the
+    float64 ``s`` and ``ss``."""
+    if FUSED_MOMENTS.get(x.device.type, False):
+        var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
+        m = x.shape[0] * x.shape[2]
+        mean = mean.double()
+        s += mean * m
+        ss += (var.double() + mean.square()) * m
+    else:
+        s += x.sum((0, 2))
+        ss += x.square().sum((0, 2))
+
+
+@contextmanager
+def _matmul_precision(precision: str | None, device: torch.device) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` for CUDA products inside the block
+    (``None``: torch's setting as it is; a CPU's float32 products are float32 either way)."""
+    if precision is None or device.type != "cuda":
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def _reshift(sums: list[torch.Tensor], count: int, da: torch.Tensor, db: torch.Tensor) -> None:
@@ -139,8 +183,14 @@ def paired_module(
 class CorrelationStats:
     """Streaming float64 sums for every unit of a plan; :meth:`scores` gives correlations."""
 
-    def __init__(self, plan: Plan, device: torch.device):
+    def __init__(self, plan: Plan, device: torch.device, precision: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision={precision!r}; choose None (torch's float32 matmul setting), "
+                "'highest' (float32 products) or 'high' (TF32 products on CUDA)"
+            )
         self.plan = plan
+        self.precision = precision
         self.count = [[0] * len(p.units) for p in plan.points]
         self.sums: list[list[list[torch.Tensor]]] = []
         for p in plan.points:
@@ -170,11 +220,9 @@ class CorrelationStats:
                 a.sub_(shift[0])
                 b.sub_(shift[1])
             sa, sb, saa, sbb, sab = self.sums[point][j]
-            sa += a.sum((0, 2))
-            sb += b.sum((0, 2))
-            saa += a.square().sum((0, 2))
-            sbb += b.square().sum((0, 2))
-            sab += _cross(a, b)
+            _add_moments(a, sa, saa)
+            _add_moments(b, sb, sbb)
+            sab += _cross(a, b, self.precision)
             self.count[point][j] += a.shape[0] * a.shape[2]
 
     def all_reduce(self) -> None:
