@@ -22,6 +22,8 @@ from torch import nn
 from ._atomic import atomic_path
 from ._batches import batches
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
+from .graph import PermutationGraph
+from .repair import Repair
 
 __all__ = [
     "barrier",
@@ -93,6 +95,8 @@ def interpolate(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     bn_batches: int | None = None,
+    repair: bool = False,
+    graph: PermutationGraph | None = None,
 ) -> dict[str, Any]:
     """Loss and accuracy of ``(1 - alpha) * A + alpha * B`` (state dicts) for each alpha.
 
@@ -104,6 +108,11 @@ def interpolate(
     ``bn_batches`` caps the re-estimation alone (a few thousand samples estimate the statistics
     as well as a whole training set: docs/benchmarks.md).
     Non-float buffers (BN batch counters) are taken from A. Models are never modified.
+
+    ``repair=True`` also applies REPAIR (:mod:`permask.repair`) to every interpolated model, on
+    the BatchNorm data (``bn_loader``, ``bn_batches``): hidden channels that no BatchNorm
+    renormalises get the interpolation of A's and B's means and standard deviations. ``graph``
+    (traced from A on the loader's first batch if not given) says which channels those are.
 
     Returns ``alphas``, ``losses``, ``accs`` (lists), ``barrier`` = max over alpha of
     ``loss(alpha) - ((1 - alpha) loss(0) + alpha loss(1))`` and ``acc_barrier`` = the same for
@@ -119,6 +128,13 @@ def interpolate(
         device = next(iter(sd_a.values())).device
     device = usable_device(device, "interpolate")
     model = copy.deepcopy(model_a).to(device)
+    bn_data = bn_loader if bn_loader is not None else loader
+    bn_cap = bn_batches if bn_batches is not None else max_batches
+    fix = (
+        Repair([model_a, model_b], bn_data, graph=graph, max_batches=bn_cap, device=device)
+        if repair
+        else None
+    )
     losses, accs = [], []
     for alpha in alphas:
         mixed = {
@@ -129,9 +145,9 @@ def interpolate(
         }
         model.load_state_dict(mixed)
         if reset_bn:
-            bn_data = bn_loader if bn_loader is not None else loader
-            _reset_bn(model, bn_data, device, bn_batches if bn_batches is not None else max_batches)
-        loss, acc = evaluate(model, loader, device, max_batches)
+            _reset_bn(model, bn_data, device, bn_cap)
+        scored = fix(model, [1 - alpha, alpha]) if fix is not None else model
+        loss, acc = evaluate(scored, loader, device, max_batches)
         losses.append(loss)
         accs.append(acc)
     return {

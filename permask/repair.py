@@ -1,0 +1,232 @@
+"""REPAIR (Jordan et al., ICLR 2023): undo the variance collapse of interpolated or merged models.
+
+Averaging two aligned networks shrinks their hidden activations: channels that were not
+perfectly correlated partly cancel, and the shrinkage compounds with depth. REPAIR rescales and
+shifts every channel of the averaged model so that its mean and standard deviation are the
+average of the source models' statistics for that channel, then folds the correction into the
+layer that produced it (``W[c] *= s[c]``, ``b[c] = (b[c] - mean[c]) * s[c] + goal_mean[c]``).
+
+Which channels: the outputs of every ``nn.Linear`` / ``nn.Conv*d`` whose output axis the traced
+graph permutes (hidden units; a frozen output such as the logits is left alone), unless the
+next op is a BatchNorm, whose statistics reset (``permask.metrics.interpolate(reset_bn=True)``)
+already renormalises those channels. A layer without a bias is rescaled only (no new
+parameters: the result is a plain copy of the architecture)::
+
+    import torch, permask
+    from permask.repair import repair
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    make = lambda: nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    a, b = make(), make()
+    data = [torch.randn(64, 4) for _ in range(4)]
+    graph = permask.trace(a, data[0])
+    a_pi = permask.permute_model(a, permask.align(a, b, data, graph=graph), graph)
+    mid = make()
+    mid.load_state_dict({k: (v + b.state_dict()[k]) / 2 for k, v in a_pi.state_dict().items()})
+    fixed = repair(mid, [a_pi, b], data, graph=graph)  # a repaired copy; mid is unchanged
+
+Statistics are measured in one pass per source and one pass for the target; in the target's
+pass every repaired layer already applies its correction with the batch's own statistics (as
+REPAIR's reset layers do in train mode), so later layers are measured on corrected inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ._batches import batches
+from ._modules import check_same_architecture, model_device, unwrap, usable_device
+from .graph import PermutationGraph, trace
+from .graph.layout import Fixed
+
+__all__ = ["repair", "Repair", "repairable_layers"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EPS = 1e-5  # relative: var + eps * goal_var caps the scale at ~316 (a channel that collapsed)
+
+
+def repairable_layers(model: nn.Module, graph: PermutationGraph) -> list[str]:
+    """Names of the linear/conv modules whose output channels REPAIR corrects (see the module
+    docstring), in graph order."""
+    modules = dict(model.named_modules())
+    names = []
+    for node in graph.fx_graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _LAYERS):
+            continue
+        layouts = graph.tensors.get(f"{node.target}.weight")
+        if layouts is None or isinstance(layouts[0], Fixed):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            nxt = modules.get(users[0].target)
+            if isinstance(nxt, nn.modules.batchnorm._BatchNorm):
+                continue
+        names.append(node.target)
+    return names
+
+
+def repair(
+    model: nn.Module,
+    sources: Sequence[nn.Module],
+    loader: Iterable,
+    *,
+    weights: Sequence[float] | None = None,
+    graph: PermutationGraph | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose hidden channels have the ``weights``-average (default uniform)
+    of the ``sources``' per-channel means and standard deviations over ``loader``.
+
+    ``sources`` are the models that were averaged, already aligned (e.g. ``permute_model(A, pi)``
+    and B; or every model of a merge after alignment to the reference); ``model`` is their
+    average. Without ``graph`` the model is traced on the loader's first batch. ``model`` and the
+    sources are not modified; the copy is in eval mode on ``device`` (default: model's).
+    """
+    model = unwrap(model)
+    device = usable_device(device if device is not None else model_device(model), "repair")
+    return Repair(sources, loader, graph=graph, max_batches=max_batches, device=device)(
+        model, weights
+    )
+
+
+class Repair:
+    """The sources' statistics, measured once; calling it repairs one average of them (for an
+    interpolation path: one call per alpha, ``weights=[1 - alpha, alpha]``)."""
+
+    def __init__(
+        self,
+        sources: Sequence[nn.Module],
+        loader: Iterable,
+        *,
+        graph: PermutationGraph | None = None,
+        max_batches: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.sources = [unwrap(s) for s in sources]
+        if not self.sources:
+            raise ValueError("repair needs at least one source model")
+        for s in self.sources[1:]:
+            check_same_architecture(self.sources[0], s)
+        first = self.sources[0]
+        self.device = usable_device(device if device is not None else model_device(first), "repair")
+        self.loader, self.max_batches = loader, max_batches
+        if graph is None:
+            batch = next(iter(batches(loader, 1)), None)
+            if batch is None:
+                raise ValueError("the loader yielded no batches")
+            graph = trace(first, tuple(x.to(model_device(first)) for x in batch[0]))
+        self.layers = repairable_layers(first, graph)
+        self.stats = [self._measure(s) for s in self.sources]
+
+    def __call__(self, model: nn.Module, weights: Sequence[float] | None = None) -> nn.Module:
+        model = unwrap(model)
+        check_same_architecture(model, self.sources[0])
+        goal = _goal(self.stats, _weights(weights, len(self.sources)))
+        out = copy.deepcopy(model).to(self.device)
+        found = self._measure(out, correct=goal)
+        with torch.no_grad():
+            for name in self.layers:
+                _fold(out.get_submodule(name), found[name], goal[name])
+        return out.eval()
+
+    def _measure(self, model: nn.Module, correct: Stats | None = None) -> Stats:
+        return _stats(model, self.layers, self.loader, self.device, self.max_batches, correct)
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n or any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
+        raise ValueError(
+            f"weights={weights}: need {n} non-negative weights (one per source) summing to 1"
+        )
+    return weights
+
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean, std) per channel, float64
+
+
+def _goal(stats: list[Stats], weights: list[float]) -> Stats:
+    """The weighted average of the sources' means and of their standard deviations."""
+    return {
+        k: tuple(sum(w * s[k][i] for w, s in zip(weights, stats)) for i in (0, 1)) for k in stats[0]
+    }
+
+
+@torch.no_grad()
+def _stats(
+    model: nn.Module,
+    layers: list[str],
+    loader: Iterable,
+    device: torch.device,
+    max_batches: int | None,
+    correct: Stats | None = None,
+) -> Stats:
+    """Per-channel mean and std of each layer's output over the data (eval mode). With
+    ``correct``, each layer's output is also replaced by itself normalised with the batch's
+    statistics and scaled to ``correct[layer]``, so later layers see corrected inputs."""
+    sums: dict[str, list] = {k: [0, 0.0, 0.0] for k in layers}  # count, sum, sum of squares
+
+    def hook(name: str):
+        def fn(module, args, out):
+            axis = 1 if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) else -1
+            x = out.movedim(axis, -1).reshape(-1, out.shape[axis]).double()
+            s = sums[name]
+            s[0] += len(x)
+            s[1] = s[1] + x.sum(0)
+            s[2] = s[2] + x.square().sum(0)
+            if correct is None:
+                return None
+            mean, std = x.mean(0), x.std(0, correction=0)
+            goal_mean, goal_std = correct[name]
+            scale = _scale(std, goal_std)  # as _fold will: no bias, no shift
+            y = x * scale if module.bias is None else (x - mean) * scale + goal_mean
+            return y.to(out.dtype).reshape(out.movedim(axis, -1).shape).movedim(-1, axis)
+
+        return fn
+
+    model = model if model_device(model) == device else copy.deepcopy(model).to(device)
+    handles = [model.get_submodule(k).register_forward_hook(hook(k)) for k in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for inputs, _ in batches(loader, max_batches):
+            model(*(x.to(device) for x in inputs))
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("the loader yielded no batches")
+    out = {}
+    for k, (n, s, ss) in sums.items():
+        mean = s / n
+        out[k] = (mean, (ss / n - mean.square()).clamp_min(0).sqrt())
+    return out
+
+
+def _scale(std: torch.Tensor, goal_std: torch.Tensor) -> torch.Tensor:
+    """``goal_std / std``, bounded where ``std`` is far below the goal (scale-free, unlike
+    BatchNorm's absolute eps); 0 where the goal itself is constant."""
+    return goal_std / (std.square() + _EPS * goal_std.square() + 1e-300).sqrt()
+
+
+def _fold(layer: nn.Module, found: tuple, goal: tuple) -> None:
+    """Fold ``y' = (y - found_mean) * goal_std / found_std + goal_mean`` into the layer."""
+    (mean, std), (goal_mean, goal_std) = found, goal
+    scale = _scale(std, goal_std)
+    w = layer.weight
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    w.copy_((w.double() * scale.reshape(shape)).to(w.dtype))
+    if layer.bias is not None:
+        b = layer.bias
+        b.copy_(((b.double() - mean) * scale + goal_mean).to(b.dtype))
