@@ -27,10 +27,12 @@ __all__ = ["assemble"]
 
 
 def assemble(
-    walker: Walker, root: nn.Module, shapes: dict[str, tuple[int, ...]]
+    walker: Walker, root: nn.Module, shapes: dict[str, tuple[int, ...]], frontend: str = "fx"
 ) -> PermutationGraph:
     """The permutation graph of a walked model (see the module doc)."""
-    return _Assembly(walker).build(root, shapes)
+    graph = _Assembly(walker).build(root, shapes)
+    graph.frontend = frontend
+    return graph
 
 
 class _Assembly:

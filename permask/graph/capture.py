@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -105,6 +106,8 @@ def target_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, str):
         return t
+    if isinstance(t, torch._ops.OpOverload):  # the export front end's ATen operators
+        return str(t)
     mod = getattr(t, "__module__", None) or ""
     name = getattr(t, "__name__", repr(t))
     return f"{mod}.{name}" if mod and mod != "_operator" else name

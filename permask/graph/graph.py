@@ -120,6 +120,8 @@ class PermutationGraph:
         shapes: name -> shape of every parameter and buffer of the model.
         parameters: the names in ``shapes`` that are parameters (the rest are buffers).
         fx_graph: the traced ``torch.fx.Graph`` (node names match ``Observation.node``).
+        frontend: how the graph was captured: "fx" (symbolic tracing; modules and torch
+            functions) or "export" (``torch.export``; ATen operators).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class PermutationGraph:
         shapes: dict[str, tuple[int, ...]],
         parameters: frozenset[str],
         fx_graph: torch.fx.Graph,
+        frontend: str = "fx",
     ):
         self.groups = groups
         self.tensors = tensors
@@ -137,6 +140,7 @@ class PermutationGraph:
         self.shapes = shapes
         self.parameters = parameters
         self.fx_graph = fx_graph
+        self.frontend = frontend
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -210,6 +214,7 @@ class PermutationGraph:
             f"PermutationGraph: {len(self)} groups, {permuted}/{traced} traced tensors permuted"
             + (f" (not: {', '.join(still)})" if 0 < len(still) <= 3 else "")
             + f", {self.permutable_fraction:.1%} of parameters"
+            + (" (captured by torch.export)" if self.frontend == "export" else "")
         ]
         for r in rows:
             lines.append("  ".join(_cut(c, _CELL).ljust(min(w, _CELL)) for c, w in zip(r, widths)))

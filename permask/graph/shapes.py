@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from .capture import fx_capture, target_name, unproxy
-from .errors import TraceError
+from .errors import InputMismatch, TraceError
 
 __all__ = ["TensorMeta", "ShapeRecorder", "record_shapes"]
 
@@ -53,7 +53,7 @@ class ShapeRecorder(fx.Interpreter):
             result = super().run_node(n)
         except Exception as e:
             values = {node.name: v for node, v in self.metas.items()}
-            raise TraceError(
+            raise InputMismatch(
                 f"running node '{n.name}' ({n.op} {target_name(n)}) on the example inputs failed: "
                 f"{type(e).__name__}: {unproxy(str(e), values)}. Check that example_inputs fit "
                 "the model."
@@ -71,7 +71,7 @@ def record_shapes(model: nn.Module, inputs: tuple) -> tuple[nn.Module, fx.GraphM
         gm = fx_capture(work, len(inputs))
         wanted = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         if len(inputs) > len(wanted) and not any(w.startswith("*") for w in wanted):
-            raise TraceError(
+            raise InputMismatch(
                 f"example_inputs has {len(inputs)} inputs but the model's forward takes "
                 f"{len(wanted)} ({', '.join(wanted)}); pass one example per forward argument"
             )

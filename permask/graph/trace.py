@@ -28,25 +28,39 @@ import torch.nn as nn
 
 from .._modules import unwrap
 from .assemble import assemble
-from .errors import TraceError
+from .errors import InputMismatch, TraceError
+from .export import export_capture
 from .graph import PermutationGraph, describe_op
 from .registry import Rule, scoped_rules
 from .rules import load_timm_rules
 from .shapes import record_shapes
 from .walk import Walker
 
-__all__ = ["trace", "TraceError"]
+__all__ = ["trace", "TraceError", "FRONTENDS"]
+
+
+FRONTENDS = ("auto", "fx", "export")
 
 
 def trace(
-    model: nn.Module, example_inputs: Any, *, rules: Mapping[Any, Rule] | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    rules: Mapping[Any, Rule] | None = None,
+    frontend: str = "auto",
 ) -> PermutationGraph:
     """Trace ``model`` into a :class:`PermutationGraph`.
 
-    ``example_inputs`` is a tensor or a tuple of tensors for ``model.forward``; shapes only
-    matter (small inputs are fine). Tracing runs on a deep copy in eval mode on the model's
-    device, so the model's parameters, buffers, modes and caches are left exactly as they were.
-    DDP/DataParallel/``torch.compile`` wrappers are looked through (names are the inner module's).
+    ``example_inputs`` is a tensor, a tuple of tensors for ``model.forward``, or a dict of
+    keyword inputs (``{"input_ids": ids}``); shapes only matter (small inputs are fine).
+    Tracing runs on a deep copy in eval mode on the model's device, so the model's parameters,
+    buffers, modes and caches are left exactly as they were. DDP/DataParallel/``torch.compile``
+    wrappers are looked through (names are the inner module's).
+
+    ``frontend``: ``"fx"`` captures by symbolic tracing (modules and torch functions),
+    ``"export"`` by ``torch.export`` (ATen operators; models that symbolic tracing cannot reach),
+    ``"auto"`` tries fx first and falls back to export (dict inputs go to export directly);
+    ``graph.frontend`` and ``print(graph)`` say which one was used.
 
     ``rules`` (``{module class, function or method name: rule}``) apply to this call only, before
     the registered ones: a way to try a rule without registering it for everyone. Any failure
@@ -54,17 +68,49 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace needs an nn.Module, got a {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ValueError(f"unknown frontend {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     load_timm_rules()
     model = unwrap(model)
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args, kwargs = _split_inputs(example_inputs)
     with scoped_rules(rules or {}):
-        work, gm, metas = record_shapes(model, tuple(inputs))
+        used, work, gm, metas = _capture(model, args, kwargs, frontend)
         walker = Walker(work, gm, metas)
         walker.run()
         tensors = [*work.named_parameters(), *work.named_buffers()]
-        graph = assemble(walker, work, {name: tuple(t.shape) for name, t in tensors})
+        graph = assemble(walker, work, {name: tuple(t.shape) for name, t in tensors}, used)
     _warn_unruled(graph)
     return graph
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, frontend: str) -> tuple:
+    """(front end used, module whose tensors the graph names, graph module, node metas)."""
+    fx_error = None
+    if frontend == "fx" or (frontend == "auto" and not kwargs):
+        if kwargs:
+            raise TraceError("keyword example inputs need frontend='export' (or 'auto')")
+        try:
+            work, gm, metas = record_shapes(model, args)
+            return "fx", work, gm, metas
+        except TraceError as e:
+            if frontend == "fx" or isinstance(e, InputMismatch):
+                raise
+            fx_error = e
+    try:
+        gm, metas = export_capture(model, args, kwargs)
+    except TraceError as e:
+        if fx_error is None:
+            raise
+        raise TraceError(f"{fx_error} Falling back to torch.export failed too: {e}") from e
+    return "export", gm, gm, metas
 
 
 def _warn_unruled(graph: PermutationGraph) -> None:

@@ -2,7 +2,7 @@
 the rules for timm's layers: :func:`load_timm_rules` registers those on the first trace, so that
 ``import permask`` does not import timm (about 2.7 s)."""
 
-from . import conv, elementwise, linear, norm, pool, reduce, shape  # noqa: F401
+from . import aten, conv, elementwise, linear, norm, pool, reduce, shape  # noqa: F401
 
 
 def load_timm_rules() -> None:

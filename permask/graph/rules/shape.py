@@ -115,7 +115,7 @@ def _only_taken_apart(node, axis: int, ndim: int) -> bool:
     if not node.users:
         return False
     for user in node.users:
-        target, args = user.target, user.args
+        target, args = _op_name(user.target), user.args
         if target in ("permute", torch.permute):
             dims = _dims(args[1:]) if "dims" not in user.kwargs else list(user.kwargs["dims"])
             if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
@@ -135,9 +135,18 @@ def _only_taken_apart(node, axis: int, ndim: int) -> bool:
         elif target is operator.getitem:
             if _item_index(args[1], axis) is None:
                 return False
+        elif target == "select":  # torch.export's x[i] along one dim: aten.select(x, dim, i)
+            if not all(isinstance(a, int) for a in args[1:3]) or args[1] % ndim != axis:
+                return False
         else:
             return False
     return True
+
+
+def _op_name(target):
+    """An ATen operator's name (``aten.permute.default`` -> ``"permute"``: the export front
+    end's graphs), else the fx target itself."""
+    return target._opname if isinstance(target, torch._ops.OpOverload) else target
 
 
 def _item_index(index, axis: int) -> int | None:

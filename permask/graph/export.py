@@ -1,0 +1,57 @@
+"""Capture a model with ``torch.export`` (the export front end of :func:`permask.trace`).
+
+``torch.export`` (dynamo) captures models that symbolic tracing cannot: Python control flow on
+shapes and configs, ``*args`` splats, keyword inputs (Hugging Face transformers 5 dropped its
+torch.fx tracer). Its graph calls ATen operators, whose rules alias the fx ones
+(:mod:`permask.graph.rules.aten`). ``export_capture`` returns the *unlifted* module of the
+exported program: parameters and buffers are ``get_attr`` nodes under their names in the
+original model (``layer1.0.conv1.weight``), so the walker, activation matching and
+``permute_model`` read the graph exactly as they read an fx one. Shapes come from the export's
+fake tensors (``node.meta["val"]``): no extra forward pass::
+
+    gm, metas = export_capture(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),), {})
+    print(gm.graph)                   # aten.conv2d.default, aten.batch_norm.default, ...
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from .errors import TraceError
+from .shapes import TensorMeta
+
+__all__ = ["export_capture"]
+
+
+def export_capture(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[fx.GraphModule, dict]:
+    """``torch.export`` a copy of ``model`` in eval mode on ``args``/``kwargs``; the unlifted
+    graph module and ``{node: TensorMeta or concrete value}``. Raises :class:`TraceError` with
+    the exporter's reason when it cannot capture the model."""
+    work = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(work, tuple(args), dict(kwargs) or None)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {reason}"
+        ) from e
+    gm = program.module()
+    for node in list(gm.graph.nodes):  # export's input guard: a check, not part of the math
+        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    metas = {node: tree_map(_meta, node.meta.get("val")) for node in gm.graph.nodes}
+    return gm, metas
+
+
+def _meta(v: Any) -> Any:
+    return TensorMeta(v) if isinstance(v, torch.Tensor) else v

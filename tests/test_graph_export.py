@@ -1,0 +1,172 @@
+"""The torch.export front end: the same groups as symbolic tracing where both capture a model,
+random permutations leave outputs unchanged (float64), keyword inputs, the fx -> export
+fallback, RMSNorm's mean of squares, and alignment on exported graphs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+from equivariance import double_eval
+
+import permask
+from permask.experiment.models import resnet20
+from permask.testing import equivalence_error, perturb_
+
+
+def _groups(graph: permask.PermutationGraph) -> list:
+    """Groups as (size, sorted members): equal graphs up to the groups' names."""
+    return sorted((g.size, sorted((m.tensor, m.axis) for m in g.members)) for g in graph)
+
+
+def _both(model: nn.Module, x: torch.Tensor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no op of these models may lack an ATen rule
+        return permask.trace(model, x, frontend="fx"), permask.trace(model, x, frontend="export")
+
+
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(),
+                                  nn.Dropout(), nn.Linear(16, 3)), (4, 8)),
+    "resnet20": (lambda: resnet20(1), (2, 3, 32, 32)),
+    "tv_resnet18": (torchvision.models.resnet18, (2, 3, 32, 32)),
+    "tv_mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, (2, 3, 32, 32)),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10),
+                           (2, 3, 32, 32)),
+    "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10,
+                                                img_size=32, depth=2), (2, 3, 32, 32)),
+    "timm_regnetx_002": (lambda: timm.create_model("regnetx_002", num_classes=10), (2, 3, 32, 32)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_gives_the_fx_groups_and_keeps_outputs(name):
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = double_eval(perturb_(make().eval(), seed=0))
+    x = torch.randn(shape, dtype=torch.float64)
+    fx_graph, ex_graph = _both(model, x)
+    assert ex_graph.frontend == "export" and fx_graph.frontend == "fx"
+    assert _groups(ex_graph) == _groups(fx_graph)
+    for seed in range(3):
+        pi = permask.random_permutation(ex_graph, torch.Generator().manual_seed(seed))
+        assert equivalence_error(model, x, pi, ex_graph) < 1e-12
+
+
+class _KeywordNet(nn.Module):
+    """A forward that takes keyword inputs and branches on them (``mask=None``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.head(h.mean(1))
+
+
+def test_keyword_inputs_go_to_export_and_permute_exactly():
+    model = double_eval(_KeywordNet())
+    ids = torch.randint(0, 50, (2, 7))
+    graph = permask.trace(model, {"input_ids": ids, "attention_mask": torch.ones(2, 7)})
+    assert graph.frontend == "export" and "captured by torch.export" in str(graph)
+    assert {g.size for g in graph} == {16, 32}  # residual stream and the MLP hidden
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    moved = permask.permute_model(model, pi, graph)
+    mask = torch.rand(2, 7, dtype=torch.float64)
+    torch.testing.assert_close(moved(ids, mask), model(ids, mask), rtol=1e-12, atol=1e-12)
+    with pytest.raises(permask.TraceError, match="keyword example inputs need frontend='export'"):
+        permask.trace(model, {"input_ids": ids}, frontend="fx")
+
+
+class _ShapeBranch(nn.Module):
+    """Python control flow on a shape: symbolic tracing fails, torch.export captures it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if h.shape[0] > 1:
+            h = h * 2
+        return self.fc2(h)
+
+
+def test_auto_falls_back_to_export_when_fx_cannot_trace():
+    model = double_eval(_ShapeBranch())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(permask.TraceError):
+        permask.trace(model, x, frontend="fx")
+    graph = permask.trace(model, x)
+    assert graph.frontend == "export" and [g.size for g in graph] == [12]
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    assert equivalence_error(model, x, pi, graph) < 1e-12
+    with pytest.raises(ValueError, match="unknown frontend 'onnx'"):
+        permask.trace(model, x, frontend="onnx")
+
+
+class _ValueBranch(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_when_both_front_ends_fail_the_error_gives_both_reasons():
+    with pytest.raises(permask.TraceError) as err:
+        permask.trace(_ValueBranch(), torch.randn(2, 3))
+    msg = str(err.value)
+    assert "torch.export could not capture _ValueBranch" in msg and "Falling back" in msg
+
+
+class _RMSNormMLP(nn.Module):
+    """Llama's RMSNorm written out (mean of squares over the permuted axis), a gated MLP."""
+
+    def __init__(self, d: int = 16, hidden: int = 24) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, d)
+        self.norm_w = nn.Parameter(torch.ones(d))
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_w
+        h = h + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
+        return self.out(h)
+
+
+def test_rmsnorm_reduction_is_invariant_and_the_gated_mlp_moves_together():
+    model = double_eval(perturb_(_RMSNormMLP(), seed=0))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    graph = permask.trace(model, x, frontend="export")
+    assert sorted(g.size for g in graph) == [16, 24] and not graph.unruled_ops
+    hidden = next(g for g in graph if g.size == 24)
+    assert {(m.tensor, m.axis) for m in hidden.members} == {
+        ("gate.weight", 0),
+        ("up.weight", 0),
+        ("down.weight", 1),
+    }
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    assert equivalence_error(model, x, pi, graph) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_alignment_on_an_exported_graph_recovers_a_planted_permutation(method):
+    torch.manual_seed(0)
+    a = perturb_(resnet20(1).eval(), seed=0)
+    graph = permask.trace(a, torch.randn(2, 3, 32, 32), frontend="export")
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(1))
+    b = permask.permute_model(a, pi, graph)
+    data = [torch.randn(32, 3, 32, 32) for _ in range(2)]
+    got = permask.align(a, b, data, graph=graph, method=method)
+    assert all(torch.equal(got[k], pi[k]) for k in pi)
