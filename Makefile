@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,lapx]'
+	$(PY) -m pip install -q -e '.[test,lapx,hf]'
 	touch $@
 
 venv: $(VENV)/.installed

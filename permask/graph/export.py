@@ -36,6 +36,7 @@ def export_capture(
     graph module and ``{node: TensorMeta or concrete value}``. Raises :class:`TraceError` with
     the exporter's reason when it cannot capture the model."""
     work = copy.deepcopy(model).eval()
+    _no_cache(work)
     try:
         with torch.no_grad():
             program = torch.export.export(work, tuple(args), dict(kwargs) or None)
@@ -51,6 +52,14 @@ def export_capture(
     gm.recompile()
     metas = {node: tree_map(_meta, node.meta.get("val")) for node in gm.graph.nodes}
     return gm, metas
+
+
+def _no_cache(model: nn.Module) -> None:
+    """Hugging Face models return a key/value cache object by default, which torch.export cannot
+    return: the copy being captured runs without it (the cache adds no weights)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
 
 
 def _meta(v: Any) -> Any:

@@ -75,7 +75,8 @@ def trace(
     args, kwargs = _split_inputs(example_inputs)
     with scoped_rules(rules or {}):
         used, work, gm, metas = _capture(model, args, kwargs, frontend)
-        walker = Walker(work, gm, metas)
+        unsaved = frozenset(n for n, _ in model.named_buffers()) - set(model.state_dict())
+        walker = Walker(work, gm, metas, unsaved)
         walker.run()
         tensors = [*work.named_parameters(), *work.named_buffers()]
         graph = assemble(walker, work, {name: tuple(t.shape) for name, t in tensors}, used)

@@ -46,13 +46,23 @@ class Frame:
 class Walker:
     """The axes of every value of one model's graph; :meth:`run` walks it once.
 
+    Buffers named in ``unsaved`` (non-persistent: not in the state dict) are constants with fixed
+    axes: a permutation applied to them in memory would be lost by a save and load.
+
     After :meth:`run`: ``env`` (node -> :class:`TracedTensor` or concrete value), ``members``
     (parameter/buffer name -> :class:`TracedTensor`), ``io_frozen`` (model inputs and outputs),
     ``inner_values`` (values inside walked leaf modules) and ``solver``.
     """
 
-    def __init__(self, root: nn.Module, gm: fx.GraphModule, metas: dict[fx.Node, Any]):
+    def __init__(
+        self,
+        root: nn.Module,
+        gm: fx.GraphModule,
+        metas: dict[fx.Node, Any],
+        unsaved: frozenset[str] = frozenset(),
+    ):
         self.root = root
+        self.unsaved = unsaved  # buffers outside the state dict: their axes stay fixed
         self.gm = gm
         self.metas = metas
         self.solver = Solver()
@@ -76,6 +86,11 @@ class Walker:
                 tuple(t.shape), [self.solver.fixed(s, reason) for s in t.shape], t.dtype
             )
         name = entry[0]
+        if name in self.unsaved:  # permuted in memory, it would not survive save and load
+            reason = Reason("buffer not in the state dict (computed, e.g. RoPE frequencies)")
+            return TracedTensor(
+                tuple(t.shape), [self.solver.fixed(s, reason) for s in t.shape], t.dtype
+            )
         val = self.members.get(name)
         if val is None:
             axes = [self.solver.new(s, f"{name}:{i}") for i, s in enumerate(t.shape)]
