@@ -10,6 +10,7 @@ from .graph import (
     trace,
 )
 from .match import align
+from .merge import merge
 from .permute import permute_mask, permute_model, permute_tensors
 from .testing import CheckResult, check
 
@@ -28,6 +29,7 @@ __all__ = [
     "check",
     "CheckResult",
     "align",
+    "merge",
     "metrics",
     "sparse",
 ]

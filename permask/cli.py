@@ -1,5 +1,6 @@
 """The ``permask`` command: ``permask run`` (the paper's experiment), ``permask demo``, and the
-step-wise commands for your own checkpoints (``trace``, ``align``, ``permute-mask``; docs/cli.md).
+step-wise commands for your own checkpoints (``trace``, ``align``, ``permute-mask``,
+``interpolate``, ``merge``; docs/cli.md).
 
 ``permask run --config cfg.yaml`` and/or flags (one per :class:`RunConfig` field, flags override
 the YAML); ``permask demo`` runs the embedded default (MLP on Fashion-MNIST, ~4 minutes on two

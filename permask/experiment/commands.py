@@ -1,11 +1,13 @@
-"""The step-wise commands for your own checkpoints: ``permask trace``, ``permask align`` and
-``permask permute-mask`` (docs/cli.md). Each returns what it printed or wrote, raises
-:class:`ConfigError` (one line, exit status 2) for any bad input, and writes nothing unless it
-succeeds (atomic writes)::
+"""The step-wise commands for your own checkpoints: ``permask trace``, ``permask align``,
+``permask permute-mask``, ``permask interpolate`` and ``permask merge`` (docs/cli.md). Each
+returns what it printed or wrote, raises :class:`ConfigError` (one line, exit status 2) for any
+bad input, and writes nothing unless it succeeds (atomic writes)::
 
     permask trace tv:resnet18 --input-size 3 64 64
     permask align mlp a.pt b.safetensors --data mnist --out pi.safetensors
     permask permute-mask mlp --perm pi.safetensors mask_a.safetensors --out mask_b.safetensors
+    permask interpolate mlp a.pt b.safetensors --perm pi.safetensors --data mnist --out interp/
+    permask merge mlp a.pt b.safetensors c.pt --data mnist --out merged.safetensors
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ import torch
 from torch import nn
 
 import permask
-from permask._atomic import atomic_path
+from permask._atomic import atomic_path, atomic_write_bytes
+from permask._modules import usable_device
 from permask.experiment.checkpoints import load_weights, read_mask
 from permask.experiment.config import ConfigError
 from permask.experiment.models import build_model, check_model_name
 from permask.graph import Permutation, PermutationGraph
+from permask.merge import average
+from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.sparse import save_mask
 
-__all__ = ["add_commands", "trace_command", "align_command", "permute_mask_command"]
+__all__ = [
+    "add_commands",
+    "trace_command",
+    "align_command",
+    "permute_mask_command",
+    "interpolate_command",
+    "merge_command",
+]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +65,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     perm.add_argument("--perm", required=True, help="pi from permask align")
     perm.add_argument("--out", required=True, help="where to write the moved mask")
     perm.set_defaults(handler=permute_mask_command)
+    _add_interpolate(sub)
+    _add_merge(sub)
+
+
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("interpolate", help="loss and accuracy along the path from A to B")
+    _model_flags(p)
+    p.add_argument("a", help="checkpoint of A (safetensors or torch file)")
+    p.add_argument("b", help="checkpoint of B")
+    p.add_argument("--perm", help="pi from permask align: interpolate pi(A) -> B")
+    _data_flags(p, required=True, batches="training batches of 128 to re-estimate BN on")
+    p.add_argument("--points", type=int, default=11, help="evenly spaced alphas in [0, 1]")
+    p.add_argument("--bn-reset", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-estimate BatchNorm statistics at each point (default)")  # fmt: skip
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR hidden channels that no BatchNorm renormalises")  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for interpolation.{csv,json,png}")
+    p.set_defaults(handler=interpolate_command)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="align checkpoints to a reference and average them")
+    _model_flags(p)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints")
+    p.add_argument("--out", required=True, help="where to write the merged weights (safetensors)")
+    p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
+    p.add_argument("--method", choices=["activation", "weight"], default="activation")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
+    _data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
+    p.set_defaults(handler=merge_command)
+
+
+def _data_flags(p: argparse.ArgumentParser, required: bool, batches: str) -> None:
+    need = "evaluation and BatchNorm" if required else "activation matching and evaluation"
+    p.add_argument("--data", required=required, help=f"dataset for {need} (as permask run's)")
+    p.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
+    p.add_argument("--batches", type=int, default=50, help=batches)
+    p.add_argument("--device", default="cpu")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -154,17 +205,22 @@ def align_command(args: argparse.Namespace) -> str:
 
 
 def _loader(args: argparse.Namespace):
+    return _loaders(args)[0]
+
+
+def _loaders(args: argparse.Namespace):
+    """The unaugmented training loader (batches of 128) and the test loader of ``--data``."""
     if not args.data:
         raise ConfigError("activation matching needs --data DATASET; or use --method weight")
     from permask.experiment.data import DataNotFoundError
     from permask.experiment.loader import get_loaders
 
     try:
-        train, _, _ = get_loaders(args.data, args.data_dir, batch_size=128, augment=False,
-                                  device=args.device, download=False)  # fmt: skip
+        train, test, _ = get_loaders(args.data, args.data_dir, batch_size=128, augment=False,
+                                     device=args.device, download=False)  # fmt: skip
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    return train
+    return train, test
 
 
 def permute_mask_command(args: argparse.Namespace) -> str:
@@ -181,6 +237,129 @@ def permute_mask_command(args: argparse.Namespace) -> str:
     with atomic_path(args.out) as tmp:
         save_mask(moved, tmp)
     return f"pi(mask): {len(moved)} tensors -> {args.out}"
+
+
+def interpolate_command(args: argparse.Namespace) -> str:
+    if args.points < 2:
+        raise ConfigError(f"--points must be at least 2, got {args.points}")
+    out = Path(args.out)
+    _writable(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a file; give a folder")
+    model_a, x = _build(args)
+    model_b = _build(args)[0]
+    _weights(model_a, args.a)
+    _weights(model_b, args.b)
+    graph = _trace(model_a, x) if args.perm or args.repair else None
+    if args.perm:
+        model_a = permask.permute_model(model_a, _read_permutation(args.perm, graph), graph)
+    device = _device(args.device, "interpolate")
+    train, test = _loaders(args)
+    try:
+        result = interpolate(model_a, model_b, test, alphas=args.points, reset_bn=args.bn_reset,
+                             bn_loader=train, bn_batches=args.batches, device=device,
+                             repair=args.repair, graph=graph)  # fmt: skip
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+    _write_interpolation(args, result)
+    return _interpolation_report(args, result, _has_batchnorm(model_b))
+
+
+def _write_interpolation(args: argparse.Namespace, result: dict) -> None:
+    """interpolation.png, .csv and .json in ``--out`` (each atomically; the folder is made)."""
+    out = Path(args.out)
+    title = f"{Path(args.a).name}{' (permuted)' if args.perm else ''} -> {Path(args.b).name}"
+    plot_interpolation(result, out / "interpolation.png", title=title)
+    rows = zip(result["alphas"], result["losses"], result["accs"])
+    csv = "alpha,loss,acc\n" + "".join(f"{a!r},{loss!r},{acc!r}\n" for a, loss, acc in rows)
+    atomic_write_bytes(csv.encode(), out / "interpolation.csv")
+    meta = {"model": args.model, "a": args.a, "b": args.b, "perm": args.perm, "data": args.data,
+            "bn_reset": args.bn_reset, "bn_batches": args.batches,
+            "repair": args.repair}  # fmt: skip
+    blob = json.dumps({**meta, **result}, indent=1).encode()
+    atomic_write_bytes(blob, out / "interpolation.json")
+
+
+def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: bool) -> str:
+    lines = ["alpha    loss  accuracy"]
+    for a, loss, acc in zip(result["alphas"], result["losses"], result["accs"]):
+        lines.append(f"{a:5.2f} {loss:7.4f}  {100 * acc:7.2f}%")
+    path = f"pi(A) -> B (pi: {args.perm})" if args.perm else "A -> B (not aligned)"
+    lines.append(f"barrier {path}: loss {result['barrier']:.4f}, "
+                 f"accuracy {100 * result['acc_barrier']:.2f} points")  # fmt: skip
+    if batchnorm and args.bn_reset:
+        lines.append(f"BatchNorm statistics re-estimated at every point on {args.batches} batches")
+    elif batchnorm:
+        lines.append("BatchNorm statistics interpolated as they are (--no-bn-reset)")
+    if args.repair:
+        lines.append(f"REPAIR applied at every point, measured on {args.batches} batches")
+    lines.append(f"-> {Path(args.out) / 'interpolation'}.{{csv,json,png}}")
+    return "\n".join(lines)
+
+
+def merge_command(args: argparse.Namespace) -> str:
+    paths = args.checkpoints
+    if len(paths) < 2:
+        raise ConfigError(f"merge needs at least 2 checkpoints (CKPT CKPT ...), got {len(paths)}")
+    if args.repair and not args.data:
+        raise ConfigError("--repair needs --data DATASET to measure the channels on")
+    if not 0 <= args.reference < len(paths):
+        raise ConfigError(f"--reference must be 0..{len(paths) - 1} (a CKPT's index), "
+                          f"got {args.reference}")  # fmt: skip
+    _writable(args.out)
+    device = _device(args.device, "merge")
+    built = [_build(args) for _ in paths]
+    models = [_weights(model, p).to(device) for (model, _), p in zip(built, paths)]
+    train, test = _loaders(args) if args.data or args.method == "activation" else (None, None)
+    graph = _trace(models[args.reference], built[0][1].to(device))
+    common = dict(reference=args.reference, max_batches=args.batches, device=device)
+    try:
+        merged = permask.merge(models, train, method=args.method, graph=graph,
+                               repair=args.repair, **common)  # fmt: skip
+        naive = average(models, bn_loader=train, **common)
+        scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+    from safetensors.torch import save_file
+
+    with atomic_path(args.out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()},
+                  str(tmp))  # fmt: skip
+    return _merge_report(args, scores, _has_batchnorm(merged))
+
+
+def _merge_report(args: argparse.Namespace, scores: list | None, batchnorm: bool) -> str:
+    done = (f"merged ({args.method} matching, reference {args.checkpoints[args.reference]}) "
+            f"-> {args.out}")  # fmt: skip
+    if scores is None:
+        bn = "; BatchNorm statistics are the models' average" if batchnorm else ""
+        return f"{done}\nnot evaluated: no --data{bn}"
+    names = [Path(p).name + (" (reference)" if i == args.reference else "")
+             for i, p in enumerate(args.checkpoints)]  # fmt: skip
+    names += ["naive average", "merged" + (" + REPAIR" if args.repair else "")]
+    width = max(len(n) for n in names)
+    lines = [f"{'model':{width}}    loss  accuracy"]
+    for name, (loss, acc) in zip(names, scores):
+        lines.append(f"{name:{width}} {loss:7.4f}  {100 * acc:7.2f}%")
+    return "\n".join([*lines, done])
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _device(device: str, caller: str) -> torch.device:
+    try:
+        return usable_device(device, caller)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _read_permutation(path: str, graph: PermutationGraph) -> Permutation:
+    try:
+        return _permutation(path, graph)
+    except ValueError as err:
+        raise ConfigError(" ".join(str(err).strip("'\"").split())) from None
 
 
 def _permutation(path: str, graph: PermutationGraph) -> Permutation:

@@ -1,0 +1,147 @@
+"""Model merging (Git Re-Basin, Ainsworth et al., ICLR 2023): align every model to a reference,
+then average their weights::
+
+    merged = permask.merge([model_a, model_b, model_c], train_loader)   # activation matching
+    merged = permask.merge(models, method="weight", graph=graph)        # no data needed
+
+    from permask.merge import average   # (``permask.merge`` itself is the function)
+    naive = average(models, bn_loader=train_loader)                     # not aligned
+
+Averaging independently trained networks without aligning them lands far outside every basin
+(near-chance accuracy); aligned, they share one and the average keeps most of their accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ._batches import split_batch
+from ._modules import check_same_architecture, model_device, unwrap, usable_device
+from .graph import PermutationGraph, trace
+from .match import align
+from .metrics import _reset_bn
+from .permute import permute_model
+from .repair import Repair
+
+__all__ = ["merge", "average"]
+
+
+def merge(
+    models: Sequence[nn.Module],
+    loader: Iterable | None = None,
+    *,
+    reference: int = 0,
+    method: str = "activation",
+    graph: PermutationGraph | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    bn_loader: Iterable | None = None,
+    repair: bool = False,
+) -> nn.Module:
+    """A new model: the uniform average of ``models`` after aligning each to ``models[reference]``.
+
+    Every other model ``m`` is moved by ``permute_model(m, align(m, ref, loader, method=method,
+    graph=graph, max_batches=max_batches, device=device), graph)``; ``method="activation"`` (the
+    default) needs ``loader``, ``"weight"`` does not. ``graph`` is traced once from the
+    reference on the loader's first batch when not given (one more ``iter(loader)``: a loader
+    that reshuffles per iteration then gives ``align`` other batches than with ``graph=``).
+    Then :func:`average` (float entries averaged in float64, other buffers from the reference),
+    which re-estimates BatchNorm statistics on ``bn_loader`` (default: ``loader``; at most
+    ``max_batches``) when both exist.
+    ``repair=True`` then applies REPAIR (:mod:`permask.repair`) on ``bn_loader`` (default
+    ``loader``): hidden channels that no BatchNorm renormalises get the average of the aligned
+    models' per-channel means and standard deviations.
+    The result is on ``device`` (default: the reference's), in eval mode when its statistics
+    were re-estimated. The models are never modified. ``ValueError`` for fewer than two models,
+    a reference out of range, models of different architectures, or missing data.
+    """
+    models = _checked(models, reference)
+    if method not in ("activation", "weight"):
+        raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
+    if method == "activation" and loader is None:
+        raise ValueError("merge with method='activation' needs a loader; or method='weight'")
+    ref = models[reference]
+    if graph is None:
+        graph = _trace_reference(ref, loader)
+    moved = []
+    for i, m in enumerate(models):
+        if i == reference:
+            moved.append(ref)
+            continue
+        pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
+                   device=device)  # fmt: skip
+        moved.append(permute_model(m, pi, graph))
+    bn_data = bn_loader if bn_loader is not None else loader
+    merged = average(moved, reference=reference, bn_loader=bn_data, max_batches=max_batches,
+                     device=device)  # fmt: skip
+    if not repair:
+        return merged
+    if bn_data is None:
+        raise ValueError("merge with repair=True needs a loader (or bn_loader) to measure on")
+    fix = Repair(moved, bn_data, graph=graph, max_batches=max_batches, device=device)
+    return fix(merged)
+
+
+def average(
+    models: Sequence[nn.Module],
+    *,
+    reference: int = 0,
+    bn_loader: Iterable | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """A new model whose float state-dict entries are the uniform mean of ``models``' (no
+    alignment: the naive merge, or the last step of :func:`merge`).
+
+    The mean is taken in float64 and cast back to each entry's dtype; non-float buffers (BatchNorm
+    batch counters) are the reference's. With ``bn_loader``, BatchNorm running statistics are
+    re-estimated by one pass (at most ``max_batches``) in train mode with an exact cumulative
+    average, as :func:`permask.metrics.interpolate` does; the model is then in eval mode. The
+    result is a copy of ``models[reference]`` on ``device`` (default: the reference's).
+    """
+    models = _checked(models, reference)
+    ref = models[reference]
+    dev = usable_device(device, "merge") if device is not None else model_device(ref)
+    sds = [m.state_dict() for m in models]
+    mean = {}
+    for k, v in sds[reference].items():
+        if v.is_floating_point():
+            stacked = torch.stack([sd[k].detach().to(dev, torch.float64) for sd in sds])
+            mean[k] = stacked.mean(0).to(v.dtype)
+        else:
+            mean[k] = v.to(dev)
+    merged = copy.deepcopy(ref).to(dev)
+    merged.load_state_dict(mean)
+    if bn_loader is not None:
+        with torch.no_grad():
+            _reset_bn(merged, bn_loader, dev, max_batches)
+    return merged
+
+
+def _checked(models: Sequence[nn.Module], reference: int) -> list[nn.Module]:
+    """The unwrapped models, after checking their count, ``reference`` and architectures."""
+    models = [unwrap(m) for m in models]
+    if len(models) < 2:
+        raise ValueError(f"merging needs at least 2 models, got {len(models)}")
+    if not 0 <= reference < len(models):
+        raise ValueError(f"reference must be in 0..{len(models) - 1}, got {reference}")
+    for i, m in enumerate(models):
+        try:
+            check_same_architecture(models[reference], m)
+        except ValueError as err:
+            raise ValueError(f"model {i} is not the reference's architecture: {err}") from None
+    return models
+
+
+def _trace_reference(ref: nn.Module, loader: Iterable | None) -> PermutationGraph:
+    if loader is None:
+        raise ValueError("merge needs graph= or a loader to trace the reference on")
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("the loader yielded no batches")
+    inputs = split_batch(first)[0]
+    return trace(ref, tuple(t.to(model_device(ref)) for t in inputs))
