@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._batches import split_batch
+from ._batches import split_batch, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .match import align
@@ -144,4 +144,4 @@ def _trace_reference(ref: nn.Module, loader: Iterable | None) -> PermutationGrap
     if first is None:
         raise ValueError("the loader yielded no batches")
     inputs = split_batch(first)[0]
-    return trace(ref, tuple(t.to(model_device(ref)) for t in inputs))
+    return trace(ref, to_device(inputs, model_device(ref)))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._atomic import atomic_path
-from ._batches import batches
+from ._batches import batches, call, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph
 from .repair import Repair
@@ -185,7 +185,7 @@ def _reset_bn(model: nn.Module, loader: Iterable, device, max_batches: int | Non
     model.train()
     seen = 0
     for inputs, _ in batches(loader, max_batches):
-        model(*(x.to(device) for x in inputs))
+        call(model, to_device(inputs, device))
         seen += 1
     for m, mom in zip(bns, saved):
         m.momentum = mom
@@ -240,10 +240,22 @@ def _outputs(
     model.eval()
     try:
         for inputs, y in batches(loader, max_batches, need_targets=targets):
-            out = model(*(x.to(device) for x in inputs))
+            out = _logits(call(model, to_device(inputs, device)))
             yield out, None if y is None else y.to(device)
     finally:
         model.train(was_training)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A model's class scores: the tensor itself, a Hugging Face output's ``logits``, or the
+    first item of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned a {type(out).__name__}; evaluation needs class scores")
 
 
 def plot_interpolation(

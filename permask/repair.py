@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ._batches import batches
+from ._batches import batches, call, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .graph.layout import Fixed
@@ -120,7 +120,7 @@ class Repair:
             batch = next(iter(batches(loader, 1)), None)
             if batch is None:
                 raise ValueError("the loader yielded no batches")
-            graph = trace(first, tuple(x.to(model_device(first)) for x in batch[0]))
+            graph = trace(first, to_device(batch[0], model_device(first)))
         self.layers = repairable_layers(first, graph)
         self.stats = [self._measure(s) for s in self.sources]
 
@@ -199,7 +199,7 @@ def _stats(
     try:
         seen = 0
         for inputs, _ in batches(loader, max_batches):
-            model(*(x.to(device) for x in inputs))
+            call(model, to_device(inputs, device))
             seen += 1
     finally:
         for h in handles:

@@ -184,6 +184,9 @@ def test_one_batch_reader_for_metrics_and_align():
     torch.testing.assert_close(predict_proba(model, [((x, s),)]), want)
     loss, acc = evaluate(model, [((x, s), y)])
     assert loss == pytest.approx(nn.functional.cross_entropy(model(x, s), y).item(), rel=1e-6)
+    # keyword batches (Hugging Face style): the same, "labels" as the targets
+    assert evaluate(model, [{"x": x, "scale": s, "labels": y}]) == (loss, acc)
+    torch.testing.assert_close(predict_proba(model, [{"scale": s, "x": x}]), want)
     assert len(permask.align(model, _TwoInputs(), [((x, s), y)])) == 0  # no hidden layer
     with pytest.raises(TypeError, match=r"tensor of shape \(6, 12\) \(inputs only\); loss and"):
         evaluate(mlp(in_features=12, hidden=(16,)), [x])

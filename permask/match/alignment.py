@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .._batches import split_batch
+from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import PRECISIONS, CorrelationStats, paired_module
@@ -130,8 +130,7 @@ def align(
                 raise ValueError(f"method={method!r} needs graph=, example_inputs= or a loader")
             first = _first_batch(batches, dev, distributed)
             example_inputs = split_batch(first)[0]
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        graph = trace(model_a, tuple(t.to(model_device(model_a)) for t in inputs))
+        graph = trace(model_a, _example_on(example_inputs, model_device(model_a)))
     if method == "weight":
         pi, info = _weight(model_a, model_b, graph, dev, seed, solver)
     else:
@@ -146,6 +145,14 @@ def align(
         dist.broadcast_object_list(shared, src=0, device=dev if dev.type == "cuda" else None)
         pi = Permutation(shared[0])
     return (pi, info) if return_info else pi
+
+
+def _example_on(example_inputs: Any, device: torch.device) -> Any:
+    """Example inputs (a tensor, a tuple, or a dict of keyword inputs) on ``device``."""
+    if isinstance(example_inputs, dict):
+        return to_device(example_inputs, device)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return to_device(tuple(inputs), device)
 
 
 def _world(distributed: bool) -> bool:
@@ -185,7 +192,7 @@ def _weight(model_a, model_b, graph, device, seed, solver) -> tuple[Permutation,
     return Permutation(res.perms), info
 
 
-def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: tuple) -> str | None:
+def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: Any) -> str | None:
     """Why a pass may have failed: the models' floating-point dtypes differ from each other or
     from the batch's (both models run on the same batches). ``None`` when they all agree. Only
     consulted after a failure, since a mix can work (bfloat16 and float32 under autocast)."""
@@ -202,7 +209,8 @@ def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: tuple) -> str | 
             f"matching runs both models on the same batches: convert one to the other's dtype "
             f"(e.g. model_b.to(torch.{min(names({d}) for d in da)}))"
         )
-    batch = {t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    batch = {t.dtype for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()}
     if len(da) == 1 and batch and batch != da:
         return (
             f"the loader's inputs are {names(batch)} but both models are {names(da)}; convert "
@@ -226,7 +234,8 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     a, b = _on(model_a, device), _on(model_b, device)
     data = itertools.chain([first] if first is not None else [], batches)
     start = time.perf_counter()
-    n_batches, samples = _stream(a, b, paired_module(a, b, graph.fx_graph, stats), data, device)
+    paired = paired_module(a, b, graph.fx_graph, stats)
+    n_batches, samples = _stream(a, b, paired, data, device, graph.frontend == "export")
     pass_seconds = time.perf_counter() - start
     if distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
@@ -255,28 +264,37 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     return Permutation(perms), info
 
 
-def _stream(a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, device) -> tuple:
-    """Run every batch through both models (eval mode, restored after); (batches, samples)."""
+def _stream(
+    a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, device, static: bool = False
+) -> tuple:
+    """Run every batch through both models (eval mode, restored after); (batches, samples).
+    ``static``: the graph was captured by torch.export, for its example inputs' shapes only."""
     modes = {m: m.training for m in (*a.modules(), *b.modules())}
     n_batches = samples = 0
     try:
         paired.eval()
         with torch.no_grad():
             for batch in data:
-                x = tuple(t.to(device, non_blocking=True) for t in split_batch(batch)[0])
+                x = to_device(split_batch(batch)[0], device, non_blocking=True)
                 try:
-                    paired(*x)
-                except RuntimeError as err:
+                    call(paired, x)
+                except (RuntimeError, TypeError) as err:  # TypeError: keyword inputs it lacks
                     if isinstance(err, torch.OutOfMemoryError):
                         raise
                     hint = _dtype_hint(a, b, x) or (
                         f"batch {n_batches} of the loader does not fit the models "
                         f"({type(err).__name__}: {_first_line(err)}); check the loader's "
                         "batches against the example inputs the graph was traced on"
+                        + (
+                            " (a graph captured by torch.export holds every input shape fixed: "
+                            "trace on a batch of the loader's shapes, or pass no graph)"
+                            if static
+                            else ""
+                        )
                     )
                     raise ValueError(hint) from err
                 n_batches += 1
-                samples += len(x[0])
+                samples += batch_size(x)
     finally:
         for m, training in modes.items():
             m.train(training)
