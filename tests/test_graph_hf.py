@@ -92,14 +92,18 @@ def test_weight_matching_recovers_a_planted_permutation(kind):
     assert all(torch.equal(got[k], pi[k]) for k in pi)
 
 
-def test_mixture_of_experts_is_captured_and_its_experts_stay_fixed_for_now():
-    """transformers' grouped expert matmul is a custom op without a rule yet: what it touches
-    (the experts' weights) is frozen and named, everything else permutes without a change."""
-    model = _model("mixtral", torch.float32)
+def test_mixture_of_experts_hidden_units_permute_and_weight_matching_finds_them():
+    """transformers' grouped expert matmul (a custom op, ruled when the model's library has
+    registered it): one hidden permutation for all experts, the expert axis fixed (the router
+    picks experts by index, and top-k ranks them by position)."""
+    model = _model("mixtral", torch.float32)  # no float64 kernel for the expert matmul
     graph = _trace(model)
-    assert any("grouped_mm" in (r.op or "") for r in graph.unruled_ops)
+    assert not graph.unruled_ops and graph.permutable_fraction >= 0.99
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
     assert _change(model, pi, graph) <= 1e-5
+    b = permask.permute_model(model, pi, graph)
+    got = permask.align(model, b, method="weight", graph=graph)
+    assert all(torch.equal(got[k], pi[k]) for k in pi)
 
 
 def test_activation_matching_on_token_batches_recovers_a_planted_permutation():

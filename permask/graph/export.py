@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from .errors import TraceError
+from .rules.aten import register_library_rules
 from .shapes import TensorMeta
 
 __all__ = ["export_capture"]
@@ -45,6 +46,7 @@ def export_capture(
         raise TraceError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {reason}"
         ) from e
+    register_library_rules()  # ops the model's own libraries registered with torch
     gm = program.module()
     for node in list(gm.graph.nodes):  # export's input guard: a check, not part of the math
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:

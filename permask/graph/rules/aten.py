@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ..context import RuleContext
-from ..registry import _ROLES, TracedTensor, find_rule, register_role, register_rule
+from ..registry import (
+    _ROLES,
+    Decline,
+    TracedTensor,
+    find_rule,
+    has_rule,
+    register_role,
+    register_rule,
+)
 from . import conv, elementwise, linear, norm, pool, reduce, shape  # noqa: F401  (aliased here)
 
 aten = torch.ops.aten
@@ -68,7 +76,7 @@ _SAME: dict[str, Any] = {
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
     "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "mean": torch.mean, "sum": torch.sum,
-    "amax": torch.amax, "amin": torch.amin, "softmax": torch.softmax,
+    "amax": torch.amax, "amin": torch.amin, "softmax": torch.softmax, "topk": torch.topk,
     "_softmax": torch.softmax, "log_softmax": torch.log_softmax, "pad": F.pad,
     "addcmul": torch.addcmul, "addcdiv": torch.addcdiv, "view_as": "view_as",
     "reshape_as": "view_as", "expand_as": "expand_as",
@@ -180,6 +188,27 @@ def register_aten_rules() -> None:
     for name, (target, adapt) in _REORDERED.items():
         _alias(name, target, _adapted(_fx_rule(target), adapt))
     _alias("addmm", torch.addmm, _addmm_rule)
+    register_rule(*_overloads("_grouped_mm"))(grouped_mm)
+
+
+def register_library_rules() -> None:
+    """Rules for ops that other libraries register with torch when imported (so looked up at
+    trace time, not at import): transformers' grouped expert matmul."""
+    ns = getattr(torch.ops, "transformers", None)
+    op = getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
+    if op is not None and not has_rule(op.default):
+        register_rule(op.default)(grouped_mm)
+
+
+def grouped_mm(ctx: RuleContext, input, weight, offs=None, bias=None, out_dtype=None):
+    """Mixture-of-experts matmul: rows of ``input`` ``[S, k]`` sorted by expert, each block of
+    rows times its expert's ``weight[e]`` (``[E, k, n]``). One permutation of ``k`` and one of
+    ``n`` serve every expert; the expert axis stays fixed (the router picks experts by index)."""
+    if input.ndim != 2 or weight.ndim != 3 or bias is not None:
+        raise Decline("grouped matmul other than [S, k] x [E, k, n] without bias")
+    ctx.unify(input.axes[1], weight.axes[1])
+    ctx.freeze(weight.axes[0], "experts are picked by index (the router)")
+    return [input.axes[0], weight.axes[2]]
 
 
 def _addmm_rule(ctx: RuleContext, bias, x, w, *, beta=1, alpha=1):

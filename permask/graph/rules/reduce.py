@@ -75,3 +75,14 @@ def arg_reduce(ctx: RuleContext, x: TracedTensor, dim=None, keepdim: bool = Fals
     for d in dims:
         ctx.freeze(x.axes[d], "argmax/argmin returns positions")
     return _reduce(ctx, x, dims, keepdim) if dim is not None else []
+
+
+@register_rule("topk", torch.topk)
+def topk(ctx: RuleContext, x: TracedTensor, k: int, dim: int = -1, *args, **kwargs):
+    """Values and indices of the ``k`` largest along ``dim``: that axis is read by position (its
+    entries are ranked and returned by index), so it stays fixed; the others pass."""
+    d = norm_dim(dim, x.ndim)
+    ctx.freeze(x.axes[d], "top-k ranks positions")
+    out = list(x.axes)
+    out[d] = ctx.fixed(k, "top-k entries")
+    return out, list(out)
