@@ -170,3 +170,27 @@ def test_alignment_on_an_exported_graph_recovers_a_planted_permutation(method):
     data = [torch.randn(32, 3, 32, 32) for _ in range(2)]
     got = permask.align(a, b, data, graph=graph, method=method)
     assert all(torch.equal(got[k], pi[k]) for k in pi)
+
+
+class _PoolAtTokens(nn.Module):
+    """CLIP's text pooling: ``hidden[arange(B), ids.argmax(-1)]`` (two index tensors), and a
+    zeros accumulator (a constant: free) plus a position ramp (arange: fixed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x, ids):
+        h = torch.relu(self.a(x))
+        pooled = h[torch.arange(h.shape[0]), ids.argmax(-1)] + torch.zeros(16, dtype=x.dtype)
+        return self.b(pooled) + torch.arange(3, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_several_index_tensors_and_constants_keep_the_hidden_units_free(frontend):
+    model = double_eval(_PoolAtTokens())
+    x, ids = torch.randn(4, 5, 6, dtype=torch.float64), torch.randint(0, 9, (4, 5))
+    graph = permask.trace(model, (x, ids), frontend=frontend)
+    assert [g.size for g in graph] == [16] and not graph.unruled_ops
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    assert equivalence_error(model, (x, ids), pi, graph) < 1e-12

@@ -125,3 +125,21 @@ def test_activation_matching_on_token_batches_recovers_a_planted_permutation():
     assert all(torch.equal(got[k], pi[k]) for k in pi)
     with pytest.raises(ValueError, match="holds every input shape fixed"):
         permask.align(a, b, [{"input_ids": IDS}], graph=graph)
+
+
+def test_an_encoder_decoder_traces_without_its_cache():
+    """T5 returns an encoder-decoder cache unless every config in it says use_cache=False."""
+    config = transformers.AutoConfig.for_model(
+        "t5", d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=100
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval().double()
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = permask.trace(model, inputs)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(**inputs).logits
+        y2 = permask.permute_model(model, pi, graph)(**inputs).logits
+    assert float((y - y2).abs().max() / y.abs().max()) < 1e-12 and len(graph) > 10

@@ -58,10 +58,12 @@ def export_capture(
 
 def _no_cache(model: nn.Module) -> None:
     """Hugging Face models return a key/value cache object by default, which torch.export cannot
-    return: the copy being captured runs without it (the cache adds no weights)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None):
-        config.use_cache = False
+    return: the copy being captured runs without it (the cache adds no weights). Every config in
+    the model (an encoder-decoder's decoder has its own)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
 
 
 def _meta(v: Any) -> Any:

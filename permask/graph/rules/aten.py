@@ -83,6 +83,11 @@ _SAME: dict[str, Any] = {
     **{n: F.interpolate for n in ("upsample_nearest1d", "upsample_nearest2d",
                                   "upsample_nearest3d", "upsample_linear1d", "upsample_bilinear2d",
                                   "upsample_bicubic2d", "upsample_trilinear3d")},
+    # tensors made from sizes: one value everywhere, or values by position
+    **{n: torch.zeros for n in ("zeros", "ones", "full", "empty", "new_zeros", "new_ones",
+                                "new_full", "new_empty")},
+    **{n: torch.arange for n in ("arange", "linspace", "eye", "scalar_tensor", "randn", "rand",
+                                 "randint")},
     # checks the exporter inserts: no values, no layout
     **{n: "size" for n in ("_assert_tensor_metadata", "_assert_scalar", "sym_size",
                            "sym_numel", "sym_stride")},

@@ -272,6 +272,33 @@ def repeat_interleave(ctx: RuleContext, x: TracedTensor, repeats, dim=None, **kw
     return axes
 
 
+def _several_index_tensors(ctx: RuleContext, x: TracedTensor, idx: list) -> list:
+    """``x[i, j]`` with integer index tensors (and full slices): the indexed axes are read by
+    position (frozen), the indices' broadcast shape takes their place (where they stand if they
+    are adjacent, else first, as torch does), the sliced axes pass (CLIP's
+    ``hidden[arange(B), ids.argmax(-1)]`` keeps its hidden channels free)."""
+    full = slice(None)
+    if len(idx) > x.ndim or any(
+        not isinstance(i, TracedTensor) and not (isinstance(i, slice) and i == full) for i in idx
+    ):
+        raise Decline("several index tensors beside ints, None, Ellipsis or partial slices")
+    idx = idx + [full] * (x.ndim - len(idx))
+    where = [d for d, i in enumerate(idx) if isinstance(i, TracedTensor)]
+    if any(idx[d].dtype == torch.bool for d in where):
+        raise Decline("boolean-mask indexing")
+    for d in where:
+        ctx.freeze(x.axes[d], "positions picked by tensor indices")
+        for ax in idx[d].axes:
+            ctx.freeze(ax, "index values")
+    shape = torch.broadcast_shapes(*(idx[d].shape for d in where))
+    picked = [ctx.fixed(s, "positions picked by tensor indices") for s in shape]
+    rest = [(d, x.axes[d]) for d in range(x.ndim) if d not in where]
+    if where == list(range(where[0], where[-1] + 1)):  # adjacent: in their place
+        before = [ax for d, ax in rest if d < where[0]]
+        return before + picked + [ax for d, ax in rest if d > where[-1]]
+    return picked + [ax for _, ax in rest]
+
+
 def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     """Layouts after indexing ``x`` with ints, slices, None, Ellipsis and one integer tensor.
 
@@ -281,6 +308,8 @@ def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     """
     idx = list(index) if isinstance(index, tuple) else [index]
     tensors = [i for i in idx if isinstance(i, TracedTensor)]
+    if len(tensors) > 1 and not any(isinstance(i, (list, torch.Tensor)) for i in idx):
+        return _several_index_tensors(ctx, x, idx)
     if any(isinstance(i, (list, torch.Tensor)) for i in idx) or len(tensors) > 1:
         raise Decline("advanced indexing with several or non-traced index tensors")
     if tensors and (tensors[0].dtype == torch.bool or None in idx):
@@ -395,3 +424,20 @@ def unbind(ctx: RuleContext, x: TracedTensor, dim: int = 0):
 
 
 __all__ = ["reshape_axes", "index_axes"]
+
+
+@register_rule(torch.zeros, torch.ones, torch.full, torch.empty, "new_zeros", "new_ones",
+               "new_full", "new_empty")  # fmt: skip
+def constant_fill(ctx: RuleContext, *args, **kwargs):
+    """A tensor of one value everywhere: any permutation of any of its axes leaves it as it is,
+    so each axis is free (it takes whatever layout it meets)."""
+    return [ctx.new(s, f"{ctx.label}.fill") for s in ctx.out.shape]
+
+
+@register_rule(torch.arange, torch.linspace, torch.eye, torch.tensor, torch.scalar_tensor,
+               torch.randn, torch.rand, torch.randint)  # fmt: skip
+def constant_positions(ctx: RuleContext, *args, **kwargs):
+    """A tensor whose values depend on position (ranges, identities, literals, noise): fixed."""
+    return [
+        ctx.fixed(s, "values made from positions (arange, eye, a literal)") for s in ctx.out.shape
+    ]
