@@ -143,3 +143,17 @@ def test_an_encoder_decoder_traces_without_its_cache():
         y = model(**inputs).logits
         y2 = permask.permute_model(model, pi, graph)(**inputs).logits
     assert float((y - y2).abs().max() / y.abs().max()) < 1e-12 and len(graph) > 10
+
+
+def test_the_hf_example_runs_and_aligning_lowers_the_barrier():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "hf_align.py"
+    proc = subprocess.run([sys.executable, str(example), "--steps", "30"], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["barrier"]["aligned"] < result["barrier"]["naive"]
