@@ -157,3 +157,17 @@ def test_the_hf_example_runs_and_aligning_lowers_the_barrier():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["barrier"]["aligned"] < result["barrier"]["naive"]
+
+
+def test_a_kv_cache_decode_step_is_unchanged_by_the_permutation():
+    """The graph was captured without the cache; the permuted weights must also serve the
+    cached path: a prefix, then one token decoded from the key/value cache."""
+    model = _model("llama")
+    graph = _trace(model)
+    moved = permask.permute_model(model, permask.random_permutation(graph), graph)
+    steps = []
+    for m in (model, moved):
+        with torch.no_grad():
+            past = m(input_ids=IDS[:, :7], use_cache=True).past_key_values
+            steps.append(m(input_ids=IDS[:, 7:], past_key_values=past, use_cache=True).logits)
+    assert float((steps[0] - steps[1]).abs().max() / steps[0].abs().max()) <= 1e-6
