@@ -409,3 +409,27 @@ def test_the_printout_marks_cuts_keeps_counts_and_names_the_unpermuted():
     assert "~" in row and "(+2)" in row  # cut with a marker, the count kept
     assert "traced tensors permuted (not: head.bias)" in text
     assert "(observed at: the fx node and output axis" in text
+
+
+def test_a_deep_model_prints_one_row_per_repeated_block():
+    """Groups alike but for their block index collapse into one row, with their count."""
+    blocks = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(30)]
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(blocks)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return self.head(x)
+
+    graph = permask.trace(Deep(), torch.randn(2, 8))
+    assert len(graph) == 30  # the residual stream is the input's: fixed
+    text = str(graph)
+    assert "30 x blocks.{0..29}.0.weight:0" in text and "graph.groups lists each" in text
+    assert len(text.splitlines()) < 15
+    small = str(permask.trace(Deep().blocks[0], torch.randn(2, 8)))
+    assert " x " not in small.splitlines()[2]  # few groups: one row each, as before

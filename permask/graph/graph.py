@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -81,6 +82,33 @@ def _examples(group: Group, width: int) -> str:
         if len(text) <= width or k == 1:
             return text if len(text) <= width else _cut(names[0], width - len(more)) + more
     return ""
+
+
+_COLLAPSE_ABOVE = 24  # groups: beyond this, repeated blocks print one row each
+_BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def _per_block(rows: list[tuple]) -> list[tuple]:
+    """Rows of groups that differ only in block indices (``blocks.3.mlp`` / ``blocks.4.mlp``),
+    size and #tensors alike, as one row ``blocks.{0..11}.mlp ... (x12)``; others as they are."""
+    merged: dict[tuple, list[tuple]] = {}
+    for row in rows:
+        key = (_BLOCK_INDEX.sub("#", row[0]), row[1], row[2])
+        merged.setdefault(key, []).append(row)
+    out = []
+    for (pattern, *_), same in merged.items():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        columns = zip(*(_BLOCK_INDEX.findall(r[0]) for r in same))  # per index position
+        name = pattern
+        for values in columns:
+            nums = sorted({int(v) for v in values})
+            name = name.replace("#", str(nums[0]) if len(nums) == 1 else
+                                f"{{{nums[0]}..{nums[-1]}}}", 1)  # fmt: skip
+        first = same[0]
+        out.append((f"{len(same)} x {name}", *first[1:]))
+    return out
 
 
 NO_RULE = "no rule for this op"
@@ -206,6 +234,9 @@ class PermutationGraph:
                     f"{obs.node}[{obs.axis}]" if obs else "-",
                 )
             )
+        collapsed = len(rows) - 1 > _COLLAPSE_ABOVE
+        if collapsed:
+            rows = rows[:1] + _per_block(rows[1:])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         moved = self.permuted_tensors
         permuted, traced = len(moved), len(self.tensors)
@@ -222,6 +253,11 @@ class PermutationGraph:
         lines.append(
             "(observed at: the fx node and output axis where activation matching sees the group)"
         )
+        if collapsed:
+            lines.append(
+                "(N x a.{i..j}.b: N groups alike but for their block index, one row for all; "
+                "graph.groups lists each)"
+            )
         tensor_frozen = [f for f in self.frozen if f.kind == "tensor"]
         io = len(self.frozen) - len(tensor_frozen)
         lines.append(
