@@ -358,3 +358,17 @@ def test_interpolate_and_merge_with_repair_equal_the_python_api(trained, mnist_d
     assert _cli("merge", *MLP, ck / "a.pt", ck / "b.pth.tar", "--method", "weight", "--out",
                 tmp_path / "x.safetensors", "--repair") == 2  # fmt: skip
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_ema_weights_are_read_with_ema(trained, tmp_path):
+    """timm's training checkpoints hold the EMA weights beside the raw ones: --ema takes them."""
+    a, b, ck = trained
+    both = {"state_dict": a.state_dict(), "state_dict_ema": b.state_dict(), "epoch": 9}
+    torch.save(both, tmp_path / "timm.pth.tar")
+    for flag, want in (([], a), (["--ema"], b)):
+        out = tmp_path / f"pi{len(flag)}.safetensors"
+        assert _cli("align", *MLP, tmp_path / "timm.pth.tar", ck / "b.pth.tar", "--method",
+                    "weight", "--out", out, *flag) == 0  # fmt: skip
+        graph = permask.trace(a, torch.randn(2, 1, 28, 28))
+        assert permask.Permutation.load(out) == permask.align(want, b, method="weight",
+                                                              graph=graph)  # fmt: skip

@@ -112,6 +112,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, nargs="+", default=[3, 32, 32], metavar="N",
                    help="one example's shape, e.g. 3 224 224 (1 28 28 for MNIST)")  # fmt: skip
     p.add_argument("--model-kwargs", default="{}", help="JSON keywords for the model's factory")
+    p.add_argument("--ema", action="store_true",
+                   help="read the EMA weights (timm's state_dict_ema or model_ema)")  # fmt: skip
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
@@ -155,9 +157,9 @@ def _trace(model: nn.Module, x: torch.Tensor) -> PermutationGraph:
         raise ConfigError(" ".join(str(err).split())) from None
 
 
-def _weights(model: nn.Module, path: str) -> nn.Module:
+def _weights(model: nn.Module, path: str, ema: bool = False) -> nn.Module:
     try:
-        return load_weights(model, path)
+        return load_weights(model, path, ema=ema)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -177,8 +179,8 @@ def trace_command(args: argparse.Namespace) -> str:
 def align_command(args: argparse.Namespace) -> str:
     model_a, x = _build(args)
     model_b = _build(args)[0]
-    _weights(model_a, args.a)
-    _weights(model_b, args.b)
+    _weights(model_a, args.a, args.ema)
+    _weights(model_b, args.b, args.ema)
     _writable(args.out, args.save_permuted)
     loader = None
     if args.method == "activation":
@@ -248,8 +250,8 @@ def interpolate_command(args: argparse.Namespace) -> str:
         raise ConfigError(f"--out {args.out!r} is a file; give a folder")
     model_a, x = _build(args)
     model_b = _build(args)[0]
-    _weights(model_a, args.a)
-    _weights(model_b, args.b)
+    _weights(model_a, args.a, args.ema)
+    _weights(model_b, args.b, args.ema)
     graph = _trace(model_a, x) if args.perm or args.repair else None
     if args.perm:
         model_a = permask.permute_model(model_a, _read_permutation(args.perm, graph), graph)
@@ -309,7 +311,7 @@ def merge_command(args: argparse.Namespace) -> str:
     _writable(args.out)
     device = _device(args.device, "merge")
     built = [_build(args) for _ in paths]
-    models = [_weights(model, p).to(device) for (model, _), p in zip(built, paths)]
+    models = [_weights(model, p, args.ema).to(device) for (model, _), p in zip(built, paths)]
     train, test = _loaders(args) if args.data or args.method == "activation" else (None, None)
     graph = _trace(models[args.reference], built[0][1].to(device))
     common = dict(reference=args.reference, max_batches=args.batches, device=device)
