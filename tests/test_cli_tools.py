@@ -361,14 +361,18 @@ def test_interpolate_and_merge_with_repair_equal_the_python_api(trained, mnist_d
 
 
 def test_ema_weights_are_read_with_ema(trained, tmp_path):
-    """timm's training checkpoints hold the EMA weights beside the raw ones: --ema takes them."""
+    """timm's training checkpoints hold the EMA weights beside the raw ones: --ema takes them
+    (from every checkpoint; one without EMA weights is an error, not a silent fallback)."""
     a, b, ck = trained
-    both = {"state_dict": a.state_dict(), "state_dict_ema": b.state_dict(), "epoch": 9}
-    torch.save(both, tmp_path / "timm.pth.tar")
-    for flag, want in (([], a), (["--ema"], b)):
+    for name, raw, ema in (("x", a, b), ("y", b, a)):
+        torch.save({"state_dict": raw.state_dict(), "state_dict_ema": ema.state_dict(),
+                    "epoch": 9}, tmp_path / f"{name}.pth.tar")  # fmt: skip
+    graph = permask.trace(a, torch.randn(2, 1, 28, 28))
+    for flag, (want_a, want_b) in (([], (a, b)), (["--ema"], (b, a))):
         out = tmp_path / f"pi{len(flag)}.safetensors"
-        assert _cli("align", *MLP, tmp_path / "timm.pth.tar", ck / "b.pth.tar", "--method",
+        assert _cli("align", *MLP, tmp_path / "x.pth.tar", tmp_path / "y.pth.tar", "--method",
                     "weight", "--out", out, *flag) == 0  # fmt: skip
-        graph = permask.trace(a, torch.randn(2, 1, 28, 28))
-        assert permask.Permutation.load(out) == permask.align(want, b, method="weight",
-                                                              graph=graph)  # fmt: skip
+        want = permask.align(want_a, want_b, method="weight", graph=graph)
+        assert permask.Permutation.load(out) == want
+    assert _cli("align", *MLP, tmp_path / "x.pth.tar", ck / "b.pth.tar", "--method", "weight",
+                "--out", tmp_path / "z.safetensors", "--ema") == 2  # fmt: skip
