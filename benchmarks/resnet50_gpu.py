@@ -28,6 +28,7 @@ import argparse
 import functools
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,18 +41,8 @@ from permask.experiment.train import train
 from permask.match import activation
 from permask.sparse import magnitude_mask
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(f, device: torch.device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    f()
-    _sync(device)
-    return time.perf_counter() - t
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from align import _seconds, _sync  # noqa: E402  (benchmarks/align.py: GPU-synchronised clock)
 
 
 def train_part(args, device: torch.device) -> None:
