@@ -25,38 +25,26 @@ import sys
 from permask.experiment import run
 from permask.experiment.config import ConfigError, add_config_flags, config_from_flags
 from permask.experiment.distributed import leave_world
+from permask.experiment.recipes import recipe_values
 
 MODELS = {1: "tv:resnet50", 2: "tv:wide_resnet50_2"}
 
 
 def recipe(args: argparse.Namespace) -> dict:
-    """The paper's ImageNet settings (shared/reference: 90 epochs, global batch 256, SGD momentum
-    0.9, wd 1e-4, 5 warm-up epochs, step decay, IMP 20 epochs per level); lr 0.1 x batch/256."""
-    batch = getattr(args, "batch_size", 256)
+    """The ``paper-imagenet`` recipe (permask/experiment/recipes.py: 90 epochs, global batch 256,
+    SGD momentum 0.9, wd 1e-4, 5 warm-up epochs, step decay, IMP 20 epochs per level) for this
+    folder and width, with both learning rates scaled by batch / 256 (Goyal et al.'s rule; the
+    fine-tuning lr 0.01 is the paper's CIFAR ratio 0.01 / 0.08, not stated for ImageNet)."""
+    values = recipe_values("paper-imagenet")
+    batch = getattr(args, "batch_size", values["batch_size"])
     width = getattr(args, "width", 1)
-    return dict(
-        model=MODELS[width] if width in MODELS else MODELS[1],
-        width=width,
-        dataset=f"imagefolder:{args.data}",
-        epochs=90,
-        batch_size=batch,
-        lr=0.1 * batch / 256,
-        momentum=0.9,
-        weight_decay=1e-4,
-        warmup_epochs=5,
-        schedule="step",
-        imp="finetune",
-        finetune_epochs=20,
-        finetune_lr=0.01 * batch / 256,  # not stated in the paper: its CIFAR ratio (0.01 / 0.08)
-        sparsity=[0.9],
-        rewind=[5],
-        match_batches=100,  # 25,600 images; the paper matched on 50-1000 batches
-        interp_batches=50,  # per point: all 50,000 val images, BN statistics from 50,000 train
-        crop=224,
-        workers=8,
-        amp="bf16",
-        channels_last=True,
-    )
+    scale = batch / values["batch_size"]
+    values.update(
+        model=MODELS[width] if width in MODELS else MODELS[1], width=width,
+        dataset=f"imagefolder:{args.data}", batch_size=batch, lr=values["lr"] * scale,
+        finetune_lr=values["finetune_lr"] * scale,
+    )  # fmt: skip
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

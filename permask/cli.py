@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run or resume the paper's experiment")
     run.add_argument("--config", help="YAML file of config keys (flags override it)")
+    run.add_argument("--recipe", help="start from a preset: paper-cifar, paper-imagenet or demo "
+                     "(the YAML config and flags override it; docs/pipeline.md)")  # fmt: skip
     add_config_flags(run)
     demo = sub.add_parser("demo", help="the default experiment (MLP, Fashion-MNIST, 98%%)")
     add_config_flags(demo)

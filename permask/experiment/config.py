@@ -235,7 +235,15 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
-    """Read a YAML mapping of config keys (dashes or underscores), then apply ``overrides``."""
+    """Read a YAML mapping of config keys (dashes or underscores; ``recipe: NAME`` starts from a
+    recipe, :mod:`permask.experiment.recipes`), then apply ``overrides``."""
+    recipe, values = _read_yaml(path)
+    _needs(recipe, {**values, **overrides})
+    return config_from_dict({**_recipe(recipe), **values, **overrides})
+
+
+def _read_yaml(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """A YAML config's recipe name (or None) and its other keys."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -246,7 +254,23 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    return config_from_dict({**values, **overrides})
+    return values.pop("recipe", None), values
+
+
+def _needs(name: Any, given: dict[str, Any]) -> None:
+    if name is not None:
+        from .recipes import check_needs
+
+        check_needs(str(name), given)
+
+
+def _recipe(name: Any) -> dict[str, Any]:
+    """The values of recipe ``name`` (none for None); see :mod:`permask.experiment.recipes`."""
+    if name is None:
+        return {}
+    from .recipes import recipe_values
+
+    return recipe_values(str(name))
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -270,10 +294,16 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def config_from_flags(args: argparse.Namespace, **defaults: Any) -> RunConfig:
-    """The config from parsed flags: ``args.config`` YAML (if any) overridden by given flags."""
+    """The config from parsed flags, each source overriding the ones before: ``defaults``, the
+    YAML's ``recipe``, ``--recipe``, the ``--config`` YAML's keys, the flags given."""
     names = {f.name for f in _fields()}
     given = {k: v for k, v in vars(args).items() if k in names}
+    yaml_recipe, yaml_values = None, {}
     path = getattr(args, "config", None)
     if path is not None:
-        return load_config(path, **given)
-    return config_from_dict({**defaults, **given})
+        yaml_recipe, yaml_values = _read_yaml(path)
+    recipe = getattr(args, "recipe", None)
+    for name in (yaml_recipe, recipe):
+        _needs(name, {**yaml_values, **given})
+    recipes = {**_recipe(yaml_recipe), **_recipe(recipe)}
+    return config_from_dict({**defaults, **recipes, **yaml_values, **given})
