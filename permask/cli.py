@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run or resume the paper's experiment")
-    run.add_argument("--config", help="YAML file of config keys (flags override it)")
+    run.add_argument("--config", help="YAML file of config keys, or a shipped config's name "
+                     "(flags override it)")  # fmt: skip
+    run.add_argument("--list-configs", action="store_true",
+                     help="list the configs shipped with permask and exit")  # fmt: skip
     run.add_argument("--recipe", help="start from a preset: paper-cifar, paper-imagenet or demo "
                      "(the YAML config and flags override it; docs/pipeline.md)")  # fmt: skip
     add_config_flags(run)
@@ -46,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as err:
             print(f"permask {args.command}: error: {err}", file=sys.stderr)
             return 2
+        return 0
+    if getattr(args, "list_configs", False):
+        from permask.experiment.recipes import shipped_configs
+
+        for name, (_, what) in shipped_configs().items():
+            print(f"{name:40s} {what}")
         return 0
     try:
         defaults = {"out": "runs/demo"} if args.command == "demo" else {}

@@ -61,3 +61,22 @@ def test_recipe_errors_name_the_fix(tmp_path, capsys):
         load_config(path)
     assert main(["run", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_every_shipped_config_loads_and_validates(capsys):
+    from permask.experiment.recipes import shipped_configs
+
+    shipped = shipped_configs()
+    assert len(shipped) >= 10 and "paper/resnet20x4_cifar10" in shipped
+    for name, (_, what) in shipped.items():
+        extra = ["--dataset", "imagefolder:/data/imagenet"] if "imagenet" in name else []
+        cfg = _config("--config", name, *extra)
+        assert cfg.epochs in (90, 200) and what  # a paper recipe, described
+        assert all(0 <= k < cfg.epochs for k in cfg.rewind)
+    grid = _config("--config", "paper/resnet20x4_cifar10")
+    assert (grid.width, grid.sparsity, grid.rewind) == (4, [0.8, 0.9, 0.95, 0.97], [0, 20, 50, 75])
+    assert _config("--config", "paper/early_matching_resnet20_cifar10").match_epoch == 5
+    with pytest.raises(ConfigError, match="no config file 'paper/nope'.*--list-configs"):
+        _config("--config", "paper/nope")
+    assert main(["run", "--list-configs"]) == 0
+    assert "paper/vgg11_cifar100" in capsys.readouterr().out

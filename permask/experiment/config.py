@@ -243,7 +243,11 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
 
 
 def _read_yaml(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """A YAML config's recipe name (or None) and its other keys."""
+    """A YAML config's recipe name (or None) and its other keys; ``path`` may also name a
+    shipped config (``paper/resnet20x4_cifar10``)."""
+    from .recipes import find_config
+
+    path = find_config(path)
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}

@@ -22,11 +22,13 @@ github.com/calgaryml/sparse-rebasin)::
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
 
-__all__ = ["RECIPES", "NEEDS", "recipe_values", "check_needs"]
+__all__ = ["RECIPES", "NEEDS", "recipe_values", "check_needs", "shipped_configs", "find_config"]
 
 _PAPER_IMP = dict(imp="finetune", imp_rate=0.2, dense_shortcuts=True, momentum=0.9,
                   optimizer="sgd")  # fmt: skip
@@ -66,3 +68,30 @@ def recipe_values(name: str) -> dict[str, Any]:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return {k: list(v) if isinstance(v, list) else v for k, v in RECIPES[name].items()}
+
+
+def shipped_configs() -> dict[str, tuple[Path, str]]:
+    """The configs installed with permask (``permask/configs/``): name (``paper/vgg11_cifar10``)
+    -> (file, its first comment line). ``permask run --config NAME`` runs one; ``permask run
+    --list-configs`` lists them."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    out = {}
+    for path in sorted(root.rglob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.relative_to(root).with_suffix("").as_posix()] = (path, first.lstrip("# "))
+    return out
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """``name`` itself if it is a file, else the shipped config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    key = str(name).removesuffix(".yaml")
+    if key in shipped:
+        return shipped[key][0]
+    raise ConfigError(
+        f"no config file {str(name)!r} and no shipped config of that name; "
+        "permask run --list-configs lists the shipped ones"
+    )
