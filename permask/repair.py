@@ -56,18 +56,36 @@ def repairable_layers(model: nn.Module, graph: PermutationGraph) -> list[str]:
     modules = dict(model.named_modules())
     names = []
     for node in graph.fx_graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _LAYERS):
+        name = _layer_of(node)
+        if name is None or not isinstance(modules.get(name), _LAYERS) or name in names:
             continue
-        layouts = graph.tensors.get(f"{node.target}.weight")
+        layouts = graph.tensors.get(f"{name}.weight")
         if layouts is None or isinstance(layouts[0], Fixed):
             continue
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            nxt = modules.get(users[0].target)
-            if isinstance(nxt, nn.modules.batchnorm._BatchNorm):
-                continue
-        names.append(node.target)
+        if len(users) == 1 and _is_batchnorm(users[0], modules):
+            continue
+        names.append(name)
     return names
+
+
+def _layer_of(node) -> str | None:
+    """The module a node applies: ``call_module``'s target (fx), or the owner of the weight an
+    ATen linear/conv reads (``get_attr layer.weight``: the export front end)."""
+    if node.op == "call_module":
+        return node.target
+    name = getattr(node.target, "_opname", None)
+    if node.op == "call_function" and name in ("linear", "conv1d", "conv2d", "conv3d"):
+        weight = node.args[1] if len(node.args) > 1 else None
+        if getattr(weight, "op", None) == "get_attr" and weight.target.endswith(".weight"):
+            return weight.target.removesuffix(".weight")
+    return None
+
+
+def _is_batchnorm(node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm)
+    return getattr(node.target, "_opname", None) == "batch_norm"
 
 
 def repair(

@@ -116,3 +116,11 @@ def test_repair_lowers_the_barrier_of_an_aligned_norm_free_cnn(mnist_dir):
     assert fixed["barrier"] < 0.6 * plain["barrier"], (fixed["barrier"], plain["barrier"])
     # endpoints nearly kept (batch vs total statistics in the correcting pass: about 1%)
     assert fixed["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)
+
+
+def test_an_exported_graph_names_the_same_layers():
+    """The export front end calls aten.linear/conv on get_attr weights: the same modules."""
+    x = torch.randn(2, 1, 28, 28)
+    for model in (_cnn(), _cnn(bn=True)):
+        want = repairable_layers(model, permask.trace(model, x, frontend="fx"))
+        assert repairable_layers(model, permask.trace(model, x, frontend="export")) == want
