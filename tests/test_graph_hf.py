@@ -75,6 +75,11 @@ def test_llama_rope_dims_stay_fixed_and_gqa_heads_move_with_their_kv_head():
     v = graph.tensors["model.layers.0.self_attn.v_proj.weight"][0]
     # q rows: (kv groups x query heads per group x head dim); RoPE pairs the head dims
     assert "fixed(8)" in str(q) and "fixed" not in str(v)
+    # the reason is named: in graph.partly_fixed and in the printout
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    part = next(f for f in graph.partly_fixed if f.name == q_name)
+    assert part.kind == "part" and "not in the state dict" in part.reasons[0].message
+    assert "partly fixed: 4 permuted tensor axes" in str(graph)
     kv_groups = [g for g in graph if g.size == 2 and "layers.0." in g.name]
     assert len(kv_groups) == 2  # which kv head, and which query head within its group
 

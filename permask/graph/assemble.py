@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import target_name
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
-from .layout import layout_groups, locate
+from .layout import Concat, Fixed, Layout, Product, layout_groups, locate
 from .registry import TracedTensor, find_role
 from .unify import AxisTerm, Reason
 from .walk import Walker
@@ -45,7 +45,7 @@ class _Assembly:
         self.freeze_unobserved(activations)
         names = self.group_names()
         groups = {names[vid]: Group(names[vid], self.s.vars[vid].size) for vid in sorted(names)}
-        tensors, frozen = self.members(groups, names)
+        tensors, frozen, parts = self.members(groups, names)
         for node, item, axis, ax in activations:
             lay = self.s.expand(ax, names)
             for g in layout_groups(lay):
@@ -57,7 +57,9 @@ class _Assembly:
         frozen.extend(self.frozen_io())
         groups = {k: g for k, g in groups.items() if g.members}
         params = frozenset(n for n, _ in root.named_parameters())
-        return PermutationGraph(groups, tensors, frozen, shapes, params, self.w.gm.graph)
+        graph = PermutationGraph(groups, tensors, frozen, shapes, params, self.w.gm.graph)
+        graph.partly_fixed = parts
+        return graph
 
     def role(self, node: fx.Node) -> str | None:
         module = self.w.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -123,6 +125,7 @@ class _Assembly:
         """Each tensor's layouts; members added to ``groups``; its frozen axes of size > 1."""
         tensors: dict[str, list] = {}
         frozen: list[FrozenAxis] = []
+        parts: list[FrozenAxis] = []  # permuted axes with fixed factors or segments
         for tname, val in self.w.members.items():
             tensors[tname] = [self.s.expand(ax, names) for ax in val.axes]
             for axis, lay in enumerate(tensors[tname]):
@@ -132,7 +135,10 @@ class _Assembly:
                 if not gs and lay.size > 1:
                     reasons = self.reasons(val.axes[axis])
                     frozen.append(FrozenAxis(tname, axis, lay.size, reasons, "tensor"))
-        return tensors, frozen
+                elif gs and _fixed_parts(lay):
+                    reasons = self.reasons(val.axes[axis], frozen_only=True)
+                    parts.append(FrozenAxis(tname, axis, _fixed_parts(lay), reasons, "part"))
+        return tensors, frozen, parts
 
     def frozen_io(self) -> list[FrozenAxis]:
         out = []
@@ -144,11 +150,23 @@ class _Assembly:
                             out.append(FrozenAxis(name, axis, ax.size, self.reasons(ax), kind))
         return out
 
-    def reasons(self, ax: AxisTerm) -> tuple[Reason, ...]:
+    def reasons(self, ax: AxisTerm, frozen_only: bool = False) -> tuple[Reason, ...]:
         out: dict[Reason, None] = {}
         for leaf in self.s.leaves(ax):
-            out.update(dict.fromkeys(leaf.reasons))
+            if leaf.frozen or not frozen_only:
+                out.update(dict.fromkeys(leaf.reasons))
         return tuple(out)
+
+
+def _fixed_parts(layout: Layout) -> int:
+    """How many positions of a structured layout are fixed (0 for a plain group or none)."""
+    if isinstance(layout, Fixed):
+        return layout.size
+    if isinstance(layout, Concat):
+        return sum(_fixed_parts(p) for p in layout.parts)
+    if isinstance(layout, Product):
+        return max((f.size for f in layout.factors if isinstance(f, Fixed)), default=0)
+    return 0
 
 
 def _leaves(value: Any) -> list:

@@ -150,6 +150,9 @@ class PermutationGraph:
         fx_graph: the traced ``torch.fx.Graph`` (node names match ``Observation.node``).
         frontend: how the graph was captured: "fx" (symbolic tracing; modules and torch
             functions) or "export" (``torch.export``; ATen operators).
+        partly_fixed: permuted tensor axes that also have fixed parts (a ``fixed(n)`` factor or
+            segment in their layout, e.g. RoPE's head dims inside q/k projections), kind "part",
+            ``size`` the fixed positions (for a factor: its size), with the reasons.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class PermutationGraph:
         self.parameters = parameters
         self.fx_graph = fx_graph
         self.frontend = frontend
+        self.partly_fixed: list[FrozenAxis] = []
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -266,6 +270,13 @@ class PermutationGraph:
         )
         for msg, n in self.frozen_reasons.most_common(8):
             lines.append(f"  {n:4d} x {msg}")
+        if self.partly_fixed:
+            parts = Counter(f.reasons[0].message for f in self.partly_fixed if f.reasons)
+            lines.append(
+                f"partly fixed: {len(self.partly_fixed)} permuted tensor axes with fixed parts "
+                "(graph.partly_fixed), by first reason:"
+            )
+            lines.extend(f"  {n:4d} x {msg}" for msg, n in parts.most_common(4))
         unruled = self.unruled_ops
         if unruled:
             lines.append(
