@@ -93,7 +93,7 @@ def test_cuda_statistics_match_float64_reference(precision, atol):
 
 def test_an_unknown_precision_is_refused():
     point = Point("x", 1, "x", 4, (Unit(("g",), torch.arange(4)[None]),))
-    with pytest.raises(ValueError, match="precision='medium'"):
+    with pytest.raises(ValueError, match="unknown precision 'medium'; choose 'highest'"):
         CorrelationStats(Plan((point,), ()), torch.device("cpu"), "medium")
 
 

@@ -54,6 +54,15 @@ PRECISIONS = (None, "highest", "high")
 FUSED_MOMENTS = {"cuda": True}
 
 
+def check_precision(precision: str | None) -> None:
+    """A ``ValueError`` naming the choices unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; choose 'highest' (float32 products), 'high' (TF32 "
+            "products on CUDA) or None (torch's float32 matmul setting)"
+        )
+
+
 def _unit_values(
     x: torch.Tensor, axis: int, idx: torch.Tensor | None, shift: torch.Tensor | None
 ) -> torch.Tensor:
@@ -184,11 +193,7 @@ class CorrelationStats:
     """Streaming float64 sums for every unit of a plan; :meth:`scores` gives correlations."""
 
     def __init__(self, plan: Plan, device: torch.device, precision: str | None = None):
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"precision={precision!r}; choose None (torch's float32 matmul setting), "
-                "'highest' (float32 products) or 'high' (TF32 products on CUDA)"
-            )
+        check_precision(precision)
         self.plan = plan
         self.precision = precision
         self.count = [[0] * len(p.units) for p in plan.points]

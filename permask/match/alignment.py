@@ -17,7 +17,7 @@ import torch.nn as nn
 from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
-from .activation import PRECISIONS, CorrelationStats, paired_module
+from .activation import CorrelationStats, check_precision, paired_module
 from .assign import assign
 from .points import plan_points
 from .weight import weight_matching
@@ -113,10 +113,7 @@ def align(
     """
     if method not in ("activation", "weight"):
         raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"unknown precision {precision!r}; choose 'highest', 'high' or None (torch's setting)"
-        )
+    check_precision(precision)  # before any tracing or data
     distributed = _world(distributed)
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
