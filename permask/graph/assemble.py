@@ -30,9 +30,7 @@ def assemble(
     walker: Walker, root: nn.Module, shapes: dict[str, tuple[int, ...]], frontend: str = "fx"
 ) -> PermutationGraph:
     """The permutation graph of a walked model (see the module doc)."""
-    graph = _Assembly(walker).build(root, shapes)
-    graph.frontend = frontend
-    return graph
+    return _Assembly(walker).build(root, shapes, frontend)
 
 
 class _Assembly:
@@ -40,7 +38,9 @@ class _Assembly:
         self.w = walker
         self.s = walker.solver
 
-    def build(self, root: nn.Module, shapes: dict[str, tuple[int, ...]]) -> PermutationGraph:
+    def build(
+        self, root: nn.Module, shapes: dict[str, tuple[int, ...]], frontend: str
+    ) -> PermutationGraph:
         activations = self.activation_axes()
         self.freeze_unobserved(activations)
         names = self.group_names()
@@ -57,9 +57,9 @@ class _Assembly:
         frozen.extend(self.frozen_io())
         groups = {k: g for k, g in groups.items() if g.members}
         params = frozenset(n for n, _ in root.named_parameters())
-        graph = PermutationGraph(groups, tensors, frozen, shapes, params, self.w.gm.graph)
-        graph.partly_fixed = parts
-        return graph
+        return PermutationGraph(
+            groups, tensors, frozen, shapes, params, self.w.gm.graph, frontend, parts
+        )
 
     def role(self, node: fx.Node) -> str | None:
         module = self.w.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -135,9 +135,9 @@ class _Assembly:
                 if not gs and lay.size > 1:
                     reasons = self.reasons(val.axes[axis])
                     frozen.append(FrozenAxis(tname, axis, lay.size, reasons, "tensor"))
-                elif gs and _fixed_parts(lay):
+                elif gs and (fixed := _fixed_parts(lay)):
                     reasons = self.reasons(val.axes[axis], frozen_only=True)
-                    parts.append(FrozenAxis(tname, axis, _fixed_parts(lay), reasons, "part"))
+                    parts.append(FrozenAxis(tname, axis, fixed, reasons, "part"))
         return tensors, frozen, parts
 
     def frozen_io(self) -> list[FrozenAxis]:

@@ -164,6 +164,7 @@ class PermutationGraph:
         parameters: frozenset[str],
         fx_graph: torch.fx.Graph,
         frontend: str = "fx",
+        partly_fixed: list[FrozenAxis] | None = None,
     ):
         self.groups = groups
         self.tensors = tensors
@@ -172,7 +173,7 @@ class PermutationGraph:
         self.parameters = parameters
         self.fx_graph = fx_graph
         self.frontend = frontend
-        self.partly_fixed: list[FrozenAxis] = []
+        self.partly_fixed = partly_fixed or []
 
     def __len__(self) -> int:
         return len(self.groups)

@@ -30,6 +30,7 @@ from .unify import LayoutMismatch, Reason, Solver
 __all__ = ["Walker", "Frame", "MAX_INLINE_DEPTH"]
 
 MAX_INLINE_DEPTH = 4
+_UNSAVED = "buffer not in the state dict (computed, e.g. RoPE frequencies)"
 
 
 class Frame:
@@ -80,17 +81,14 @@ class Walker:
     def member(self, t: torch.Tensor) -> TracedTensor:
         """Axes of a parameter/buffer (created once; shared uses unify automatically)."""
         entry = self.names.get(id(t))
-        if entry is None:
-            reason = Reason("constant tensor")
+        # permuted in memory, a buffer outside the state dict would not survive save and load
+        if entry is None or entry[0] in self.unsaved:
+            why = "constant tensor" if entry is None else _UNSAVED
+            reason = Reason(why)
             return TracedTensor(
                 tuple(t.shape), [self.solver.fixed(s, reason) for s in t.shape], t.dtype
             )
         name = entry[0]
-        if name in self.unsaved:  # permuted in memory, it would not survive save and load
-            reason = Reason("buffer not in the state dict (computed, e.g. RoPE frequencies)")
-            return TracedTensor(
-                tuple(t.shape), [self.solver.fixed(s, reason) for s in t.shape], t.dtype
-            )
         val = self.members.get(name)
         if val is None:
             axes = [self.solver.new(s, f"{name}:{i}") for i, s in enumerate(t.shape)]

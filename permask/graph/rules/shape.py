@@ -308,10 +308,10 @@ def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     """
     idx = list(index) if isinstance(index, tuple) else [index]
     tensors = [i for i in idx if isinstance(i, TracedTensor)]
-    if len(tensors) > 1 and not any(isinstance(i, (list, torch.Tensor)) for i in idx):
+    if any(isinstance(i, (list, torch.Tensor)) for i in idx):
+        raise Decline("advanced indexing with non-traced index tensors")
+    if len(tensors) > 1:
         return _several_index_tensors(ctx, x, idx)
-    if any(isinstance(i, (list, torch.Tensor)) for i in idx) or len(tensors) > 1:
-        raise Decline("advanced indexing with several or non-traced index tensors")
     if tensors and (tensors[0].dtype == torch.bool or None in idx):
         raise Decline("boolean-mask indexing or None beside a tensor index")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
