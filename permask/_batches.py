@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["split_batch", "batches", "call", "to_device", "batch_size"]
+__all__ = ["split_batch", "batches", "first_inputs", "call", "to_device", "batch_size"]
 
 Inputs = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
@@ -64,6 +64,14 @@ def batches(
     """:func:`split_batch` of each of the loader's first ``max_batches`` batches (all if None)."""
     for batch in itertools.islice(loader, max_batches):
         yield split_batch(batch, need_targets)
+
+
+def first_inputs(loader: Iterable) -> Inputs:
+    """The inputs of the loader's first batch (to trace on); ``ValueError`` if it has none."""
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("the loader yielded no batches")
+    return split_batch(first)[0]
 
 
 def call(model: Any, inputs: Inputs) -> Any:

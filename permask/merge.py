@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._batches import split_batch, to_device
+from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .match import align
@@ -140,8 +140,4 @@ def _checked(models: Sequence[nn.Module], reference: int) -> list[nn.Module]:
 def _trace_reference(ref: nn.Module, loader: Iterable | None) -> PermutationGraph:
     if loader is None:
         raise ValueError("merge needs graph= or a loader to trace the reference on")
-    first = next(iter(loader), None)
-    if first is None:
-        raise ValueError("the loader yielded no batches")
-    inputs = split_batch(first)[0]
-    return trace(ref, to_device(inputs, model_device(ref)))
+    return trace(ref, to_device(first_inputs(loader), model_device(ref)))

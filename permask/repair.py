@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ._batches import batches, call, to_device
+from ._batches import batches, call, first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .graph.layout import Fixed
@@ -135,10 +135,7 @@ class Repair:
         self.device = usable_device(device if device is not None else model_device(first), "repair")
         self.loader, self.max_batches = loader, max_batches
         if graph is None:
-            batch = next(iter(batches(loader, 1)), None)
-            if batch is None:
-                raise ValueError("the loader yielded no batches")
-            graph = trace(first, to_device(batch[0], model_device(first)))
+            graph = trace(first, to_device(first_inputs(loader), model_device(first)))
         self.layers = repairable_layers(first, graph)
         self.stats = [self._measure(s) for s in self.sources]
 
