@@ -238,8 +238,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
     """Read a YAML mapping of config keys (dashes or underscores; ``recipe: NAME`` starts from a
     recipe, :mod:`permask.experiment.recipes`), then apply ``overrides``."""
     recipe, values = _read_yaml(path)
-    _needs(recipe, {**values, **overrides})
-    return config_from_dict({**_recipe(recipe), **values, **overrides})
+    return _compose({}, [recipe], values, overrides)
 
 
 def _read_yaml(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
@@ -261,20 +260,19 @@ def _read_yaml(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     return values.pop("recipe", None), values
 
 
-def _needs(name: Any, given: dict[str, Any]) -> None:
-    if name is not None:
-        from .recipes import check_needs
+def _compose(
+    defaults: dict[str, Any], recipes: list[Any], values: dict[str, Any], given: dict[str, Any]
+) -> RunConfig:
+    """``defaults``, then each recipe named (None: none; :mod:`permask.experiment.recipes`),
+    then a YAML's ``values``, then ``given``, each overriding the ones before. A recipe's key
+    that neither ``values`` nor ``given`` supplies (ImageNet's folder) is a ``ConfigError``."""
+    from .recipes import check_needs, recipe_values
 
-        check_needs(str(name), given)
-
-
-def _recipe(name: Any) -> dict[str, Any]:
-    """The values of recipe ``name`` (none for None); see :mod:`permask.experiment.recipes`."""
-    if name is None:
-        return {}
-    from .recipes import recipe_values
-
-    return recipe_values(str(name))
+    merged = dict(defaults)
+    for name in (str(n) for n in recipes if n is not None):
+        check_needs(name, {**values, **given})
+        merged.update(recipe_values(name))
+    return config_from_dict({**merged, **values, **given})
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -306,8 +304,4 @@ def config_from_flags(args: argparse.Namespace, **defaults: Any) -> RunConfig:
     path = getattr(args, "config", None)
     if path is not None:
         yaml_recipe, yaml_values = _read_yaml(path)
-    recipe = getattr(args, "recipe", None)
-    for name in (yaml_recipe, recipe):
-        _needs(name, {**yaml_values, **given})
-    recipes = {**_recipe(yaml_recipe), **_recipe(recipe)}
-    return config_from_dict({**defaults, **recipes, **yaml_values, **given})
+    return _compose(defaults, [yaml_recipe, getattr(args, "recipe", None)], yaml_values, given)
