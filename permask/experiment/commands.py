@@ -197,13 +197,18 @@ def align_command(args: argparse.Namespace) -> str:
         pi.save(tmp)
     lines = [f"pi: {len(pi)} groups -> {args.out} ({info.method} matching, {info.seconds:.1f} s)"]
     if args.save_permuted:
-        moved = permask.permute_model(model_a, pi, graph)
-        from safetensors.torch import save_file
-
-        with atomic_path(args.save_permuted) as tmp:
-            save_file({k: v.contiguous() for k, v in moved.state_dict().items()}, str(tmp))
+        _save_weights(permask.permute_model(model_a, pi, graph), args.save_permuted)
         lines.append(f"pi(A) -> {args.save_permuted}")
     return "\n".join(lines)
+
+
+def _save_weights(model: nn.Module, path: str) -> None:
+    """The model's state dict as safetensors at ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp))  # fmt: skip
 
 
 def _loader(args: argparse.Namespace):
@@ -322,11 +327,7 @@ def merge_command(args: argparse.Namespace) -> str:
         scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    from safetensors.torch import save_file
-
-    with atomic_path(args.out) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()},
-                  str(tmp))  # fmt: skip
+    _save_weights(merged, args.out)
     return _merge_report(args, scores, _has_batchnorm(merged))
 
 
