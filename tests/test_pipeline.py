@@ -87,7 +87,7 @@ def test_tiny_run_writes_every_artifact(tiny_run):
         assert curves["permuted"]["barrier"] >= 0
         for end in (0, -1):  # computed once: pi(A) is A's function, B is B
             assert curves["permuted"]["losses"][end] == curves["naive"]["losses"][end]
-        assert curves["seconds"] > 0 and curves["bn_samples"] == 4096
+        assert curves["seconds"] > 0 and curves["bn_samples"] == RunConfig().interp_bn_samples
     methods = [(r["method"], r["sparsity"], r["rewind"]) for r in results.rows]
     assert methods == [
         ("dense", None, None),

@@ -21,7 +21,16 @@ import yaml
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
 # Fields that may change between invocations of one run directory without changing its results.
-RUNTIME_FIELDS = ("device", "threads", "progress", "out", "data_dir", "dist_timeout", "workers")
+RUNTIME_FIELDS = (
+    "device",
+    "threads",
+    "progress",
+    "out",
+    "data_dir",
+    "dist_timeout",
+    "workers",
+    "channels_last",
+)
 
 
 class ConfigError(ValueError):
@@ -96,7 +105,7 @@ class RunConfig:
         None, "test batches per interpolation point (default: all)"
     )
     interp_bn_samples: int = _setting(
-        4096, "training images per BatchNorm re-estimation along the interpolation (0: all)"
+        2048, "training images per BatchNorm re-estimation along the interpolation (0: all)"
     )
     crop: int | None = _setting(
         None,
@@ -104,7 +113,9 @@ class RunConfig:
         "(default: 224 when the images are >= 128 px, else decode the set into memory)",
     )
     workers: int = _setting(4, "DataLoader processes decoding a streamed image folder")
-    channels_last: bool = _setting(False, "channels_last memory format (faster convs on CPU)")
+    channels_last: bool = _setting(
+        True, "channels_last memory format for conv weights and images (faster convs)"
+    )
     amp: str = _setting(
         "off", "mixed precision of training: off, bf16 or fp16 (autocast; fp16 with GradScaler)"
     )

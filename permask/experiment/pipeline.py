@@ -525,13 +525,12 @@ def _interpolation(
         exp.log.info("[seed %d] interpolation: done earlier (skipped)", seed)
         return
     t0 = time.perf_counter()
-    bn_data = exp.statistics_loader()
-    bn_samples = cfg.interp_bn_samples
+    bn_data, bn_samples, bn_batches = exp.statistics_loader(), cfg.interp_bn_samples, None
+    if bn_samples:  # equal batches of about bn_samples in all (not whole test-size batches)
+        bn_batches = math.ceil(bn_samples / bn_data.batch_size)
+        bn_data.batch_size = math.ceil(bn_samples / bn_batches)
     common = dict(
-        bn_loader=bn_data,
-        device=cfg.device,
-        max_batches=cfg.interp_batches,
-        bn_batches=math.ceil(bn_samples / bn_data.batch_size) if bn_samples else None,
+        bn_loader=bn_data, device=cfg.device, max_batches=cfg.interp_batches, bn_batches=bn_batches
     )
     alphas = torch.linspace(0, 1, cfg.interp_points).tolist()
     naive = interpolate(model_a, model_b, exp.test_loader, alphas=alphas, **common)
