@@ -33,9 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="list the configs shipped with permask and exit")  # fmt: skip
     run.add_argument("--recipe", help="start from a preset: paper-cifar, paper-imagenet or demo "
                      "(the YAML config and flags override it; docs/pipeline.md)")  # fmt: skip
-    add_config_flags(run)
     demo = sub.add_parser("demo", help="the default experiment (MLP, Fashion-MNIST, 98%%)")
-    add_config_flags(demo)
+    for p in (run, demo):
+        what = "print the stages, their state and estimated time on this device (a short "
+        what += "measured probe), then exit; writes nothing"
+        p.add_argument("--plan", action="store_true", help=what)
+        add_config_flags(p)
     add_commands(sub)
     return parser
 
@@ -60,8 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults = {"out": "runs/demo"} if args.command == "demo" else {}
         cfg = config_from_flags(args, **defaults)
         from permask.experiment.distributed import leave_world
-        from permask.experiment.pipeline import run  # heavy imports only once flags parse
+        from permask.experiment.pipeline import prepare, run  # heavy imports once flags parse
 
+        if args.plan:
+            from permask.experiment.plan import plan
+
+            print(plan(prepare(cfg)))
+            return 0
         results = run(cfg)
         rank0 = leave_world()  # under torchrun: rank 0 prints the table
     except ConfigError as err:

@@ -66,15 +66,20 @@ def write_synthetic_mnist(root: Path, n_train: int = 10000, n_test: int = 1000) 
 
 
 def write_image_folder(
-    root: Path, classes: int = 4, per_class: int = 6, size: tuple[int, int] = (40, 48)
+    root: Path,
+    classes: int = 4,
+    per_class: int = 6,
+    size: tuple[int, int] = (40, 48),
+    splits: tuple[str, str] = ("train", "val"),
 ) -> Path:
     """``root/{train,val}/<class>/<i>.jpg``: RGB images (height, width = ``size``) whose class is
-    their colour under noise, in ImageNet's folder layout (val: half as many per class)."""
+    their colour under noise, in ImageNet's folder layout (val: half as many per class).
+    ``splits=("train", "test")`` with ``root/cifar10`` gives CIFAR-10's JPEG-folder layout."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(7)
     colours = torch.rand(classes, 3, 1, 1, generator=g)
-    for split, n in (("train", per_class), ("val", max(1, per_class // 2))):
+    for split, n in zip(splits, (per_class, max(1, per_class // 2))):
         for c in range(classes):
             folder = root / split / f"class{c:02d}"
             folder.mkdir(parents=True, exist_ok=True)

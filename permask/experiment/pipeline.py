@@ -20,14 +20,15 @@ checkpoint with identical results. Layout, for seed ``s``::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,14 @@ class Experiment:
     log: logging.Logger
     world: World = World()  # this process among torchrun's; rank 0 writes and logs
     graph: PermutationGraph | None = None  # set by prepare()
+    timings: dict[tuple[int, str], float] = field(default_factory=dict)  # (seed, stage) -> s
+
+    @contextlib.contextmanager
+    def timed(self, seed: int, stage: str) -> Iterator[None]:
+        """Record the wall time of ``stage`` (named as in :mod:`permask.experiment.plan`)."""
+        t0 = time.perf_counter()
+        yield
+        self.timings[(seed, stage)] = time.perf_counter() - t0
 
     def build(self, init_seed: int) -> nn.Module:
         """A fresh model from ``init_seed`` (on the run's device and memory format)."""
@@ -94,7 +103,12 @@ class Experiment:
         return build_model(cfg.model, self.num_classes, self.in_channels, self.image_size, **kw)
 
     def fit(
-        self, model: nn.Module, loader: TensorLoader, directory: Path, desc: str, **overrides: Any
+        self,
+        model: nn.Module,
+        loader: TensorLoader,
+        directory: Path | None,
+        desc: str,
+        **overrides: Any,
     ) -> TrainResult:
         """:func:`train` with the run's recipe (changed by ``overrides``), resuming in a dir."""
         cfg = self.cfg
@@ -242,9 +256,14 @@ def run(cfg: RunConfig) -> Results:
             out, cfg.model, cfg.dataset, cfg.seeds, exp.cfg.device,
             f", {world.size} processes" if world.active else "",
         )  # fmt: skip
+        from permask.experiment.plan import plan  # it reads this module's layout helpers
+
+        todo = plan(exp)
+        exp.log.info("plan: %s", todo.summary())
         for seed in range(cfg.seeds):
             _run_seed(exp, seed)
         results = collect(out, cfg, exp.test_loader.labels.cpu(), exp.num_classes)
+        results.stages = _stage_times(todo, exp.timings)
         if world.main:
             write_report(out, cfg, results, time.perf_counter() - start)
         world.barrier()
@@ -259,6 +278,15 @@ def run(cfg: RunConfig) -> Results:
         exp.log.removeHandler(handler)
         handler.close()
     return results
+
+
+def _stage_times(todo: Any, timings: dict[tuple[int, str], float]) -> list[dict[str, Any]]:
+    """Each stage this invocation ran: the plan's estimate beside the time it took."""
+    return [
+        {"seed": s.seed, "stage": s.name, "estimate_seconds": s.seconds(todo.probe),
+         "seconds": timings.get((s.seed, s.name))}
+        for s in todo.todo
+    ]  # fmt: skip
 
 
 def _attach_log(log: logging.Logger, path: Path | None) -> logging.Handler:
@@ -299,26 +327,30 @@ def _run_seed(exp: Experiment, seed: int) -> None:
     own_dir, a_dir = seed_dir(cfg, seed), seed_dir(cfg, seed_of_a)  # B and the rest; A and IMP
     a_seeds, own_seeds = _seeds(seed_of_a), _seeds(seed)
     keep_a = set(cfg.rewind)  # IMP's rewinding variant rewinds to rewind[0]
-    name_a = f"[seed {seed_of_a}] dense A"
-    model_a = _trained(
-        exp,
-        name_a,
-        a_dir / "dense_a",
-        exp.build(a_seeds["a"]),
-        exp.loader(a_seeds["a"]),
-        keep=keep_a,
-    )
-    masks = _imp(exp, seed_of_a, a_dir, model_a, a_seeds)
+    timed = functools.partial(exp.timed, seed)  # the stages' names are the plan's
+    with timed("dense A"):
+        model_a = _trained(
+            exp,
+            f"[seed {seed_of_a}] dense A",
+            a_dir / "dense_a",
+            exp.build(a_seeds["a"]),
+            exp.loader(a_seeds["a"]),
+            keep=keep_a,
+        )
+    with timed("IMP"):
+        masks = _imp(exp, seed_of_a, a_dir, model_a, a_seeds)
     keep_b = {*cfg.rewind} | ({cfg.match_epoch} if cfg.match_epoch is not None else set())
-    model_b = _trained(
-        exp,
-        f"[seed {seed}] dense B",
-        own_dir / "dense_b",
-        exp.build(own_seeds["b"]),
-        exp.loader(own_seeds["b"]),
-        keep=keep_b,
-    )
-    pi = _align(exp, seed, own_dir, model_a, model_b)
+    with timed("dense B"):
+        model_b = _trained(
+            exp,
+            f"[seed {seed}] dense B",
+            own_dir / "dense_b",
+            exp.build(own_seeds["b"]),
+            exp.loader(own_seeds["b"]),
+            keep=keep_b,
+        )
+    with timed("align"):
+        pi = _align(exp, seed, own_dir, model_a, model_b)
     permuted = _permuted_masks(exp, own_dir, masks, pi)
     for s in cfg.sparsity:
         for k in cfg.rewind:
@@ -335,17 +367,19 @@ def _run_seed(exp: Experiment, seed: int) -> None:
                 src, mask = starts[method]
                 model = exp.build(0)
                 load_checkpoint(checkpoint_path(src, k), model)
-                name = f"[seed {seed}] {method} s={s:g} k={k}"
-                _trained(
-                    exp,
-                    name,
-                    own_dir / "sparse" / f"{method}_s{s:g}_k{k}",
-                    model,
-                    exp.loader(own_seeds["sparse"]),
-                    mask=mask,
-                    **schedule,
-                )
-    _interpolation(exp, seed, own_dir, model_a, model_b, pi)
+                stage = f"{method} s={s:g} k={k}"
+                with timed(stage):
+                    _trained(
+                        exp,
+                        f"[seed {seed}] {stage}",
+                        sparse_dir(own_dir, method, s, k),
+                        model,
+                        exp.loader(own_seeds["sparse"]),
+                        mask=mask,
+                        **schedule,
+                    )
+    with timed("interpolation"):
+        _interpolation(exp, seed, own_dir, model_a, model_b, pi)
 
 
 def _trained(
@@ -407,8 +441,7 @@ def _imp(
 ) -> dict[float, Mask]:
     """IMP on (a copy of) trained A; masks and evaluations at every requested sparsity."""
     cfg = exp.cfg
-    paths = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
-    evals = {s: a_dir / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
+    paths, evals = imp_files(cfg, a_dir)
     if exp.world.exists(*paths.values(), *evals.values()):
         exp.log.info("[seed %d] IMP: done earlier (skipped)", seed)
         return {s: load_mask(p, cfg.device) for s, p in paths.items()}
@@ -451,6 +484,17 @@ def _imp(
             dense_shortcuts=cfg.dense_shortcuts, on_round=on_round,
         )  # fmt: skip
     return masks
+
+
+def imp_files(cfg: RunConfig, a_dir: Path) -> tuple[dict[float, Path], dict[float, Path]]:
+    """IMP's mask and evaluation files, per sparsity: IMP is done when all exist."""
+    masks = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
+    return masks, {s: a_dir / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
+
+
+def sparse_dir(own_dir: Path, method: str, sparsity: float, rewind: int) -> Path:
+    """The directory of one sparse training (``method`` from w^k with the mask at sparsity)."""
+    return own_dir / "sparse" / f"{method}_s{sparsity:g}_k{rewind}"
 
 
 def _align(

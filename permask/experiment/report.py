@@ -48,6 +48,7 @@ class Results:
     curves: dict[str, Any] = field(default_factory=dict)  # seed 0's curves, for the plot
     notes: list[str] = field(default_factory=list)  # warnings about the run, printed below
     interpolation_seconds: list[float] = field(default_factory=list)  # the stage, per seed
+    stages: list[dict[str, Any]] = field(default_factory=list)  # the plan's estimates and times
 
     def row(self, method: str, sparsity: float | None = None, rewind: int | None = None) -> dict:
         """The row of ``method`` (at ``sparsity`` and ``rewind`` where they apply)."""
@@ -82,11 +83,22 @@ class Results:
         if self.interpolation_seconds:
             each = ", ".join(f"{s:.0f}" for s in self.interpolation_seconds)
             lines.append(f"Interpolation stage: {each} s (per seed)")
+        if self.stages:
+            lines.append(_estimates(self.stages))
         lines += [f"\n**Warning:** {note}" for note in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.markdown()
+
+
+def _estimates(stages: list[dict[str, Any]]) -> str:
+    """The plan's estimate of the stages run by the last invocation against their times."""
+    done = [s for s in stages if s["seconds"] is not None]
+    est, took = sum(s["estimate_seconds"] for s in done), sum(s["seconds"] for s in done)
+    return (
+        f"Stages run by the last invocation: {len(done)}, estimated {est:.0f} s, took {took:.0f} s"
+    )
 
 
 def _num(x: float, digits: int) -> str:
@@ -176,6 +188,7 @@ def write_report(run_dir: Path, cfg: RunConfig, results: Results, seconds: float
         "rows": results.rows,
         "interpolation_barriers": results.interpolation,
         "interpolation_seconds": results.interpolation_seconds,
+        "stages": results.stages,
         "notes": results.notes,
         "wall_seconds": seconds,
     }
