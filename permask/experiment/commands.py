@@ -1,5 +1,6 @@
 """The step-wise commands for your own checkpoints: ``permask trace``, ``permask align``,
-``permask permute-mask``, ``permask interpolate`` and ``permask merge`` (docs/cli.md). Each
+``permask permute-mask``, ``permask interpolate`` and ``permask merge`` (docs/cli.md), and
+``permask report`` (a finished run's results again, ``--paper``: against the paper). Each
 returns what it printed or wrote, raises :class:`ConfigError` (one line, exit status 2) for any
 bad input, and writes nothing unless it succeeds (atomic writes)::
 
@@ -8,6 +9,7 @@ bad input, and writes nothing unless it succeeds (atomic writes)::
     permask permute-mask mlp --perm pi.safetensors mask_a.safetensors --out mask_b.safetensors
     permask interpolate mlp a.pt b.safetensors --perm pi.safetensors --data mnist --out interp/
     permask merge mlp a.pt b.safetensors c.pt --data mnist --out merged.safetensors
+    permask report runs/r20 --paper
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
 from permask.experiment.checkpoints import load_weights, read_mask
-from permask.experiment.config import ConfigError
+from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.models import build_model, check_model_name
 from permask.graph import Permutation, PermutationGraph
 from permask.merge import average
@@ -38,6 +41,7 @@ __all__ = [
     "permute_mask_command",
     "interpolate_command",
     "merge_command",
+    "report_command",
 ]
 
 
@@ -67,6 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     perm.set_defaults(handler=permute_mask_command)
     _add_interpolate(sub)
     _add_merge(sub)
+    _add_report(sub)
 
 
 def _add_interpolate(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +101,15 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
     _data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
     p.set_defaults(handler=merge_command)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rewrite a finished run's results (--paper: vs the paper)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (--out) of permask run")
+    p.add_argument("--paper", action="store_true",
+                   help="add the paper's numbers: a section of results.md, paper.png")  # fmt: skip
+    p.add_argument("--data-dir", help="where the run's dataset is (default: $PERMASK_DATA)")
+    p.set_defaults(handler=report_command)
 
 
 def _data_flags(p: argparse.ArgumentParser, required: bool, batches: str) -> None:
@@ -384,3 +398,63 @@ def _writable(*paths: str | None) -> None:
     for p in paths:
         if p is not None and not Path(p).resolve().parent.is_dir():
             raise ConfigError(f"cannot write {p!r}: folder {str(Path(p).parent)!r} does not exist")
+
+
+def report_command(args: argparse.Namespace) -> str:
+    from permask.experiment.report import collect, paper_markdown, write_paper, write_report
+
+    run_dir = Path(args.run_dir)
+    cfg = _saved_config(run_dir, args.data_dir)
+    labels, num_classes = _test_labels(cfg)
+    try:
+        results = collect(run_dir, cfg, labels, num_classes)
+    except FileNotFoundError as err:
+        missing = Path(err.filename).relative_to(run_dir)
+        raise ConfigError(
+            f"run {run_dir} is not finished: {missing} is missing; `permask run --config "
+            f"{run_dir / 'config.yaml'} --out {run_dir}` (the same config) resumes it"
+        ) from None
+    except ValueError as err:  # eval.pt of another test set than the one found
+        why = " ".join(str(err).split())
+        raise ConfigError(f"{why}: the test set found is not the run's; give --data-dir") from None
+    old = run_dir / "results.json"  # keep what the last permask run measured of itself
+    before = json.loads(old.read_text()) if old.is_file() else {}
+    results.stages = before.get("stages", [])
+    write_report(run_dir, cfg, results, before.get("wall_seconds", 0.0))
+    if not args.paper:
+        return results.markdown()
+    write_paper(run_dir, cfg, results)
+    return f"{results.markdown()}\n\n{paper_markdown(results, cfg)}"
+
+
+def _saved_config(run_dir: Path, data_dir: str | None) -> RunConfig:
+    """The run's config from its ``config.yaml`` (keys of newer permask versions ignored)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: give the run directory (--out) of a "
+                          "permask run")  # fmt: skip
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a config of permask run (a YAML mapping)")
+    fields = RunConfig.__dataclass_fields__
+    values = {k: v for k, v in saved.items() if k in fields}
+    return RunConfig(**{**values, "data_dir": data_dir, "out": str(run_dir), "progress": False})
+
+
+def _test_labels(cfg: RunConfig) -> tuple[torch.Tensor, int]:
+    """The run's test labels and class count, read as ``permask run`` reads its data (no model
+    built or traced; nothing downloaded)."""
+    from permask.experiment.data import DataNotFoundError
+    from permask.experiment.loader import get_loaders
+
+    try:
+        _, test, info = get_loaders(
+            cfg.dataset, cfg.data_dir, batch_size=cfg.batch_size, train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset, crop=cfg.crop, workers=cfg.workers, download=False,
+        )  # fmt: skip
+    except (DataNotFoundError, ValueError) as err:
+        raise ConfigError(f"{' '.join(str(err).split())}; give --data-dir") from None
+    return test.labels.cpu(), info.num_classes

@@ -22,7 +22,7 @@ from permask._atomic import atomic_path, atomic_write_bytes
 from permask.experiment.config import RunConfig
 from permask.metrics import ensemble_metrics, plot_interpolation
 
-__all__ = ["Results", "collect", "write_report"]
+__all__ = ["Results", "collect", "write_report", "write_paper", "paper_markdown"]
 
 COLUMNS = (
     "method",
@@ -226,3 +226,127 @@ def _plot_accuracy(results: Results, cfg: RunConfig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
+
+
+# --- against the paper: permask report RUN_DIR --paper (docs/pipeline.md) ---
+
+_PAPER_HEAD = "## Against the paper"
+_PAPER_INTRO = (
+    "Test accuracy (%): measured mean over seeds, its standard error (SE = sample std / "
+    "sqrt(models), – for one model), the paper's published value (± where it prints one; "
+    "permask/experiment/published.py) and measured − paper."
+)
+
+
+def paper_comparison(results: Results, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Per row: measured accuracy and its standard error over seeds (std / sqrt(models), nan for
+    one model), the paper's value and source (nan and "" where it has none) and the difference."""
+    from permask.experiment.published import published
+
+    out = []
+    for r in results.rows:
+        p = published(cfg, r["method"], r["sparsity"], r["rewind"])
+        c = {k: r[k] for k in ("method", "sparsity", "rewind", "models")}
+        c["acc"], c["paper"] = r["acc_mean"], p.acc if p else math.nan
+        c["se"] = r["acc_std"] / math.sqrt(r["models"]) if r["models"] > 1 else math.nan
+        c["paper_std"], c["source"] = (p.acc_std, p.source) if p else (None, "")
+        c["diff"] = c["acc"] - c["paper"]
+        out.append(c)
+    return out
+
+
+def paper_markdown(results: Results, cfg: RunConfig) -> str:
+    """The "Against the paper" section of ``results.md``."""
+    head = "| method | sparsity | k | models | measured | SE | paper | measured − paper | source |"
+    lines = [_PAPER_HEAD, "", _PAPER_INTRO, "", head, "|---|---|---|---|---|---|---|---|---|"]
+    rows = paper_comparison(results, cfg)
+    for c in rows:
+        paper = _num(c["paper"], 2) + ("" if c["paper_std"] is None else f" ± {c['paper_std']}")
+        diff = "–" if math.isnan(c["diff"]) else f"{c['diff']:+.2f}"
+        sparsity = "" if c["sparsity"] is None else f"{100 * c['sparsity']:g}%"
+        rewind = "" if c["rewind"] is None else str(c["rewind"])
+        cells = [c["method"], sparsity, rewind, str(c["models"]), f"{c['acc']:.2f}"]
+        cells += [_num(c["se"], 2), paper, diff, c["source"] or "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", _paper_note(cfg, rows)]).rstrip() + "\n"
+
+
+def _paper_note(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
+    """Why rows have no published value, and how the run's recipe differs from the paper's."""
+    from permask.experiment.published import reported, reported_settings
+    from permask.experiment.recipes import RECIPES
+
+    ours, name = reported(cfg), _setting_name(cfg)
+    if not ours:
+        return (
+            f"No published number for {name} on {cfg.dataset}; the paper reports "
+            f"{reported_settings()} (docs/pipeline.md)."
+        )
+    notes = [_missing_note(cfg, ours)] if any(math.isnan(c["paper"]) for c in rows) else []
+    skip = ("model", "dataset", "sparsity", "rewind", "seeds")
+    recipe = {k: v for k, v in RECIPES["paper-cifar"].items() if k not in skip}
+    diff = [f"{k} {getattr(cfg, k)} (paper {v})" for k, v in recipe.items() if getattr(cfg, k) != v]
+    if diff:
+        notes.append(f"This run differs from --recipe paper-cifar in: {', '.join(diff)}.")
+    return " ".join(notes)
+
+
+def _missing_note(cfg: RunConfig, ours: list) -> str:
+    """Which sparsities and k the paper reports for ``cfg``'s setting (``ours``: its rows)."""
+    from permask.experiment.published import match_epoch
+
+    plain = [r for r in ours if r.match_epoch is None]
+    sps = ", ".join(f"{100 * s:g}" for s in sorted({r.sparsity for r in plain} - {None}))
+    ks = ", ".join(map(str, sorted({r.rewind for r in plain} - {None})))
+    e, when = match_epoch(cfg), ""
+    if e is not None:
+        early = [f"{100 * r.sparsity:g}% k = {r.rewind}" for r in ours if r.match_epoch == e]
+        when = f"; permuted with pi from B at epoch {e}: {', '.join(early) or 'none'}"
+    return (
+        f"Rows with – have no published number: for {_setting_name(cfg)} on {cfg.dataset} the "
+        f"paper reports sparsity {sps}% at k = {ks} (Table 1, at 90%, states no k and stands "
+        f"for any k; docs/pipeline.md){when}."
+    )
+
+
+def _setting_name(cfg: RunConfig) -> str:
+    return cfg.model if cfg.width == 1 and cfg.model != "resnet20" else f"{cfg.model} x{cfg.width}"
+
+
+def write_paper(run_dir: Path, cfg: RunConfig, results: Results) -> None:
+    """Append (or replace) the "Against the paper" section of ``results.md`` and write
+    ``paper.png``; call after :func:`write_report`."""
+    path = run_dir / "results.md"
+    md = path.read_text().split("\n" + _PAPER_HEAD)[0].rstrip("\n")
+    atomic_write_bytes(f"{md}\n\n{paper_markdown(results, cfg)}".encode(), path)
+    _plot_paper(paper_comparison(results, cfg), cfg, run_dir / "paper.png")
+
+
+def _plot_paper(rows: list[dict[str, Any]], cfg: RunConfig, path: Path) -> None:
+    """Measured (± SE) beside the paper's value for each row the paper has; when it has none,
+    every row's measured value alone."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    matched = [c for c in rows if not math.isnan(c["paper"])]
+    shown = matched or rows
+    fig = Figure(figsize=(max(4.5, 0.55 * len(shown) + 1.5), 3.8))
+    ax = fig.subplots()
+    xs = range(len(shown))
+    se = [0.0 if math.isnan(c["se"]) else c["se"] for c in shown]
+    measured = [c["acc"] for c in shown]
+    ax.errorbar([x - 0.12 for x in xs], measured, yerr=se, fmt="o", capsize=3, label="measured")
+    if matched:
+        ax.plot([x + 0.12 for x in xs], [c["paper"] for c in shown], "D", label="paper")
+    ax.set_xticks(list(xs), [_paper_label(c) for c in shown], rotation=45, ha="right")
+    title = f"{_setting_name(cfg)} on {cfg.dataset}"
+    ax.set(ylabel="test accuracy (%), ± SE", title=title if matched else f"{title} (not in paper)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+
+
+def _paper_label(c: dict[str, Any]) -> str:
+    sparsity = "" if c["sparsity"] is None else f"{100 * c['sparsity']:g}%"
+    rewind = "" if c["rewind"] is None else f"k{c['rewind']}"
+    return " ".join(s for s in (c["method"], sparsity, rewind) if s)
