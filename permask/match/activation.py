@@ -306,12 +306,16 @@ class CorrelationStats:
         return out
 
     def constant(self, rtol: float = 1e-6) -> dict[tuple[str, ...], tuple[int, int]]:
-        """Per unit key, how many of A's and of B's elements were constant (a ReLU that never
-        fired, say) at every observation point: their correlations are all 0, so the data gives
-        them no order and the assignment pairs them arbitrarily. Constant means a standard
-        deviation at most ``rtol`` times the element's mean magnitude plus the unit's largest
-        standard deviation: about 16 float32 steps of the mean, so rounding of a constant is
-        caught and any real variation (which the correlations do order) is not."""
+        """Per unit key, how many of A's and of B's elements were constant (:meth:`live`)."""
+        return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in self.live(rtol).items()}
+
+    def live(self, rtol: float = 1e-6) -> dict[tuple[str, ...], list[torch.Tensor]]:
+        """Per unit key, A's and B's elements that varied at some observation point (flags on
+        the CPU). The others were constant (a ReLU that never fired, say): their correlations
+        are all 0, so the data gives them no order. Constant means a standard deviation at most
+        ``rtol`` times the element's mean magnitude plus the unit's largest standard deviation:
+        about 16 float32 steps of the mean, so rounding of a constant is caught and any real
+        variation (which the correlations do order) is not."""
         live: dict[tuple[str, ...], list[torch.Tensor]] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
@@ -322,10 +326,10 @@ class CorrelationStats:
                     mean = m if s is None else m + s.flatten().to(m.dtype)
                     flags.append(std > rtol * (mean.abs() + std.max()))
                 if u.groups in live:
-                    live[u.groups] = [x | f for x, f in zip(live[u.groups], flags)]
+                    live[u.groups] = [x | f.cpu() for x, f in zip(live[u.groups], flags)]
                 else:
-                    live[u.groups] = flags
-        return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in live.items()}
+                    live[u.groups] = [f.cpu() for f in flags]
+        return live
 
 
 def _gather_index(unit: Unit, point: Point, device: torch.device) -> torch.Tensor | None:

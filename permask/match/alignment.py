@@ -19,8 +19,9 @@ from .._modules import check_same_architecture, model_device, unwrap, usable_dev
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, check_precision, paired_module
 from .assign import assign
+from .lap import solve_lap
 from .points import plan_points
-from .weight import weight_matching
+from .weight import weight_matching, weight_scores
 
 __all__ = ["align", "AlignInfo", "check_same_architecture"]
 
@@ -38,8 +39,10 @@ class AlignInfo:
     ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight);
     ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's elements were
     constant on the data (e.g. ReLUs that never fired), only units that had some (activation).
-    The data gives such elements no order: they are paired arbitrarily (also logged as a
-    warning). More or other data, or ``method="weight"``, orders them.
+    The data gives such elements no order: in a plain unit, the pairs with a constant element
+    are re-matched among themselves by weight matching's scores (pairs of live elements stay
+    the data's); inside blocks x within they stay as paired. Logged as a warning; more or other
+    data orders them by activations.
     """
 
     method: str
@@ -242,10 +245,13 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     if n_batches == 0:
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
-    constant = {" x ".join(k): c for k, c in stats.constant().items() if any(c)}
+    live = stats.live()
+    constant = {" x ".join(k): (int((~la).sum()), int((~lb).sum())) for k, (la, lb) in live.items()}
+    constant = {k: c for k, c in constant.items() if any(c)}
     if constant and (not distributed or dist.get_rank() == 0):  # one warning
         _warn_constant(constant)
     perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
+    perms = _order_constant(perms, live, a.state_dict(), b.state_dict(), graph, solver)
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
         perms = weight_matching(
             a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
@@ -300,6 +306,28 @@ def _stream(
     return n_batches, samples
 
 
+def _order_constant(perms, live, params_a, params_b, graph, solver: str) -> dict:
+    """Pairs with a constant element (on either side) re-matched among themselves by weight
+    matching's scores: the data gives constants no order, the weights do. Pairs of two live
+    elements are the data's choice: kept, and none is formed anew. Groups of plain units only (a
+    constant inside blocks x within stays as the correlations paired it)."""
+    groups = [k[0] for k, (la, lb) in live.items() if len(k) == 1 and not (la.all() and lb.all())]
+    if not groups:
+        return perms
+    scores = weight_scores(params_a, params_b, graph, perms, groups)
+    out = dict(perms)
+    for g in groups:
+        la, lb = live[(g,)]
+        p = perms[g].cpu()
+        pairs = (~lb | ~la[p]).nonzero().flatten()  # B's elements paired with a constant
+        sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
+        both_live = la[p[pairs]][:, None] & lb[pairs][None, :]
+        sub[both_live] = sub.min() - 1 - len(pairs) * (sub.max() - sub.min())
+        out[g] = p.clone()
+        out[g][pairs] = p[pairs][solve_lap(sub.T, maximize=True, solver=solver)]
+    return out
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
@@ -308,7 +336,7 @@ def _warn_constant(constant: dict[str, tuple[int, int]]) -> None:
     worst = max(constant, key=lambda k: max(constant[k]))
     log.warning(
         "activation matching: %d unit(s) have channels that were constant on the data, "
-        "paired arbitrarily (e.g. '%s': %d in model_a, %d in model_b); use more or other "
-        "data, or method='weight' (AlignInfo.constant lists them)",
+        "ordered by their weights instead (e.g. '%s': %d in model_a, %d in model_b); more or "
+        "other data orders them by activations (AlignInfo.constant lists them)",
         len(constant), worst, *constant[worst],
     )  # fmt: skip

@@ -14,9 +14,9 @@ What an op is, its *role*, is what its rule's registration says (``Observation.r
 A group's channels at a point are found with :func:`~permask.graph.layout.group_element_map`. A
 group repeated inside a product (e.g. ``(C x fixed(HW))`` after a flatten) gives ``k`` samples
 per position. Two groups that share positions (``(blocks x within)`` of a grouped conv or
-GroupNorm) form a *structured* unit whose full cross-correlation is kept, so that the blocks and
-the within-block order can be solved jointly (:mod:`permask.match.assign`); such groups use only
-their structured units.
+GroupNorm, or deeper nestings) form a *structured* unit whose full cross-correlation is kept, so
+that the blocks and the within-block orders can be solved jointly (:mod:`permask.match.assign`);
+such groups use only their structured units.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from ..graph import Observation, PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups
+from .assign import nesting
 
 __all__ = ["Unit", "Point", "Plan", "axis_units", "plan_points", "select_observations"]
 
@@ -34,7 +35,8 @@ __all__ = ["Unit", "Point", "Plan", "axis_units", "plan_points", "select_observa
 @dataclass(frozen=True)
 class Unit:
     """Channels of ``groups`` on one axis: ``index[r, e]`` is the position of replica ``r`` of
-    element ``e``; for two groups (outer, inner), ``e = outer * n_inner + inner``."""
+    element ``e``; for nested groups (outermost first) ``e`` is row-major, e.g. for (outer,
+    inner) ``e = outer * n_inner + inner``."""
 
     groups: tuple[str, ...]
     index: torch.Tensor
@@ -79,7 +81,8 @@ def select_observations(observations: list[Observation]) -> list[Observation]:
 
 
 def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
-    """Split an axis into units: positions carrying one group, or two groups jointly."""
+    """Split an axis into units: positions carrying one group, or several jointly (a chain of
+    nested groups, outermost first)."""
     groups = layout_groups(layout)
     if not groups:
         return []
@@ -91,13 +94,8 @@ def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
             combos.setdefault(combo, []).append(pos)
     units = []
     for combo, positions in combos.items():
-        if len(combo) > 2:
-            raise NotImplementedError(
-                f"groups {[groups[i] for i in combo]} share the positions of one axis; "
-                "activation matching solves at most two jointly (blocks x within)"
-            )
         pos = torch.tensor(positions)
-        # outer first: the inner group's element changes more often along the axis
+        # outermost first: an inner group's element changes more often along the axis
         rows = sorted(combo, key=lambda i: int((maps[i, pos][1:] != maps[i, pos][:-1]).sum()))
         elem = torch.zeros(len(pos), dtype=torch.long)
         for i in rows:
@@ -119,24 +117,18 @@ def plan_points(graph: PermutationGraph) -> Plan:
         for o in select_observations(g.observations):
             chosen.setdefault((o.node, o.axis), (o, set()))[1].add(g.name)
     found: list[tuple[Observation, list[Unit]]] = []
-    outer_of: dict[str, str] = {}
     for key in sorted(chosen, key=lambda k: (order[k[0]], k[1])):
         obs, wanted = chosen[key]
-        units = [u for u in axis_units(obs.layout, sizes) if wanted & set(u.groups)]
-        for u in units:
-            if len(u.groups) == 2 and outer_of.setdefault(u.groups[1], u.groups[0]) != u.groups[0]:
-                raise NotImplementedError(
-                    f"group '{u.groups[1]}' is the inner factor of two groups "
-                    f"('{outer_of[u.groups[1]]}' and '{u.groups[0]}'); not supported"
-                )
-        found.append((obs, units))
-    both = set(outer_of) & set(outer_of.values())
-    if both:
-        raise NotImplementedError(f"groups {sorted(both)} are both outer and inner factors")
-    structured = set(outer_of) | set(outer_of.values())
+        found.append((obs, [u for u in axis_units(obs.layout, sizes) if wanted & set(u.groups)]))
+    try:
+        parent = nesting([u.groups for _, units in found for u in units])
+    except ValueError as err:
+        raise NotImplementedError(f"{err}; activation matching cannot solve it jointly, "
+                                  "use method='weight'") from None  # fmt: skip
+    structured = set(parent) | set(parent.values())
     points, seen = [], set()
     for obs, units in found:
-        keep = tuple(u for u in units if len(u.groups) == 2 or u.groups[0] not in structured)
+        keep = tuple(u for u in units if len(u.groups) > 1 or u.groups[0] not in structured)
         if keep:
             points.append(Point(obs.node, obs.axis, obs.target, obs.layout.size, keep))
             seen.update(g for u in keep for g in u.groups)

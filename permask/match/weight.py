@@ -13,13 +13,13 @@ inner groups fit noise around a residual stream that is still at the identity, a
 that no single-group move leaves.
 
 Structures of blocks x within (a grouped conv's or GroupNorm's groups, attention heads x
-head_dim) get a joint move as well: when an outer group is visited, the blocks and every inner
-group are re-solved together from the full ``(block, within)`` scores
-(:func:`permask.match.assign.assign`), and kept if the objective of the tensors they touch
-improves. Alternating single-group updates alone stall there: a wrong block order is
-compensated by wrong within orders, and no single group can improve. A joint move is re-tried
-whenever a group its tensors depend on has changed, so a finished run is a fixed point of the
-joint moves as well as of the single-group ones.
+head_dim, and deeper nestings such as grouped convs whose group counts change) get a joint move
+as well: when the outermost group is visited, it and every group nested in it are re-solved
+together from the full scores of their chains (:func:`permask.match.assign.assign`), and kept if
+the objective of the tensors they touch improves. Alternating single-group updates alone stall
+there: a wrong block order is compensated by wrong within orders, and no single group can
+improve. A joint move is re-tried whenever a group its tensors depend on has changed, so a
+finished run is a fixed point of the joint moves as well as of the single-group ones.
 
 A group's scores are kept as one running sum of its member axes' contributions, each updated
 only when a group it depends on has changed, and then only for the elements that moved:
@@ -61,7 +61,7 @@ from .assign import assign
 from .lap import solve_lap
 from .points import axis_units
 
-__all__ = ["WeightMatchResult", "weight_matching"]
+__all__ = ["WeightMatchResult", "weight_matching", "weight_scores"]
 
 
 @dataclass
@@ -128,6 +128,19 @@ def weight_matching(
     )
     descent.settle(max_iter)
     return descent.result()
+
+
+def weight_scores(
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    graph: PermutationGraph,
+    perms: Mapping[str, torch.Tensor],
+    groups: Collection[str],
+) -> dict[str, torch.Tensor]:
+    """Per group in ``groups``, its ``[n_a, n_b]`` weight-matching scores with every other group
+    at ``perms``: ``sum over member axes of <W_B[i], (P W_A)[j]>`` (module docstring)."""
+    descent = _Descent(params_a, params_b, graph, init=perms, only=groups, overlap=False)
+    return {g: descent.scores(g) for g in groups}
 
 
 class _Descent:
@@ -290,6 +303,15 @@ class _Descent:
             self._moved(h)
         return changed
 
+    def scores(self, g: str) -> torch.Tensor:
+        """``[n_a, n_b]`` weight-matching scores of group ``g`` at the current estimates of the
+        other groups (on the CPU): what a visit of ``g`` would solve."""
+        terms = self._terms.get(g, [])
+        total = sum(
+            _contribution(s, self._wa, _indices(s, self._layouts, self.perms)) for s in terms
+        )
+        return torch.as_tensor(total).T.cpu() if terms else torch.zeros(0)
+
     def result(self) -> WeightMatchResult:
         """Estimates (on the CPU), objective and sweeps so far."""
         objective = _objective(self._layouts, self._wa, self._wb, self._layouts, self.perms)
@@ -345,43 +367,49 @@ def _joint_terms(
     device: torch.device,
     names: set[str],
 ) -> dict[str, list[_ScoreTerm]]:
-    """Per outer group of a blocks x within structure (all of whose groups are optimised), the
-    terms of every axis unit made of the outer group and/or its inner groups."""
+    """Per outermost group of a nesting (blocks x within, and deeper; all its groups optimised),
+    the terms of every axis unit made of the nesting's groups."""
 
     def units(shared: bool) -> list:
-        """Axis units; with ``shared``, only on axes where groups share positions."""
-        found = []
-        for tensor, lays in layouts.items():
-            for axis, lay in enumerate(lays):
-                if shared and len(layout_groups(lay)) < 2:
-                    continue
-                try:
-                    found += [(u, tensor, axis) for u in axis_units(lay, sizes)]
-                except NotImplementedError:  # three groups share positions: no joint move
-                    continue
-        return found
+        """Axis units; with ``shared``, only of axes where groups share positions."""
+        return [
+            (u, tensor, axis)
+            for tensor, lays in layouts.items()
+            for axis, lay in enumerate(lays)
+            if not shared or len(layout_groups(lay)) > 1
+            for u in axis_units(lay, sizes)
+        ]
 
-    outers: dict[str, set[str]] = {}
-    for u, _, _ in units(shared=True):
-        if len(u.groups) == 2:
-            outers.setdefault(u.groups[1], set()).add(u.groups[0])
-    inners: dict[str, set[str]] = {}
-    for inner, out in outers.items():
-        if len(out) == 1:  # an inner group of two structures gets no joint move
-            inners.setdefault(next(iter(out)), set()).add(inner)
-    families = {
-        outer: {outer} | ins
-        for outer, ins in inners.items()
-        if outer not in outers and {outer} | ins <= names
-    }
+    nestings = _nestings([u.groups for u, _, _ in units(shared=True)])
+    nestings = {root: family for root, family in nestings.items() if family <= names}
     joint: dict[str, list[_ScoreTerm]] = {}
-    for u, tensor, axis in units(shared=False) if families else ():
-        for outer, family in families.items():
-            if set(u.groups) <= family and (len(u.groups) == 1 or u.groups[0] == outer):
+    found = units(shared=False) if nestings else []
+    for root, family in nestings.items():
+        for u, tensor, axis in found:
+            if set(u.groups) <= family:
                 rows = u.index.T.to(device)
                 b = _gather(wb[tensor], axis, rows)
-                joint.setdefault(outer, []).append(_ScoreTerm(u.groups, tensor, axis, rows, b))
+                joint.setdefault(root, []).append(_ScoreTerm(u.groups, tensor, axis, rows, b))
     return joint
+
+
+def _nestings(chains: list[tuple[str, ...]]) -> dict[str, set[str]]:
+    """Outermost group -> every group nested under it (itself included), from the chains of
+    groups that share positions; a group inside two groups spoils its whole nesting (none)."""
+    parent: dict[str, str] = {}
+    spoilt: set[str] = set()
+    for chain in chains:
+        for outer, inner in zip(chain, chain[1:]):
+            if parent.setdefault(inner, outer) != outer:
+                spoilt.add(inner)
+    families: dict[str, set[str]] = {}
+    for g in set(parent) | set(parent.values()):
+        top, seen = g, {g}
+        while top in parent and parent[top] not in seen:
+            top = parent[top]
+            seen.add(top)
+        families.setdefault(top, set()).add(g)
+    return {r: f for r, f in families.items() if r not in parent and not f & spoilt}
 
 
 def _improves(new: float, old: float) -> bool:
