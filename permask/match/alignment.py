@@ -18,7 +18,7 @@ from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, check_precision, paired_module
-from .assign import assign
+from .assign import assign, margin
 from .lap import solve_lap
 from .points import plan_points
 from .weight import weight_matching, weight_scores
@@ -42,7 +42,11 @@ class AlignInfo:
     The data gives such elements no order: in a plain unit, the pairs with a constant element
     are re-matched among themselves by weight matching's scores (pairs of live elements stay
     the data's); inside blocks x within they stay as paired. Logged as a warning; more or other
-    data orders them by activations.
+    data orders them by activations. ``margins``: per group, how sure its assignment is
+    (:func:`permask.match.assign.margin`: positive certifies the unique optimum; groups solved
+    inside blocks x within by activation matching have none); ``ties``: groups with elements
+    whose best partners tie, and how many (logged as a warning unless constant channels explain
+    them).
     """
 
     method: str
@@ -57,6 +61,8 @@ class AlignInfo:
     unmatched: tuple[str, ...] = ()
     pass_seconds: float = 0.0
     constant: dict[str, tuple[int, int]] = field(default_factory=dict)
+    margins: dict[str, float] = field(default_factory=dict)
+    ties: dict[str, int] = field(default_factory=dict)
 
 
 @overload
@@ -188,7 +194,9 @@ def _weight(model_a, model_b, graph, device, seed, solver) -> tuple[Permutation,
         seed=seed, solver=solver,
     )  # fmt: skip
     log.info("weight matching: %d sweeps, objective %.6g", res.iterations, res.objective)
-    info = AlignInfo("weight", 0.0, len(graph), objective=res.objective, iterations=res.iterations)
+    info = AlignInfo("weight", 0.0, len(graph), objective=res.objective, iterations=res.iterations,
+                     margins=res.margins, ties=res.ties)  # fmt: skip
+    _warn_ties(res.ties, {})
     return Permutation(res.perms), info
 
 
@@ -250,12 +258,18 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     constant = {k: c for k, c in constant.items() if any(c)}
     if constant and (not distributed or dist.get_rank() == 0):  # one warning
         _warn_constant(constant)
-    perms = assign(stats.scores(), {g.name: g.size for g in graph}, solver)
+    scores = stats.scores()
+    perms = assign(scores, {g.name: g.size for g in graph}, solver)
     perms = _order_constant(perms, live, a.state_dict(), b.state_dict(), graph, solver)
+    sure = {k[0]: margin(s, perms[k[0]]) for k, s in scores.items() if len(k) == 1}
+    margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
-        perms = weight_matching(
+        res = weight_matching(
             a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
-        ).perms
+        )
+        perms, margins, ties = res.perms, {**margins, **res.margins}, {**ties, **res.ties}
+    if not distributed or dist.get_rank() == 0:
+        _warn_ties(ties, constant)
     points: dict[str, list[str]] = {}
     for p in plan.points:
         for g in (g for u in p.units for g in u.groups):
@@ -263,6 +277,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     info = AlignInfo(
         "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
         points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
+        margins=margins, ties=ties,
     )  # fmt: skip
     return Permutation(perms), info
 
@@ -330,6 +345,21 @@ def _order_constant(perms, live, params_a, params_b, graph, solver: str) -> dict
 
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0]
+
+
+def _warn_ties(ties: dict[str, int], constant: dict[str, tuple[int, int]]) -> None:
+    """One warning naming the groups whose scores tie elements for reasons other than
+    constant channels (those have their own warning)."""
+    explained = {g for unit in constant for g in unit.split(" x ")}
+    tied = {g: n for g, n in ties.items() if g not in explained}
+    if tied:
+        worst = max(tied, key=tied.get)
+        log.warning(
+            "%d group(s) have elements whose best partners tie, so the assignment is one of "
+            "several equally good (e.g. '%s': %d elements); AlignInfo.margins and .ties list "
+            "them: weights that are equal (e.g. zero-initialised layers) cannot be told apart",
+            len(tied), worst, tied[worst],
+        )  # fmt: skip
 
 
 def _warn_constant(constant: dict[str, tuple[int, int]]) -> None:

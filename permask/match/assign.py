@@ -32,7 +32,7 @@ import torch
 
 from .lap import solve_lap
 
-__all__ = ["assign", "nesting"]
+__all__ = ["assign", "margin", "nesting"]
 
 Chain = tuple[str, ...]
 Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] per chain
@@ -123,3 +123,25 @@ def _collapse(chain: Chain, t: torch.Tensor, p: torch.Tensor) -> tuple[Chain, to
     k = len(chain)
     pairs = t.movedim(k, 1)[p, torch.arange(len(p))]  # [n, *A inner, *B inner]
     return chain[1:], pairs.sum(0)
+
+
+def margin(score: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+    """How sure the assignment ``p`` of ``score`` (``[n_a, n_b]``) is.
+
+    Returns the smallest margin, over B's elements, of the chosen A element's score over the
+    best other A element's in that column, divided by the largest ``|score|``; and how many of
+    B's elements have their chosen score tied with another (exactly equal). A positive margin
+    certifies ``p`` as the unique optimum: every element's partner is its strict favourite, so
+    any other assignment scores less. Zero or negative: the assignment trades elements off
+    against each other (normal for unrelated models), or, with ties, is one of several equal.
+    """
+    s = score.detach().to("cpu", torch.float64)
+    cols = torch.arange(s.shape[1])
+    chosen = s[p.cpu(), cols]
+    others = s.clone()
+    others[p.cpu(), cols] = -torch.inf
+    if s.shape[0] < 2:
+        return torch.inf, 0
+    best = others.max(0).values
+    scale = s.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float(((chosen - best) / scale).min()), int((chosen == best).sum())

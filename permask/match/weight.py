@@ -51,13 +51,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..graph import PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups, layout_index
-from .assign import assign
+from .assign import assign, margin
 from .lap import solve_lap
 from .points import axis_units
 
@@ -67,11 +67,14 @@ __all__ = ["WeightMatchResult", "weight_matching", "weight_scores"]
 @dataclass
 class WeightMatchResult:
     """Permutation per group, the objective sum <W_B, P W_A> over permuted parameters, sweeps
-    (passes over the groups that solved at least one group)."""
+    (passes over the groups that solved at least one group); per optimised group the margin of
+    its assignment on its final scores and its ties (:func:`permask.match.assign.margin`)."""
 
     perms: dict[str, torch.Tensor]
     objective: float
     iterations: int
+    margins: dict[str, float] = field(default_factory=dict)  # per group: assign.margin
+    ties: dict[str, int] = field(default_factory=dict)  # groups with tied elements: how many
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,10 @@ class _Descent:
         """Estimates (on the CPU), objective and sweeps so far."""
         objective = _objective(self._layouts, self._wa, self._wb, self._layouts, self.perms)
         perms = {g: p.cpu() for g, p in self.perms.items()}
-        return WeightMatchResult(perms, objective, self.iterations)
+        sure = {g: margin(self._totals[g].T, perms[g]) for g in self._names if g in self._totals}
+        margins = {g: m for g, (m, _) in sure.items()}
+        ties = {g: t for g, (_, t) in sure.items() if t}
+        return WeightMatchResult(perms, objective, self.iterations, margins, ties)
 
     def _collect(self, among: Collection[str] | None = None) -> None:
         """Take the pending LAP results of ``among`` (all: None) as the sequential loop would:

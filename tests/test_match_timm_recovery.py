@@ -1,0 +1,61 @@
+"""Planted permutations in timm families of different layouts are recovered by both methods
+(issue 15): grouped convs (RegNetX), depthwise convs with squeeze-excitation (EfficientNet),
+inverted bottlenecks (MobileNetV3), a conv/attention hybrid (MobileViT), a gated MLP (gMLP) and
+attention heads (ViT, weight matching; its activation matching: tests/test_match_align.py).
+benchmarks/recovery.py runs the same check over one architecture per timm family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import permask
+from permask.match import align
+from permask.testing import perturb_
+
+timm = pytest.importorskip("timm")
+
+FAMILIES = {  # name -> (create_model keywords, input side)
+    "regnetx_002": ({}, 64),
+    "efficientnet_b0": ({}, 64),
+    "mobilenetv3_small_050": ({}, 64),
+    "mobilevit_xxs": ({}, 64),
+    "gmlp_ti16_224": ({"img_size": 64}, 64),
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8}, 32),
+}
+# activation matching misses a few hidden groups of inverted bottlenecks with squeeze-excitation
+# (2-18 of 240-672 elements each on this data; more data did not help): open in issue 15, the
+# sweep in docs/coverage.md shows where. Strict: a fix turns these into failures to remove.
+MISSED = "activation matching misses hidden groups of SE inverted bottlenecks (issue 15)"
+CASES = [
+    pytest.param(name, method, marks=pytest.mark.xfail(strict=True, reason=MISSED))
+    if method == "activation" and name in ("efficientnet_b0", "mobilenetv3_small_050")
+    else (name, method)
+    for name in FAMILIES
+    for method in ("weight", "activation")
+    if not (method == "activation" and name == "vit_tiny_patch16_224")  # test_match_align.py
+]
+
+
+def _planted(name: str):
+    kwargs, side = FAMILIES[name]
+    torch.manual_seed(0)
+    a = perturb_(timm.create_model(name, num_classes=10, **kwargs).eval())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, side, side, generator=g)
+    graph = permask.trace(a, x)
+    pi = permask.random_permutation(graph, g)
+    b = permask.permute_model(a, pi, graph)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1e-3 * p.std().nan_to_num() * torch.randn(p.shape, generator=g))
+    data = [(torch.randn(8, 3, side, side, generator=g), torch.zeros(8)) for _ in range(4)]
+    return a, b, graph, pi, data
+
+
+@pytest.mark.parametrize(("name", "method"), CASES)
+def test_planted_permutation_is_recovered(name, method):
+    a, b, graph, pi, data = _planted(name)
+    got = align(a, b, data, method=method, graph=graph)
+    wrong = [k for k in pi if not torch.equal(got[k], pi[k])]
+    assert not wrong, f"{name}/{method}: {len(wrong)} of {len(pi)} groups wrong: {wrong[:3]}"
