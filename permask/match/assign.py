@@ -102,8 +102,15 @@ def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]], solver
         if len(chain) == 1:
             value += t
     for c in children.get(g, []):
-        inside = [(chain, t) for chain, t in tensors if chain[1:2] == (c,)]
+        inside = _merged([(chain, t) for chain, t in tensors if chain[1:2] == (c,)])
         if not inside:
+            continue
+        if not children.get(c):  # c is innermost: one chain (g, c), LAPs on its blocks directly
+            t = inside[0][1]
+            for a in range(n):
+                for b in range(n):
+                    s = t[a, :, b, :]
+                    value[a, b] += s[_match(s, solver), torch.arange(s.shape[1])].sum()
             continue
         for a in range(n):
             for b in range(n):
@@ -111,6 +118,14 @@ def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]], solver
                 v = _pair_values(c, under, children, solver)
                 value[a, b] += v[_match(v, solver), torch.arange(len(v))].sum()
     return value
+
+
+def _merged(tensors: Scores) -> Scores:
+    """Tensors of the same chain summed: one per chain."""
+    out: dict[Chain, torch.Tensor] = {}
+    for chain, t in tensors:
+        out[chain] = out[chain] + t if chain in out else t
+    return list(out.items())
 
 
 def _slice(chain: Chain, t: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -135,13 +150,13 @@ def margin(score: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     any other assignment scores less. Zero or negative: the assignment trades elements off
     against each other (normal for unrelated models), or, with ties, is one of several equal.
     """
-    s = score.detach().to("cpu", torch.float64)
-    cols = torch.arange(s.shape[1])
-    chosen = s[p.cpu(), cols]
-    others = s.clone()
-    others[p.cpu(), cols] = -torch.inf
+    s = score.detach()
     if s.shape[0] < 2:
         return torch.inf, 0
-    best = others.max(0).values
-    scale = s.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    return float(((chosen - best) / scale).min()), int((chosen == best).sum())
+    cols = torch.arange(s.shape[1], device=s.device)
+    p = p.to(s.device)
+    chosen = s[p, cols]
+    top = s.topk(2, dim=0)  # the best other is the runner-up where the best is the chosen one
+    best = torch.where(top.indices[0] == p, top.values[1], top.values[0])
+    scale = s.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((chosen - best).min().double() / scale), int((chosen == best).sum())
