@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timm_coverage import Timeout, _alarm, build  # noqa: E402
+from timm_coverage import _alarm, build, guarded  # noqa: E402
 
 import permask  # noqa: E402
 from permask.graph.layout import GroupAxis  # noqa: E402
@@ -112,20 +112,8 @@ def sweep(args: argparse.Namespace) -> None:
     names = [n for n in names if n not in done][: args.limit or None]
     signal.signal(signal.SIGALRM, _alarm)
     for i, name in enumerate(names):
-        rec: dict = {"model": name}
-        start = time.perf_counter()
-        signal.alarm(args.timeout)
-        try:
-            rec.update(check(name, args.size, args.batches))
-        except Timeout:
-            rec.update(skipped=f"timeout after {args.timeout} s")
-        except Exception as e:  # recorded, not fatal: the sweep goes on
-            rec.update(skipped=f"{type(e).__name__}: {str(e)[:200]}")
-        finally:
-            signal.alarm(0)
-        rec["seconds"] = round(time.perf_counter() - start, 2)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        rec = guarded({"model": name}, lambda n=name: check(n, args.size, args.batches),
+                      args.timeout, out)  # fmt: skip
         status = rec.get("skipped") or " ".join(
             f"{m} {rec[m]['exact']:.0%}" for m in ("weight", "activation")
         )

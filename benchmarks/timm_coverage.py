@@ -103,6 +103,25 @@ def _alarm(signum, frame):
     raise Timeout()
 
 
+def guarded(rec: dict, work, timeout: int, out: Path) -> dict:
+    """``rec`` updated by ``work()``, or by why it was skipped (timeout, any error: recorded,
+    not fatal, the sweep goes on), with its seconds; appended to ``out`` as one JSON line."""
+    start = time.perf_counter()
+    signal.alarm(timeout)
+    try:
+        rec.update(work())
+    except Timeout:
+        rec.update(skipped=f"timeout after {timeout} s")
+    except Exception as e:
+        rec.update(skipped=f"{type(e).__name__}: {str(e)[:200]}")
+    finally:
+        signal.alarm(0)
+    rec["seconds"] = round(time.perf_counter() - start, 2)
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
 def sweep(args: argparse.Namespace) -> None:
     from permask.graph.rules.timm_layers import MISSING_TIMM_NAMES
 
@@ -118,24 +137,14 @@ def sweep(args: argparse.Namespace) -> None:
         names = names[: args.limit]
     signal.signal(signal.SIGALRM, _alarm)
     for i, name in enumerate(names):
-        rec: dict = {"model": name, "family": family(name)}
-        start = time.perf_counter()
-        signal.alarm(args.timeout)
-        try:
+
+        def work(name: str = name) -> dict:
             n = count_params(name)
             if n > args.max_params:
-                rec.update(skipped=f"{n / 1e6:.0f}M parameters")
-            else:
-                rec = check(name, args.size)
-        except Timeout:
-            rec.update(skipped=f"timeout after {args.timeout} s")
-        except Exception as e:  # a model that cannot even be built or run is recorded, not fatal
-            rec.update(skipped=f"{type(e).__name__}: {str(e)[:200]}")
-        finally:
-            signal.alarm(0)
-        rec["seconds"] = round(time.perf_counter() - start, 2)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+                return {"skipped": f"{n / 1e6:.0f}M parameters"}
+            return check(name, args.size)
+
+        rec = guarded({"model": name, "family": family(name)}, work, args.timeout, out)
         status = rec.get("skipped") or ("ok" if rec.get("ok") else rec.get("error", "MISMATCH"))
         print(f"[{i + 1}/{len(names)}] {name}: {status}", flush=True)
 

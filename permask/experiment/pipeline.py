@@ -328,27 +328,20 @@ def _run_seed(exp: Experiment, seed: int) -> None:
     a_seeds, own_seeds = _seeds(seed_of_a), _seeds(seed)
     keep_a = set(cfg.rewind)  # IMP's rewinding variant rewinds to rewind[0]
     timed = functools.partial(exp.timed, seed)  # the stages' names are the plan's
-    with timed("dense A"):
-        model_a = _trained(
-            exp,
-            f"[seed {seed_of_a}] dense A",
-            a_dir / "dense_a",
-            exp.build(a_seeds["a"]),
-            exp.loader(a_seeds["a"]),
-            keep=keep_a,
-        )
+
+    def dense(role: str, owner: int, directory: Path, seeds: dict[str, int], keep: set[int]):
+        with timed(f"dense {role}"):
+            init = seeds[role.lower()]
+            model, loader = exp.build(init), exp.loader(init)
+            return _trained(
+                exp, f"[seed {owner}] dense {role}", directory, model, loader, keep=keep
+            )
+
+    model_a = dense("A", seed_of_a, a_dir / "dense_a", a_seeds, keep_a)
     with timed("IMP"):
         masks = _imp(exp, seed_of_a, a_dir, model_a, a_seeds)
     keep_b = {*cfg.rewind} | ({cfg.match_epoch} if cfg.match_epoch is not None else set())
-    with timed("dense B"):
-        model_b = _trained(
-            exp,
-            f"[seed {seed}] dense B",
-            own_dir / "dense_b",
-            exp.build(own_seeds["b"]),
-            exp.loader(own_seeds["b"]),
-            keep=keep_b,
-        )
+    model_b = dense("B", seed, own_dir / "dense_b", own_seeds, keep_b)
     with timed("align"):
         pi = _align(exp, seed, own_dir, model_a, model_b)
     permuted = _permuted_masks(exp, own_dir, masks, pi)
