@@ -412,3 +412,20 @@ def test_errors_that_name_the_fix():
     pi = permask.random_permutation(graph)
     with pytest.raises(ValueError, match=r"the mask is of another model; compute it on the mo"):
         permask.permute_mask(mask, pi, graph)
+
+
+def test_a_tensor_constant_made_in_forward_is_named_for_activation_matching():
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)) + torch.tensor([0.5] * 8))
+
+    a = Offset()
+    graph = permask.trace(a, torch.randn(2, 4))
+    b = permask.permute_model(a, permask.random_permutation(graph), graph)
+    assert align(a, b, method="weight", graph=graph) is not None
+    with pytest.raises(NotImplementedError, match="tensor constant made inside forward.*weight"):
+        align(a, b, [(torch.randn(8, 4), torch.zeros(8))], graph=graph)

@@ -32,6 +32,7 @@ layers), the faster of the two there (benchmarks in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,6 +179,12 @@ def paired_module(
             env_a[node] = graph.node_copy(node)
             env_b[node] = graph.call_function(_own_copy, (env_a[node],))
             continue
+        if node.op == "get_attr" and not _has_attr(model_a, node.target):
+            raise NotImplementedError(
+                f"the traced graph holds a tensor constant made inside forward ('{node.target}', "
+                "e.g. a relative position index) that activation matching cannot replay yet; "
+                "use method='weight'"
+            )
         for env, prefix in ((env_a, "a."), (env_b, "b.")):
             target = prefix + node.target if node.op in ("call_module", "get_attr") else node.target
             args = fx.map_arg(node.args, env.__getitem__)
@@ -187,6 +194,14 @@ def paired_module(
             graph.call_module("observe", (i, env_a[node], env_b[node]))
     graph.output(None)
     return fx.GraphModule(root, graph)
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        functools.reduce(getattr, target.split("."), module)
+    except AttributeError:
+        return False
+    return True
 
 
 class CorrelationStats:
