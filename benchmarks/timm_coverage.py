@@ -32,6 +32,7 @@ import permask
 from permask.testing import equivalence_error, perturb_
 
 TOL = 1e-5
+END = "<!-- end of the timm coverage summary: what follows is kept -->"
 
 
 def family(name: str) -> str:
@@ -230,7 +231,9 @@ def summarize(args: argparse.Namespace) -> None:
     if failed:
         lines += ["", "## Not traced", ""]
         lines += [f"- {r['model']}: {r.get('error', '')[:160]}" for r in failed]
-    Path(args.doc).write_text("\n".join(lines) + "\n")
+    doc = Path(args.doc)  # the sections after END (Hugging Face, recovery) are kept
+    rest = doc.read_text().partition(END)[2] if doc.exists() else ""
+    doc.write_text("\n".join(lines) + f"\n\n{END}" + (rest or "\n"))
     print("\n".join(lines[:16]))
 
 
