@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import signal
 import sys
@@ -36,6 +37,7 @@ from permask.graph.layout import GroupAxis  # noqa: E402
 from permask.testing import perturb_  # noqa: E402
 
 MARK = "<!-- recovery sweep -->"
+METHODS = ("weight", "activation")
 
 
 def sample(coverage: Path, every: bool, max_params: float) -> list[str]:
@@ -64,7 +66,7 @@ def _distance(model_a, model_b) -> float:
     return sum(float((x.double() - y.double()).pow(2).sum()) for x, y in pairs) ** 0.5
 
 
-def check(name: str, size: int, batches: int) -> dict:
+def check(name: str, size: int, batches: int, methods=METHODS) -> dict:
     a, x = build(name, size)
     a = perturb_(a.eval())
     graph = permask.trace(a, x)
@@ -77,7 +79,7 @@ def check(name: str, size: int, batches: int) -> dict:
     before = _distance(a, b)
     data = [(torch.randn(8, *x.shape[1:], generator=g), torch.zeros(8)) for _ in range(batches)]
     rec = {"groups": len(graph), "params": sum(p.numel() for p in a.parameters())}
-    for method in ("weight", "activation"):
+    for method in methods:
         t = time.perf_counter()
         got, info = permask.align(a, b, data, method=method, graph=graph, return_info=True)
         seconds = time.perf_counter() - t
@@ -112,17 +114,16 @@ def sweep(args: argparse.Namespace) -> None:
     names = [n for n in names if n not in done][: args.limit or None]
     signal.signal(signal.SIGALRM, _alarm)
     for i, name in enumerate(names):
-        rec = guarded({"model": name}, lambda n=name: check(n, args.size, args.batches),
-                      args.timeout, out)  # fmt: skip
-        status = rec.get("skipped") or " ".join(
-            f"{m} {rec[m]['exact']:.0%}" for m in ("weight", "activation")
-        )
+        work = functools.partial(check, name, args.size, args.batches, args.methods)
+        rec = guarded({"model": name}, work, args.timeout, out)
+        status = rec.get("skipped") or " ".join(f"{m} {rec[m]['exact']:.0%}" for m in args.methods)
         print(f"[{i + 1}/{len(names)}] {name}: {status}", flush=True)
 
 
 def summarize(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in Path(args.out).open()]
     done = [r for r in recs if "skipped" not in r]
+    methods = [m for m in METHODS if any(m in r for r in done)]
     lines = [MARK, "", "## Recovery of planted permutations (benchmarks/recovery.py)", ""]
     lines.append(
         f"{len(done)} architectures aligned, {len(recs) - len(done)} skipped (timeout or "
@@ -132,7 +133,7 @@ def summarize(args: argparse.Namespace) -> None:
     head = "| method | all groups exact | groups exact (mean) | residual (mean) | s (median) |"
     lines += ["", head]
     lines.append("|---|---|---|---|---|")
-    for m in ("weight", "activation"):
+    for m in methods:
         rs = [r[m] for r in done]
         full = sum(r["exact"] == 1 for r in rs)
         secs = sorted(r["seconds"] for r in rs)
@@ -141,12 +142,12 @@ def summarize(args: argparse.Namespace) -> None:
                      f"{secs[len(secs) // 2]:.1f} |")  # fmt: skip
     lines += ["", "Missed groups by layout kind and cause:", ""]
     causes = collections.Counter(
-        (m, why) for r in done for m in ("weight", "activation") for why in r[m]["missed"].values()
+        (m, why) for r in done for m in methods for why in r[m]["missed"].values()
     )
     lines += [f"- {m}: {why}: {n}" for (m, why), n in sorted(causes.items())] or ["- none"]
     lines += ["", "Architectures with a missed group:", ""]
     for r in done:
-        for m in ("weight", "activation"):
+        for m in methods:
             if r[m]["missed"]:
                 example = next(iter(r[m]["missed"]))
                 lines.append(f"- `{r['model']}` ({m}): {r[m]['exact']:.1%} exact, residual "
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--shard", default="0/1", help="k/n: every n-th architecture from the k-th")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
     summarize(args) if args.summarize else sweep(args)
