@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -57,6 +57,9 @@ from permask.match import align
 from permask.metrics import barrier, interpolate
 from permask.permute import permute_mask, permute_model
 from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask
+
+if TYPE_CHECKING:
+    from permask.experiment.plan import Plan
 
 __all__ = ["run", "prepare", "Experiment"]
 
@@ -256,7 +259,7 @@ def run(cfg: RunConfig) -> Results:
             out, cfg.model, cfg.dataset, cfg.seeds, exp.cfg.device,
             f", {world.size} processes" if world.active else "",
         )  # fmt: skip
-        from permask.experiment.plan import plan  # it reads this module's layout helpers
+        from permask.experiment.plan import plan  # it imports this module (layout helpers)
 
         todo = plan(exp)
         exp.log.info("plan: %s", todo.summary())
@@ -280,7 +283,7 @@ def run(cfg: RunConfig) -> Results:
     return results
 
 
-def _stage_times(todo: Any, timings: dict[tuple[int, str], float]) -> list[dict[str, Any]]:
+def _stage_times(todo: Plan, timings: dict[tuple[int, str], float]) -> list[dict[str, Any]]:
     """Each stage this invocation ran: the plan's estimate beside the time it took."""
     return [
         {"seed": s.seed, "stage": s.name, "estimate_seconds": s.seconds(todo.probe),
@@ -390,7 +393,7 @@ def _trained(
     """Train ``model`` into ``directory`` (resuming), evaluate it once; skip if done earlier.
     ``recipe`` overrides the run's training settings (e.g. ``epochs``, ``lr``)."""
     cfg = exp.cfg
-    done = directory / "eval.pt"
+    done = eval_path(directory)
     if exp.world.exists(done):
         load_checkpoint(checkpoint_path(directory), model)
         exp.log.info("%s: done earlier (skipped)", name)
@@ -445,7 +448,7 @@ def _imp(
         rewind = ckpt["model"]
 
     def train_fn(model: nn.Module, mask: Mask, r: int) -> None:
-        round_dir, desc = a_dir / "imp" / f"round{r:02d}", f"IMP round {r}"
+        round_dir, desc = imp_round_dir(a_dir, r), f"IMP round {r}"
         if cfg.imp == "rewind":
             exp.fit(model, exp.loader(seeds["a"]), round_dir, desc, start_epoch=k, mask=mask)
         else:
@@ -482,7 +485,25 @@ def _imp(
 def imp_files(cfg: RunConfig, a_dir: Path) -> tuple[dict[float, Path], dict[float, Path]]:
     """IMP's mask and evaluation files, per sparsity: IMP is done when all exist."""
     masks = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
-    return masks, {s: a_dir / "imp" / f"s{s:g}" / "eval.pt" for s in cfg.sparsity}
+    return masks, {s: eval_path(a_dir / "imp" / f"s{s:g}") for s in cfg.sparsity}
+
+
+def imp_round_dir(a_dir: Path, r: int) -> Path:
+    """The training directory of IMP round ``r`` (from 1)."""
+    return a_dir / "imp" / f"round{r:02d}"
+
+
+def eval_path(directory: Path) -> Path:
+    """A trained model's evaluation: its stage is done when this exists."""
+    return directory / "eval.pt"
+
+
+def align_path(own_dir: Path) -> Path:
+    return own_dir / "align" / "pi.safetensors"
+
+
+def interpolation_path(own_dir: Path) -> Path:
+    return own_dir / "interpolation.json"
 
 
 def sparse_dir(own_dir: Path, method: str, sparsity: float, rewind: int) -> Path:
@@ -495,7 +516,7 @@ def _align(
 ) -> Permutation:
     """pi moving A into B's basin (B at ``match_epoch`` if set), saved as safetensors."""
     cfg = exp.cfg
-    path = own_dir / "align" / "pi.safetensors"
+    path = align_path(own_dir)
     if exp.world.exists(path):
         exp.log.info("[seed %d] align: done earlier (skipped)", seed)
         return Permutation.load(path)
@@ -557,7 +578,7 @@ def _interpolation(
 ) -> None:
     """Loss/accuracy along A -> B (naive) and pi(A) -> B (aligned), with barriers."""
     cfg = exp.cfg
-    path = own_dir / "interpolation.json"
+    path = interpolation_path(own_dir)
     if exp.world.exists(path):
         exp.log.info("[seed %d] interpolation: done earlier (skipped)", seed)
         return

@@ -28,17 +28,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from permask.experiment import pipeline
+from permask.experiment.pipeline import Experiment
 from permask.experiment.train import checkpoint_path
 from permask.match import align
 from permask.metrics import _reset_bn, evaluate
 from permask.sparse import imp_sparsities
-
-if TYPE_CHECKING:
-    from permask.experiment.pipeline import Experiment
 
 __all__ = ["Probe", "Stage", "Plan", "measure", "plan"]
 
@@ -169,7 +167,7 @@ def _train(exp: Experiment, model: torch.nn.Module, steps: int) -> None:
     loader = copy.copy(exp.train_loader)
     loader.max_batches = steps
     recipe = dict(epochs=1, progress=False, distributed=False)
-    exp.fit(model, loader, None, "probe", **recipe)  # type: ignore[arg-type]
+    exp.fit(model, loader, None, "probe", **recipe)
 
 
 def _align_info(exp: Experiment, batches: int):
@@ -200,12 +198,10 @@ def plan(exp: Experiment, probe: Probe | None = None) -> Plan:
 
 def _seed_stages(exp: Experiment, seed: int) -> list[Stage]:
     """The stages of one seed in the order ``pipeline._run_seed`` runs them."""
-    from permask.experiment import pipeline as p  # it imports this module when a run starts
-
     cfg = exp.cfg
-    own, a_dir = p.seed_dir(cfg, seed), p.seed_dir(cfg, p.a_seed(cfg, seed))
+    own, a_dir = pipeline.seed_dir(cfg, seed), pipeline.seed_dir(cfg, pipeline.a_seed(cfg, seed))
     out = []
-    if p.a_seed(cfg, seed) == seed:  # else seed 0's A and IMP serve this seed
+    if pipeline.a_seed(cfg, seed) == seed:  # else seed 0's A and IMP serve this seed
         out += [_training(exp, seed, "dense A", a_dir / "dense_a", cfg.epochs)]
         out += [_imp(exp, seed, a_dir)]
     out += [_training(exp, seed, "dense B", own / "dense_b", cfg.epochs)]
@@ -214,8 +210,8 @@ def _seed_stages(exp: Experiment, seed: int) -> list[Stage]:
         for k in cfg.rewind:
             restart = cfg.sparse_schedule == "restart"  # else the dense schedule from k
             end, start = (cfg.epochs - k, 0) if restart else (cfg.epochs, k)
-            for method in p.METHODS:
-                name, path = f"{method} s={s:g} k={k}", p.sparse_dir(own, method, s, k)
+            for method in pipeline.METHODS:
+                name, path = f"{method} s={s:g} k={k}", pipeline.sparse_dir(own, method, s, k)
                 out.append(_training(exp, seed, name, path, end, start))
     out.append(_interpolation(exp, seed, own))
     return out
@@ -226,7 +222,7 @@ def _training(
 ) -> Stage:
     """A training in ``path`` from epoch ``start`` to ``epochs``, then its two test passes
     (accuracy, and the saved softmax)."""
-    if (path / "eval.pt").exists():
+    if pipeline.eval_path(path).exists():
         return Stage(seed, name, "done")
     done = max(_epochs_done(path), start)
     state = f"resumes at epoch {done}" if done > start else "to run"
@@ -236,16 +232,14 @@ def _training(
 
 def _imp(exp: Experiment, seed: int, a_dir: Path) -> Stage:
     """IMP: one training per round (fine-tuning, or rewinding to k), evaluations at targets."""
-    from permask.experiment import pipeline as p
-
     cfg = exp.cfg
-    masks, evals = p.imp_files(cfg, a_dir)
+    masks, evals = pipeline.imp_files(cfg, a_dir)
     if all(path.exists() for path in [*masks.values(), *evals.values()]):
         return Stage(seed, "IMP", "done")
     rounds = len(imp_sparsities(cfg.sparsity, rate=cfg.imp_rate))
     finetune = cfg.imp == "finetune"
     per_round, start = (cfg.finetune_epochs, 0) if finetune else (cfg.epochs, cfg.rewind[0])
-    dirs = [a_dir / "imp" / f"round{r:02d}" for r in range(1, rounds + 1)]
+    dirs = [pipeline.imp_round_dir(a_dir, r) for r in range(1, rounds + 1)]
     left = sum(per_round - max(_epochs_done(d), start) for d in dirs)
     tests = 2 * len(cfg.sparsity) * len(exp.test_loader)
     return Stage(seed, "IMP", "to run", left, left * len(exp.train_loader), tests)
@@ -253,7 +247,7 @@ def _imp(exp: Experiment, seed: int, a_dir: Path) -> Stage:
 
 def _align(exp: Experiment, seed: int, own: Path) -> Stage:
     """One alignment: its fixed cost, and a data pass over ``match_batches`` (activation)."""
-    if (own / "align" / "pi.safetensors").exists():
+    if pipeline.align_path(own).exists():
         return Stage(seed, "align", "done")
     available = len(exp.statistics_loader(shard=True))
     batches = min(exp.cfg.match_batches or available, available)
@@ -264,7 +258,7 @@ def _interpolation(exp: Experiment, seed: int, own: Path) -> Stage:
     """2 x points - 2 models (the curves share their ends), each with BatchNorm re-estimated on
     ``interp_bn_samples`` training images and evaluated on the test set."""
     cfg = exp.cfg
-    if (own / "interpolation.json").exists():
+    if pipeline.interpolation_path(own).exists():
         return Stage(seed, "interpolation", "done")
     points = max(2 * cfg.interp_points - 2, 0)
     train_images = len(exp.train_loader.labels)

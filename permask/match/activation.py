@@ -322,7 +322,7 @@ class CorrelationStats:
 
     def constant(self, rtol: float = 1e-6) -> dict[tuple[str, ...], tuple[int, int]]:
         """Per unit key, how many of A's and of B's elements were constant (:meth:`live`)."""
-        return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in self.live(rtol).items()}
+        return constant_counts(self.live(rtol))
 
     def live(self, rtol: float = 1e-6) -> dict[tuple[str, ...], list[torch.Tensor]]:
         """Per unit key, A's and B's elements that varied at some observation point (flags on
@@ -345,6 +345,13 @@ class CorrelationStats:
                 else:
                     live[u.groups] = [f.cpu() for f in flags]
         return live
+
+
+def constant_counts(
+    live: dict[tuple[str, ...], list[torch.Tensor]],
+) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Per unit key, how many of A's and of B's elements are not live (:meth:`live` flags)."""
+    return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in live.items()}
 
 
 def _gather_index(unit: Unit, point: Point, device: torch.device) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
-from .activation import CorrelationStats, check_precision, paired_module
+from .activation import CorrelationStats, check_precision, constant_counts, paired_module
 from .assign import assign, margin
 from .lap import solve_lap
 from .points import plan_points
@@ -254,8 +254,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
     live = stats.live()
-    constant = {" x ".join(k): (int((~la).sum()), int((~lb).sum())) for k, (la, lb) in live.items()}
-    constant = {k: c for k, c in constant.items() if any(c)}
+    constant = {" x ".join(k): c for k, c in constant_counts(live).items() if any(c)}
     if constant and (not distributed or dist.get_rank() == 0):  # one warning
         _warn_constant(constant)
     scores = stats.scores()
