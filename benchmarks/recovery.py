@@ -81,7 +81,11 @@ def check(name: str, size: int, batches: int, methods=METHODS) -> dict:
     rec = {"groups": len(graph), "params": sum(p.numel() for p in a.parameters())}
     for method in methods:
         t = time.perf_counter()
-        got, info = permask.align(a, b, data, method=method, graph=graph, return_info=True)
+        try:
+            got, info = permask.align(a, b, data, method=method, graph=graph, return_info=True)
+        except Exception as e:  # recorded per method: the other method's result is kept
+            rec[method] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
         seconds = time.perf_counter() - t
         wrong = [k for k in pi if not torch.equal(got[k], pi[k])]
         after = _distance(permask.permute_model(a, got, graph), b)
@@ -108,7 +112,7 @@ def sweep(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["model"] for line in out.open()} if out.exists() else set()
+    done = set(_records(out)) if out.exists() and not args.redo else set()
     k, n_shards = map(int, args.shard.split("/"))
     names = sample(Path(args.coverage), args.all, args.max_params)[k::n_shards]
     names = [n for n in names if n not in done][: args.limit or None]
@@ -116,39 +120,62 @@ def sweep(args: argparse.Namespace) -> None:
     for i, name in enumerate(names):
         work = functools.partial(check, name, args.size, args.batches, args.methods)
         rec = guarded({"model": name}, work, args.timeout, out)
-        status = rec.get("skipped") or " ".join(f"{m} {rec[m]['exact']:.0%}" for m in args.methods)
+        status = rec.get("skipped") or " ".join(
+            f"{m} {rec[m].get('skipped') or format(rec[m]['exact'], '.0%')}" for m in args.methods
+        )
         print(f"[{i + 1}/{len(names)}] {name}: {status}", flush=True)
 
 
+def _records(out: Path) -> dict[str, dict]:
+    """Per architecture, its lines merged in file order, method by method: a later result
+    replaces an earlier one, a later skip (a whole line's skip counts for every method) does
+    not replace a result (``--redo --methods weight`` reruns one method on top of a sweep)."""
+    recs: dict[str, dict] = {}
+    for line in out.open():
+        r = json.loads(line)
+        if "skipped" in r:
+            why = r.pop("skipped")
+            r.update({m: {"skipped": why} for m in METHODS})
+        old = recs.setdefault(r["model"], {})
+        for k, v in r.items():
+            if k not in METHODS or "skipped" not in v or "exact" not in old.get(k, {}):
+                old[k] = v
+    return recs
+
+
 def summarize(args: argparse.Namespace) -> None:
-    recs = [json.loads(line) for line in Path(args.out).open()]
-    done = [r for r in recs if "skipped" not in r]
-    methods = [m for m in METHODS if any(m in r for r in done)]
+    recs = list(_records(Path(args.out)).values())
+    methods = [m for m in METHODS if any(m in r for r in recs)]
     lines = [MARK, "", "## Recovery of planted permutations (benchmarks/recovery.py)", ""]
     lines.append(
-        f"{len(done)} architectures aligned, {len(recs) - len(done)} skipped (timeout or "
-        "error). Per method: architectures with every group recovered exactly, mean fraction "
-        "of groups exact, mean weight distance after / before:"
+        f"{len(recs)} architectures. Per method: architectures aligned, skipped (timeout or "
+        "error), with every group recovered exactly, mean fraction of groups exact, mean "
+        "weight distance after / before:"
     )
-    head = "| method | all groups exact | groups exact (mean) | residual (mean) | s (median) |"
+    head = "| method | aligned | skipped | all groups exact | groups exact (mean) | residual (mean) | s (median) |"  # noqa: E501
     lines += ["", head]
-    lines.append("|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|")
+    done = {m: [r for r in recs if "exact" in r.get(m, {})] for m in methods}
     for m in methods:
-        rs = [r[m] for r in done]
+        rs = [r[m] for r in done[m]]
         full = sum(r["exact"] == 1 for r in rs)
         secs = sorted(r["seconds"] for r in rs)
-        lines.append(f"| {m} | {full}/{len(rs)} | {sum(r['exact'] for r in rs) / len(rs):.4f} | "
+        lines.append(f"| {m} | {len(rs)} | {len(recs) - len(rs)} | {full}/{len(rs)} | "
+                     f"{sum(r['exact'] for r in rs) / len(rs):.4f} | "
                      f"{sum(r['residual'] for r in rs) / len(rs):.4f} | "
                      f"{secs[len(secs) // 2]:.1f} |")  # fmt: skip
     lines += ["", "Missed groups by layout kind and cause:", ""]
     causes = collections.Counter(
-        (m, why) for r in done for m in methods for why in r[m]["missed"].values()
+        (m, why) for m in methods for r in done[m] for why in r[m]["missed"].values()
     )
     lines += [f"- {m}: {why}: {n}" for (m, why), n in sorted(causes.items())] or ["- none"]
+    skipped = [(r["model"], m, r.get(m, {}).get("skipped")) for r in recs for m in methods]
+    lines += ["", "Skipped:", ""]
+    lines += [f"- `{name}` ({m}): {why}" for name, m, why in skipped if why] or ["- none"]
     lines += ["", "Architectures with a missed group:", ""]
-    for r in done:
+    for r in recs:
         for m in methods:
-            if r[m]["missed"]:
+            if r.get(m, {}).get("missed"):
                 example = next(iter(r[m]["missed"]))
                 lines.append(f"- `{r['model']}` ({m}): {r[m]['exact']:.1%} exact, residual "
                              f"{r[m]['residual']:.3f}, e.g. {example}")  # fmt: skip
@@ -175,6 +202,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--shard", default="0/1", help="k/n: every n-th architecture from the k-th")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--redo", action="store_true", help="rerun architectures already in --out")
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
     summarize(args) if args.summarize else sweep(args)

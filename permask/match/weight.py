@@ -6,11 +6,15 @@ permutes every other axis of the tensor (and the other groups that share g's axi
 within-block order of a grouped conv) by the current estimates. A linear assignment gives the
 best permutation of g; groups are visited until a whole sweep improves none.
 
-Visiting order: the first sweep takes the groups in the graph's order (input to output), later
-sweeps in a seeded random order (Git Re-Basin). In the first sweep each group is then solved
-after the groups nearer the input, as a layer-wise match would; a random first sweep lets many
-inner groups fit noise around a residual stream that is still at the identity, a fixed point
-that no single-group move leaves.
+Visiting order and the first sweep: the first sweep takes the groups from input to output (by
+the first use of their tensors in the forward), later sweeps a seeded random order (Git
+Re-Basin). In the first sweep a group is solved layer-wise: from those of its terms whose
+tensor's other axes are fixed, given in ``init``, or belong to groups already solved in that
+sweep; its other terms wait for the next sweep. Scoring a group against neighbours still at the
+identity start makes it fit noise: inner groups fitted around a residual stream still at the
+identity, or a stream fitted to blocks whose hidden groups are still at the identity, reach a
+fixed point that no single-group move leaves (docs/alignment.md: six timm hybrids lost up to
+two thirds of their groups that way).
 
 Structures of blocks x within (a grouped conv's or GroupNorm's groups, attention heads x
 head_dim, and deeper nestings such as grouped convs whose group counts change) get a joint move
@@ -89,6 +93,7 @@ class _ScoreTerm:
     rows: torch.Tensor | None  # [n, k] positions of each element's k replicas; None: the axis
     b: torch.Tensor  # [n, k * rest]
     depends: frozenset[str] = frozenset()  # groups whose estimate changes this contribution
+    across: frozenset[str] = frozenset()  # those of them on the tensor's other axes
 
 
 def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor | None:
@@ -161,8 +166,8 @@ class _Descent:
       depend on has changed since the last try.
     - ``joint_move(outer)``: re-solve that structure's blocks and within orders together; kept
       only if the objective of the tensors it touches improves.
-    - ``sweep()``: visit every optimised group once, in the graph's order on the first sweep and
-      in a seeded random order after it.
+    - ``sweep()``: visit every optimised group once, from input to output on the first sweep
+      (terms on groups still at their identity start wait) and in a seeded random order after.
     - ``settle(max_iter)``: sweep until no group can improve (nothing stale) or ``max_iter``
       sweeps in all, LAPs in a background thread (``overlap``) or one by one.
     - ``result()``: the :class:`WeightMatchResult` at the current estimates.
@@ -208,7 +213,8 @@ class _Descent:
             for i, s in enumerate(ss):
                 for h in s.depends:
                     self._affected.setdefault(h, []).append((g, i))
-        self._names = names = [g for g in terms if only is None or g in only]
+        names = _input_to_output(graph, [g for g in terms if only is None or g in only])
+        self._names = names
         self._sizes = {g.name: g.size for g in graph}
         self._joint = _joint_terms(layouts, self._sizes, self._wb, device, set(names))
         self.perms = {g.name: torch.arange(g.size, device=device) for g in graph}
@@ -227,6 +233,8 @@ class _Descent:
         self._pending: dict[str, Future] = {}  # LAPs solving in the background, in visiting order
         self._pool: ThreadPoolExecutor | None = None  # while settle() runs
         self._gen = torch.Generator().manual_seed(seed)
+        self._guessed = frozenset(g for g in names if g not in (init or {}))  # identity starts
+        self._solved: set[str] | None = None  # groups solved so far in the first sweep
         self.solver, self.overlap, self.iterations = solver, overlap, 0
 
     def settle(self, max_iter: int = 100) -> None:
@@ -240,21 +248,34 @@ class _Descent:
                 self._pool = None
 
     def sweep(self) -> None:
-        """Visit every optimised group once: the graph's order first, then seeded random ones
-        (module docstring); then take every pending LAP."""
+        """Visit every optimised group once: input to output and layer-wise first, then in
+        seeded random orders (module docstring); then take every pending LAP."""
         self.iterations += 1
         order = range(len(self._names))
         if self.iterations > 1:
             order = torch.randperm(len(self._names), generator=self._gen).tolist()
-        for i in order:
-            self.visit(self._names[i])
+        self._solved = set() if self.iterations == 1 else None
+        try:
+            for i in order:
+                self.visit(self._names[i])
+        finally:
+            self._solved = None
         self._collect()
+
+    def _known(self, term: _ScoreTerm) -> bool:
+        """Whether ``term`` enters its group's score now: always, except in the first sweep,
+        where a term waits (stale) until every group on its tensor's other axes that started
+        at the identity (optimised, not in ``init``) has been solved in that sweep (module
+        docstring)."""
+        if self._solved is None:
+            return True
+        return all(h in self._solved or h not in self._guessed for h in term.across)
 
     def visit(self, g: str) -> None:
         """Update ``g``'s running score and solve its LAP, every other group fixed (class
         docstring); no LAP when none of its contributions changed."""
         self._collect(self._deps[g] | {g})  # its scores and staleness are now those of the sequence
-        todo = [i for i in range(len(self._terms[g])) if (g, i) in self._stale]
+        todo = [i for i, s in enumerate(self._terms[g]) if (g, i) in self._stale and self._known(s)]
         for i in todo:
             s = self._terms[g][i]
             idxs = _indices(s, self._layouts, self.perms)
@@ -274,6 +295,8 @@ class _Descent:
                 self._pending[g] = self._pool.submit(solve_lap, score, solver=self.solver)
             if not self.overlap or self._pool is None:
                 self._collect()
+            if self._solved is not None:
+                self._solved.add(g)
         if g in self._joint:  # the sequence's estimates and joint_stale (g's own LAP may add g)
             self._collect()
             if g in self._joint_stale:
@@ -341,6 +364,15 @@ class _Descent:
         self._joint_stale.update(o for o, deps in self._joint_deps.items() if h in deps)
 
 
+def _input_to_output(graph: PermutationGraph, names: list[str]) -> list[str]:
+    """``names`` sorted by the first use of their tensors in the forward (``graph.tensors`` is
+    in that order), ties kept in the graph's order. A stream group named after a tensor late in
+    the graph (a downsampling conv whose channels a later split cuts into parts) comes before
+    the blocks that read it."""
+    first = {t: i for i, t in enumerate(graph.tensors)}
+    return sorted(names, key=lambda g: min(first[m.tensor] for m in graph[g].members))
+
+
 def _group_terms(
     graph: PermutationGraph,
     layouts: dict[str, list[Layout]],
@@ -354,14 +386,15 @@ def _group_terms(
         for m in g.members:
             if m.tensor not in layouts:
                 continue
-            depends = set()
-            for axis, lay in enumerate(layouts[m.tensor]):
-                others = set(layout_groups(lay))
-                depends |= others - {g.name} if axis == m.axis else others
+            lays = layouts[m.tensor]
+            across = set().union(*(layout_groups(x) for a, x in enumerate(lays) if a != m.axis))
+            depends = across | (set(layout_groups(lays[m.axis])) - {g.name})
             rows = _rows(m.layout, g.name, g.size, device)
             b = _gather(wb[m.tensor], m.axis, rows)
             terms.setdefault(g.name, []).append(
-                _ScoreTerm((g.name,), m.tensor, m.axis, rows, b, frozenset(depends))
+                _ScoreTerm(
+                    (g.name,), m.tensor, m.axis, rows, b, frozenset(depends), frozenset(across)
+                )
             )
     return terms
 
