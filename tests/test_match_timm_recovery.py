@@ -1,7 +1,9 @@
 """Planted permutations in timm families of different layouts are recovered by both methods
 (issue 15): grouped convs (RegNetX), depthwise convs with squeeze-excitation (EfficientNet),
 inverted bottlenecks (MobileNetV3), a conv/attention hybrid (MobileViT), a gated MLP (gMLP) and
-attention heads (ViT, weight matching; its activation matching: tests/test_match_align.py).
+attention heads (ViT, weight matching; its activation matching: tests/test_match_align.py), and
+three architectures where weight matching's first sweep used to go wrong (Visformer, CoAtNet,
+MobileNet-EdgeTPU: each fails with the code before 20b1e6f).
 benchmarks/recovery.py runs the same check over one architecture per timm family."""
 
 from __future__ import annotations
@@ -22,7 +24,18 @@ FAMILIES = {  # name -> (create_model keywords, input side)
     "mobilevit_xxs": ({}, 64),
     "gmlp_ti16_224": ({"img_size": 64}, 64),
     "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8}, 32),
+    # weight matching used to stop at half the planted objective here: a stage's stream was
+    # visited after, or scored against the unsolved hidden groups of, the blocks reading it
+    "visformer_tiny": ({"img_size": 64}, 64),
+    "coatnet_pico_rw_224": ({"img_size": 64}, 64),
+    "mobilenet_edgetpu_100": ({}, 64),
 }
+WEIGHT_ONLY = (
+    "vit_tiny_patch16_224",
+    "visformer_tiny",
+    "coatnet_pico_rw_224",
+    "mobilenet_edgetpu_100",
+)
 # activation matching misses a few hidden groups of inverted bottlenecks with squeeze-excitation
 # (2-18 of 240-672 elements each on this data; more data did not help): open in issue 15, the
 # sweep in docs/coverage.md shows where. Strict: a fix turns these into failures to remove.
@@ -33,7 +46,8 @@ CASES = [
     else (name, method)
     for name in FAMILIES
     for method in ("weight", "activation")
-    if not (method == "activation" and name == "vit_tiny_patch16_224")  # test_match_align.py
+    # ViT's activation matching: tests/test_match_align.py; the other two: the sweep
+    if not (method == "activation" and name in WEIGHT_ONLY)
 ]
 
 
