@@ -114,7 +114,7 @@ def sweep(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set(_records(out)) if out.exists() and not args.redo else set()
     k, n_shards = map(int, args.shard.split("/"))
-    names = sample(Path(args.coverage), args.all, args.max_params)[k::n_shards]
+    names = args.models or sample(Path(args.coverage), args.all, args.max_params)[k::n_shards]
     names = [n for n in names if n not in done][: args.limit or None]
     signal.signal(signal.SIGALRM, _alarm)
     for i, name in enumerate(names):
@@ -203,6 +203,7 @@ def main() -> None:
     p.add_argument("--shard", default="0/1", help="k/n: every n-th architecture from the k-th")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--redo", action="store_true", help="rerun architectures already in --out")
+    p.add_argument("--models", nargs="+", help="these architectures instead of the sample")
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
     summarize(args) if args.summarize else sweep(args)

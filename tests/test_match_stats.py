@@ -1,7 +1,7 @@
 """Streaming correlation statistics against a float64 reference, on every cross-product path.
 
 The statistics see activations in their own layout ``[before, channels, after]``; the reference
-moves channels last in float64 and applies ``cov / (std_a std_b + eps)`` to all samples at once.
+moves channels last in float64 and applies ``cov / (std_a std_b)`` to all samples at once.
 Inputs are float32 with means 50x their standard deviation, so a naive ``E[ab] - E[a]E[b]`` in
 float32 would lose the covariance: the per-channel shift must keep it.
 """
@@ -12,8 +12,6 @@ import torch
 from permask.match import activation
 from permask.match.activation import CorrelationStats
 from permask.match.points import Plan, Point, Unit
-
-EPS = 1e-4
 
 
 def reference(xs_a, xs_b, axis, index):
@@ -27,7 +25,7 @@ def reference(xs_a, xs_b, axis, index):
     a, b = a - a.mean(0), b - b.mean(0)
     cov = a.T @ b / len(a)
     std_a, std_b = a.square().mean(0).sqrt(), b.square().mean(0).sqrt()
-    return cov / (torch.outer(std_a, std_b) + EPS)
+    return cov / torch.outer(std_a, std_b)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +71,7 @@ def _stats_and_reference(shape, axis, index, amp, dtype, device, precision):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             stats.observe(0, a, b)
         assert torch.equal(a, xs_a[-1]) and torch.equal(b, xs_b[-1])  # only copies are shifted
-    got = stats.scores(EPS)[("g",)].cpu()
+    got = stats.scores()[("g",)].cpu()
     want = reference([x.cpu() for x in xs_a], [x.cpu() for x in xs_b], axis, index)
     assert got.shape == want.shape == (index.shape[1], index.shape[1])
     assert want.abs().max() > 0.3  # the test data does correlate
@@ -105,6 +103,23 @@ def test_dead_channel_gives_zero_not_nan():
     stats.observe(0, a, torch.randn(8, 3, 4))
     got = stats.scores()[("g",)]
     assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros(3, dtype=got.dtype))
+
+
+def test_correlations_do_not_depend_on_the_activations_scale():
+    """Activations of std ~1e-3 (a random init's deep layers) give the same correlations as at
+    unit scale: the paper's absolute eps (``std_a std_b + 1e-4``) turned them into covariances,
+    which pick high-variance channels over the true partner."""
+    point = Point("x", 1, "x", 6, (Unit(("g",), torch.arange(6)[None]),))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 6, 4, generator=g, dtype=torch.float64) * torch.logspace(0, 1, 6)[:, None]
+    b = a[:, torch.tensor([3, 0, 5, 1, 4, 2])] + 0.01 * torch.randn(64, 6, 4, generator=g)
+    got = []
+    for scale in (1.0, 1e-3):
+        stats = CorrelationStats(Plan((point,), ()), torch.device("cpu"))
+        stats.observe(0, scale * a, scale * b)
+        got.append(stats.scores()[("g",)])
+    torch.testing.assert_close(got[0], got[1], rtol=1e-9, atol=1e-12)
+    assert got[1].argmax(0).tolist() == [3, 0, 5, 1, 4, 2]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -13,7 +13,7 @@ from torch import nn
 
 import permask
 from permask.match import align
-from permask.match.assign import assign, nesting
+from permask.match.assign import assign, nesting, tangled
 
 
 def _grouped_chain(widths: list[int], groups: list[int]) -> nn.Module:
@@ -120,3 +120,12 @@ def test_a_group_inside_two_groups_is_named():
     assert nesting([("a", "b", "c"), ("a", "d")]) == {"b": "a", "c": "b", "d": "a"}
     with pytest.raises(ValueError, match="group 'c' sits inside two groups \\('b' and 'd'\\)"):
         nesting([("a", "b", "c"), ("d", "c")])
+
+
+def test_a_structure_that_is_not_a_forest_is_set_apart_whole():
+    """``tangled`` takes every group chained to one inside two groups, and nothing else, so that
+    activation matching solves the rest jointly and leaves these to weight matching."""
+    chains = [("a", "b", "c"), ("d", "c"), ("d", "e"), ("f", "g"), ("h",)]
+    assert tangled(chains) == {"a", "b", "c", "d", "e"}
+    assert nesting([c for c in chains if not tangled(chains) & set(c)]) == {"g": "f"}
+    assert tangled([("a", "b"), ("a", "c")]) == set()

@@ -32,7 +32,7 @@ import torch
 
 from .lap import solve_lap
 
-__all__ = ["assign", "margin", "nesting"]
+__all__ = ["assign", "margin", "nesting", "tangled"]
 
 Chain = tuple[str, ...]
 Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] per chain
@@ -55,6 +55,26 @@ def nesting(chains: list[Chain]) -> dict[str, str]:
                     f"group '{inner}' sits inside two groups ('{parent[inner]}' and '{outer}')"
                 )
     return parent
+
+
+def tangled(chains: list[Chain]) -> set[str]:
+    """The groups of chains that do not form a forest: a group inside two different groups
+    (CoaT's head-dim group under two parts of its split heads), and every group linked to it by
+    a chain. :func:`nesting` of the other chains succeeds."""
+    parent: dict[str, str] = {}
+    linked: set[str] = set()
+    for chain in chains:
+        for outer, inner in zip(chain, chain[1:]):
+            if parent.setdefault(inner, outer) != outer:
+                linked.add(inner)
+    grown = True
+    while grown:
+        grown = False
+        for chain in chains:
+            if set(chain) & linked and not set(chain) <= linked:
+                linked.update(chain)
+                grown = True
+    return linked
 
 
 def assign(

@@ -11,6 +11,14 @@ Observation points of a group (the first rule that finds any wins):
 What an op is, its *role*, is what its rule's registration says (``Observation.role``; see
 :func:`permask.graph.registry.register_role`).
 
+Samples are the positions along the other axes of the observed tensor (batch, space, tokens),
+which must be the same in A and B. Where another axis is itself moved by a group (a token-mixing
+MLP's ``[batch, channels, hidden tokens]``: A's and B's hidden tokens are in different orders),
+that axis is averaged out first (a permutation-invariant summary), leaving fewer samples, and
+such an observation is used only for groups that have no other. Without this, the samples of A
+and B were positions of different hidden units and the correlations noise (MLP-Mixer's stream
+was matched at 0-57% of its channels on planted permutations).
+
 A group's channels at a point are found with :func:`~permask.graph.layout.group_element_map`. A
 group repeated inside a product (e.g. ``(C x fixed(HW))`` after a flatten) gives ``k`` samples
 per position. Two groups that share positions (``(blocks x within)`` of a grouped conv or
@@ -27,7 +35,7 @@ import torch
 
 from ..graph import Observation, PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups
-from .assign import nesting
+from .assign import nesting, tangled
 
 __all__ = ["Unit", "Point", "Plan", "axis_units", "plan_points", "select_observations"]
 
@@ -55,6 +63,7 @@ class Point:
     target: str
     size: int
     units: tuple[Unit, ...]
+    mixed: tuple[int, ...] = ()  # other axes a permutation moves: averaged out (module doc)
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,16 @@ class Plan:
         return sum(8 * (u.size**2 + 4 * u.size) for p in self.points for u in p.units)
 
 
-def select_observations(observations: list[Observation]) -> list[Observation]:
+def select_observations(
+    observations: list[Observation], permuted: dict[str, set[int]] | None = None
+) -> list[Observation]:
     """The observation points activation matching uses for one group (rules in module doc):
-    by the role each op's rule registered (:func:`permask.graph.registry.register_role`)."""
+    by the role each op's rule registered (:func:`permask.graph.registry.register_role`).
+    ``permuted``: node -> the axes of its output that groups move; observations with another
+    moved axis are used only where a group has no other (module doc)."""
     usable = [o for o in observations if o.op != "get_attr" and o.item is None]  # single outputs
+    if permuted:
+        usable = [o for o in usable if not permuted.get(o.node, set()) - {o.axis}] or usable
     for wanted in ("nonlinear", "residual"):
         chosen = [o for o in usable if o.role == wanted]
         if chosen:
@@ -112,25 +127,31 @@ def plan_points(graph: PermutationGraph) -> Plan:
     """Choose every group's observation points and lay out the units to correlate there."""
     order = {n.name: i for i, n in enumerate(graph.fx_graph.nodes)}
     sizes = {g.name: g.size for g in graph}
+    permuted: dict[str, set[int]] = {}
+    for g in graph:
+        for o in g.observations:
+            if o.item is None:
+                permuted.setdefault(o.node, set()).add(o.axis)
     chosen: dict[tuple[str, int], tuple[Observation, set[str]]] = {}
     for g in graph:
-        for o in select_observations(g.observations):
+        for o in select_observations(g.observations, permuted):
             chosen.setdefault((o.node, o.axis), (o, set()))[1].add(g.name)
     found: list[tuple[Observation, list[Unit]]] = []
     for key in sorted(chosen, key=lambda k: (order[k[0]], k[1])):
         obs, wanted = chosen[key]
         found.append((obs, [u for u in axis_units(obs.layout, sizes) if wanted & set(u.groups)]))
-    try:
-        parent = nesting([u.groups for _, units in found for u in units])
-    except ValueError as err:
-        raise NotImplementedError(f"{err}; activation matching cannot solve it jointly, "
-                                  "use method='weight'") from None  # fmt: skip
+    # groups of a structure that is not a forest: no joint solve, so no units; weight matching
+    # solves them (Plan.unmatched)
+    tangle = tangled([u.groups for _, units in found for u in units])
+    found = [(obs, [u for u in units if not tangle & set(u.groups)]) for obs, units in found]
+    parent = nesting([u.groups for _, units in found for u in units])
     structured = set(parent) | set(parent.values())
     points, seen = [], set()
     for obs, units in found:
         keep = tuple(u for u in units if len(u.groups) > 1 or u.groups[0] not in structured)
         if keep:
-            points.append(Point(obs.node, obs.axis, obs.target, obs.layout.size, keep))
+            mixed = tuple(sorted(permuted[obs.node] - {obs.axis}))
+            points.append(Point(obs.node, obs.axis, obs.target, obs.layout.size, keep, mixed))
             seen.update(g for u in keep for g in u.groups)
     unmatched = tuple(g.name for g in graph if g.name not in seen)
     return Plan(tuple(points), unmatched)
