@@ -65,6 +65,17 @@ FAMILIES = {
     "qwen2_moe": ("qwen2_moe", "AutoModelForCausalLM",
                   dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32), None),
+    # a sliding window (4) shorter than the sequence (8): the mask matters
+    "mistral_sliding_window": ("mistral", "AutoModelForCausalLM", dict(GQA, sliding_window=4),
+                               None),
+    # ALiBi: per-head biases computed from the head's index
+    "bloom": ("bloom", "AutoModelForCausalLM",
+              dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=100), None),
+    "falcon_alibi": ("falcon", "AutoModelForCausalLM",
+                     dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=100, alibi=True), None),
+    "mpt": ("mpt", "AutoModelForCausalLM",
+            dict(d_model=32, n_layers=2, n_heads=4, vocab_size=100, max_seq_len=64), None),
     "t5": ("t5", "AutoModelForSeq2SeqLM",
            dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=100),
            lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}),

@@ -81,6 +81,26 @@ def test_llama_the_float32_rounding_is_the_residual_streams_alone():
         assert _change(model, one, graph) <= (1e-6 if stream else 1e-14), g.name
 
 
+def test_alibi_heads_stay_fixed_and_everything_else_permutes_exactly():
+    """BLOOM's ALiBi adds per-head biases whose slopes are made from the head's index: heads
+    must stay where they are (a reason in partly_fixed); head dims, MLP and stream move. Its
+    scores are one ``baddbmm`` (bias + q @ k^T), an op that needs its own rule."""
+    config = transformers.AutoConfig.for_model(
+        "bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=100
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    graph = _trace(model)
+    assert not graph.unruled_ops and graph.permutable_fraction == 1.0
+    assert sorted(g.size for g in graph) == [8, 8, 32, 128, 128]  # head dims, stream, MLP
+    qkv = "transformer.h.0.self_attention.query_key_value.weight"
+    part = next(f for f in graph.partly_fixed if f.name == qkv)
+    assert "values made from positions" in part.reasons[0].message
+    for seed in range(2):
+        pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+        assert _change(model, pi, graph) <= 1e-12
+
+
 def test_llama_rope_dims_stay_fixed_and_gqa_heads_move_with_their_kv_head():
     """RoPE multiplies q and k by cos/sin computed from ``inv_freq``, a buffer outside the state
     dict: permuting it would not survive a save and load, so it is a constant, and the q/k head

@@ -64,7 +64,7 @@ _SAME: dict[str, Any] = {
     # shapes
     **{n: "view" for n in ("view", "_unsafe_view", "reshape", "flatten", "unflatten",
                            "squeeze", "squeeze_", "unsqueeze", "unsqueeze_")},
-    "permute": "permute", "transpose": "transpose", "t": "t", "expand": "expand",
+    "permute": "permute", "transpose": "transpose", "t": "t", "numpy_T": "t", "expand": "expand",
     "movedim": "movedim", "repeat": "repeat", "roll": "roll", "cat": torch.cat,
     "concat": torch.cat, "stack": torch.stack, "split": "split", "split_with_sizes": "split",
     "chunk": "chunk", "unbind": "unbind",
@@ -193,6 +193,7 @@ def register_aten_rules() -> None:
     for name, (target, adapt) in _REORDERED.items():
         _alias(name, target, _adapted(_fx_rule(target), adapt))
     _alias("addmm", torch.addmm, _addmm_rule)
+    _alias("baddbmm", torch.baddbmm, _addmm_rule)  # BLOOM's ALiBi scores: bias + q @ k^T
     register_rule(*_overloads("_grouped_mm"))(grouped_mm)
 
 
@@ -217,7 +218,8 @@ def grouped_mm(ctx: RuleContext, input, weight, offs=None, bias=None, out_dtype=
 
 
 def _addmm_rule(ctx: RuleContext, bias, x, w, *, beta=1, alpha=1):
-    """``bias + x @ w`` (GPT-2's Conv1D): a matmul whose output axes take the bias's."""
+    """``bias + x @ w`` (GPT-2's Conv1D; batched: ``baddbmm``): a matmul whose output axes
+    take the bias's (``beta`` and ``alpha`` scale values, not positions)."""
     out = _fx_rule(torch.matmul)(ctx, x, w)
     return _fx_rule(torch.add)(ctx, _as_traced(ctx, out), bias) if bias is not None else out
 
