@@ -40,6 +40,9 @@ MODELS = {
     "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10,
                                                 img_size=32, depth=2), (2, 3, 32, 32)),
     "timm_regnetx_002": (lambda: timm.create_model("regnetx_002", num_classes=10), (2, 3, 32, 32)),
+    # q, k, v = qkv[0], qkv[1], qkv[2] of a stacked tensor: aten.select must keep items apart
+    "timm_cait_xxs24": (lambda: timm.create_model("cait_xxs24_224", num_classes=10, img_size=32,
+                                                  depth=2), (2, 3, 32, 32)),
 }  # fmt: skip
 
 
