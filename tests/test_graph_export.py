@@ -197,3 +197,32 @@ def test_several_index_tensors_and_constants_keep_the_hidden_units_free(frontend
     assert [g.size for g in graph] == [16] and not graph.unruled_ops
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
     assert equivalence_error(model, (x, ids), pi, graph) < 1e-12
+
+
+class _OpsByShape(nn.Module):
+    """A forward whose ops depend on the batch's shape (export specialises on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h) if x.shape[0] > 4 else torch.tanh(h))
+
+
+def test_batches_of_another_shape_are_captured_again_or_refused_by_name():
+    """Activation matching on an export graph: a batch of another shape is captured again and
+    feeds the same statistics when its graph has the same observation points; where the shape
+    changes the ops at a point, a ValueError names the point and says to pad or bucket."""
+    a = _OpsByShape()
+    graph = permask.trace(a, {"x": torch.randn(6, 4)})
+    assert graph.frontend == "export"
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    b = permask.permute_model(a, pi, graph)
+    g = torch.Generator().manual_seed(1)
+    same_ops = [{"x": torch.randn(n, 4, generator=g)} for n in (6, 9, 6, 12)]
+    assert permask.align(a, b, same_ops, graph=graph) == pi
+    other_ops = [{"x": torch.randn(3, 4, generator=g)}]
+    with pytest.raises(ValueError, match="different exported graph at observation point 'relu'"):
+        permask.align(a, b, other_ops, graph=graph)

@@ -6,7 +6,7 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -21,6 +21,7 @@ from .activation import CorrelationStats, check_precision, constant_counts, pair
 from .assign import assign, margin
 from .lap import solve_lap
 from .points import plan_points
+from .replay import ShapeReplays
 from .weight import weight_matching, weight_scores
 
 __all__ = ["align", "AlignInfo", "check_same_architecture"]
@@ -243,7 +244,11 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     data = itertools.chain([first] if first is not None else [], batches)
     start = time.perf_counter()
     paired = paired_module(a, b, graph.fx_graph, stats)
-    n_batches, samples = _stream(a, b, paired, data, device, graph.frontend == "export")
+    if graph.frontend == "export":  # specialised to its example shapes: one per input shape
+        pick = ShapeReplays(a, b, graph, stats, paired).module
+    else:
+        pick = lambda x: paired  # noqa: E731
+    n_batches, samples = _stream(a, b, pick, data, device)
     pass_seconds = time.perf_counter() - start
     if distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
@@ -281,20 +286,19 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     return Permutation(perms), info
 
 
-def _stream(
-    a: nn.Module, b: nn.Module, paired: nn.Module, data: Iterable, device, static: bool = False
-) -> tuple:
-    """Run every batch through both models (eval mode, restored after); (batches, samples).
-    ``static``: the graph was captured by torch.export, for its example inputs' shapes only."""
+def _stream(a: nn.Module, b: nn.Module, pick: Callable, data: Iterable, device) -> tuple:
+    """Run every batch through both models (eval mode, restored after) by the paired module
+    ``pick(inputs)`` returns; (batches, samples)."""
     modes = {m: m.training for m in (*a.modules(), *b.modules())}
     n_batches = samples = 0
     try:
-        paired.eval()
+        a.eval()
+        b.eval()
         with torch.no_grad():
             for batch in data:
                 x = to_device(split_batch(batch)[0], device, non_blocking=True)
                 try:
-                    call(paired, x)
+                    call(pick(x), x)
                 except (RuntimeError, TypeError) as err:  # TypeError: keyword inputs it lacks
                     if isinstance(err, torch.OutOfMemoryError):
                         raise
@@ -302,12 +306,6 @@ def _stream(
                         f"batch {n_batches} of the loader does not fit the models "
                         f"({type(err).__name__}: {_first_line(err)}); check the loader's "
                         "batches against the example inputs the graph was traced on"
-                        + (
-                            " (a graph captured by torch.export holds every input shape fixed: "
-                            "trace on a batch of the loader's shapes, or pass no graph)"
-                            if static
-                            else ""
-                        )
                     )
                     raise ValueError(hint) from err
                 n_batches += 1
