@@ -41,6 +41,16 @@ from permask._atomic import atomic_path, atomic_save, atomic_write_bytes
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.data import DataNotFoundError
 from permask.experiment.distributed import World, init_world
+from permask.experiment.layout import (
+    a_seed,
+    align_path,
+    eval_path,
+    imp_files,
+    imp_round_dir,
+    interpolation_path,
+    seed_dir,
+    sparse_dir,
+)
 from permask.experiment.loader import TensorLoader, get_loaders
 from permask.experiment.models import build_model, check_model_name
 from permask.experiment.report import Results, collect, write_report
@@ -309,15 +319,6 @@ def _attach_log(log: logging.Logger, path: Path | None) -> logging.Handler:
     return handler
 
 
-def seed_dir(cfg: RunConfig, seed: int) -> Path:
-    return cfg.run_dir / f"seed{seed}"
-
-
-def a_seed(cfg: RunConfig, seed: int) -> int:
-    """The seed whose A (dense A, IMP, m_A) serves ``seed``: itself, or 0 with ``shared_a``."""
-    return 0 if cfg.shared_a else seed
-
-
 def _seeds(seed: int) -> dict[str, int]:
     """Init and data-order seeds of one repeat (distinct across roles and repeats)."""
     base = 1000 * seed
@@ -327,7 +328,8 @@ def _seeds(seed: int) -> dict[str, int]:
 def _run_seed(exp: Experiment, seed: int) -> None:
     cfg = exp.cfg
     seed_of_a = a_seed(cfg, seed)  # the seed whose A serves this one (0 with shared_a)
-    own_dir, a_dir = seed_dir(cfg, seed), seed_dir(cfg, seed_of_a)  # B and the rest; A and IMP
+    own_dir = seed_dir(cfg.run_dir, seed)  # B and the rest
+    a_dir = seed_dir(cfg.run_dir, seed_of_a)  # A and IMP
     a_seeds, own_seeds = _seeds(seed_of_a), _seeds(seed)
     keep_a = set(cfg.rewind)  # IMP's rewinding variant rewinds to rewind[0]
     timed = functools.partial(exp.timed, seed)  # the stages' names are the plan's
@@ -480,35 +482,6 @@ def _imp(
             dense_shortcuts=cfg.dense_shortcuts, on_round=on_round,
         )  # fmt: skip
     return masks
-
-
-def imp_files(cfg: RunConfig, a_dir: Path) -> tuple[dict[float, Path], dict[float, Path]]:
-    """IMP's mask and evaluation files, per sparsity: IMP is done when all exist."""
-    masks = {s: a_dir / "masks" / f"imp_s{s:g}.safetensors" for s in cfg.sparsity}
-    return masks, {s: eval_path(a_dir / "imp" / f"s{s:g}") for s in cfg.sparsity}
-
-
-def imp_round_dir(a_dir: Path, r: int) -> Path:
-    """The training directory of IMP round ``r`` (from 1)."""
-    return a_dir / "imp" / f"round{r:02d}"
-
-
-def eval_path(directory: Path) -> Path:
-    """A trained model's evaluation: its stage is done when this exists."""
-    return directory / "eval.pt"
-
-
-def align_path(own_dir: Path) -> Path:
-    return own_dir / "align" / "pi.safetensors"
-
-
-def interpolation_path(own_dir: Path) -> Path:
-    return own_dir / "interpolation.json"
-
-
-def sparse_dir(own_dir: Path, method: str, sparsity: float, rewind: int) -> Path:
-    """The directory of one sparse training (``method`` from w^k with the mask at sparsity)."""
-    return own_dir / "sparse" / f"{method}_s{sparsity:g}_k{rewind}"
 
 
 def _align(

@@ -32,6 +32,16 @@ from pathlib import Path
 import torch
 
 from permask.experiment import pipeline
+from permask.experiment.layout import (
+    a_seed,
+    align_path,
+    eval_path,
+    imp_files,
+    imp_round_dir,
+    interpolation_path,
+    seed_dir,
+    sparse_dir,
+)
 from permask.experiment.pipeline import Experiment
 from permask.experiment.train import checkpoint_path
 from permask.match import align
@@ -199,9 +209,9 @@ def plan(exp: Experiment, probe: Probe | None = None) -> Plan:
 def _seed_stages(exp: Experiment, seed: int) -> list[Stage]:
     """The stages of one seed in the order ``pipeline._run_seed`` runs them."""
     cfg = exp.cfg
-    own, a_dir = pipeline.seed_dir(cfg, seed), pipeline.seed_dir(cfg, pipeline.a_seed(cfg, seed))
+    own, a_dir = seed_dir(cfg.run_dir, seed), seed_dir(cfg.run_dir, a_seed(cfg, seed))
     out = []
-    if pipeline.a_seed(cfg, seed) == seed:  # else seed 0's A and IMP serve this seed
+    if a_seed(cfg, seed) == seed:  # else seed 0's A and IMP serve this seed
         out += [_training(exp, seed, "dense A", a_dir / "dense_a", cfg.epochs)]
         out += [_imp(exp, seed, a_dir)]
     out += [_training(exp, seed, "dense B", own / "dense_b", cfg.epochs)]
@@ -211,7 +221,7 @@ def _seed_stages(exp: Experiment, seed: int) -> list[Stage]:
             restart = cfg.sparse_schedule == "restart"  # else the dense schedule from k
             end, start = (cfg.epochs - k, 0) if restart else (cfg.epochs, k)
             for method in pipeline.METHODS:
-                name, path = f"{method} s={s:g} k={k}", pipeline.sparse_dir(own, method, s, k)
+                name, path = f"{method} s={s:g} k={k}", sparse_dir(own, method, s, k)
                 out.append(_training(exp, seed, name, path, end, start))
     out.append(_interpolation(exp, seed, own))
     return out
@@ -222,7 +232,7 @@ def _training(
 ) -> Stage:
     """A training in ``path`` from epoch ``start`` to ``epochs``, then its two test passes
     (accuracy, and the saved softmax)."""
-    if pipeline.eval_path(path).exists():
+    if eval_path(path).exists():
         return Stage(seed, name, "done")
     done = max(_epochs_done(path), start)
     state = f"resumes at epoch {done}" if done > start else "to run"
@@ -233,13 +243,13 @@ def _training(
 def _imp(exp: Experiment, seed: int, a_dir: Path) -> Stage:
     """IMP: one training per round (fine-tuning, or rewinding to k), evaluations at targets."""
     cfg = exp.cfg
-    masks, evals = pipeline.imp_files(cfg, a_dir)
+    masks, evals = imp_files(cfg, a_dir)
     if all(path.exists() for path in [*masks.values(), *evals.values()]):
         return Stage(seed, "IMP", "done")
     rounds = len(imp_sparsities(cfg.sparsity, rate=cfg.imp_rate))
     finetune = cfg.imp == "finetune"
     per_round, start = (cfg.finetune_epochs, 0) if finetune else (cfg.epochs, cfg.rewind[0])
-    dirs = [pipeline.imp_round_dir(a_dir, r) for r in range(1, rounds + 1)]
+    dirs = [imp_round_dir(a_dir, r) for r in range(1, rounds + 1)]
     left = sum(per_round - max(_epochs_done(d), start) for d in dirs)
     tests = 2 * len(cfg.sparsity) * len(exp.test_loader)
     return Stage(seed, "IMP", "to run", left, left * len(exp.train_loader), tests)
@@ -247,7 +257,7 @@ def _imp(exp: Experiment, seed: int, a_dir: Path) -> Stage:
 
 def _align(exp: Experiment, seed: int, own: Path) -> Stage:
     """One alignment: its fixed cost, and a data pass over ``match_batches`` (activation)."""
-    if pipeline.align_path(own).exists():
+    if align_path(own).exists():
         return Stage(seed, "align", "done")
     available = len(exp.statistics_loader(shard=True))
     batches = min(exp.cfg.match_batches or available, available)
@@ -258,7 +268,7 @@ def _interpolation(exp: Experiment, seed: int, own: Path) -> Stage:
     """2 x points - 2 models (the curves share their ends), each with BatchNorm re-estimated on
     ``interp_bn_samples`` training images and evaluated on the test set."""
     cfg = exp.cfg
-    if pipeline.interpolation_path(own).exists():
+    if interpolation_path(own).exists():
         return Stage(seed, "interpolation", "done")
     points = max(2 * cfg.interp_points - 2, 0)
     train_images = len(exp.train_loader.labels)

@@ -20,6 +20,14 @@ import torch
 
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask.experiment.config import RunConfig
+from permask.experiment.layout import (
+    a_seed,
+    eval_path,
+    imp_files,
+    interpolation_path,
+    seed_dir,
+    sparse_dir,
+)
 from permask.metrics import ensemble_metrics, plot_interpolation
 
 __all__ = ["Results", "collect", "write_report", "write_paper", "paper_markdown"]
@@ -111,27 +119,23 @@ def _mean(xs: list[float]) -> float:
 
 def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Results:
     """Read every model's ``eval.pt`` and interpolation curves of a finished run."""
-    a_seeds = sorted({0 if cfg.shared_a else s for s in range(cfg.seeds)})
     seeds = range(cfg.seeds)
+    a_dirs = [seed_dir(run_dir, a) for a in sorted({a_seed(cfg, s) for s in seeds})]
+    own = [seed_dir(run_dir, s) for s in seeds]
     groups: dict[tuple, list[Path]] = {
-        ("dense", None, None): [run_dir / f"seed{s}" / "dense_b" / "eval.pt" for s in seeds]
+        ("dense", None, None): [eval_path(d / "dense_b") for d in own]
     }
     for sp in cfg.sparsity:
-        groups[("imp", sp, None)] = [
-            run_dir / f"seed{a}" / "imp" / f"s{sp:g}" / "eval.pt" for a in a_seeds
-        ]
+        groups[("imp", sp, None)] = [imp_files(cfg, d)[1][sp] for d in a_dirs]
     for sp in cfg.sparsity:
         for k in cfg.rewind:
             for method in ("lth", "permuted", "naive"):
-                name = f"{method}_s{sp:g}_k{k}"
-                groups[(method, sp, k)] = [
-                    run_dir / f"seed{s}" / "sparse" / name / "eval.pt" for s in seeds
-                ]
+                groups[(method, sp, k)] = [eval_path(sparse_dir(d, method, sp, k)) for d in own]
     rows = [_row(key, paths, labels) for key, paths in groups.items()]
     barriers: dict[str, list[float]] = {"naive": [], "permuted": []}
     curves, seconds = {}, []
-    for s in seeds:
-        data = json.loads((run_dir / f"seed{s}" / "interpolation.json").read_text())
+    for d in own:
+        data = json.loads(interpolation_path(d).read_text())
         for method in barriers:
             barriers[method].append(data[method]["barrier"])
         if "seconds" in data:  # runs before 2026-12-04 did not record it
