@@ -52,6 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._modules import model_device
 from .points import Plan, Point, Unit
 
 __all__ = ["paired_module", "CorrelationStats"]
@@ -181,6 +182,7 @@ def paired_module(
     root.add_module("a", model_a)
     root.add_module("b", model_b)
     root.add_module("observe", _Observer(stats))
+    root.add_module("consts", nn.Module())
     at: dict[str, list[int]] = {}
     for i, p in enumerate(stats.plan.points):
         at.setdefault(p.node, []).append(i)
@@ -195,11 +197,13 @@ def paired_module(
             env_b[node] = graph.call_function(_own_copy, (env_a[node],))
             continue
         if node.op == "get_attr" and not _has_attr(model_a, node.target):
-            raise NotImplementedError(
-                f"the traced graph holds a tensor constant made inside forward ('{node.target}', "
-                "e.g. a relative position index) that activation matching cannot replay yet; "
-                "use method='weight'"
-            )
+            # a tensor constant made inside forward at trace time (a relative position index):
+            # the architecture's, so one copy serves both models
+            const = _constant(fx_graph, node.target)
+            name = f"const_{len(root.consts._buffers)}"
+            root.consts.register_buffer(name, const.to(model_device(model_a)), persistent=False)
+            env_a[node] = env_b[node] = graph.get_attr(f"consts.{name}")
+            continue
         for env, prefix in ((env_a, "a."), (env_b, "b.")):
             target = prefix + node.target if node.op in ("call_module", "get_attr") else node.target
             args = fx.map_arg(node.args, env.__getitem__)
@@ -209,6 +213,18 @@ def paired_module(
             graph.call_module("observe", (i, env_a[node], env_b[node]))
     graph.output(None)
     return fx.GraphModule(root, graph)
+
+
+def _constant(fx_graph: fx.Graph, target: str) -> torch.Tensor:
+    """The tensor constant ``target`` of the traced graph's own module."""
+    owner = fx_graph.owning_module
+    value = getattr(owner, target, None) if owner is not None else None
+    if not isinstance(value, torch.Tensor):
+        raise NotImplementedError(
+            f"the traced graph reads '{target}', which neither model_a nor the traced graph's "
+            "module holds as a tensor; use method='weight'"
+        )
+    return value
 
 
 def _has_attr(module: nn.Module, target: str) -> bool:
