@@ -42,6 +42,7 @@ layers), the faster of the two there (benchmarks in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .._modules import model_device
+from ..graph.capture import fx_capture
 from .points import Plan, Point, Unit
 
 __all__ = ["paired_module", "CorrelationStats"]
@@ -183,6 +185,7 @@ def paired_module(
     root.add_module("b", model_b)
     root.add_module("observe", _Observer(stats))
     root.add_module("consts", nn.Module())
+    real: dict[str, fx.GraphModule] = {}  # a trace of the real model_a, made when needed
     at: dict[str, list[int]] = {}
     for i, p in enumerate(stats.plan.points):
         at.setdefault(p.node, []).append(i)
@@ -199,7 +202,7 @@ def paired_module(
         if node.op == "get_attr" and not _has_attr(model_a, node.target):
             # a tensor constant made inside forward at trace time (a relative position index):
             # the architecture's, so one copy serves both models
-            const = _constant(fx_graph, node.target)
+            const = _constant(fx_graph, node.target, model_a, real)
             name = f"const_{len(root.consts._buffers)}"
             root.consts.register_buffer(name, const.to(model_device(model_a)), persistent=False)
             env_a[node] = env_b[node] = graph.get_attr(f"consts.{name}")
@@ -215,10 +218,22 @@ def paired_module(
     return fx.GraphModule(root, graph)
 
 
-def _constant(fx_graph: fx.Graph, target: str) -> torch.Tensor:
-    """The tensor constant ``target`` of the traced graph's own module."""
+def _constant(
+    fx_graph: fx.Graph, target: str, model_a: nn.Module, real: dict[str, fx.GraphModule]
+) -> torch.Tensor:
+    """The tensor constant ``target`` of the traced graph's own module. The fx front end traces
+    a copy on the meta device where it can, so its constants may hold no data: then they are
+    taken from a trace of the real ``model_a`` (made once, into ``real``), the same code with
+    the same constants in the same order, checked by shape and dtype."""
     owner = fx_graph.owning_module
     value = getattr(owner, target, None) if owner is not None else None
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        if "gm" not in real:
+            n_inputs = sum(n.op == "placeholder" for n in fx_graph.nodes)
+            real["gm"] = fx_capture(copy.deepcopy(model_a).eval(), n_inputs)
+        found = getattr(real["gm"], target, None)
+        same = isinstance(found, torch.Tensor) and found.shape == value.shape
+        value = found if same and found.dtype == value.dtype else None
     if not isinstance(value, torch.Tensor):
         raise NotImplementedError(
             f"the traced graph reads '{target}', which neither model_a nor the traced graph's "
