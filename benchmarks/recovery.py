@@ -95,6 +95,9 @@ def check(name: str, size: int, batches: int, methods=METHODS) -> dict:
             "residual": round(after / before, 4) if before else 0.0,
             "seconds": round(seconds, 2),
             "missed": {k: _why(graph, k, constant, info.unmatched) for k in wrong},
+            # missed groups the user is not warned about: a positive margin (a certified
+            # optimum of the scores) and no constant channel
+            "silent": [k for k in wrong if info.margins.get(k, 0.0) > 0 and k not in constant],
         }
     return rec
 
@@ -169,6 +172,12 @@ def summarize(args: argparse.Namespace) -> None:
         (m, why) for m in methods for r in done[m] for why in r[m]["missed"].values()
     )
     lines += [f"- {m}: {why}: {n}" for (m, why), n in sorted(causes.items())] or ["- none"]
+    for m in methods:
+        known = [r[m] for r in done[m] if "silent" in r[m]]
+        silent = sum(len(r["silent"]) for r in known)
+        lines.append(f"- {m}: missed with a positive margin and no constant channel (not "
+                     f"flagged to the user): {silent} (recorded for {len(known)} "
+                     "architectures)")  # fmt: skip
     skipped = [(r["model"], m, r.get(m, {}).get("skipped")) for r in recs for m in methods]
     lines += ["", "Skipped:", ""]
     lines += [f"- `{name}` ({m}): {why}" for name, m, why in skipped if why] or ["- none"]

@@ -40,18 +40,13 @@ WEIGHT_ONLY = (
     "coatnet_pico_rw_224",
     "mobilenet_edgetpu_100",
 )
-# EfficientNet-B0's conv_head has two channels whose activations correlate 0.999995 with each
-# other on this data (near duplicates at this init): activation matching swaps them (2 of 1280;
-# its margin is negative, so the user is told), with 4x more data too. Strict: a fix turns this
-# into a failure to remove. (The SE blocks' misses were the paper's absolute eps: fixed.)
-MISSED = "two near-duplicate conv_head channels of EfficientNet-B0 (issue 15)"
+# EfficientNet-B0's conv_head has two channels that correlate 0.999995 with each other on this
+# data: tied, they are ordered by their weights (a strict xfail until 2026-12-04)
 CASES = [
-    pytest.param(name, method, marks=pytest.mark.xfail(strict=True, reason=MISSED))
-    if method == "activation" and name == "efficientnet_b0"
-    else (name, method)
+    (name, method)
     for name in FAMILIES
     for method in ("weight", "activation")
-    # ViT's activation matching: tests/test_match_align.py; the other two: the sweep
+    # ViT's activation matching: tests/test_match_align.py; the other three: the sweep
     if not (method == "activation" and name in WEIGHT_ONLY)
 ]
 

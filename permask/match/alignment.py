@@ -18,7 +18,7 @@ from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, check_precision, constant_counts, paired_module
-from .assign import assign, margin
+from .assign import assign, column_gaps, margin
 from .lap import solve_lap
 from .points import plan_points
 from .replay import ShapeReplays
@@ -264,7 +264,7 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
         _warn_constant(constant)
     scores = stats.scores()
     perms = assign(scores, {g.name: g.size for g in graph}, solver)
-    perms = _order_constant(perms, live, a.state_dict(), b.state_dict(), graph, solver)
+    perms = _order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
     sure = {k[0]: margin(s, perms[k[0]]) for k, s in scores.items() if len(k) == 1}
     margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
@@ -318,12 +318,17 @@ def _stream(a: nn.Module, b: nn.Module, pick: Callable, data: Iterable, device) 
     return n_batches, samples
 
 
-def _order_constant(perms, live, params_a, params_b, graph, solver: str) -> dict:
-    """Pairs with a constant element (on either side) re-matched among themselves by weight
-    matching's scores: the data gives constants no order, the weights do. Pairs of two live
-    elements are the data's choice: kept, and none is formed anew. Groups of plain units only (a
-    constant inside blocks x within stays as the correlations paired it)."""
-    groups = [k[0] for k, (la, lb) in live.items() if len(k) == 1 and not (la.all() and lb.all())]
+def _order_constant(perms, live, corr, params_a, params_b, graph, solver: str) -> dict:
+    """Pairs the data cannot order, re-matched among themselves by weight matching's scores:
+    pairs with a constant element (on either side), and *tied* pairs, whose correlation is
+    within 1e-5 (relative) of the best other in its column (units that fire on the same one or
+    two samples correlate alike with each other's partners). The weights do order them. Other
+    pairs of two live elements are the data's choice: kept, and none is formed anew (a tied
+    pair may be re-formed with another tied one). Groups of plain units only (a constant inside
+    blocks x within stays as the correlations paired it)."""
+    tied = {k[0]: _tied(s, perms[k[0]]) for k, s in corr.items() if len(k) == 1}
+    groups = [k[0] for k, (la, lb) in live.items()
+              if len(k) == 1 and not (la.all() and lb.all() and not tied[k[0]].any())]  # fmt: skip
     if not groups:
         return perms
     scores = weight_scores(params_a, params_b, graph, perms, groups)
@@ -331,13 +336,24 @@ def _order_constant(perms, live, params_a, params_b, graph, solver: str) -> dict
     for g in groups:
         la, lb = live[(g,)]
         p = perms[g].cpu()
-        pairs = (~lb | ~la[p]).nonzero().flatten()  # B's elements paired with a constant
+        free = tied[g]  # tied pairs, by B's element
+        pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data cannot order
         sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
         both_live = la[p[pairs]][:, None] & lb[pairs][None, :]
+        both_live &= ~(free[pairs][:, None] & free[pairs][None, :])
         sub[both_live] = sub.min() - 1 - len(pairs) * (sub.max() - sub.min())
         out[g] = p.clone()
         out[g][pairs] = p[pairs][solve_lap(sub.T, maximize=True, solver=solver)]
     return out
+
+
+def _tied(score: torch.Tensor, p: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Per B element, whether its chosen score is within ``rtol`` (of the largest |score|) of
+    the best other A element's in its column, on the CPU."""
+    s = score.detach()
+    if s.shape[0] < 2:
+        return torch.zeros(s.shape[1], dtype=torch.bool)
+    return (column_gaps(s, p).abs() <= rtol * s.abs().max()).cpu()
 
 
 def _first_line(err: Exception) -> str:

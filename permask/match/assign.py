@@ -173,10 +173,16 @@ def margin(score: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     s = score.detach()
     if s.shape[0] < 2:
         return torch.inf, 0
-    cols = torch.arange(s.shape[1], device=s.device)
-    p = p.to(s.device)
-    chosen = s[p, cols]
-    top = s.topk(2, dim=0)  # the best other is the runner-up where the best is the chosen one
-    best = torch.where(top.indices[0] == p, top.values[1], top.values[0])
+    gap = column_gaps(s, p)
     scale = s.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)
-    return float((chosen - best).min().double() / scale), int((chosen == best).sum())
+    return float(gap.min().double() / scale), int((gap == 0).sum())
+
+
+def column_gaps(score: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per B element (column of ``score``, ``[n_a, n_b]``, at least 2 rows), its chosen A
+    element's score minus the best other A element's in that column."""
+    cols = torch.arange(score.shape[1], device=score.device)
+    p = p.to(score.device)
+    top = score.topk(2, dim=0)  # the best other is the runner-up where the best is the chosen one
+    best = torch.where(top.indices[0] == p, top.values[1], top.values[0])
+    return score[p, cols] - best
