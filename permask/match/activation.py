@@ -92,8 +92,7 @@ def _unit_values(
     x = x.detach()
     x = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
     if idx is not None:  # gathering copies: [before, k, n, after] -> [before * k, n, after]
-        x = x[:, idx].reshape(-1, idx.shape[-1], x.shape[-1])
-        x = x if x.dtype in _PRODUCT_DTYPES else x.float()
+        x = x[:, idx].reshape(-1, idx.shape[-1], x.shape[-1]).to(_product_dtype(x))
         return x if shift is None else x.sub_(shift)
     if shift is not None:  # one pass: float32 shift, so bfloat16/float16 values promote
         return x - shift

@@ -32,7 +32,7 @@ import torch
 
 from .lap import solve_lap
 
-__all__ = ["assign", "margin", "nesting", "tangled"]
+__all__ = ["assign", "column_gaps", "margin", "nesting", "parents", "tangled"]
 
 Chain = tuple[str, ...]
 Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] per chain
@@ -43,17 +43,27 @@ def _match(score: torch.Tensor, solver: str) -> torch.Tensor:
     return solve_lap(score.T, maximize=True, solver=solver)
 
 
+def parents(chains: list[Chain]) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """Inner group -> the group it sits directly inside (the first chain that says so wins),
+    from chains (outermost first); and the clashes, ``(inner, that group, another)``, in the
+    order met, where a group sits inside two different groups (not a forest)."""
+    parent: dict[str, str] = {}
+    clashes: list[tuple[str, str, str]] = []
+    for chain in chains:
+        for outer, inner in zip(chain, chain[1:]):
+            if parent.setdefault(inner, outer) != outer:
+                clashes.append((inner, parent[inner], outer))
+    return parent, clashes
+
+
 def nesting(chains: list[Chain]) -> dict[str, str]:
     """Inner group -> the group it sits directly inside, from chains (outermost first).
 
     A ``ValueError`` names a group that sits inside two different groups (not a forest)."""
-    parent: dict[str, str] = {}
-    for chain in chains:
-        for outer, inner in zip(chain, chain[1:]):
-            if parent.setdefault(inner, outer) != outer:
-                raise ValueError(
-                    f"group '{inner}' sits inside two groups ('{parent[inner]}' and '{outer}')"
-                )
+    parent, clashes = parents(chains)
+    if clashes:
+        inner, first, other = clashes[0]
+        raise ValueError(f"group '{inner}' sits inside two groups ('{first}' and '{other}')")
     return parent
 
 
@@ -61,12 +71,7 @@ def tangled(chains: list[Chain]) -> set[str]:
     """The groups of chains that do not form a forest: a group inside two different groups
     (CoaT's head-dim group under two parts of its split heads), and every group linked to it by
     a chain. :func:`nesting` of the other chains succeeds."""
-    parent: dict[str, str] = {}
-    linked: set[str] = set()
-    for chain in chains:
-        for outer, inner in zip(chain, chain[1:]):
-            if parent.setdefault(inner, outer) != outer:
-                linked.add(inner)
+    linked = {inner for inner, _, _ in parents(chains)[1]}
     grown = True
     while grown:
         grown = False

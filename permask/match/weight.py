@@ -61,7 +61,7 @@ import torch
 
 from ..graph import PermutationGraph
 from ..graph.layout import Layout, group_element_map, layout_groups, layout_index
-from .assign import assign, margin
+from .assign import assign, margin, parents
 from .lap import solve_lap
 from .points import axis_units
 
@@ -435,12 +435,8 @@ def _joint_terms(
 def _nestings(chains: list[tuple[str, ...]]) -> dict[str, set[str]]:
     """Outermost group -> every group nested under it (itself included), from the chains of
     groups that share positions; a group inside two groups spoils its whole nesting (none)."""
-    parent: dict[str, str] = {}
-    spoilt: set[str] = set()
-    for chain in chains:
-        for outer, inner in zip(chain, chain[1:]):
-            if parent.setdefault(inner, outer) != outer:
-                spoilt.add(inner)
+    parent, clashes = parents(chains)
+    spoilt = {inner for inner, _, _ in clashes}
     families: dict[str, set[str]] = {}
     for g in set(parent) | set(parent.values()):
         top, seen = g, {g}
