@@ -132,18 +132,33 @@ def test_weight_matching_recovers_a_planted_permutation(kind):
     assert all(torch.equal(got[k], pi[k]) for k in pi)
 
 
-def test_mixture_of_experts_hidden_units_permute_and_weight_matching_finds_them():
-    """transformers' grouped expert matmul (a custom op, ruled when the model's library has
-    registered it): one hidden permutation for all experts, the expert axis fixed (the router
-    picks experts by index, and top-k ranks them by position)."""
+def test_mixture_of_experts_permute_experts_and_hidden_units_and_both_methods_find_them():
+    """transformers' experts module is read whole (its call kept by the exporter, its rule in
+    permask.graph.rules.experts): the experts move with the router's rows (top-k indices followed
+    into the experts), and one hidden permutation serves every expert. Weight matching finds
+    both; activation matching sees the router's logits, and leaves the hidden units, which no
+    activation outside the module shows, to weight matching."""
     model = _model("mixtral", torch.float32)  # no float64 kernel for the expert matmul
     graph = _trace(model)
     assert not graph.unruled_ops and graph.permutable_fraction >= 0.99
+    experts = "model.layers.0.mlp.experts"
+    router = "model.layers.0.mlp.gate.weight"
+    group = next(g for g in graph if (router, 0) in {(m.tensor, m.axis) for m in g.members})
+    on_axis0 = {m.tensor for m in group.members if m.axis == 0}
+    assert {router, f"{experts}.gate_up_proj", f"{experts}.down_proj"} <= on_axis0
+    assert group.size == 4  # the experts
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
     assert _change(model, pi, graph) <= 1e-5
     b = permask.permute_model(model, pi, graph)
+    assert not torch.equal(b.get_parameter(f"{experts}.down_proj"),
+                           model.get_parameter(f"{experts}.down_proj"))  # fmt: skip
     got = permask.align(model, b, method="weight", graph=graph)
     assert all(torch.equal(got[k], pi[k]) for k in pi)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 100, (8, 16), generator=g)} for _ in range(4)]
+    got, info = permask.align(model, b, batches, graph=graph, return_info=True)
+    assert all(torch.equal(got[k], pi[k]) for k in pi)
+    assert {g.name for g in graph if "experts.gate_up_proj" in g.name} == set(info.unmatched)
 
 
 def test_activation_matching_on_token_batches_recovers_a_planted_permutation():

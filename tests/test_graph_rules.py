@@ -277,6 +277,28 @@ class Roll(nn.Module):
 
 
 IMG = (2, 3, 8, 8)
+
+
+class TopK(nn.Module):
+    """Top-k of a layer's outputs: the values alone do not depend on where the units sit; the
+    indices are their positions, read as numbers (``arith``) or as an index (``index``)."""
+
+    def __init__(self, read: str):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(2, 3)
+        self.table = nn.Parameter(torch.randn(8, 3))
+        self.read = read
+
+    def forward(self, x):
+        values, indices = self.a(x).topk(2, dim=-1)
+        y = self.b(F.relu(values))
+        if self.read == "arith":
+            return y + indices.to(y.dtype).sum(-1, keepdim=True)
+        if self.read == "index":
+            return y + self.table[indices].sum(-2)
+        return y
+
+
 CASES = {
     "linear_rank3": (MLP3d, (2, 4, 6)),
     "conv1d_conv3d": (Conv1d3d, IMG),
@@ -301,6 +323,9 @@ CASES = {
     "channel_conv": (ChannelConv, IMG),
     "unknown": (Unknown, IMG),
     "roll": (Roll, IMG),
+    "topk_values": (lambda: TopK("none"), (3, 6)),
+    "topk_indices_arith": (lambda: TopK("arith"), (3, 6)),
+    "topk_indices_index": (lambda: TopK("index"), (3, 6)),
 }
 
 
@@ -501,3 +526,13 @@ def test_unknown_op_freezes_what_it_touches():
     assert isinstance(g.tensors["b.weight"][0], GroupAxis)  # the next layer is free again
     reasons = [r.message for f in g.frozen for r in f.reasons if f.name == "a.weight"]
     assert any("no rule" in m for m in reasons)
+
+
+def test_topk_values_leave_the_axis_free_and_its_indices_freeze_it():
+    _, _, g = build("topk_values")
+    assert isinstance(g.tensors["a.weight"][0], GroupAxis)
+    for read in ("arith", "index"):
+        _, _, g = build(f"topk_indices_{read}")
+        assert isinstance(g.tensors["a.weight"][0], Fixed)
+        reasons = {r.message for f in g.frozen if f.name == "a.weight" for r in f.reasons}
+        assert any("top-k indices" in m for m in reasons), reasons

@@ -11,7 +11,7 @@ from .errors import TraceError
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import Concat, Fixed, GroupAxis, Product, group_element_map, layout_index
 from .permutation import Permutation, random_permutation
-from .registry import Decline, Rule, TracedTensor, handles_items, register_rule
+from .registry import Decline, Rule, TracedTensor, handles_indexes, handles_items, register_rule
 from .trace import trace
 from .unify import AxisTerm
 
@@ -32,6 +32,7 @@ __all__ = [
     "TracedTensor",
     "AxisTerm",
     "handles_items",
+    "handles_indexes",
     "Fixed",
     "GroupAxis",
     "Concat",

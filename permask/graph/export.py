@@ -23,8 +23,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from .collapse import collapse_call
 from .errors import TraceError
 from .rules.aten import register_library_rules
+from .rules.experts import is_experts, register_experts_rule
 from .shapes import TensorMeta
 
 __all__ = ["export_capture"]
@@ -38,9 +40,9 @@ def export_capture(
     the exporter's reason when it cannot capture the model."""
     work = copy.deepcopy(model).eval()
     _no_cache(work)
+    whole = {name: m for name, m in work.named_modules() if is_experts(m)}
     try:
-        with torch.no_grad():
-            program = torch.export.export(work, tuple(args), dict(kwargs) or None)
+        program = _export(work, args, kwargs, tuple(whole))
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         raise TraceError(
@@ -51,9 +53,27 @@ def export_capture(
     for node in list(gm.graph.nodes):  # export's input guard: a check, not part of the math
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
             gm.graph.erase_node(node)
+    for entry in program.module_call_graph:
+        if entry.fqn in whole and entry.signature is not None:  # read whole by their rule
+            if collapse_call(gm, entry.fqn, entry.signature, whole[entry.fqn]):
+                register_experts_rule(type(whole[entry.fqn]))
     gm.recompile()
     metas = {node: tree_map(_meta, node.meta.get("val")) for node in gm.graph.nodes}
     return gm, metas
+
+
+def _export(work: nn.Module, args: tuple, kwargs: dict, whole: tuple[str, ...]):
+    """``torch.export`` keeping the call signatures of the modules in ``whole``; without them if
+    the exporter cannot keep one (those modules are then walked op by op)."""
+    with torch.no_grad():
+        if whole:
+            try:
+                return torch.export.export(
+                    work, tuple(args), dict(kwargs) or None, preserve_module_call_signature=whole
+                )
+            except Exception:
+                pass
+        return torch.export.export(work, tuple(args), dict(kwargs) or None)
 
 
 def _no_cache(model: nn.Module) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "register_rule",
     "find_rule",
     "handles_items",
+    "handles_indexes",
     "Rule",
     "scoped_rules",
     "register_role",
@@ -73,6 +74,11 @@ class TracedTensor:
     share layouts: ``items[i]`` is the full layout list of item ``i`` (q, k and v get their own
     within-head group). Only rules marked with :func:`handles_items` may receive one; any other
     op freezes every item.
+
+    An *index* tensor (``indexes`` set; the indices from ``torch.topk`` over a permuted axis)
+    holds positions along the axis ``indexes`` as its values: permuting that axis changes them.
+    Only rules marked with :func:`handles_indexes` may receive one (they follow the values, as
+    Hugging Face's experts do with the router's choices); any other op freezes that axis.
     """
 
     shape: tuple[int, ...]
@@ -80,6 +86,7 @@ class TracedTensor:
     dtype: torch.dtype | None = None
     items: list[list[AxisTerm]] | None = None
     stack: int | None = None
+    indexes: AxisTerm | None = None
 
     @property
     def ndim(self) -> int:
@@ -89,6 +96,12 @@ class TracedTensor:
 def handles_items(rule: Rule) -> Rule:
     """Mark ``rule`` as one that understands stacked tensors (``TracedTensor.items``)."""
     rule.handles_items = True  # type: ignore[attr-defined]
+    return rule
+
+
+def handles_indexes(rule: Rule) -> Rule:
+    """Mark ``rule`` as one that follows index tensors (``TracedTensor.indexes``)."""
+    rule.handles_indexes = True  # type: ignore[attr-defined]
     return rule
 
 

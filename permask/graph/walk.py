@@ -107,6 +107,8 @@ class Walker:
         for v in _tvals(value):
             for ax in [*v.axes, *(a for item in v.items or () for a in item)]:
                 self.solver.freeze(ax, reason)
+            if v.indexes is not None:
+                self.solver.freeze(v.indexes, reason)
 
     # -- the walk -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -146,6 +148,10 @@ class Walker:
         stacked = any(v.items is not None for v in _tvals((args, kwargs)))
         if stacked and not getattr(rule, "handles_items", False):
             raise Decline("stacked items reach an op that does not keep them apart")
+        if not getattr(rule, "handles_indexes", False):
+            for v in _tvals((args, kwargs)):
+                if v.indexes is not None:
+                    ctx.freeze(v.indexes, "its positions reach an op as values (top-k indices)")
         if rule is not None:
             return self.wrap(rule(ctx, *args, **kwargs), meta)
         if module is not None and not kwargs and frame.depth < MAX_INLINE_DEPTH:
@@ -204,8 +210,10 @@ class Walker:
             for ax, s in zip(axes, meta.shape):
                 if ax.size != s:
                     raise LayoutMismatch(f"rule returned an axis of size {ax.size} for size {s}")
-            if isinstance(result, TracedTensor) and result.items is not None:
-                return TracedTensor(meta.shape, list(axes), meta.dtype, result.items, result.stack)
+            if isinstance(result, TracedTensor):
+                return TracedTensor(
+                    meta.shape, list(axes), meta.dtype, result.items, result.stack, result.indexes
+                )
             return TracedTensor(meta.shape, list(axes), meta.dtype)
         if isinstance(meta, (tuple, list)) and _has_meta(meta):
             if not isinstance(result, (tuple, list)) or len(result) != len(meta):

@@ -24,6 +24,7 @@ from ..registry import (
     Decline,
     TracedTensor,
     find_rule,
+    handles_indexes,
     handles_items,
     has_rule,
     register_role,
@@ -171,6 +172,8 @@ def _adapted(rule: Callable, adapt: Callable) -> Callable:
     aten_rule.__name__ = f"aten_{getattr(rule, '__name__', 'rule')}"
     if getattr(rule, "handles_items", False):  # aten.select is getitem: q, k, v = qkv[0..2]
         handles_items(aten_rule)
+    if getattr(rule, "handles_indexes", False):
+        handles_indexes(aten_rule)
     return aten_rule
 
 

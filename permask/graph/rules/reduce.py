@@ -78,11 +78,14 @@ def arg_reduce(ctx: RuleContext, x: TracedTensor, dim=None, keepdim: bool = Fals
 
 
 @register_rule("topk", torch.topk)
-def topk(ctx: RuleContext, x: TracedTensor, k: int, dim: int = -1, *args, **kwargs):
-    """Values and indices of the ``k`` largest along ``dim``: that axis is read by position (its
-    entries are ranked and returned by index), so it stays fixed; the others pass."""
+def topk(ctx: RuleContext, x: TracedTensor, k: int, dim: int = -1, largest=True, sorted=True):
+    """The ``k`` largest along ``dim``, sorted: the values do not depend on where the entries
+    sit, so the axis may move; the indices are its positions (an index tensor, see
+    :class:`TracedTensor`), so the axis stays fixed unless every op reading them follows them.
+    Unsorted results come in an order that may depend on positions: that axis stays fixed."""
     d = norm_dim(dim, x.ndim)
-    ctx.freeze(x.axes[d], "top-k ranks positions")
+    if not sorted:
+        ctx.freeze(x.axes[d], "unsorted top-k returns entries by position")
     out = list(x.axes)
-    out[d] = ctx.fixed(k, "top-k entries")
-    return out, list(out)
+    out[d] = ctx.fixed(k, "top-k ranks")
+    return out, TracedTensor(ctx.out[1].shape, list(out), indexes=x.axes[d])

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..context import RuleContext
-from ..registry import Decline, TracedTensor, handles_items, register_rule
-from ._util import arg, norm_dim, unit
+from ..registry import Decline, TracedTensor, handles_indexes, handles_items, register_rule
+from ._util import arg, norm_dim, tvals, unit
 
 
 def _reshape_groups(
@@ -348,11 +348,15 @@ def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
 
 @register_rule(operator.getitem, role="pass_through")
 @handles_items
+@handles_indexes
 def getitem(ctx: RuleContext, obj, index):
     if isinstance(obj, (tuple, list)):
-        return obj[index]
+        return obj[index]  # an index tensor stays one
     if not isinstance(obj, TracedTensor):
         raise Decline("indexing a non-tensor")
+    for t in tvals((obj, index)):
+        if t.indexes is not None:
+            ctx.freeze(t.indexes, "its positions are indexed as values (top-k indices)")
     if obj.items is not None:
         i = _item_index(index, obj.stack)
         if i is None:
