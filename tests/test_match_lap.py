@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from permask.match import available_solvers, solve_lap
+from permask.match.lap import optima
 
 
 def _brute(cost: np.ndarray) -> float:
@@ -65,3 +66,14 @@ def test_errors():
     if "lapx" not in available_solvers():
         with pytest.raises(ImportError, match="lapx"):
             solve_lap(np.eye(2), solver="lapx")
+
+
+@given(k=st.integers(1, 6), m=st.integers(1, 7), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None)
+def test_optima_are_the_optimal_values_of_each_block(k, m, seed):
+    blocks = np.random.default_rng(seed).standard_normal((k, m, m))
+    for block, value in zip(blocks, optima(blocks)):
+        cols = solve_lap(block).numpy()
+        assert value == pytest.approx(block[np.arange(m), cols].sum(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"\[k, m, m\]"):
+        optima(blocks[:, :, :-1] if m > 1 else blocks[0])

@@ -21,7 +21,8 @@ Step 1 scores a pair of blocks by the best within-block orders for that pair alo
 alternating single-group updates cannot see: they stall when a wrong block order is compensated
 by wrong within orders. When B is a permutation of A every term is maximised by the true
 permutation (Cauchy-Schwarz), so the planted permutation is recovered exactly. Cost: a group of
-``n`` elements with a group of ``m`` inside costs ``n^2`` LAPs of size ``m`` and one of size
+``n`` elements with a group of ``m`` inside costs ``n^2`` LAPs of size ``m`` (only their optimal
+values: :func:`~permask.match.lap.optima`, one loop without per-call conversions) and one of size
 ``n``; a nesting of depth ``d`` multiplies the squares (``2 x 2 x 8``: 16 LAPs of 8, 4 of 2, 1
 of 2).
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .lap import solve_lap
+from .lap import optima, solve_lap
 
 __all__ = ["assign", "column_gaps", "margin", "nesting", "parents", "tangled"]
 
@@ -131,17 +132,15 @@ def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]], solver
         if not inside:
             continue
         if not children.get(c):  # c is innermost: one chain (g, c), LAPs on its blocks directly
-            t = inside[0][1]
-            for a in range(n):
-                for b in range(n):
-                    s = t[a, :, b, :]
-                    value[a, b] += s[_match(s, solver), torch.arange(s.shape[1])].sum()
+            t = inside[0][1]  # [a, i, b, j] -> one [i, j] block per pair (a, b)
+            blocks = t.permute(0, 2, 1, 3).reshape(n * n, *t.shape[1::2])
+            value += torch.from_numpy(optima(blocks.numpy())).reshape(n, n)
             continue
         for a in range(n):
             for b in range(n):
                 under = [(chain[1:], _slice(chain, t, a, b)) for chain, t in inside]
                 v = _pair_values(c, under, children, solver)
-                value[a, b] += v[_match(v, solver), torch.arange(len(v))].sum()
+                value[a, b] += float(optima(v.numpy()[None])[0])
     return value
 
 
