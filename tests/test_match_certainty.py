@@ -7,7 +7,7 @@ from torch import nn
 
 import permask
 from permask.match import align
-from permask.match.assign import margin
+from permask.match.assign import conditional, margin
 
 
 def test_margin_certifies_a_strict_favourite_and_counts_ties():
@@ -63,3 +63,31 @@ def test_unrelated_models_trade_off_and_equal_weights_are_named(caplog):
     assert info.ties == {"0.weight:0": 2}
     assert "1 group(s) have elements whose best partners tie" in caplog.text
     assert "'0.weight:0': 2 elements" in caplog.text
+
+
+def test_conditional_scores_hold_the_other_groups_of_a_nesting_at_their_assignment():
+    g = torch.Generator().manual_seed(0)
+    sizes = {"o": 3, "m": 2, "i": 4}
+    perms = {k: torch.randperm(n, generator=g) for k, n in sizes.items()}
+    t = torch.randn(3, 2, 4, 3, 2, 4, dtype=torch.float64, generator=g)  # chain (o, m, i)
+    got = conditional({("o", "m", "i"): t.reshape(24, 24)}, sizes, perms)
+    po, pm, pi = perms["o"], perms["m"], perms["i"]
+    want_o = sum(t[:, pm[b], pi[c], :, b, c] for b in range(2) for c in range(4))
+    want_m = sum(t[po[a], :, pi[c], a, :, c] for a in range(3) for c in range(4))
+    want_i = sum(t[po[a], pm[b], :, a, b, :] for a in range(3) for b in range(2))
+    for name, want in (("o", want_o), ("m", want_m), ("i", want_i)):
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12)
+
+
+def test_activation_matching_certifies_the_groups_of_blocks_x_within():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))  # fmt: skip
+    graph = permask.trace(model, torch.randn(1, 3, 8, 8))
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(1))
+    b = permask.permute_model(model, pi, graph)
+    data = [(torch.randn(32, 3, 8, 8), torch.zeros(32)) for _ in range(2)]
+    got, info = align(model, b, data, graph=graph, return_info=True)
+    assert got == pi and set(info.margins) == set(pi) and len(pi) == 3  # blocks, two withins
+    assert all(m > 0 for m in info.margins.values()), info.margins

@@ -18,7 +18,7 @@ from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
 from .activation import CorrelationStats, check_precision, constant_counts, paired_module
-from .assign import assign, column_gaps, margin
+from .assign import assign, column_gaps, conditional, margin
 from .lap import solve_lap
 from .points import plan_points
 from .replay import ShapeReplays
@@ -44,10 +44,11 @@ class AlignInfo:
     are re-matched among themselves by weight matching's scores (pairs of live elements stay
     the data's); inside blocks x within they stay as paired. Logged as a warning; more or other
     data orders them by activations. ``margins``: per group, how sure its assignment is
-    (:func:`permask.match.assign.margin`: positive certifies the unique optimum; groups solved
-    inside blocks x within by activation matching have none); ``ties``: groups with elements
-    whose best partners tie, and how many (logged as a warning unless constant channels explain
-    them).
+    (:func:`permask.match.assign.margin`: positive certifies the unique optimum; for a group in
+    a nesting, blocks x within, and in weight matching for every group, the optimum with the
+    other groups held at their assignments: :func:`permask.match.assign.conditional`);
+    ``ties``: groups with elements whose best partners tie, and how many (logged as a warning
+    unless constant channels explain them).
     """
 
     method: str
@@ -265,7 +266,8 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     scores = stats.scores()
     perms = assign(scores, {g.name: g.size for g in graph}, solver)
     perms = _order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
-    sure = {k[0]: margin(s, perms[k[0]]) for k, s in scores.items() if len(k) == 1}
+    sizes = {g.name: g.size for g in graph}
+    sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
     margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
         res = weight_matching(

@@ -33,7 +33,7 @@ import torch
 
 from .lap import optima, solve_lap
 
-__all__ = ["assign", "column_gaps", "margin", "nesting", "parents", "tangled"]
+__all__ = ["assign", "column_gaps", "conditional", "margin", "nesting", "parents", "tangled"]
 
 Chain = tuple[str, ...]
 Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] per chain
@@ -162,6 +162,27 @@ def _collapse(chain: Chain, t: torch.Tensor, p: torch.Tensor) -> tuple[Chain, to
     k = len(chain)
     pairs = t.movedim(k, 1)[p, torch.arange(len(p))]  # [n, *A inner, *B inner]
     return chain[1:], pairs.sum(0)
+
+
+def conditional(
+    scores: dict[Chain, torch.Tensor], sizes: dict[str, int], perms: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per group, its ``[n_a, n_b]`` scores with every other group of its chains held at
+    ``perms``: the problem the group alone would solve, so :func:`margin` on it says whether its
+    assignment is the unique optimum given the others (for a group inside a nesting, a
+    certificate relative to the other groups' assignments, not a global one)."""
+    out: dict[str, torch.Tensor] = {}
+    for chain, score in scores.items():
+        t = score.detach().to("cpu", torch.float64).reshape([sizes[g] for g in chain] * 2)
+        n = len(chain)
+        for k, g in enumerate(chain):
+            u = t.movedim(k, 0).movedim(n + k, n)  # g first on both sides, the others in order
+            for other in reversed([h for h in chain if h != g]):
+                half = u.ndim // 2  # contract the last group: sum over its pairs (p[b], b)
+                u = u.index_select(half - 1, perms[other].cpu())
+                u = u.diagonal(dim1=half - 1, dim2=u.ndim - 1).sum(-1)
+            out[g] = out[g] + u if g in out else u
+    return out
 
 
 def margin(score: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
