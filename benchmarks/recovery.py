@@ -67,6 +67,7 @@ def _distance(model_a, model_b) -> float:
 
 
 def check(name: str, size: int, batches: int, methods=METHODS) -> dict:
+    torch.manual_seed(0)  # timm's init: the same model whatever ran before it in the process
     a, x = build(name, size)
     a = perturb_(a.eval())
     graph = permask.trace(a, x)

@@ -131,3 +131,21 @@ def test_a_structure_that_is_not_a_forest_is_set_apart_whole():
     assert tangled(chains) == {"a", "b", "c", "d", "e"}
     assert nesting([c for c in chains if not tangled(chains) & set(c)]) == {"g": "f"}
     assert tangled([("a", "b"), ("a", "c")]) == set()
+
+
+def test_within_channels_constant_in_every_block_are_ordered_by_the_weights():
+    """Three within channels of a grouped conv never fire in any block: the data cannot order
+    them, the weights do (before 2026-12-05 they stayed as the zero correlations paired them)."""
+    torch.manual_seed(0)
+    model = _grouped_chain([16, 24], [4])  # conv 16 -> 24 in 4 blocks of 6
+    with torch.no_grad():
+        for block in range(4):
+            model[2].bias[block * 6 : block * 6 + 3] = -1e3  # within 0-2: never fire
+    graph = permask.trace(model, (torch.randn(1, 3, 8, 8),))
+    data = [(torch.randn(16, 3, 8, 8), torch.zeros(16)) for _ in range(2)]
+    for seed in range(3):  # the zero correlations pair them rightly by chance 1 in 6
+        pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+        b = permask.permute_model(model, pi, graph)
+        got, info = align(model, b, data, graph=graph, return_info=True)
+        assert any(c == (12, 12) for c in info.constant.values()), info.constant
+        assert got == pi, seed

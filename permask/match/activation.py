@@ -409,6 +409,22 @@ def constant_counts(
     return {k: (int((~a).sum()), int((~b).sum())) for k, (a, b) in live.items()}
 
 
+def group_live(
+    live: dict[tuple[str, ...], list[torch.Tensor]], sizes: dict[str, int]
+) -> dict[str, list[torch.Tensor]]:
+    """Per group, A's and B's elements that are live (:meth:`CorrelationStats.live`) in some
+    unit: inside blocks x within, a block is live if any of its elements is, and a within
+    element if it is in any block (one within order serves every block)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for chain, flags in live.items():
+        shape = [sizes[g] for g in chain]
+        for k, g in enumerate(chain):
+            others = [d for d in range(len(chain)) if d != k]
+            per = [f.reshape(shape).any(others) if others else f for f in flags]
+            out[g] = [x | f for x, f in zip(out[g], per)] if g in out else per
+    return out
+
+
 def _gather_index(unit: Unit, point: Point, device: torch.device) -> torch.Tensor | None:
     """Column index ``[k, n]`` into the point's channels, or None when it is all of them."""
     if unit.index.shape[0] == 1 and torch.equal(unit.index[0], torch.arange(point.size)):

@@ -17,7 +17,13 @@ import torch.nn as nn
 from .._batches import batch_size, call, split_batch, to_device
 from .._modules import check_same_architecture, model_device, unwrap, usable_device
 from ..graph import Permutation, PermutationGraph, trace
-from .activation import CorrelationStats, check_precision, constant_counts, paired_module
+from .activation import (
+    CorrelationStats,
+    check_precision,
+    constant_counts,
+    group_live,
+    paired_module,
+)
 from .assign import assign, column_gaps, conditional, margin
 from .lap import solve_lap
 from .points import plan_points
@@ -40,15 +46,15 @@ class AlignInfo:
     ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight);
     ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's elements were
     constant on the data (e.g. ReLUs that never fired), only units that had some (activation).
-    The data gives such elements no order: in a plain unit, the pairs with a constant element
-    are re-matched among themselves by weight matching's scores (pairs of live elements stay
-    the data's); inside blocks x within they stay as paired. Logged as a warning; more or other
-    data orders them by activations. ``margins``: per group, how sure its assignment is
-    (:func:`permask.match.assign.margin`: positive certifies the unique optimum; for a group in
-    a nesting, blocks x within, and in weight matching for every group, the optimum with the
-    other groups held at their assignments: :func:`permask.match.assign.conditional`);
-    ``ties``: groups with elements whose best partners tie, and how many (logged as a warning
-    unless constant channels explain them).
+    The data gives such elements no order: the pairs with a constant element are re-matched
+    among themselves by weight matching's scores (pairs of live elements stay the data's; inside
+    blocks x within, a block or within element is constant where it is in every block). Logged
+    as a warning; more or other data orders them by activations. ``margins``: per group, how
+    sure its assignment is (:func:`permask.match.assign.margin`: positive certifies the unique
+    optimum; for a group in a nesting, blocks x within, and in weight matching for every group,
+    the optimum with the other groups held at their assignments:
+    :func:`permask.match.assign.conditional`); ``ties``: groups with elements whose best
+    partners tie, and how many (logged as a warning unless constant channels explain them).
     """
 
     method: str
@@ -326,17 +332,22 @@ def _order_constant(perms, live, corr, params_a, params_b, graph, solver: str) -
     within 1e-5 (relative) of the best other in its column (units that fire on the same one or
     two samples correlate alike with each other's partners). The weights do order them. Other
     pairs of two live elements are the data's choice: kept, and none is formed anew (a tied
-    pair may be re-formed with another tied one). Groups of plain units only (a constant inside
-    blocks x within stays as the correlations paired it)."""
-    tied = {k[0]: _tied(s, perms[k[0]]) for k, s in corr.items() if len(k) == 1}
-    groups = [k[0] for k, (la, lb) in live.items()
-              if len(k) == 1 and not (la.all() and lb.all() and not tied[k[0]].any())]  # fmt: skip
+    pair may be re-formed with another tied one). Every group, on its scores with the other
+    groups at their assignments (:func:`~permask.match.assign.conditional`): inside blocks x
+    within, a block is constant when all its elements are, a within element when it is in
+    every block (:func:`~permask.match.activation.group_live`)."""
+    sizes = {g.name: g.size for g in graph}
+    cond = conditional(corr, sizes, perms)
+    flags = group_live(live, sizes)
+    tied = {g: _tied(s, perms[g]) for g, s in cond.items()}
+    groups = [g for g, (la, lb) in flags.items()
+              if not (la.all() and lb.all() and not tied[g].any())]  # fmt: skip
     if not groups:
         return perms
     scores = weight_scores(params_a, params_b, graph, perms, groups)
     out = dict(perms)
     for g in groups:
-        la, lb = live[(g,)]
+        la, lb = flags[g]
         p = perms[g].cpu()
         free = tied[g]  # tied pairs, by B's element
         pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data cannot order
