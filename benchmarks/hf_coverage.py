@@ -76,6 +76,20 @@ FAMILIES = {
                           vocab_size=100, alibi=True), None),
     "mpt": ("mpt", "AutoModelForCausalLM",
             dict(d_model=32, n_layers=2, n_heads=4, vocab_size=100, max_seq_len=64), None),
+    # more mixtures of experts: the experts move where routing is top-k over the router's
+    # logits (qwen3_moe, olmoe, granitemoe); gpt_oss (custom gate) and phimoe (sparsemixer
+    # routing) keep them fixed
+    "qwen3_moe": ("qwen3_moe", "AutoModelForCausalLM",
+                  dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+                  None),
+    "olmoe": ("olmoe", "AutoModelForCausalLM",
+              dict(GQA, num_experts=4, num_experts_per_tok=2, eos_token_id=None), None),
+    "granitemoe": ("granitemoe", "AutoModelForCausalLM",
+                   dict(GQA, num_local_experts=4, num_experts_per_tok=2), None),
+    "phimoe": ("phimoe", "AutoModelForCausalLM",
+               dict(GQA, num_local_experts=4, num_experts_per_tok=2), None),
+    "gpt_oss": ("gpt_oss", "AutoModelForCausalLM",
+                dict(GQA, num_local_experts=4, num_experts_per_tok=2, head_dim=8), None),
     "t5": ("t5", "AutoModelForSeq2SeqLM",
            dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=100),
            lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}),

@@ -296,6 +296,10 @@ class TopK(nn.Module):
             return y + indices.to(y.dtype).sum(-1, keepdim=True)
         if self.read == "index":
             return y + self.table[indices].sum(-2)
+        if self.read == "max":  # the largest value: wherever it sits
+            return y + self.a(x).max(-1, keepdim=True).values
+        if self.read == "argmax":  # its position, read as a number
+            return y + self.a(x).argmax(-1, keepdim=True).to(y.dtype)
         return y
 
 
@@ -326,6 +330,8 @@ CASES = {
     "topk_values": (lambda: TopK("none"), (3, 6)),
     "topk_indices_arith": (lambda: TopK("arith"), (3, 6)),
     "topk_indices_index": (lambda: TopK("index"), (3, 6)),
+    "max_values": (lambda: TopK("max"), (3, 6)),
+    "argmax_indices": (lambda: TopK("argmax"), (3, 6)),
 }
 
 
@@ -529,10 +535,11 @@ def test_unknown_op_freezes_what_it_touches():
 
 
 def test_topk_values_leave_the_axis_free_and_its_indices_freeze_it():
-    _, _, g = build("topk_values")
-    assert isinstance(g.tensors["a.weight"][0], GroupAxis)
-    for read in ("arith", "index"):
-        _, _, g = build(f"topk_indices_{read}")
+    for name in ("topk_values", "max_values"):
+        _, _, g = build(name)
+        assert isinstance(g.tensors["a.weight"][0], GroupAxis), name
+    for name in ("topk_indices_arith", "topk_indices_index", "argmax_indices"):
+        _, _, g = build(name)
         assert isinstance(g.tensors["a.weight"][0], Fixed)
         reasons = {r.message for f in g.frozen if f.name == "a.weight" for r in f.reasons}
         assert any("top-k indices" in m for m in reasons), reasons

@@ -79,6 +79,8 @@ _SAME: dict[str, Any] = {
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
     "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "mean": torch.mean, "sum": torch.sum,
     "amax": torch.amax, "amin": torch.amin, "softmax": torch.softmax, "topk": torch.topk,
+    "max": torch.max, "min": torch.min, "median": torch.median, "argmax": torch.argmax,
+    "argmin": torch.argmin,
     "_softmax": torch.softmax, "log_softmax": torch.log_softmax, "pad": F.pad,
     "addcmul": torch.addcmul, "addcdiv": torch.addcdiv, "view_as": "view_as",
     "reshape_as": "view_as", "expand_as": "expand_as",

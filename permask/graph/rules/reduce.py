@@ -56,25 +56,30 @@ def reduce(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
 
 @register_rule(*_WITH_INDICES)
 def reduce_with_indices(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
+    """``max``/``min``/``median``: elementwise between tensors; along one dim, the values do not
+    depend on where the entries sit and the indices are an index tensor (as ``topk``'s)."""
     others = tvals(args, kwargs)
     if others:  # torch.max(a, b) is elementwise
         return broadcast(ctx, [x, *others], ctx.out.shape)
     dim = arg(args, kwargs, 0, "dim")
     dims = _reduced(x, dim)
     keepdim = bool(arg(args, kwargs, 1, "keepdim", False))
-    for d in dims:
-        if dim is not None:
-            ctx.freeze(x.axes[d], "indices along a reduced dim")
     out = _reduce(ctx, x, dims, keepdim)
-    return (out, list(out)) if isinstance(ctx.out, tuple) else out
+    if not isinstance(ctx.out, tuple):
+        return out
+    return out, TracedTensor(ctx.out[1].shape, list(out), indexes=x.axes[dims[0]])
 
 
 @register_rule(*_ARG)
 def arg_reduce(ctx: RuleContext, x: TracedTensor, dim=None, keepdim: bool = False):
-    dims = _reduced(x, dim)
-    for d in dims:
-        ctx.freeze(x.axes[d], "argmax/argmin returns positions")
-    return _reduce(ctx, x, dims, keepdim) if dim is not None else []
+    """Positions of the largest/smallest along ``dim``: an index tensor; over all dims (a flat
+    index) the axes stay fixed."""
+    if dim is None:
+        for ax in x.axes:
+            ctx.freeze(ax, "argmax/argmin returns positions")
+        return []
+    out = _reduce(ctx, x, _reduced(x, dim), keepdim)
+    return TracedTensor(ctx.out.shape, out, indexes=x.axes[norm_dim(dim, x.ndim)])
 
 
 @register_rule("topk", torch.topk)
@@ -82,7 +87,9 @@ def topk(ctx: RuleContext, x: TracedTensor, k: int, dim: int = -1, largest=True,
     """The ``k`` largest along ``dim``, sorted: the values do not depend on where the entries
     sit, so the axis may move; the indices are its positions (an index tensor, see
     :class:`TracedTensor`), so the axis stays fixed unless every op reading them follows them.
-    Unsorted results come in an order that may depend on positions: that axis stays fixed."""
+    Unsorted results come in an order that may depend on positions: that axis stays fixed.
+    Exactly tied entries are returned in an order torch does not specify, so a permutation
+    could pick the other of two tied ones; with continuous values they do not occur."""
     d = norm_dim(dim, x.ndim)
     if not sorted:
         ctx.freeze(x.axes[d], "unsorted top-k returns entries by position")

@@ -222,12 +222,18 @@ def movedim(ctx: RuleContext, x: TracedTensor, source, destination):
 
 
 @register_rule(getattr)
+@handles_indexes
 def tensor_attribute(ctx: RuleContext, x, name: str, *default):
-    """``x.shape`` and friends carry no layout; ``x.T`` / ``x.mT`` transpose."""
+    """``x.shape`` and friends carry no layout; ``x.T`` / ``x.mT`` transpose; ``.values`` and
+    ``.indices`` of ``max``/``topk``/``sort`` results are their items (index tensors stay so)."""
     if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
         return None
+    if isinstance(x, tuple) and name in ("values", "indices") and len(x) == 2:
+        return x[0 if name == "values" else 1]
     if not isinstance(x, TracedTensor):
         raise Decline(f"attribute {name} of a non-tensor")
+    if x.indexes is not None:
+        ctx.freeze(x.indexes, "its positions reach an op as values (top-k indices)")
     if name == "T":
         return list(reversed(x.axes))
     if name == "mT":
