@@ -84,6 +84,13 @@ class RuleContext:
         """``layout`` is never permuted (and ``why`` is shown in the graph's printout)."""
         self._walker.solver.freeze(layout, self.reason(why))
 
+    def freeze_indexes(self, values: Sequence[TracedTensor]) -> None:
+        """Freeze the axes whose positions index tensors among ``values`` hold as values
+        (:class:`TracedTensor`): for an op that reads them as numbers, not as indices."""
+        for v in values:
+            if v.indexes is not None:
+                self.freeze(v.indexes, "its positions reach an op as values (top-k indices)")
+
     def split(self, layout: AxisTerm, sizes: Sequence[int]) -> list[AxisTerm]:
         """Cut an axis into consecutive segments; declines if that is impossible."""
         out = self._walker.solver.split_cat(layout, list(sizes))

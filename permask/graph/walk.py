@@ -149,9 +149,7 @@ class Walker:
         if stacked and not getattr(rule, "handles_items", False):
             raise Decline("stacked items reach an op that does not keep them apart")
         if not getattr(rule, "handles_indexes", False):
-            for v in _tvals((args, kwargs)):
-                if v.indexes is not None:
-                    ctx.freeze(v.indexes, "its positions reach an op as values (top-k indices)")
+            ctx.freeze_indexes(_tvals((args, kwargs)))
         if rule is not None:
             return self.wrap(rule(ctx, *args, **kwargs), meta)
         if module is not None and not kwargs and frame.depth < MAX_INLINE_DEPTH:

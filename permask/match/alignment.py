@@ -270,9 +270,9 @@ def _activation(model_a, model_b, graph, first, batches, device, solver, distrib
     if constant and (not distributed or dist.get_rank() == 0):  # one warning
         _warn_constant(constant)
     scores = stats.scores()
-    perms = assign(scores, {g.name: g.size for g in graph}, solver)
-    perms = _order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
     sizes = {g.name: g.size for g in graph}
+    perms = assign(scores, sizes, solver)
+    perms = _order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
     sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
     margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed

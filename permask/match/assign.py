@@ -112,14 +112,14 @@ def _solve(
     perms: dict[str, torch.Tensor],
 ) -> None:
     """Assign ``g`` on its pair values, then each group inside it on the collapsed scores."""
-    p = _match(_pair_values(g, tensors, children, solver), solver)
+    p = _match(_pair_values(g, tensors, children), solver)
     perms[g] = p
     for c in children.get(g, []):
         inside = [_collapse(chain, t, p) for chain, t in tensors if chain[1:2] == (c,)]
         _solve(c, inside + starting.get(c, []), starting, children, solver, perms)
 
 
-def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]], solver: str):
+def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]]):
     """``[n_a, n_b]``: plain scores of ``g`` plus, per group inside it, the optimum of its
     problem under each pair of ``g``'s elements."""
     n = next(t.shape[0] for _, t in tensors)
@@ -139,7 +139,7 @@ def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]], solver
         for a in range(n):
             for b in range(n):
                 under = [(chain[1:], _slice(chain, t, a, b)) for chain, t in inside]
-                v = _pair_values(c, under, children, solver)
+                v = _pair_values(c, under, children)
                 value[a, b] += float(optima(v.numpy()[None])[0])
     return value
 
@@ -176,11 +176,10 @@ def conditional(
         t = score.detach().to("cpu", torch.float64).reshape([sizes[g] for g in chain] * 2)
         n = len(chain)
         for k, g in enumerate(chain):
-            u = t.movedim(k, 0).movedim(n + k, n)  # g first on both sides, the others in order
-            for other in reversed([h for h in chain if h != g]):
-                half = u.ndim // 2  # contract the last group: sum over its pairs (p[b], b)
-                u = u.index_select(half - 1, perms[other].cpu())
-                u = u.diagonal(dim1=half - 1, dim2=u.ndim - 1).sum(-1)
+            rest = (*chain[:k], *chain[k + 1 :], g)
+            u = t.movedim(k, n - 1).movedim(n + k, 2 * n - 1)  # g last on both sides
+            while len(rest) > 1:  # the others summed over their pairs, outermost first
+                rest, u = _collapse(rest, u, perms[rest[0]].cpu())
             out[g] = out[g] + u if g in out else u
     return out
 

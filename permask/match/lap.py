@@ -64,6 +64,11 @@ def available_solvers() -> list[str]:
     return ["scipy", "lapx"] if _has_lapx() else ["scipy"]
 
 
+def _check_finite(cost: np.ndarray) -> None:
+    if not np.isfinite(cost).all():
+        raise ValueError("cost matrix has NaN or inf entries")
+
+
 def solve_lap(
     cost: torch.Tensor | np.ndarray, maximize: bool = True, solver: str = "auto"
 ) -> torch.Tensor:
@@ -85,8 +90,7 @@ def solve_lap(
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
-        raise ValueError("cost matrix has NaN or inf entries")
+    _check_finite(cost)
     if cost.size == 0:
         return torch.full((cost.shape[0],), -1, dtype=torch.long)
     return torch.from_numpy(_SOLVERS[solver](cost, maximize))
@@ -103,8 +107,7 @@ def optima(blocks: np.ndarray) -> np.ndarray:
     blocks = np.ascontiguousarray(blocks, dtype=np.float64)
     if blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2]:
         raise ValueError(f"blocks must be [k, m, m], got shape {blocks.shape}")
-    if not np.isfinite(blocks).all():
-        raise ValueError("cost matrix has NaN or inf entries")
+    _check_finite(blocks)
     out = np.empty(blocks.shape[0])
     for k, block in enumerate(blocks):
         rows, cols = linear_sum_assignment(block, maximize=True)

@@ -232,8 +232,7 @@ def tensor_attribute(ctx: RuleContext, x, name: str, *default):
         return x[0 if name == "values" else 1]
     if not isinstance(x, TracedTensor):
         raise Decline(f"attribute {name} of a non-tensor")
-    if x.indexes is not None:
-        ctx.freeze(x.indexes, "its positions reach an op as values (top-k indices)")
+    ctx.freeze_indexes([x])
     if name == "T":
         return list(reversed(x.axes))
     if name == "mT":
@@ -360,9 +359,7 @@ def getitem(ctx: RuleContext, obj, index):
         return obj[index]  # an index tensor stays one
     if not isinstance(obj, TracedTensor):
         raise Decline("indexing a non-tensor")
-    for t in tvals((obj, index)):
-        if t.indexes is not None:
-            ctx.freeze(t.indexes, "its positions are indexed as values (top-k indices)")
+    ctx.freeze_indexes(tvals((obj, index)))
     if obj.items is not None:
         i = _item_index(index, obj.stack)
         if i is None:
