@@ -1,5 +1,16 @@
 """permask: align lottery-ticket masks across random inits via neuron permutations."""
 
+import torch.distributed
+
+if torch.distributed.is_available():
+    # torch.distributed.nn binds the default process group as a default argument when first
+    # imported, which torch does lazily (meta kernels, torch.compile, FSDP; timm and torchvision
+    # import it too). Imported after init_process_group, it keeps the group alive past
+    # destroy_process_group, and gloo's threads then race the interpreter's exit (a rare SIGABRT
+    # after all work is done). Importing it now (2 ms), before a user's or `permask run`'s
+    # init_process_group, binds nothing.
+    import torch.distributed.nn  # noqa: F401
+
 from . import metrics, sparse
 from .graph import (
     Permutation,

@@ -88,6 +88,16 @@ def main(out: Path) -> None:
         out / f"rank{rank}.pt",
     )  # fmt: skip
     dist.destroy_process_group()
+    # the group is freed, so gloo's threads cannot race the interpreter's exit (a rare SIGABRT
+    # when something pinned the group: permask imports torch.distributed.nn early for this)
+    assert not _gloo_threads(), f"gloo threads outlived destroy_process_group: {_gloo_threads()}"
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux names them; elsewhere none are seen)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else []
+    return [n for n in names if "gloo" in n]
 
 
 if __name__ == "__main__":

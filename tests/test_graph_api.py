@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import warnings
 
 import networkx as nx
@@ -433,3 +435,14 @@ def test_a_deep_model_prints_one_row_per_repeated_block():
     assert len(text.splitlines()) < 15
     small = str(permask.trace(Deep().blocks[0], torch.randn(2, 8)))
     assert " x " not in small.splitlines()[2]  # few groups: one row each, as before
+
+
+def test_tracing_a_model_without_timm_layers_does_not_import_timm():
+    """timm (2.7 s, with torchvision and torch._dynamo) is imported for its rules only once the
+    model's own code has imported it."""
+    code = (
+        "import sys, torch, permask; permask.trace(torch.nn.Linear(3, 2), torch.randn(1, 3)); "
+        "print('timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

@@ -1,6 +1,7 @@
 """``permask.align`` under torch.distributed: two real processes (torchrun, gloo on CPU), each
 streaming its own shard, get the permutation and statistics of one process streaming all."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_ranks_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "dist_worker.py"), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints where each rank was
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         _, err = proc.communicate(timeout=300)

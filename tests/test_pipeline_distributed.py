@@ -39,7 +39,8 @@ def _cli(out: Path, data: Path, nproc: int, *extra: str) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints where each rank was
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +28,11 @@ __all__ = ["fx_capture", "target_name", "unproxy"]
 
 
 def _timm_registries() -> tuple[set[type], list[Callable]]:
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:  # timm is optional at trace time
+    """timm's leaves, once timm is imported (a model without timm's layers has no use for them)."""
+    if "timm" not in sys.modules:
         return set(), []
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
     return set(get_notrace_modules()), list(get_notrace_functions())
 
 

@@ -1,11 +1,17 @@
 """Built-in op rules, one file per family; importing this package registers them all, except
-the rules for timm's layers: :func:`load_timm_rules` registers those on the first trace, so that
-``import permask`` does not import timm (about 2.7 s)."""
+the rules for timm's layers: :func:`load_timm_rules` registers those on a trace once timm is
+imported, so that neither ``import permask`` nor tracing a model without timm imports timm
+(about 2.7 s)."""
+
+import sys
 
 from . import aten, conv, elementwise, linear, norm, pool, reduce, shape  # noqa: F401
 
 
 def load_timm_rules() -> None:
-    """Register the rules for timm's leaf modules and activations (once; a no-op without timm).
-    A rule the user registered earlier for one of those classes is kept."""
-    from . import timm_layers  # noqa: F401
+    """Register the rules for timm's leaf modules and activations (once), when timm has been
+    imported: a model holding timm's layers has imported it, and a model without them does not
+    need their rules (nor timm's import, which also pulls in torchvision and torch._dynamo). A
+    rule the user registered earlier for one of those classes is kept."""
+    if "timm" in sys.modules:
+        from . import timm_layers  # noqa: F401
