@@ -90,6 +90,14 @@ FAMILIES = {
                dict(GQA, num_local_experts=4, num_experts_per_tok=2), None),
     "gpt_oss": ("gpt_oss", "AutoModelForCausalLM",
                 dict(GQA, num_local_experts=4, num_experts_per_tok=2, head_dim=8), None),
+    # multi-head latent attention (keys assembled by slice copies, interleaved RoPE) and
+    # group-limited routing (experts stay fixed: a group's score is a sum over its experts)
+    "deepseek_v3": ("deepseek_v3", "AutoModelForCausalLM",
+                    dict(TEXT, num_key_value_heads=4, moe_intermediate_size=32,
+                         first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                         n_group=1, topk_group=1, n_shared_experts=1, kv_lora_rank=16,
+                         q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+                    None),
     "t5": ("t5", "AutoModelForSeq2SeqLM",
            dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=100),
            lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}),

@@ -226,3 +226,51 @@ def test_batches_of_another_shape_are_captured_again_or_refused_by_name():
     other_ops = [{"x": torch.randn(3, 4, generator=g)}]
     with pytest.raises(ValueError, match="different exported graph at observation point 'relu'"):
         permask.align(a, b, other_ops, graph=graph)
+
+
+class _SlicedKey(nn.Module):
+    """Multi-head latent attention's key: a fresh buffer filled by ``copy_`` into slices (each
+    head's own part, then a part shared by all heads). ``partial`` copies only the first part
+    into zeros, which is no ``cat``: the rewrite must leave it alone."""
+
+    def __init__(self, partial: bool = False, heads: int = 3, own: int = 4, shared: int = 2):
+        super().__init__()
+        self.partial, self.heads, self.own, self.shared = partial, heads, own, shared
+        self.q = nn.Linear(8, heads * (own + shared))
+        self.k_own, self.k_shared = nn.Linear(8, heads * own), nn.Linear(8, shared)
+        self.v, self.out = nn.Linear(8, heads * 5), nn.Linear(heads * 5, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h, n = self.heads, self.own
+        q = self.q(x).view(b, t, h, -1).transpose(1, 2)
+        k_own = self.k_own(x).view(b, t, h, n).transpose(1, 2)
+        k_shared = self.k_shared(x).view(b, 1, t, self.shared).expand(-1, h, -1, -1)
+        if self.partial:
+            key = k_own.new_zeros(b, h, t, n + self.shared)
+        else:
+            key = k_own.new_empty(b, h, t, n + self.shared)
+            key[..., n:].copy_(k_shared)
+        key[..., :n].copy_(k_own)
+        v = self.v(x).view(b, t, h, 5).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, key, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_buffer_filled_by_slice_copies_is_read_as_the_cat_it_computes(partial):
+    """Filled completely, the buffer is the ``cat`` of its pieces: the heads and each head's own
+    key dims move (the shared part stays with its one projection). Filled in part, the ``copy_``
+    ops keep what they touch fixed. Either way, a random permutation changes nothing."""
+    model = double_eval(_SlicedKey(partial))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    graph = permask.trace(model, x, frontend="export")
+    unruled = {r.op for r in graph.unruled_ops}
+    heads = [g for g in graph if g.size == 3 and "q.weight" in g.tensors]
+    if partial:
+        assert unruled == {"aten.copy_.default"} and not heads
+    else:
+        assert not unruled and heads and "k_own.weight" in heads[0].tensors
+    for seed in range(3):
+        pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+        assert equivalence_error(model, x, pi, graph) < 1e-12

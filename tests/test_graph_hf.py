@@ -119,6 +119,33 @@ def test_llama_rope_dims_stay_fixed_and_gqa_heads_move_with_their_kv_head():
     assert len(kv_groups) == 2  # which kv head, and which query head within its group
 
 
+def test_deepseek_latent_attention_heads_move_and_rotary_dims_stay():
+    """DeepSeek's multi-head latent attention builds each head's key in a fresh buffer by
+    ``copy_`` into two slices (read as the ``cat`` it computes, ``permask/graph/tiles.py``):
+    the heads and each head's non-rotary key dims move, q_b_proj's rows with kv_b_proj's, the
+    interleaved rotary dims stay. Dense layers (float64 runs); every group but those RMSNorm
+    normalises in float32 permutes exactly."""
+    config = transformers.AutoConfig.for_model(
+        "deepseek_v3", first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, **SIZES
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    graph = _trace(model)
+    assert not graph.unruled_ops
+    q, kv = "model.layers.0.self_attn.q_b_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight"
+    heads = [g for g in graph if g.size == 4 and {q, kv} <= set(g.tensors)]
+    assert len(heads) == 1
+    assert "fixed(8)" in str(graph.tensors[q][0])  # the rotary half of each query head
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    for g in graph:
+        one = permask.Permutation(
+            {k: p if k == g.name else torch.arange(len(p)) for k, p in pi.items()}
+        )
+        normed = any(m.tensor.endswith("norm.weight") for m in g.members)
+        assert _change(model, one, graph) <= (1e-6 if normed else 1e-14), g.name
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_weight_matching_recovers_a_planted_permutation(kind):
     a = _model(kind, torch.float32)

@@ -28,6 +28,7 @@ from .errors import TraceError
 from .rules.aten import register_library_rules
 from .rules.experts import is_experts, register_experts_rule
 from .shapes import TensorMeta
+from .tiles import fold_tiled_copies
 
 __all__ = ["export_capture"]
 
@@ -57,6 +58,7 @@ def export_capture(
         if entry.fqn in whole and entry.signature is not None:  # read whole by their rule
             if collapse_call(gm, entry.fqn, entry.signature, whole[entry.fqn]):
                 register_experts_rule(type(whole[entry.fqn]))
+    fold_tiled_copies(gm)  # a buffer filled slice by slice: the cat it computes
     gm.recompile()
     metas = {node: tree_map(_meta, node.meta.get("val")) for node in gm.graph.nodes}
     return gm, metas
