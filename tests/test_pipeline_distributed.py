@@ -58,9 +58,9 @@ def one_and_two(tmp_path_factory, mnist_dir):
     return root / "one", root / "two"
 
 
-def _dead_units(run_dir: Path, data: Path, stage: str) -> dict[str, torch.Tensor]:
-    """Per MLP unit (group name), which of the trained model's ReLUs were constant on the
-    matching data: activation matching pairs those arbitrarily."""
+def _relu_outputs(run_dir: Path, data: Path, stage: str) -> dict[str, torch.Tensor]:
+    """Per MLP unit (group name), the trained model's ReLU outputs on the matching data,
+    ``[samples, units]`` in float64."""
     args = _parser().parse_args(["run", "--data-dir", str(data), *FLAGS, "--out", str(run_dir)])
     exp = prepare(config_from_flags(args))
     model = exp.build(0)
@@ -71,12 +71,21 @@ def _dead_units(run_dir: Path, data: Path, stage: str) -> dict[str, torch.Tensor
     with torch.no_grad():
         for x, _ in exp.statistics_loader():
             model(x)
-    return {f"fc{i}.weight:0": torch.cat(ys).std(0) == 0 for i, ys in outputs.items()}
+    return {f"fc{i}.weight:0": torch.cat(ys).double() for i, ys in outputs.items()}
+
+
+def _alike(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per column, whether two units' outputs are equal up to scale (a correlation of 1 within
+    1e-9: units that fire on the same single sample): the data cannot tell them apart."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    corr = (x * y).sum(0) / (x.norm(dim=0) * y.norm(dim=0)).clamp_min(1e-300)
+    return corr > 1 - 1e-9
 
 
 def test_two_processes_take_the_steps_of_one(one_and_two, mnist_dir):
     """Same IMP masks; the same permutation wherever the data determines it (ReLUs that never
-    fire are paired arbitrarily: weights 1e-8 apart pair them differently in one process too);
+    fire, or two that fire on the same single sample, are paired by their weights, and weights
+    1e-8 apart pair them differently in one process too);
     accuracies and weights equal up to float summation order (gloo sums the ranks' gradients,
     one process sums the whole batch; a sample crossing a ReLU's kink amplifies it a little)."""
     one, two = one_and_two
@@ -84,10 +93,14 @@ def test_two_processes_take_the_steps_of_one(one_and_two, mnist_dir):
     m1, m2 = (load_mask(d / "masks" / "imp_s0.5.safetensors") for d in (s1, s2))
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     pi1, pi2 = (dict(Permutation.load(d / "align" / "pi.safetensors")) for d in (s1, s2))
-    dead_a, dead_b = (_dead_units(one, mnist_dir, s) for s in ("dense_a", "dense_b"))
+    acts_a, acts_b = (_relu_outputs(one, mnist_dir, s) for s in ("dense_a", "dense_b"))
     for group, p in pi1.items():
-        differ = p != pi2[group]  # position i of B gets A's unit p[i] or pi2[group][i]
-        arbitrary = dead_b[group] | (dead_a[group][p] & dead_a[group][pi2[group]])
+        q = pi2[group]
+        differ = p != q  # position i of B gets A's unit p[i] or q[i]
+        dead_a, dead_b = (acts[group].std(0) == 0 for acts in (acts_a, acts_b))
+        arbitrary = (
+            dead_b | (dead_a[p] & dead_a[q]) | _alike(acts_a[group][:, p], acts_a[group][:, q])
+        )
         assert not (differ & ~arbitrary).any(), group
     # pi(m_A) may differ in rows of never-firing units, so "permuted" trains another mask
     for stage in ("dense_a", "dense_b", "sparse/lth_s0.5_k1", "sparse/naive_s0.5_k1"):

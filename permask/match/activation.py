@@ -9,18 +9,22 @@ No activation is kept: extra memory is one observed activation pair at a time, n
 observation point of a batch (tens of GB for an ImageNet ResNet50 batch of 256).
 
 Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b,
-a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b + eps s)`` with ``s`` the
-unit's mean ``std_a`` times its mean ``std_b`` and ``eps = 1e-8`` (:data:`EPS`): the correlation,
-0 for a dead channel (not NaN), independent of the activations' scale, and ties between units
-that fire on the same single sample (correlation exactly 1) broken by their size, not by
-float rounding (one process and two must agree). The paper (REPAIR) divides by ``std_a std_b +
-1e-4``, an absolute eps that assumes activations of about unit scale; where they are ~1e-2
-(random inits, deep squeeze-excitation blocks) ``std_a std_b`` falls below it and the score
-becomes a covariance, which prefers high-variance channels to the true partner: on a planted
-permutation of EfficientNet-B0, 29-94% of channels per deep point were matched with it, 100%
-with the plain correlation. A relative eps of 1e-4 or 1e-6 still lost 216 or 12 of the 1280
-channels of its last conv (std 100x below the mean), 1e-8 and 1e-10 lose 2 (two channels that
-correlate 0.999995 with each other on that data).
+a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b)``, the plain correlation:
+independent of the activations' scale, 0 where either channel is constant (not NaN), and
+clamped to [-1, 1], since for a channel constant up to rounding ``cov`` keeps a rounding
+residue while ``var`` rounds to 0 (unclamped, one such pair scored 1e291 and pulled 65 of 96
+channels of an EfficientNet-Lite0 group off their partners). Elements the data cannot order
+(constant, or tied: several partners equally good) are re-matched by their weights
+(:func:`permask.match.alignment.align`), so ties are settled the same way by one process and
+by several. No regulariser is added to the denominator: the paper's (REPAIR) ``std_a std_b +
+1e-4`` assumes activations of about unit scale; where they are ~1e-2 (random inits, deep
+squeeze-excitation blocks) the score becomes a covariance, which prefers high-variance
+channels to the true partner (on a planted permutation of EfficientNet-B0, 29-94% of channels
+per deep point were matched). A relative one, ``1e-8`` times the unit's mean ``std_a`` times
+its mean ``std_b`` (used until 2026-12-05), still cut the score of a quiet channel's true
+partner: a ConvMixer channel whose only variation is zero padding around a constant map (std
+2e-5, the unit's median 0.14) correlated 1.0 with its partner and scored 0.67, below the 0.92
+of a look-alike, and 20 of ConvMixer's 33 groups came out with such swaps.
 
 Precision: each batch's products are formed in the activations' dtype (a float32 GEMM is about
 twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are first
@@ -63,7 +67,7 @@ __all__ = ["paired_module", "CorrelationStats"]
 _BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
 _PRODUCT_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) become float32
 PRECISIONS = (None, "highest", "high")
-EPS = 1e-8  # relative to a unit's mean std_a * mean std_b (module docstring)
+_TINY = torch.finfo(torch.float64).tiny
 # CUDA: per-channel sum and sum of squares from one Welford pass (torch.var_mean) instead of
 # three (sum, square, sum); on the CPU var_mean is 2-4x slower than those three (measured)
 FUSED_MOMENTS = {"cuda": True}
@@ -353,17 +357,17 @@ class CorrelationStats:
         std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
         return n, ma, mb, std_a, std_b
 
-    def scores(self, eps: float = EPS) -> dict[tuple[str, ...], torch.Tensor]:
+    def scores(self) -> dict[tuple[str, ...], torch.Tensor]:
         """Correlation matrices ``[n_a, n_b]`` per unit key, summed over observation points:
-        ``cov / (std_a std_b + eps s)``, ``s`` the unit's mean ``std_a`` times mean ``std_b``
-        (module docstring)."""
+        ``cov / (std_a std_b)`` clamped to [-1, 1], 0 where either std is 0 (module
+        docstring)."""
         out: dict[tuple[str, ...], torch.Tensor] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
                 n, ma, mb, std_a, std_b = self._moments(i, j)
                 corr = torch.div(self.sums[i][j][4], n).addr_(ma, mb, alpha=-1)  # cov, in place
-                scale = (std_a.mean() * std_b.mean()).clamp_min(torch.finfo(torch.float64).tiny)
-                corr.div_(torch.outer(std_a, std_b).add_(eps * scale))
+                denom = torch.outer(std_a, std_b)
+                corr.div_(denom.clamp_min(_TINY)).clamp_(-1.0, 1.0).masked_fill_(denom == 0, 0.0)
                 if u.groups in out:
                     out[u.groups] += corr
                 else:
