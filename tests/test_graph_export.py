@@ -274,3 +274,32 @@ def test_a_buffer_filled_by_slice_copies_is_read_as_the_cat_it_computes(partial)
     for seed in range(3):
         pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
         assert equivalence_error(model, x, pi, graph) < 1e-12
+
+
+class _NestedTiles(nn.Module):
+    """A buffer filled by slice copies, then copied itself into a slice of a buffer made before
+    it: both fold, the outer first (its cat reads the inner buffer until that folds too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 5)
+        self.out = nn.Linear(10, 2)
+
+    def forward(self, x):
+        outer = x.new_empty(x.shape[0], 10)
+        inner = x.new_empty(x.shape[0], 5)
+        inner[:, :3].copy_(self.a(x))
+        inner[:, 3:].copy_(self.b(x))
+        outer[:, :5].copy_(inner)
+        outer[:, 5:].copy_(self.c(x))
+        return self.out(torch.relu(outer))
+
+
+def test_nested_slice_copies_fold_both():
+    model = double_eval(_NestedTiles())
+    x = torch.randn(6, 4, dtype=torch.float64)
+    graph = permask.trace(model, x, frontend="export")
+    assert not graph.unruled_ops and sorted(g.size for g in graph) == [2, 3, 5]
+    for seed in range(3):
+        pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+        assert equivalence_error(model, x, pi, graph) < 1e-12

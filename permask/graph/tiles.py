@@ -49,12 +49,12 @@ def fold_tiled_copies(gm: fx.GraphModule) -> int:
         tiles = _tiles(buffer, order)
         if tiles is None:
             continue
-        dim, pieces = tiles
-        last = max((copy for _, copy in pieces), key=order.__getitem__)
+        dim, pieces, last = tiles
         with gm.graph.inserting_after(last):
             srcs = [copy.args[1] for _, copy in pieces]
             cat = gm.graph.call_function(_aten.cat.default, (srcs, dim))
         cat.meta.update(buffer.meta)
+        order[cat] = order[last] + 0.5  # a later buffer's check may meet it among its readers
         for user in [u for u in buffer.users if order[u] > order[last]]:
             user.replace_input_with(buffer, cat)
         for piece, copy in pieces:
@@ -65,8 +65,9 @@ def fold_tiled_copies(gm: fx.GraphModule) -> int:
     return folded
 
 
-def _tiles(buffer: fx.Node, order: dict) -> tuple[int, list] | None:
-    """(dim, [(slice, copy_), ...] in order along dim) where ``buffer`` is filled exactly so."""
+def _tiles(buffer: fx.Node, order: dict) -> tuple[int, list, fx.Node] | None:
+    """(dim, [(slice, copy_), ...] in order along dim, the last copy_ in the graph) where
+    ``buffer`` is filled exactly so."""
     value = buffer.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return None
@@ -75,16 +76,16 @@ def _tiles(buffer: fx.Node, order: dict) -> tuple[int, list] | None:
     pieces = [_piece(s, value) for s in writes]
     if copies or not pieces or None in pieces:
         return None
-    last = max(order[copy] for *_, copy in pieces)
+    last = max((copy for *_, copy in pieces), key=order.__getitem__)
     readers = [u for u in buffer.users if u not in writes]
-    if any(order[u] < last for u in readers) or len({dim for dim, *_ in pieces}) != 1:
+    if any(order[u] < order[last] for u in readers) or len({dim for dim, *_ in pieces}) != 1:
         return None
     dim = pieces[0][0]
     spans = sorted((start, stop, s, copy) for _, start, stop, s, copy in pieces)
     edges = [0] + [stop for _, stop, *_ in spans]
     if [start for start, *_ in spans] != edges[:-1] or edges[-1] != value.shape[dim]:
         return None
-    return dim, [(s, copy) for *_, s, copy in spans]
+    return dim, [(s, copy) for *_, s, copy in spans], last
 
 
 def _piece(node: fx.Node, value: torch.Tensor) -> tuple | None:
