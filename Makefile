@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint venv
+.PHONY: demo test test-kernels lint venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,17 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q
+
+# The outcome tests (what training and alignment reach: accuracies, barriers, recovery) once
+# more under a second CPU capability, so a test that holds only on this machine's float kernels
+# is caught on any machine: CAP (default: `default`, the plain C++ kernels) unless that is the
+# machine's own, then nothing to compare against.
+CAP ?= default
+test-kernels: venv
+	@own=$$($(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
+	if [ "$$own" = "$(CAP)" ]; then \
+		echo "test-kernels: this CPU's capability is already $(CAP); nothing to compare"; \
+	else \
+		echo "test-kernels: outcome tests under ATEN_CPU_CAPABILITY=$(CAP) (this CPU: $$own)"; \
+		ATEN_CPU_CAPABILITY=$(CAP) $(PY) -m pytest -q -m "outcome and not slow"; \
+	fi

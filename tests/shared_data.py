@@ -9,6 +9,7 @@ runs on :func:`write_synthetic_mnist` and friends, so a fresh clone tests it too
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -90,13 +91,23 @@ def write_image_folder(
     return root
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``n`` torch threads inside the block, whatever an earlier test set (the thread count
+    changes float summation order, so a trained model's numbers depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on a shared 2-core machine, spinning threads of parallel jobs collide."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def sigkill_once_written(proc, path: Path, timeout: float, settle: float = 0.0) -> None:

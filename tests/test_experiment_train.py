@@ -57,6 +57,7 @@ def _assert_same(a, b):
         assert torch.equal(v, w), k
 
 
+@pytest.mark.outcome
 def test_learns_and_evaluates(mnist_dir):
     model, tr, te = _setup(mnist_dir)
     res = train(model, tr, **KW)

@@ -146,6 +146,7 @@ def test_deepseek_latent_attention_heads_move_and_rotary_dims_stay():
     _each_group_exact_but_the_normed(model, graph)
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_weight_matching_recovers_a_planted_permutation(kind):
     a = _model(kind, torch.float32)
@@ -159,6 +160,7 @@ def test_weight_matching_recovers_a_planted_permutation(kind):
     assert all(torch.equal(got[k], pi[k]) for k in pi)
 
 
+@pytest.mark.outcome
 def test_mixture_of_experts_permute_experts_and_hidden_units_and_both_methods_find_them():
     """transformers' experts module is read whole (its call kept by the exporter, its rule in
     permask.graph.rules.experts): the experts move with the router's rows (top-k indices followed
@@ -188,6 +190,7 @@ def test_mixture_of_experts_permute_experts_and_hidden_units_and_both_methods_fi
     assert {g.name for g in graph if "experts.gate_up_proj" in g.name} == set(info.unmatched)
 
 
+@pytest.mark.outcome
 def test_activation_matching_on_token_batches_recovers_a_planted_permutation():
     """Dict batches (keyword inputs; a "labels" entry is not an input) feed the exported graph.
     It holds the example's shapes, so batches of other lengths are captured again (one export
@@ -226,6 +229,7 @@ def test_an_encoder_decoder_traces_without_its_cache():
     assert float((y - y2).abs().max() / y.abs().max()) < 1e-12 and len(graph) > 10
 
 
+@pytest.mark.outcome
 def test_the_hf_example_runs_and_aligning_lowers_the_barrier():
     import json
     import subprocess

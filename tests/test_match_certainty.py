@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ def _pair(seed: int, noise: float = 1e-3):
     return a, b, graph, pi
 
 
+@pytest.mark.outcome
 def test_a_planted_permutation_is_certified_by_both_methods():
     a, b, graph, pi = _pair(0)
     data = [(torch.randn(64, 8), torch.zeros(64)) for _ in range(2)]

@@ -31,6 +31,7 @@ def _train(seed: int, train_loader) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.outcome
 @pytest.mark.slow
 @needs_mnist
 def test_mnist_mlp_barrier_vanishes_after_alignment():

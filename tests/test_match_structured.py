@@ -81,6 +81,7 @@ def _recovered(model: nn.Module, x: torch.Tensor, seed: int, method: str) -> lis
 _ISSUE_CHAIN = ([32, 32, 64, 16], [4, 8, 2])  # issue 15: weight matching left 0.80-0.91
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("method", ["weight", "activation"])
 @settings(max_examples=6, deadline=None)
 @given(net=_convs(), seed=st.integers(0, 2**31 - 1))
@@ -92,6 +93,7 @@ def test_grouped_and_depthwise_chains_are_recovered(method, net, seed):
     assert not wrong, f"{net}: groups not recovered: {wrong}"
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("method", ["weight", "activation"])
 @settings(max_examples=4, deadline=None)
 @given(heads=st.sampled_from([2, 3, 4]), head_dim=st.sampled_from([2, 4, 8]),

@@ -17,6 +17,7 @@ from permask.match import align
 from permask.testing import perturb_
 
 timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.outcome
 
 FAMILIES = {  # name -> (create_model keywords, input side)
     "regnetx_002": ({}, 64),

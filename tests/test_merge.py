@@ -147,6 +147,7 @@ def three_mlps(mnist_dir, tmp_path_factory):
     return models, [out / f"m{s}.safetensors" for s in range(3)]
 
 
+@pytest.mark.outcome
 def test_merging_three_aligned_mlps_beats_their_naive_average(three_mlps, mnist_dir, tmp_path,
                                                               capsys):  # fmt: skip
     models, files = three_mlps

@@ -54,6 +54,7 @@ def tiny_run(tmp_path_factory, tiny):
     return cfg, run(cfg)
 
 
+@pytest.mark.outcome
 def test_tiny_run_writes_every_artifact(tiny_run):
     cfg, results = tiny_run
     out = cfg.run_dir

@@ -82,16 +82,17 @@ def _alike(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return corr > 1 - 1e-9
 
 
+@pytest.mark.outcome
 def test_two_processes_take_the_steps_of_one(one_and_two, mnist_dir):
-    """Same IMP masks; the same permutation wherever the data determines it (ReLUs that never
-    fire, or two that fire on the same single sample, are paired by their weights, and weights
-    1e-8 apart pair them differently in one process too);
+    """The same IMP masks but at the pruning threshold (:func:`_assert_masks_agree`); the same
+    permutation wherever the data determines it (ReLUs that never fire, or two that fire on the
+    same single sample, are paired by their weights, and weights 1e-8 apart pair them
+    differently in one process too);
     accuracies and weights equal up to float summation order (gloo sums the ranks' gradients,
     one process sums the whole batch; a sample crossing a ReLU's kink amplifies it a little)."""
     one, two = one_and_two
     s1, s2 = one / "seed0", two / "seed0"
-    m1, m2 = (load_mask(d / "masks" / "imp_s0.5.safetensors") for d in (s1, s2))
-    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    _assert_masks_agree(*(d / "masks" / "imp_s0.5.safetensors" for d in (s1, s2)))
     pi1, pi2 = (dict(Permutation.load(d / "align" / "pi.safetensors")) for d in (s1, s2))
     acts_a, acts_b = (_relu_outputs(one, mnist_dir, s) for s in ("dense_a", "dense_b"))
     for group, p in pi1.items():
@@ -116,20 +117,35 @@ def test_two_processes_take_the_steps_of_one(one_and_two, mnist_dir):
     assert "2 processes" in log and log.count("dense B: test acc") == 1  # rank 0 logs alone
 
 
+@pytest.mark.outcome
 def test_weight_matching_gives_the_same_permutation(tmp_path, mnist_dir):
-    """Weight matching needs no data, so no unit is arbitrary: 1 and 2 processes agree exactly."""
+    """Weight matching needs no data, so no unit is arbitrary: 1 and 2 processes find the same
+    permutation, and pi(m_A) differs from one process's only where m_A does."""
     weight = ("--match", "weight", "--epochs", "2", "--interp-points", "2")
     _run(_cli(tmp_path / "one", mnist_dir, 1, *weight))
     _run(_cli(tmp_path / "two", mnist_dir, 2, *weight))
-    pi1, pi2 = (
-        Permutation.load(tmp_path / d / "seed0/align/pi.safetensors") for d in ("one", "two")
-    )
+    one, two = (tmp_path / d / "seed0" for d in ("one", "two"))
+    pi1, pi2 = (Permutation.load(d / "align/pi.safetensors") for d in (one, two))
     assert pi1 == pi2
-    for name in ("imp_s0.5", "permuted_s0.5"):
-        m1, m2 = (
-            load_mask(tmp_path / d / f"seed0/masks/{name}.safetensors") for d in ("one", "two")
-        )
-        assert all(torch.equal(m1[k], m2[k]) for k in m1), name
+    flips = _assert_masks_agree(*(d / "masks/imp_s0.5.safetensors" for d in (one, two)))
+    assert (
+        _assert_masks_agree(*(d / "masks/permuted_s0.5.safetensors" for d in (one, two))) == flips
+    )
+
+
+def _assert_masks_agree(path_1: Path, path_2: Path) -> int:
+    """Two runs' masks are the same but for a few weights at the pruning threshold; returns how
+    many differ. The runs' weights are equal up to float summation order (gloo sums the
+    ranks' gradients, one process the whole batch), and a sample crossing a ReLU's kink can
+    amplify that to 1e-5 within an epoch; a magnitude cut then flips the weights that sit at
+    the threshold (up to 84 of 930,816 entries seen, on either CPU kernel set). A rank that
+    pruned by its own weights or data would change far more than 0.1%."""
+    m1, m2 = load_mask(path_1), load_mask(path_2)
+    assert m1.keys() == m2.keys()
+    assert sum(m.sum() for m in m1.values()) == sum(m.sum() for m in m2.values())  # IMP's count
+    flips = sum(int((m1[k] != m2[k]).sum()) for k in m1)
+    assert flips <= 1e-3 * sum(m.numel() for m in m1.values()), flips
+    return flips
 
 
 def test_masked_entries_stay_zero_under_two_processes(one_and_two):

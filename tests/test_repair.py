@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from shared_data import torch_threads
 from torch import nn
 
 import permask
@@ -89,32 +90,56 @@ def _deep_cnn(width: int = 8, depth: int = 6) -> nn.Module:
 
 
 def _train(model: nn.Module, loader, steps: int, seed: int) -> nn.Module:
+    """``steps`` Adam steps in the model's dtype."""
     torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for i, (x, y) in enumerate(loader):
         if i == steps:
             break
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x.to(dtype)), y).backward()
         opt.step()
     return model.eval()
 
 
+class _AsDouble:
+    """A loader's batches with float64 images (the models below are float64)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return ((x.double(), y) for x, y in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@pytest.mark.outcome
 def test_repair_lowers_the_barrier_of_an_aligned_norm_free_cnn(mnist_dir):
-    """Measured here: loss barrier naive 8.79, aligned 0.246, aligned + REPAIR 0.081."""
-    train, test, _ = get_loaders("mnist", mnist_dir, batch_size=128, augment=False)
-    torch.manual_seed(1)
-    a = _train(_deep_cnn(), train, 150, 1)
-    torch.manual_seed(2)
-    b = _train(_deep_cnn(), train, 150, 2)
-    graph = permask.trace(a, torch.randn(2, 1, 28, 28))
-    a_pi = permask.permute_model(a, permask.align(a, b, train, graph=graph, max_batches=8), graph)
-    args = dict(alphas=5, bn_loader=train, bn_batches=8, max_batches=4)
-    plain = interpolate(a_pi, b, test, **args)
-    fixed = interpolate(a_pi, b, test, repair=True, graph=graph, **args)
-    assert plain["barrier"] > 0.05  # the aligned path does have a barrier to remove
-    assert fixed["barrier"] < 0.6 * plain["barrier"], (fixed["barrier"], plain["barrier"])
-    # endpoints nearly kept (batch vs total statistics in the correcting pass: about 1%)
+    """A width-16 pair, trained in float64 with the threads set here: REPAIR's gain must hold on
+    any CPU's kernels, and a width-8 pair's did not (its 150 steps landed elsewhere with other
+    kernels, and REPAIR sometimes raised the barrier). The measured ratios (fixed / plain
+    barrier) of seed pairs (1, 2), (3, 4), (5, 6) under ATEN_CPU_CAPABILITY avx2 and default
+    are in docs/results.md ("Which figures depend on the CPU's kernels"); the assertion's 0.5
+    is above the worst of them, so it holds for any of those pairs on either kernel set."""
+    with torch_threads(2):
+        train, test, _ = get_loaders("mnist", mnist_dir, batch_size=128, augment=False)
+        train, test = _AsDouble(train), _AsDouble(test)
+        torch.manual_seed(1)
+        a = _train(_deep_cnn(width=16).double(), train, 150, 1)
+        torch.manual_seed(2)
+        b = _train(_deep_cnn(width=16).double(), train, 150, 2)
+        graph = permask.trace(a, torch.randn(2, 1, 28, 28, dtype=torch.float64))
+        pi = permask.align(a, b, train, graph=graph, max_batches=8)
+        a_pi = permask.permute_model(a, pi, graph)
+        args = dict(alphas=5, bn_loader=train, bn_batches=8, max_batches=4)
+        plain = interpolate(a_pi, b, test, **args)
+        fixed = interpolate(a_pi, b, test, repair=True, graph=graph, **args)
+    assert plain["barrier"] > 0.1  # the aligned path does have a barrier to remove
+    assert fixed["barrier"] < 0.5 * plain["barrier"], (fixed["barrier"], plain["barrier"])
+    # endpoints nearly kept (batch vs total statistics in the correcting pass: about 1-3%)
     assert fixed["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)
 
 
