@@ -15,8 +15,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,9 +65,7 @@ def main() -> None:
     now_cfg = replace(cfg, interp_bn_samples=args.bn_samples, channels_last=args.channels_last)
     exp = pipeline.prepare(now_cfg)
     a, b = _models(exp, seed_dir)
-    out = Path(tempfile.mkdtemp())
-    pipeline._interpolation(exp, 0, out, a, b, pi)
-    now = json.loads((out / "interpolation.json").read_text())
+    now = pipeline._curves(exp, a, b, pi)
 
     layout = "channels_last" if args.channels_last else "contiguous"
     n = cfg.interp_points

@@ -119,7 +119,7 @@ def test_cli_process_exits_nonzero_without_traceback(tmp_path):
 
 def test_config_rejects_a_run_dir_with_other_settings(tmp_path):
     (tmp_path / "config.yaml").write_text("epochs: 3\n")
-    from permask.experiment.pipeline import _check_run_dir
+    from permask.experiment.prepare import _check_run_dir
 
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         _check_run_dir(RunConfig(out=str(tmp_path)))
@@ -137,7 +137,7 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys, mnist_di
 
 def test_the_data_location_may_change_between_invocations(tmp_path):
     """Where the same dataset lives (--data-dir or $PERMASK_DATA) does not change results."""
-    from permask.experiment.pipeline import _check_run_dir
+    from permask.experiment.prepare import _check_run_dir
 
     key = {**RunConfig(data_dir="/old/place").to_dict()}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(key))
@@ -146,7 +146,7 @@ def test_the_data_location_may_change_between_invocations(tmp_path):
 
 def test_run_dir_from_before_a_setting_existed_counts_it_at_its_default(tmp_path):
     """A run saved before ``sparse_schedule`` existed resumes with the default, not another."""
-    from permask.experiment.pipeline import _check_run_dir
+    from permask.experiment.prepare import _check_run_dir
 
     key = RunConfig().results_key()
     del key["sparse_schedule"], key["sparse_lr"]

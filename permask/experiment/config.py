@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from permask.experiment.errors import ConfigError
+from permask.experiment.recipes import check_needs, find_config, recipe_values
+
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
 # Fields that may change between invocations of one run directory without changing its results.
@@ -31,10 +34,6 @@ RUNTIME_FIELDS = (
     "workers",
     "channels_last",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line, for the command line."""
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -255,8 +254,6 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> RunConfig:
 def _read_yaml(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """A YAML config's recipe name (or None) and its other keys; ``path`` may also name a
     shipped config (``paper/resnet20x4_cifar10``)."""
-    from .recipes import find_config
-
     path = find_config(path)
     try:
         with open(path) as f:
@@ -277,8 +274,6 @@ def _compose(
     """``defaults``, then each recipe named (None: none; :mod:`permask.experiment.recipes`),
     then a YAML's ``values``, then ``given``, each overriding the ones before. A recipe's key
     that neither ``values`` nor ``given`` supplies (ImageNet's folder) is a ``ConfigError``."""
-    from .recipes import check_needs, recipe_values
-
     merged = dict(defaults)
     for name in (str(n) for n in recipes if n is not None):
         check_needs(name, {**values, **given})

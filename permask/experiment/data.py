@@ -303,3 +303,22 @@ def _decode(folder: Path, classes: list[str], files, image_size: int | None):
         images.append(img)
     labels = torch.tensor([index[c] for c, _ in files], dtype=torch.long)
     return torch.stack(images).contiguous(), labels
+
+
+def normalize(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool
+) -> torch.Tensor:
+    """uint8 images (on their device) -> float ``(x - mean) / std``, channels_last if asked;
+    ``mean`` and ``std`` are [1, C, 1, 1] in pixel units (0-255)."""
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def subset_indices(n: int, size: int | None) -> torch.Tensor:
+    """The sorted indices of a fixed random subset of ``size`` of ``n`` examples (drawn with
+    seed 0, the same for every run seed); all of them when ``size`` is None or >= ``n``."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    if size < 1:
+        raise ValueError(f"subset size must be >= 1, got {size}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values

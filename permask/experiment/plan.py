@@ -1,18 +1,20 @@
 """What a ``permask run`` would do and how long it would take: :func:`plan`.
 
-Contract: ``plan(exp)`` lists every stage :func:`permask.experiment.pipeline.run` would run for
-``exp``'s config, in order, seed by seed: its epochs and optimizer steps, whether it is done
-already (skipped on resume) or resumes part-way, and its estimated wall time on this device.
+Contract: ``plan(exp)`` lists every stage of ``exp``'s run (the list of
+:func:`permask.experiment.stages.stages`, which the pipeline runs), in order, seed by seed: its
+epochs and optimizer steps, whether it is done already (skipped on resume) or resumes part-way,
+and its estimated wall time on this device.
 The times come from a :class:`Probe`, a few timed steps of the run's own model, batch sizes,
 loaders and training loop (about 10 s on two CPU cores for a ResNet20), not from a table.
 Nothing is written; the run directory is only read.
 
 Example (``permask run ... --plan`` prints the same)::
 
-    from permask.experiment import RunConfig, pipeline
+    from permask.experiment import RunConfig
     from permask.experiment.plan import plan
+    from permask.experiment.prepare import prepare
 
-    exp = pipeline.prepare(RunConfig(model="mlp", dataset="mnist", epochs=2))
+    exp = prepare(RunConfig(model="mlp", dataset="mnist", epochs=2))
     print(plan(exp))                # a table of stages, then the total
 
 What the estimate leaves out: gradient all-reduce under torchrun (the probe trains one process
@@ -26,29 +28,22 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from permask.experiment import pipeline
-from permask.experiment.layout import (
-    a_seed,
-    align_path,
-    eval_path,
-    imp_files,
-    imp_round_dir,
-    interpolation_path,
-    seed_dir,
-    sparse_dir,
-)
-from permask.experiment.pipeline import Experiment
+from permask.experiment.paths import imp_round_dir
+from permask.experiment.prepare import Experiment
+from permask.experiment.stages import Stage as RunStage
+from permask.experiment.stages import stages
 from permask.experiment.train import checkpoint_path
 from permask.match import align
 from permask.metrics import _reset_bn, evaluate
 from permask.sparse import imp_sparsities
 
-__all__ = ["Probe", "Stage", "Plan", "measure", "plan"]
+__all__ = ["Probe", "StageEstimate", "RunPlan", "measure", "plan"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +59,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageEstimate:
     """One stage of one seed and the work it has left, in units a :class:`Probe` times:
     ``steps`` optimizer steps (over ``epochs`` epochs), ``test_batches`` eval-mode test batches,
     ``bn_batches`` train-mode forwards (in test-batch sizes), ``align_batches`` batches of an
@@ -93,15 +88,15 @@ class Stage:
 
 
 @dataclass
-class Plan:
+class RunPlan:
     """The stages of a run and the probe that times them (``None`` when nothing is left)."""
 
-    stages: list[Stage]
+    stages: list[StageEstimate]
     probe: Probe | None
     device: str = "cpu"
 
     @property
-    def todo(self) -> list[Stage]:
+    def todo(self) -> list[StageEstimate]:
         return [s for s in self.stages if not s.done]
 
     @property
@@ -197,86 +192,86 @@ def _align_info(exp: Experiment, batches: int):
     return info
 
 
-def plan(exp: Experiment, probe: Probe | None = None) -> Plan:
+def plan(exp: Experiment, probe: Probe | None = None) -> RunPlan:
     """Every stage of ``exp``'s run with its state and work left, timed by ``probe`` (measured
     now if not given and some stage is left); see the module docstring."""
-    stages = [stage for seed in range(exp.cfg.seeds) for stage in _seed_stages(exp, seed)]
-    if probe is None and any(not s.done for s in stages):
+    planned = [COSTS[stage.kind](exp, stage) for stage in stages(exp.cfg)]
+    if probe is None and any(not s.done for s in planned):
         probe = measure(exp)
-    return Plan(stages, probe, str(exp.cfg.device))
+    return RunPlan(planned, probe, str(exp.cfg.device))
 
 
-def _seed_stages(exp: Experiment, seed: int) -> list[Stage]:
-    """The stages of one seed in the order ``pipeline._run_seed`` runs them."""
-    cfg = exp.cfg
-    own, a_dir = seed_dir(cfg.run_dir, seed), seed_dir(cfg.run_dir, a_seed(cfg, seed))
-    out = []
-    if a_seed(cfg, seed) == seed:  # else seed 0's A and IMP serve this seed
-        out += [_training(exp, seed, "dense A", a_dir / "dense_a", cfg.epochs)]
-        out += [_imp(exp, seed, a_dir)]
-    out += [_training(exp, seed, "dense B", own / "dense_b", cfg.epochs)]
-    out += [_align(exp, seed, own)]
-    for s in cfg.sparsity:
-        for k in cfg.rewind:
-            restart = cfg.sparse_schedule == "restart"  # else the dense schedule from k
-            end, start = (cfg.epochs - k, 0) if restart else (cfg.epochs, k)
-            for method in pipeline.METHODS:
-                name, path = f"{method} s={s:g} k={k}", sparse_dir(own, method, s, k)
-                out.append(_training(exp, seed, name, path, end, start))
-    out.append(_interpolation(exp, seed, own))
-    return out
+def _done(stage: RunStage) -> StageEstimate | None:
+    """The plan's row of a finished stage (all its outputs there), else None."""
+    if all(path.exists() for path in stage.outputs):
+        return StageEstimate(stage.seed, stage.name, "done")
+    return None
 
 
-def _training(
-    exp: Experiment, seed: int, name: str, path: Path, epochs: int, start: int = 0
-) -> Stage:
-    """A training in ``path`` from epoch ``start`` to ``epochs``, then its two test passes
-    (accuracy, and the saved softmax)."""
-    if eval_path(path).exists():
-        return Stage(seed, name, "done")
-    done = max(_epochs_done(path), start)
-    state = f"resumes at epoch {done}" if done > start else "to run"
-    left = epochs - done
-    return Stage(seed, name, state, left, left * len(exp.train_loader), 2 * len(exp.test_loader))
+def _training(exp: Experiment, stage: RunStage) -> StageEstimate:
+    """A training in its directory from epoch ``start_epoch`` to ``epochs``, then its two test
+    passes (accuracy, and the saved softmax)."""
+    if done := _done(stage):
+        return done
+    start = stage.start_epoch
+    trained = max(_epochs_done(stage.directory), start)
+    state = f"resumes at epoch {trained}" if trained > start else "to run"
+    left = stage.epochs - trained
+    steps, tests = left * len(exp.train_loader), 2 * len(exp.test_loader)
+    return StageEstimate(stage.seed, stage.name, state, left, steps, tests)
 
 
-def _imp(exp: Experiment, seed: int, a_dir: Path) -> Stage:
+def _imp(exp: Experiment, stage: RunStage) -> StageEstimate:
     """IMP: one training per round (fine-tuning, or rewinding to k), evaluations at targets."""
+    if done := _done(stage):
+        return done
     cfg = exp.cfg
-    masks, evals = imp_files(cfg, a_dir)
-    if all(path.exists() for path in [*masks.values(), *evals.values()]):
-        return Stage(seed, "IMP", "done")
     rounds = len(imp_sparsities(cfg.sparsity, rate=cfg.imp_rate))
     finetune = cfg.imp == "finetune"
     per_round, start = (cfg.finetune_epochs, 0) if finetune else (cfg.epochs, cfg.rewind[0])
+    a_dir = stage.directory.parent
     dirs = [imp_round_dir(a_dir, r) for r in range(1, rounds + 1)]
     left = sum(per_round - max(_epochs_done(d), start) for d in dirs)
     tests = 2 * len(cfg.sparsity) * len(exp.test_loader)
-    return Stage(seed, "IMP", "to run", left, left * len(exp.train_loader), tests)
+    return StageEstimate(
+        stage.seed, stage.name, "to run", left, left * len(exp.train_loader), tests
+    )
 
 
-def _align(exp: Experiment, seed: int, own: Path) -> Stage:
+def _align(exp: Experiment, stage: RunStage) -> StageEstimate:
     """One alignment: its fixed cost, and a data pass over ``match_batches`` (activation)."""
-    if align_path(own).exists():
-        return Stage(seed, "align", "done")
+    if done := _done(stage):
+        return done
     available = len(exp.statistics_loader(shard=True))
     batches = min(exp.cfg.match_batches or available, available)
-    return Stage(seed, "align", align_batches=batches, aligns=1)
+    return StageEstimate(stage.seed, stage.name, align_batches=batches, aligns=1)
 
 
-def _interpolation(exp: Experiment, seed: int, own: Path) -> Stage:
+def _interpolation(exp: Experiment, stage: RunStage) -> StageEstimate:
     """2 x points - 2 models (the curves share their ends), each with BatchNorm re-estimated on
     ``interp_bn_samples`` training images and evaluated on the test set."""
+    if done := _done(stage):
+        return done
     cfg = exp.cfg
-    if interpolation_path(own).exists():
-        return Stage(seed, "interpolation", "done")
     points = max(2 * cfg.interp_points - 2, 0)
     train_images = len(exp.train_loader.labels)
     bn_images = min(cfg.interp_bn_samples or train_images, train_images)
     n_test = len(exp.test_loader)
     tests = min(cfg.interp_batches or n_test, n_test)
     bn = bn_images / exp.test_loader.batch_size
-    return Stage(seed, "interpolation", test_batches=points * tests, bn_batches=points * bn)
+    return StageEstimate(
+        stage.seed, stage.name, test_batches=points * tests, bn_batches=points * bn
+    )
+
+
+# The work left of each kind of stage (permask.experiment.stages), in units a Probe times.
+COSTS: dict[str, Callable[[Experiment, RunStage], StageEstimate]] = {
+    "dense": _training,
+    "imp": _imp,
+    "align": _align,
+    "sparse": _training,
+    "interpolation": _interpolation,
+}
 
 
 def _epochs_done(directory: Path) -> int:

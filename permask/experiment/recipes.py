@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from permask.experiment.errors import ConfigError
 
 __all__ = ["RECIPES", "NEEDS", "recipe_values", "check_needs", "shipped_configs", "find_config"]
 

@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,8 @@ import torch
 
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask.experiment.config import RunConfig
-from permask.experiment.layout import (
-    a_seed,
-    eval_path,
-    imp_files,
-    interpolation_path,
-    seed_dir,
-    sparse_dir,
-)
+from permask.experiment.paths import imp_files
+from permask.experiment.stages import METHODS, stages
 from permask.metrics import ensemble_metrics, plot_interpolation
 
 __all__ = ["Results", "collect", "write_report", "write_paper", "paper_markdown"]
@@ -118,24 +112,30 @@ def _mean(xs: list[float]) -> float:
 
 
 def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Results:
-    """Read every model's ``eval.pt`` and interpolation curves of a finished run."""
-    seeds = range(cfg.seeds)
-    a_dirs = [seed_dir(run_dir, a) for a in sorted({a_seed(cfg, s) for s in seeds})]
-    own = [seed_dir(run_dir, s) for s in seeds]
-    groups: dict[tuple, list[Path]] = {
-        ("dense", None, None): [eval_path(d / "dense_b") for d in own]
-    }
+    """Read every model's ``eval.pt`` and interpolation curves of a finished run: the outputs
+    of its stages (:func:`permask.experiment.stages.stages`), one row per model kind."""
+    run = stages(replace(cfg, out=str(run_dir)))
+    groups: dict[tuple, list[Path]] = {("dense", None, None): []}
     for sp in cfg.sparsity:
-        groups[("imp", sp, None)] = [imp_files(cfg, d)[1][sp] for d in a_dirs]
-    for sp in cfg.sparsity:
-        for k in cfg.rewind:
-            for method in ("lth", "permuted", "naive"):
-                groups[(method, sp, k)] = [eval_path(sparse_dir(d, method, sp, k)) for d in own]
+        groups[("imp", sp, None)] = []
+    curves_of: list[Path] = []
+    for stage in run:
+        if stage.kind == "dense" and stage.role == "B":
+            groups[("dense", None, None)] += stage.outputs
+        elif stage.kind == "imp":
+            _, evals = imp_files(cfg, stage.directory.parent)
+            for sp in cfg.sparsity:
+                groups[("imp", sp, None)].append(evals[sp])
+        elif stage.kind == "sparse":
+            key = (stage.method, stage.sparsity, stage.rewind)
+            groups.setdefault(key, []).extend(stage.outputs)
+        elif stage.kind == "interpolation":
+            curves_of += stage.outputs
     rows = [_row(key, paths, labels) for key, paths in groups.items()]
     barriers: dict[str, list[float]] = {"naive": [], "permuted": []}
     curves, seconds = {}, []
-    for d in own:
-        data = json.loads(interpolation_path(d).read_text())
+    for path in curves_of:
+        data = json.loads(path.read_text())
         for method in barriers:
             barriers[method].append(data[method]["barrier"])
         if "seconds" in data:  # runs before 2026-12-04 did not record it
@@ -215,7 +215,7 @@ def _plot_accuracy(results: Results, cfg: RunConfig, path: Path) -> None:
     xs = [100 * s for s in cfg.sparsity]
     for ax, k in zip(axes, cfg.rewind):
         ax.axhline(dense["acc_mean"], color="grey", linestyle="--", label="dense")
-        for method in ("imp", "lth", "permuted", "naive"):
+        for method in ("imp", *METHODS):
             rows = [results.row(method, s, None if method == "imp" else k) for s in cfg.sparsity]
             ax.errorbar(
                 xs,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from permask.experiment.loader import normalize, subset_indices
+from permask.experiment.data import normalize, subset_indices
 
 __all__ = ["FolderLoader", "large_images"]
 

@@ -1,0 +1,84 @@
+"""The run's stages, declared once (permask.experiment.stages): a graph whose order the pipeline
+follows, and runners that read only the files of the stages they need, so any order that
+respects ``needs`` gives the same run."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+from test_pipeline import _TINY
+
+from permask.experiment import RunConfig, run
+from permask.experiment.pipeline import RUNNERS
+from permask.experiment.prepare import prepare
+from permask.experiment.stages import METHODS, stages
+from permask.graph import Permutation
+from permask.sparse import load_mask
+
+VARIANTS = {
+    "demo": {},
+    "grid": dict(seeds=2, sparsity=[0.5, 0.9], rewind=[0, 2]),
+    "shared A, early match": dict(seeds=3, shared_a=True, match_epoch=3, rewind=[1]),
+}
+
+
+@pytest.mark.parametrize("settings", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_need_comes_earlier_and_every_output_is_one_stages(settings, tmp_path):
+    cfg = RunConfig(**settings, out=str(tmp_path))
+    run_stages = stages(cfg)
+    seen: set[str] = set()
+    for stage in run_stages:
+        assert set(stage.needs) <= seen, (stage.key, stage.needs)
+        seen.add(stage.key)
+    assert len(seen) == len(run_stages)  # keys are unique
+    outputs = [path for stage in run_stages for path in stage.outputs]
+    assert len(set(outputs)) == len(outputs)
+    assert all(path.is_relative_to(tmp_path) for path in outputs)
+    sparse = [s for s in run_stages if s.kind == "sparse"]
+    assert len(sparse) == cfg.seeds * len(cfg.sparsity) * len(cfg.rewind) * len(METHODS)
+
+
+def test_shared_a_trains_a_once_and_every_seed_reads_it(tmp_path):
+    cfg = RunConfig(**VARIANTS["shared A, early match"], out=str(tmp_path))
+    run_stages = stages(cfg)
+    assert [s.key for s in run_stages if s.kind in ("imp", "dense") and s.role != "B"] == [
+        "seed0/dense A",
+        "seed0/IMP",
+    ]
+    lth = [s for s in run_stages if s.method == "lth"]
+    assert {s.needs for s in lth} == {("seed0/dense A", "seed0/IMP")}
+    assert all(3 in s.keep for s in run_stages if s.role == "B")  # match_epoch's checkpoint
+
+
+def test_a_different_order_that_respects_needs_gives_the_same_run(tmp_path, mnist_dir):
+    """Dense B before dense A, naive before LTH: the files are the pipeline's, bit for bit."""
+    settings = {**_TINY, "data_dir": str(mnist_dir), "seeds": 1, "interp_points": 3}
+    ref = run(RunConfig(**settings, out=str(tmp_path / "ref")))
+    cfg = RunConfig(**settings, out=str(tmp_path / "other"))
+    exp = prepare(cfg)
+    run_stages = {s.key: s for s in stages(cfg)}
+    graph = nx.DiGraph([(need, s.key) for s in run_stages.values() for need in s.needs])
+    graph.add_nodes_from(run_stages)
+    order = list(
+        nx.lexicographical_topological_sort(graph, key=lambda k: -list(run_stages).index(k))
+    )
+    assert order != list(run_stages)
+    for key in order:
+        RUNNERS[run_stages[key].kind](exp, run_stages[key])
+    for stage in run_stages.values():
+        for path in stage.outputs:
+            mine = tmp_path / "ref" / path.relative_to(tmp_path / "other")
+            if path.name == "pi.safetensors":
+                assert Permutation.load(path) == Permutation.load(mine)
+            elif path.suffix == ".safetensors":
+                got, want = load_mask(path), load_mask(mine)
+                assert all(torch.equal(got[k], want[k]) for k in want), path
+            elif path.suffix == ".pt":
+                got, want = (torch.load(p, weights_only=True) for p in (path, mine))
+                assert torch.equal(got["probs"], want["probs"]), path
+            else:  # the interpolation curves
+                assert (
+                    path.read_text().split('"seconds"')[0] == mine.read_text().split('"seconds"')[0]
+                )
+    assert ref.rows  # the reference run finished its report
