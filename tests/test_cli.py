@@ -193,3 +193,18 @@ def test_device_auto_is_the_gpu_when_there_is_one(tmp_path, mnist_dir):
     assert exp.cfg.device == want and cfg.device == "auto"
     assert exp.train_loader.images.device.type == want
     assert next(exp.build(0).parameters()).device.type == want
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys, mnist_dir, monkeypatch):
+    """A log file or pipe gets the plain lines per stage, no carriage-return bar updates."""
+    from permask.experiment.train import bars_shown
+
+    flags = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs",
+             "2", "--train-subset", "200", "--test-subset", "100", "--sparsity", "0.5",
+             "--rewind", "1", "--interp-points", "2", "--threads", "1"]  # fmt: skip
+    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 0  # progress on, stderr a pipe
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "dense A: test acc" in out + err
+    assert not bars_shown(False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert bars_shown(True)

@@ -130,7 +130,9 @@ class RunConfig:
         "under torchrun: seconds a process waits in a collective for the others before it fails "
         "(a dead rank ends the run with an error, not a hang)",
     )
-    progress: bool = _setting(True, "show progress bars")
+    progress: bool = _setting(
+        True, "show progress bars (on a terminal only; a log file gets plain lines)"
+    )
     out: str | None = _setting(None, "run directory (default: runs/<model>-<dataset>)")
 
     def __post_init__(self) -> None:

@@ -38,7 +38,13 @@ from permask.experiment.plan import RunPlan, plan
 from permask.experiment.prepare import Experiment, prepare
 from permask.experiment.report import Results, collect, write_report
 from permask.experiment.stages import Stage, seeds_of, stages
-from permask.experiment.train import checkpoint_path, evaluate, load_checkpoint, predict_proba
+from permask.experiment.train import (
+    bars_shown,
+    checkpoint_path,
+    evaluate,
+    load_checkpoint,
+    predict_proba,
+)
 from permask.graph import Permutation
 from permask.match import align
 from permask.metrics import barrier, interpolate
@@ -257,7 +263,7 @@ def _run_imp(exp: Experiment, stage: Stage) -> None:
             exp.fit(model, loader, round_dir, desc, mask=mask, **recipe)
 
     t0 = time.perf_counter()
-    show = cfg.progress and exp.world.main
+    show = bars_shown(cfg.progress) and exp.world.main
     bar = tqdm(desc=f"[seed {seed}] IMP rounds", leave=False, disable=not show)
 
     def on_round(done: ImpRound) -> None:

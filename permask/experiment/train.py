@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -47,6 +48,13 @@ __all__ = [
     "predict_proba",
     "train",
 ]
+
+
+def bars_shown(progress: bool) -> bool:
+    """Progress bars only where a person watches them: ``progress`` on and stderr a terminal
+    (a log file or pipe gets the few plain lines per stage, not the bars' carriage returns)."""
+    return progress and sys.stderr.isatty()
+
 
 OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 SCHEDULES = ("cosine", "step", "constant")
@@ -301,7 +309,7 @@ class _Loop:
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
         seen = 0  # on the host: the batch sizes are known there
         lr = self.opt.param_groups[0]["lr"]
-        show = progress and self.world.main
+        show = bars_shown(progress) and self.world.main
         for x, y in tqdm(
             loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show
         ):
