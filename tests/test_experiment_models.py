@@ -67,3 +67,42 @@ def test_build_model_names():
     assert tm.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 5)
     with pytest.raises(ValueError, match="unknown model 'nope'.*resnet20.*timm:NAME"):
         build_model("nope")
+
+
+def test_your_own_factory_runs_the_pipeline_and_a_typo_in_it_is_one_line(
+    tmp_path, monkeypatch, mnist_dir, capsys
+):
+    """``permask run --model module.path:factory``: the same factory as the step-wise commands."""
+    from permask.cli import main
+
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def small():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
+             "--train-subset", "200", "--test-subset", "100", "--sparsity", "0.5", "--rewind",
+             "1", "--interp-points", "2", "--no-progress"]  # fmt: skip
+    assert main(["run", "--model", "mynets:small", *flags, "--out", str(tmp_path / "r")]) == 0
+    assert "dense B: test acc" in (tmp_path / "r" / "run.log").read_text()
+    assert build_model("mynets:small")[1].out_features == 32
+    capsys.readouterr()
+    for model, words in [("mynets:big", "mynets has no callable 'big'"),
+                         ("nosuchmod:f", "cannot import 'nosuchmod'")]:  # fmt: skip
+        assert main(["run", "--model", model, *flags, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--model", "mlp", "--width", "4"], "width 4 applies to resnet20 and vgg11 only"),
+     (["--model", "resnet20", "--batch-norm"], "batch_norm applies to vgg11 only")],
+)  # fmt: skip
+def test_a_setting_the_model_has_no_knob_for_is_an_error(tmp_path, capsys, flags, words):
+    from permask.cli import main
+
+    assert main(["run", *flags, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and not (tmp_path / "r").exists()

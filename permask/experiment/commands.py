@@ -15,7 +15,6 @@ bad input, and writes nothing unless it succeeds (atomic writes)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
 from permask.experiment.checkpoints import load_weights, read_mask
 from permask.experiment.config import ConfigError, RunConfig
-from permask.experiment.models import build_model, check_model_name
+from permask.experiment.models import build_model
 from permask.graph import Permutation, PermutationGraph
 from permask.merge import average
 from permask.metrics import evaluate, interpolate, plot_interpolation
@@ -137,31 +136,13 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"--model-kwargs is not JSON: {err}") from None
     size = list(args.input_size)
-    spec = args.model
+    spec, image = args.model, size[-1] if len(size) > 1 else 32
     try:
-        if ":" in spec and spec.split(":", 1)[0] not in ("timm", "tv"):
-            model = _factory(spec)(**kwargs)
-        else:
-            check_model_name(spec)
-            image = size[-1] if len(size) > 1 else 32
-            model = build_model(spec, args.num_classes, size[0], image, **kwargs)
-    except ConfigError:
-        raise
+        model = build_model(spec, args.num_classes, size[0], image, **kwargs)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"model {spec!r}: {err}") from None
+        message = str(err) if str(err).startswith("model ") else f"model {spec!r}: {err}"
+        raise ConfigError(message) from None
     return model, torch.randn(2, *size)
-
-
-def _factory(spec: str):
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"model {spec!r}: {module_name} has no callable {attr!r}")
-    return fn
 
 
 def _trace(model: nn.Module, x: torch.Tensor) -> PermutationGraph:

@@ -47,7 +47,9 @@ def _setting(default: Any, help: str) -> Any:
 class RunConfig:
     """Settings of one run of the paper's pipeline (see ``docs/pipeline.md``)."""
 
-    model: str = _setting("mlp", "resnet20, vgg11, mlp, timm:NAME or tv:NAME")
+    model: str = _setting(
+        "mlp", "resnet20, vgg11, mlp, timm:NAME, tv:NAME or module.path:factory (your own)"
+    )
     width: int = _setting(1, "width multiplier of resnet20 / vgg11")
     batch_norm: bool = _setting(False, "vgg11 with BatchNorm (the paper's VGG11 has none)")
     dataset: str = _setting(

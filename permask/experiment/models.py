@@ -1,4 +1,6 @@
-"""Model zoo for the experiments: the paper's CIFAR nets plus any timm / torchvision model by name.
+"""The one model factory: :func:`build_model` builds the paper's CIFAR nets, any timm /
+torchvision model by name, or a model of your own from ``module.path:factory``; every entry point
+(``permask run``, the step-wise commands, :func:`permask.experiment.prepare.prepare`) uses it.
 
 The built-ins are plain ``nn.Module`` trees with one ``nn.ReLU`` module per activation site (so
 activation matching can observe every post-ReLU tensor) and no data-dependent control flow (they
@@ -9,8 +11,10 @@ trace with ``torch.fx``). Initialisation only uses torch's global RNG: the same
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -23,6 +27,7 @@ __all__ = [
     "mlp",
     "model_names",
     "resnet20",
+    "run_model_kwargs",
     "vgg11",
 ]
 
@@ -178,8 +183,26 @@ BUILTINS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """Accepted ``build_model`` names: the built-ins and the ``timm:`` / ``tv:`` prefixes."""
-    return [*BUILTINS, "timm:NAME", "tv:NAME"]
+    """Accepted ``build_model`` names: the built-ins, ``timm:`` / ``tv:`` and your own factory."""
+    return [*BUILTINS, "timm:NAME", "tv:NAME", "module.path:factory"]
+
+
+def run_model_kwargs(name: str, width: int, batch_norm: bool) -> dict[str, Any]:
+    """The keywords that ``permask run``'s ``width`` and ``batch_norm`` settings give model
+    ``name``; ``ValueError`` when a setting was changed for a model that has no such knob (a
+    silently ignored setting would put wrong labels on a run's results)."""
+    kw: dict[str, Any] = {}
+    if name in ("resnet20", "vgg11"):
+        kw["width"] = width
+    elif width != 1:
+        raise ValueError(
+            f"width {width} applies to resnet20 and vgg11 only, not {name!r}; drop --width"
+        )
+    if name == "vgg11":
+        kw["batch_norm"] = batch_norm
+    elif batch_norm:
+        raise ValueError(f"batch_norm applies to vgg11 only, not {name!r}; drop --batch-norm")
+    return kw
 
 
 def check_model_name(name: str) -> None:
@@ -196,6 +219,9 @@ def check_model_name(name: str) -> None:
     if name in BUILTINS:
         return
     prefix, _, arch = name.partition(":")
+    if prefix not in ("timm", "tv") and prefix and arch:
+        _factory(name)
+        return
     if prefix == "timm" and arch:
         import timm
 
@@ -213,6 +239,19 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
 
 
+def _factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable named by ``module.path:factory`` (``ValueError`` naming what is missing)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"model {spec!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
 def _unknown(zoo: str, arch: str, known: list[str], lister: str) -> str:
     close = difflib.get_close_matches(arch.lower(), known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -225,14 +264,21 @@ def build_model(
     """Build a model by name with freshly initialised weights (seed with ``torch.manual_seed``).
 
     ``name`` is a built-in (``resnet20``, ``vgg11``, ``mlp``), ``timm:NAME`` (``timm.create_model``
-    with ``pretrained=False``) or ``tv:NAME`` (``torchvision.models.get_model``, ``weights=None``).
-    ``image_size`` only sets the MLP's input width (``in_channels * image_size**2``) unless
-    ``in_features`` is given. Extra keywords go to the constructor (e.g. ``width=4``).
+    with ``pretrained=False``), ``tv:NAME`` (``torchvision.models.get_model``, ``weights=None``)
+    or ``module.path:factory``, your own callable, called with the extra keywords alone (it
+    decides its classes and input channels). ``image_size`` only sets the MLP's input width
+    (``in_channels * image_size**2``) unless ``in_features`` is given. Extra keywords go to the
+    constructor (e.g. ``width=4``).
     """
     check_model_name(name)
     if name in BUILTINS:
         return BUILTINS[name](num_classes, in_channels, image_size, **kw)
     prefix, _, arch = name.partition(":")
+    if prefix not in ("timm", "tv"):
+        model = _factory(name)(**kw)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
+        return model
     if prefix == "timm":
         import timm
 

@@ -32,7 +32,7 @@ from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.data import DataNotFoundError
 from permask.experiment.distributed import World, init_world
 from permask.experiment.loader import TensorLoader, get_loaders
-from permask.experiment.models import build_model, check_model_name
+from permask.experiment.models import build_model, check_model_name, run_model_kwargs
 from permask.experiment.train import TrainResult, train
 from permask.graph import PermutationGraph, TraceError, trace
 
@@ -71,11 +71,7 @@ class Experiment:
 
     def _new_model(self) -> nn.Module:
         cfg = self.cfg
-        kw: dict[str, Any] = {}
-        if cfg.model in ("resnet20", "vgg11"):
-            kw["width"] = cfg.width
-        if cfg.model == "vgg11":
-            kw["batch_norm"] = cfg.batch_norm
+        kw = run_model_kwargs(cfg.model, cfg.width, cfg.batch_norm)
         return build_model(cfg.model, self.num_classes, self.in_channels, self.image_size, **kw)
 
     def fit(
@@ -160,6 +156,7 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     try:  # every check that needs no data comes first: a typo costs no download
         check_model_name(cfg.model)
+        run_model_kwargs(cfg.model, cfg.width, cfg.batch_norm)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_run_dir(cfg)
