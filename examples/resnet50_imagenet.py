@@ -40,7 +40,7 @@ def recipe(args: argparse.Namespace) -> dict:
     width = getattr(args, "width", 1)
     scale = batch / values["batch_size"]
     values.update(
-        model=MODELS[width] if width in MODELS else MODELS[1], width=width,
+        model=MODELS[width] if width in MODELS else MODELS[1],
         dataset=f"imagefolder:{args.data}", batch_size=batch, lr=values["lr"] * scale,
         finetune_lr=values["finetune_lr"] * scale,
     )  # fmt: skip
@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "width", 1) not in MODELS:
         parser.error(f"--width must be 1 (resnet50) or 2 (wide_resnet50_2), got {args.width}")
+    values = recipe(args)  # --width picks the model: the run's own width setting stays 1
+    vars(args).pop("width", None)
     try:
-        cfg = config_from_flags(args, **recipe(args))
+        cfg = config_from_flags(args, **values)
         results = run(cfg)
     except ConfigError as err:
         print(f"resnet50_imagenet: error: {err}", file=sys.stderr)
