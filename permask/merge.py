@@ -23,6 +23,7 @@ from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .match import align
+from .match.matchers import get_matcher
 from .metrics import _reset_bn
 from .permute import permute_model
 from .repair import Repair
@@ -60,10 +61,8 @@ def merge(
     a reference out of range, models of different architectures, or missing data.
     """
     models = _checked(models, reference)
-    if method not in ("activation", "weight"):
-        raise ValueError(f"unknown method {method!r}; choose 'activation' or 'weight'")
-    if method == "activation" and loader is None:
-        raise ValueError("merge with method='activation' needs a loader; or method='weight'")
+    if get_matcher(method).needs_data and loader is None:
+        raise ValueError(f"merge with method={method!r} needs a loader; or method='weight'")
     ref = models[reference]
     if graph is None:
         graph = _trace_reference(ref, loader)

@@ -195,7 +195,7 @@ def test_constant_channels_are_counted_and_logged(caplog):
     data = _batches((64, 12), 2)
     want = _constant_units(a, data)
     assert want["fc1.weight:0"] == (20, 20)
-    with caplog.at_level("WARNING", logger="permask.match.alignment"):
+    with caplog.at_level("WARNING", logger="permask.match"):
         _, info = align(a, b, data, graph=graph, return_info=True)
     assert info.constant == want
     assert "'fc1.weight:0': 20 in model_a, 20 in model_b" in caplog.text

@@ -60,7 +60,7 @@ def test_unrelated_models_trade_off_and_equal_weights_are_named(caplog):
                 m[0].bias[0],
                 m[2].weight[:, 0],
             )
-    with caplog.at_level("WARNING", logger="permask.match.alignment"):
+    with caplog.at_level("WARNING", logger="permask.match"):
         _, info = align(a, twin, method="weight", graph=graph, return_info=True)
     assert info.ties == {"0.weight:0": 2}
     assert "1 group(s) have elements whose best partners tie" in caplog.text

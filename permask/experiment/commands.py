@@ -29,6 +29,7 @@ from permask.experiment.checkpoints import load_weights, read_mask
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.models import build_model
 from permask.graph import Permutation, PermutationGraph
+from permask.match.matchers import get_matcher, matcher_names
 from permask.merge import average
 from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.sparse import save_mask
@@ -55,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     align.add_argument("a", help="checkpoint of A (safetensors or torch file)")
     align.add_argument("b", help="checkpoint of B")
     align.add_argument("--out", required=True, help="where to write pi (safetensors)")
-    align.add_argument("--method", choices=["activation", "weight"], default="activation")
+    align.add_argument("--method", choices=matcher_names(), default="activation")
     align.add_argument("--data", help="dataset for activation matching (as permask run's)")
     align.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
     align.add_argument("--batches", type=int, default=50, help="batches of 128 to match on")
@@ -95,7 +96,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints")
     p.add_argument("--out", required=True, help="where to write the merged weights (safetensors)")
     p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
-    p.add_argument("--method", choices=["activation", "weight"], default="activation")
+    p.add_argument("--method", choices=matcher_names(), default="activation")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
     _data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
@@ -177,9 +178,7 @@ def align_command(args: argparse.Namespace) -> str:
     _weights(model_a, args.a, args.ema)
     _weights(model_b, args.b, args.ema)
     _writable(args.out, args.save_permuted)
-    loader = None
-    if args.method == "activation":
-        loader = _loader(args)
+    loader = _loader(args) if get_matcher(args.method).needs_data else None
     graph = _trace(model_a, x)
     try:
         pi, info = permask.align(
@@ -312,7 +311,9 @@ def merge_command(args: argparse.Namespace) -> str:
     device = _device(args.device, "merge")
     built = [_build(args) for _ in paths]
     models = [_weights(model, p, args.ema).to(device) for (model, _), p in zip(built, paths)]
-    train, test = _loaders(args) if args.data or args.method == "activation" else (None, None)
+    train, test = (
+        _loaders(args) if args.data or get_matcher(args.method).needs_data else (None, None)
+    )
     graph = _trace(models[args.reference], built[0][1].to(device))
     common = dict(reference=args.reference, max_batches=args.batches, device=device)
     try:

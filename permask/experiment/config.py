@@ -20,6 +20,7 @@ import yaml
 
 from permask.experiment.errors import ConfigError
 from permask.experiment.recipes import check_needs, find_config, recipe_values
+from permask.match.matchers import matcher_names
 
 __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
 
@@ -94,7 +95,7 @@ class RunConfig:
     finetune_epochs: int = _setting(1, "epochs of fine-tuning per IMP round (finetune variant)")
     finetune_lr: float = _setting(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
     dense_shortcuts: bool = _setting(True, "never prune residual shortcut/downsample convs")
-    match: str = _setting("activation", "alignment method: activation or weight")
+    match: str = _setting("activation", "alignment method: activation or weight (a matcher's name)")
     match_epoch: int | None = _setting(
         None, "align A to B's checkpoint after this many epochs (default: final B)"
     )
@@ -154,7 +155,7 @@ class RunConfig:
             )
         if self.match_epoch is not None and not 0 <= self.match_epoch <= self.epochs:
             raise ConfigError(f"match_epoch must be in [0, {self.epochs}], got {self.match_epoch}")
-        choices = {"imp": ("finetune", "rewind"), "match": ("activation", "weight")}
+        choices = {"imp": ("finetune", "rewind"), "match": matcher_names()}
         choices["optimizer"] = ("sgd", "adam", "adamw")
         choices["sparse_schedule"] = ("continue", "restart")
         choices["amp"] = ("off", "bf16", "fp16")

@@ -1,0 +1,160 @@
+"""Activation matching's phases: one pass of both models over the data into correlation
+statistics, one assignment per group, then the pairs the data cannot order re-matched by the
+weights (:mod:`permask.match.ties`). Registered as the ``"activation"`` matcher
+(:mod:`permask.match.matchers`)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .._batches import batch_size, call, split_batch, to_device
+from .._modules import model_device
+from ..graph import Permutation
+from .activation import CorrelationStats, constant_counts, paired_module
+from .assign import assign, conditional, margin
+from .info import AlignInfo
+from .points import plan_points
+from .replay import ShapeReplays
+from .request import MatchRequest
+from .ties import order_constant, warn_constant, warn_ties
+from .weight import weight_matching
+
+__all__ = ["activation_matching", "on_device"]
+
+log = logging.getLogger(__name__)
+
+
+def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
+    """Activation matching: one pass of both models over the data, then one LAP per group."""
+    model_a, model_b, graph, device = req.model_a, req.model_b, req.graph, req.device
+    solver, distributed, precision = req.solver, req.distributed, req.precision
+    if req.batches is None:
+        raise ValueError("activation matching needs a loader; use method='weight' for none")
+    plan = plan_points(graph)
+    log.info(
+        "activation matching: %d points, %.1f MiB float64 statistics",
+        len(plan.points), plan.stats_bytes() / 2**20,
+    )  # fmt: skip
+    stats = CorrelationStats(plan, device, precision)
+    a, b = on_device(model_a, device), on_device(model_b, device)
+    first = req.first
+    data = itertools.chain([first] if first is not None else [], req.batches)
+    start = time.perf_counter()
+    paired = paired_module(a, b, graph.fx_graph, stats)
+    if graph.frontend == "export":  # specialised to its example shapes: one per input shape
+        pick = ShapeReplays(a, b, graph, stats, paired).module
+    else:
+        pick = lambda x: paired  # noqa: E731
+    n_batches, samples = _stream(a, b, pick, data, device)
+    pass_seconds = time.perf_counter() - start
+    if distributed:  # each rank streamed its own shard: sum them all
+        stats.all_reduce()
+        counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        n_batches, samples = (int(c) for c in counts.tolist())
+    if n_batches == 0:
+        raise ValueError("the loader yielded no batches")
+    stats.check_finite()
+    live = stats.live()
+    constant = {" x ".join(k): c for k, c in constant_counts(live).items() if any(c)}
+    if constant and (not distributed or dist.get_rank() == 0):  # one warning
+        warn_constant(constant)
+    scores = stats.scores()
+    sizes = {g.name: g.size for g in graph}
+    perms = assign(scores, sizes, solver)
+    perms = order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
+    sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
+    margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
+    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
+        res = weight_matching(
+            a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
+        )
+        perms, margins, ties = res.perms, {**margins, **res.margins}, {**ties, **res.ties}
+    if not distributed or dist.get_rank() == 0:
+        warn_ties(ties, constant)
+    points: dict[str, list[str]] = {}
+    for p in plan.points:
+        for g in (g for u in p.units for g in u.groups):
+            points.setdefault(g, []).append(p.node)
+    info = AlignInfo(
+        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
+        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
+        margins=margins, ties=ties,
+    )  # fmt: skip
+    return Permutation(perms), info
+
+
+def _stream(a: nn.Module, b: nn.Module, pick: Callable, data: Iterable, device) -> tuple:
+    """Run every batch through both models (eval mode, restored after) by the paired module
+    ``pick(inputs)`` returns; (batches, samples)."""
+    modes = {m: m.training for m in (*a.modules(), *b.modules())}
+    n_batches = samples = 0
+    try:
+        a.eval()
+        b.eval()
+        with torch.no_grad():
+            for batch in data:
+                x = to_device(split_batch(batch)[0], device, non_blocking=True)
+                try:
+                    call(pick(x), x)
+                except (RuntimeError, TypeError) as err:  # TypeError: keyword inputs it lacks
+                    if isinstance(err, torch.OutOfMemoryError):
+                        raise
+                    hint = _dtype_hint(a, b, x) or (
+                        f"batch {n_batches} of the loader does not fit the models "
+                        f"({type(err).__name__}: {_first_line(err)}); check the loader's "
+                        "batches against the example inputs the graph was traced on"
+                    )
+                    raise ValueError(hint) from err
+                n_batches += 1
+                samples += batch_size(x)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if device.type == "cuda":  # the clock must not stop before the queued work does
+        torch.cuda.synchronize(device)
+    return n_batches, samples
+
+
+def _dtype_hint(model_a: nn.Module, model_b: nn.Module, inputs: Any) -> str | None:
+    """Why a pass may have failed: the models' floating-point dtypes differ from each other or
+    from the batch's (both models run on the same batches). ``None`` when they all agree. Only
+    consulted after a failure, since a mix can work (bfloat16 and float32 under autocast)."""
+
+    def names(dtypes: set[torch.dtype]) -> str:
+        return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+    da, db = (
+        {p.dtype for p in m.parameters() if p.is_floating_point()} for m in (model_a, model_b)
+    )
+    if da != db:
+        return (
+            f"model_a's parameters are {names(da)} but model_b's are {names(db)}; activation "
+            f"matching runs both models on the same batches: convert one to the other's dtype "
+            f"(e.g. model_b.to(torch.{min(names({d}) for d in da)}))"
+        )
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    batch = {t.dtype for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(da) == 1 and batch and batch != da:
+        return (
+            f"the loader's inputs are {names(batch)} but both models are {names(da)}; convert "
+            f"the inputs (e.g. in the loader: x.to(torch.{names(da)})) or the models"
+        )
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    return model if model_device(model) == device else copy.deepcopy(model).to(device)

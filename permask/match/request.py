@@ -1,0 +1,35 @@
+"""What a matcher gets: :class:`MatchRequest`, the two models and everything ``align`` settled
+(graph, device, data) before calling it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph import PermutationGraph
+
+__all__ = ["MatchRequest"]
+
+
+@dataclass
+class MatchRequest:
+    """``model_a`` and ``model_b`` (unwrapped, not yet on ``device``), their ``graph``, the LAP
+    ``solver``, weight matching's ``seed``; for data-driven matchers the loader's ``first``
+    batch if ``align`` already read it (to trace on) and the remaining ``batches`` (``None``:
+    no loader), ``distributed`` (sum statistics over the ranks) and the matrix-product
+    ``precision``."""
+
+    model_a: nn.Module
+    model_b: nn.Module
+    graph: PermutationGraph
+    device: torch.device
+    solver: str = "auto"
+    seed: int = 0
+    first: Any = None
+    batches: Iterator | None = None
+    distributed: bool = False
+    precision: str | None = None
