@@ -129,3 +129,34 @@ def sigkill_once_written(proc, path: Path, timeout: float, settle: float = 0.0) 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+
+
+# The tiny run every pipeline test starts from (its own keys changed where a test needs to):
+# an MLP on 1,000 generated digits, 2 seeds, one sparsity and rewind point, one thread.
+TINY_RUN = dict(
+    model="mlp",
+    dataset="mnist",
+    train_subset=1000,
+    test_subset=300,
+    epochs=2,
+    seeds=2,
+    sparsity=[0.5],
+    rewind=[1],
+    threads=1,
+    progress=False,
+    device="cpu",  # bit-identical resume is a CPU property (the GPU's: tests/test_cuda.py)
+)
+
+
+def tiny_flags(data_dir: Path, **changes) -> list[str]:
+    """``TINY_RUN`` with ``changes`` as ``permask run`` flags on ``data_dir``."""
+    flags = ["--data-dir", str(data_dir)]
+    for key, value in {**TINY_RUN, **changes}.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags

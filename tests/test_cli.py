@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from shared_data import tiny_flags
 
 from permask.cli import _parser, main
 from permask.experiment.config import ConfigError, RunConfig, config_from_flags, load_config
@@ -199,10 +200,9 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, mnist_dir, monkeypat
     """A log file or pipe gets the plain lines per stage, no carriage-return bar updates."""
     from permask.experiment.train import bars_shown
 
-    flags = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs",
-             "2", "--train-subset", "200", "--test-subset", "100", "--sparsity", "0.5",
-             "--rewind", "1", "--interp-points", "2", "--threads", "1"]  # fmt: skip
-    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 0  # progress on, stderr a pipe
+    flags = tiny_flags(mnist_dir, seeds=1, train_subset=200, test_subset=100, interp_points=2)
+    flags.remove("--no-progress")  # progress on (the default), stderr a pipe
+    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 0
     out, err = capsys.readouterr()
     assert "\r" not in out + err and "dense A: test acc" in out + err
     assert not bars_shown(False)

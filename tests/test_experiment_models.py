@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.fx
-from shared_data import one_thread  # noqa: F401
+from shared_data import one_thread, tiny_flags  # noqa: F401
 
 from permask.experiment.models import build_model, mlp, resnet20, vgg11
 
@@ -81,9 +81,8 @@ def test_your_own_factory_runs_the_pipeline_and_a_typo_in_it_is_one_line(
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
-             "--train-subset", "200", "--test-subset", "100", "--sparsity", "0.5", "--rewind",
-             "1", "--interp-points", "2", "--no-progress"]  # fmt: skip
+    flags = tiny_flags(mnist_dir, seeds=1, train_subset=200, test_subset=100, interp_points=2)
+    flags = [f for f in flags if f not in ("--model", "mlp")]
     assert main(["run", "--model", "mynets:small", *flags, "--out", str(tmp_path / "r")]) == 0
     assert "dense B: test acc" in (tmp_path / "r" / "run.log").read_text()
     assert build_model("mynets:small")[1].out_features == 32

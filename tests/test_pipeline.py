@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import sigkill_once_written
+from shared_data import TINY_RUN, sigkill_once_written
 
 from permask.experiment import RunConfig, run
 from permask.experiment.train import load_checkpoint
+from permask.metrics import barrier
 from permask.sparse import imp_sparsities, load_mask, sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
-_TINY = dict(
-    model="mlp",
-    dataset="mnist",
-    train_subset=1000,
-    test_subset=300,
-    epochs=2,
-    seeds=2,
-    sparsity=[0.5],
-    rewind=[1],
-    threads=1,
-    progress=False,
-    device="cpu",  # bit-identical resume is a CPU property (the GPU's: tests/test_cuda.py)
-)
+_TINY = TINY_RUN  # tests/shared_data.py
 
 
 def test_imp_sparsities_land_on_every_target():
@@ -85,7 +74,8 @@ def test_tiny_run_writes_every_artifact(tiny_run):
             assert (sd / stage / "eval.pt").is_file(), stage
         assert (sd / "dense_a" / "epoch_1.pt").is_file()
         curves = json.loads((sd / "interpolation.json").read_text())
-        assert curves["permuted"]["barrier"] >= 0
+        for curve in curves["naive"], curves["permuted"]:  # the barrier is its own curve's
+            assert curve["barrier"] == barrier(curve["alphas"], curve["losses"])
         for end in (0, -1):  # computed once: pi(A) is A's function, B is B
             assert curves["permuted"]["losses"][end] == curves["naive"]["losses"][end]
         assert curves["seconds"] > 0 and curves["bn_samples"] == RunConfig().interp_bn_samples

@@ -47,6 +47,15 @@ def test_the_mask_snippet_trains_b_from_its_rewind_point_with_the_permuted_mask(
     assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in trained.items())  # untouched
 
 
-def test_the_tracing_snippet_runs():
+def test_the_tracing_snippet_runs_as_written_and_keeps_the_function():
     (snippet,) = [s for s in _snippets() if "random_permutation" in s]
-    exec(snippet.replace('timm.create_model("resnet50")', 'timm.create_model("resnet18")'), {})
+    scope: dict = {}
+    exec(snippet, scope)  # the README's resnet50, as written
+    model, permuted, x = scope["model"].eval(), scope["permuted"].eval(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), rtol=1e-4, atol=1e-4)  # same function
+    weights = [n for n, p in model.named_parameters() if p.ndim > 1]
+    moved = [
+        n for n in weights if not torch.equal(model.get_parameter(n), permuted.get_parameter(n))
+    ]
+    assert len(moved) > len(weights) // 2  # permuted neurons

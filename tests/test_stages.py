@@ -7,7 +7,7 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from test_pipeline import _TINY
+from shared_data import TINY_RUN
 
 from permask.experiment import RunConfig, run
 from permask.experiment.pipeline import RUNNERS
@@ -53,7 +53,7 @@ def test_shared_a_trains_a_once_and_every_seed_reads_it(tmp_path):
 
 def test_a_different_order_that_respects_needs_gives_the_same_run(tmp_path, mnist_dir):
     """Dense B before dense A, naive before LTH: the files are the pipeline's, bit for bit."""
-    settings = {**_TINY, "data_dir": str(mnist_dir), "seeds": 1, "interp_points": 3}
+    settings = {**TINY_RUN, "data_dir": str(mnist_dir), "seeds": 1, "interp_points": 3}
     ref = run(RunConfig(**settings, out=str(tmp_path / "ref")))
     cfg = RunConfig(**settings, out=str(tmp_path / "other"))
     exp = prepare(cfg)
