@@ -1,0 +1,43 @@
+"""Headline figures in the README and docs come from benchmarks/results/*.jsonl: a rerun that
+changes a result makes this fail until the prose says the same."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line]
+
+
+def _latest(rows: list[dict], key: str) -> dict[str, dict]:
+    """The last row per ``key`` (a rerun appends)."""
+    return {r[key]: r for r in rows}
+
+
+def test_hugging_face_families_traced():
+    families = _latest(_rows("hf_coverage.jsonl"), "family")
+    traced = sum(r["traced"] for r in families.values())
+    corrupted = [f for f, r in families.items() if r["traced"] and r["change"] > 1e-4]
+    assert not corrupted
+    readme = (ROOT / "README.md").read_text()
+    assert f"({traced} families traced, none corrupted" in readme
+    coverage = (ROOT / "docs" / "coverage.md").read_text()
+    assert f"resumable): {len(families)} families" in coverage
+
+
+def test_recovery_table_is_the_results_files():
+    rows = _rows("recovery.jsonl")
+    models = _latest(rows, "model")
+    coverage = (ROOT / "docs" / "coverage.md").read_text()
+    assert f"\n{len(models)} architectures. Per method:" in coverage
+    for method in ("weight", "activation"):  # a rerun of one method appends rows of it alone
+        latest = _latest([r for r in rows if method in r], "model")
+        exact = sum(r[method]["exact"] == 1.0 for r in latest.values())
+        line = re.search(rf"\n\| {method} \| (\d+) \| \d+ \| (\d+)/(\d+) \|", coverage)
+        assert line and line.groups() == (str(len(latest)), str(exact), str(len(models))), method
