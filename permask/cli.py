@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from permask.experiment.commands import add_commands
 from permask.experiment.config import ConfigError, add_config_flags, config_from_flags
+from permask.experiment.errors import JobError
 
 __all__ = ["main"]
 
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"permask: error: {err}", file=sys.stderr)
         return 2
+    except JobError as err:  # the stage's own error, named; finished stages stay done
+        print(f"permask: error: {err}; run the same command again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("permask: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ __all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", 
 RUNTIME_FIELDS = (
     "device",
     "threads",
+    "jobs",
     "progress",
     "out",
     "data_dir",
@@ -127,7 +128,14 @@ class RunConfig:
     device: str = _setting(
         "auto", "torch device: auto (cuda if available, else cpu), cpu, cuda:1, ..."
     )
-    threads: int | None = _setting(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = _setting(
+        None, "torch CPU threads of each job (default: torch's choice, split between the jobs)"
+    )
+    jobs: int = _setting(
+        1,
+        "stages run at once, each in a worker process as soon as the stages it needs are done "
+        "(the same results as 1; under torchrun always 1)",
+    )
     dist_timeout: float = _setting(
         600.0,
         "under torchrun: seconds a process waits in a collective for the others before it fails "
@@ -164,7 +172,7 @@ class RunConfig:
             if getattr(self, key) not in allowed:
                 got = getattr(self, key)
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {got!r}")
-        for key in ("seeds", "width", "batch_size", "finetune_epochs"):
+        for key in ("seeds", "width", "batch_size", "finetune_epochs", "jobs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.interp_points < 2:

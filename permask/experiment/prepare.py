@@ -36,7 +36,7 @@ from permask.experiment.models import build_model, check_model_name, run_model_k
 from permask.experiment.train import TrainResult, train
 from permask.graph import PermutationGraph, TraceError, trace
 
-__all__ = ["Experiment", "prepare"]
+__all__ = ["Experiment", "attach_log", "prepare"]
 
 
 @dataclass
@@ -207,3 +207,20 @@ def _check_run_dir(cfg: RunConfig) -> None:
             f"{cfg.run_dir} holds a run with other settings ({k}: {old[k]!r} there, "
             f"{new[k]!r} now); use another --out"
         )
+
+
+def attach_log(log: logging.Logger, path: Path | None) -> logging.Handler:
+    """Console and ``path``; without a path (ranks other than 0) errors only, on the console."""
+    log.propagate = False
+    if path is None:
+        log.setLevel(logging.ERROR)
+        return logging.NullHandler()
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and h.stream is not None for h in log.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    return handler
