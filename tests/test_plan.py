@@ -97,3 +97,27 @@ def test_every_shipped_config_plans(name, paper_data):
         if s.name.startswith(("lth", "permuted", "naive")):  # either schedule: epochs - k left
             assert s.epochs == cfg.epochs - int(s.name.rsplit("k=", 1)[1])
     assert p.seconds > 0
+
+
+def test_critical_path_and_the_estimate_for_n_jobs():
+    """Dense A (10 s) -> IMP (20 s) -> LTH (5 s) is the critical path; dense B (10 s) and the
+    other stages fit beside it with 2 jobs."""
+    from permask.experiment.plan import RunPlan, StageEstimate
+
+    probe = Probe(1.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a stage's estimate = its steps
+
+    def st(name, steps, *needs):
+        return StageEstimate(0, name, steps=steps, needs=tuple(f"seed0/{n}" for n in needs))
+
+    stages = [st("dense A", 10), st("IMP", 20, "dense A"), st("dense B", 10),
+              st("align", 2, "dense A", "dense B"), st("lth", 5, "dense A", "IMP"),
+              st("permuted", 5, "dense B", "IMP", "align"),
+              st("naive", 5, "dense B", "IMP")]  # fmt: skip
+    one = RunPlan(stages, probe)
+    assert one.critical_path() == (35.0, ["seed0/dense A", "seed0/IMP", "seed0/lth"])
+    assert one.seconds == one.seconds_with(1) == 57.0
+    assert one.seconds_with(2) == 40.0  # A|B, IMP|align, then lth|permuted, naive
+    assert one.seconds_with(8) == 35.0  # the critical path
+    two = RunPlan(stages, probe, jobs=2)
+    assert "estimated 40 s with 2 jobs (57 s one at a time; critical path 35 s)" in two.summary()
+    assert str(two).endswith("Critical path: seed0/dense A -> seed0/IMP -> seed0/lth")

@@ -29,7 +29,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +74,11 @@ class StageEstimate:
     bn_batches: float = 0.0
     align_batches: int = 0
     aligns: int = 0
+    needs: tuple[str, ...] = ()  # the keys (seed<s>/<name>) of the stages it waits for
+
+    @property
+    def key(self) -> str:
+        return f"seed{self.seed}/{self.name}"
 
     @property
     def done(self) -> bool:
@@ -94,6 +99,7 @@ class RunPlan:
     stages: list[StageEstimate]
     probe: Probe | None
     device: str = "cpu"
+    jobs: int = 1  # stages at once (``--jobs``)
 
     @property
     def todo(self) -> list[StageEstimate]:
@@ -104,13 +110,48 @@ class RunPlan:
         """Estimated wall time of the stages still to run."""
         return sum(s.seconds(self.probe) for s in self.todo) if self.probe else 0.0
 
+    def _cost(self, s: StageEstimate) -> float:
+        return 0.0 if s.done or self.probe is None else s.seconds(self.probe)
+
+    def critical_path(self) -> tuple[float, list[str]]:
+        """The longest chain of stages through their needs: its estimated seconds and keys (a
+        run takes at least this long whatever ``jobs`` is)."""
+        best: dict[str, tuple[float, list[str]]] = {}
+        longest: tuple[float, list[str]] = (0.0, [])
+        for s in self.stages:  # declared order: every need comes earlier
+            before = (0.0, [])
+            for n in s.needs:  # the first of equally long chains
+                if n in best and best[n][0] > before[0]:
+                    before = best[n]
+            best[s.key] = (before[0] + self._cost(s), [*before[1], s.key])
+            if best[s.key][0] > longest[0]:
+                longest = best[s.key]
+        return longest
+
+    def seconds_with(self, jobs: int) -> float:
+        """Estimated wall time with ``jobs`` stages at once, each taking its estimate (ready
+        stages start in declared order, as :mod:`permask.experiment.jobs` starts them)."""
+        finish: dict[str, float] = {}
+        lanes = [0.0] * max(1, jobs)
+        for s in self.stages:
+            lane = min(range(len(lanes)), key=lanes.__getitem__)
+            ready = max((finish.get(n, 0.0) for n in s.needs), default=0.0)
+            finish[s.key] = max(lanes[lane], ready) + self._cost(s)
+            lanes[lane] = finish[s.key]
+        return max(finish.values(), default=0.0)
+
     def summary(self) -> str:
         """One line: stages to run, the estimate, and what the probe measured."""
         head = f"{len(self.todo)} of {len(self.stages)} stages to run"
         if self.probe is None:
             return head
         p = self.probe
-        return (f"{head}, estimated {_duration(self.seconds)} on {self.device} (probe: "
+        estimate = _duration(self.seconds)
+        if self.jobs > 1:
+            critical = _duration(self.critical_path()[0])
+            estimate = (f"{_duration(self.seconds_with(self.jobs))} with {self.jobs} jobs "
+                        f"({estimate} one at a time; critical path {critical})")  # fmt: skip
+        return (f"{head}, estimated {estimate} on {self.device} (probe: "
                 f"{p.train_step * 1000:.0f} ms per training step, {p.test_batch * 1000:.0f} ms "
                 f"per test batch; took {p.seconds:.1f} s)")  # fmt: skip
 
@@ -122,7 +163,8 @@ class RunPlan:
         for s in self.stages:
             est = "–" if s.done or self.probe is None else _duration(s.seconds(self.probe))
             lines.append(f"| {s.seed} | {s.name} | {s.state} | {s.epochs} | {s.steps} | {est} |")
-        return "\n".join([*lines, "", self.summary()])
+        path = " -> ".join(self.critical_path()[1])
+        return "\n".join([*lines, "", self.summary(), f"Critical path: {path}"])
 
 
 def _duration(seconds: float) -> str:
@@ -195,10 +237,12 @@ def _align_info(exp: Experiment, batches: int):
 def plan(exp: Experiment, probe: Probe | None = None) -> RunPlan:
     """Every stage of ``exp``'s run with its state and work left, timed by ``probe`` (measured
     now if not given and some stage is left); see the module docstring."""
-    planned = [COSTS[stage.kind](exp, stage) for stage in stages(exp.cfg)]
+    run_stages = stages(exp.cfg)
+    planned = [replace(COSTS[s.kind](exp, s), needs=s.needs) for s in run_stages]
     if probe is None and any(not s.done for s in planned):
         probe = measure(exp)
-    return RunPlan(planned, probe, str(exp.cfg.device))
+    jobs = 1 if exp.world.active else exp.cfg.jobs
+    return RunPlan(planned, probe, str(exp.cfg.device), jobs)
 
 
 def _done(stage: RunStage) -> StageEstimate | None:
