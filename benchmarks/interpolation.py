@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from permask import permute_model
-from permask.experiment import RunConfig, pipeline
+from permask.experiment import RunConfig, pipeline, runners
 from permask.experiment.train import checkpoint_path, load_checkpoint
 from permask.graph import Permutation
 from permask.metrics import interpolate
@@ -65,7 +65,7 @@ def main() -> None:
     now_cfg = replace(cfg, interp_bn_samples=args.bn_samples, channels_last=args.channels_last)
     exp = pipeline.prepare(now_cfg)
     a, b = _models(exp, seed_dir)
-    now = pipeline._curves(exp, a, b, pi)
+    now = runners._curves(exp, a, b, pi)
 
     layout = "channels_last" if args.channels_last else "contiguous"
     n = cfg.interp_points

@@ -10,8 +10,8 @@ import torch
 from shared_data import TINY_RUN
 
 from permask.experiment import RunConfig, run
-from permask.experiment.pipeline import RUNNERS
 from permask.experiment.prepare import prepare
+from permask.experiment.runners import RUNNERS
 from permask.experiment.stages import METHODS, stages
 from permask.graph import Permutation
 from permask.sparse import load_mask
