@@ -21,7 +21,7 @@ from .graph import (
     trace,
 )
 from .match import align
-from .merge import merge
+from .merging import merge
 from .permute import permute_mask, permute_model, permute_tensors
 from .testing import CheckResult, check
 

@@ -90,3 +90,18 @@ def test_no_arrow_points_up():
     assert not wrong, wrong
     users_of_experiment = {_layer(a) for a, b in import_graph().edges if _layer(b) == "experiment"}
     assert users_of_experiment <= {"experiment", "cli", "permask"}, users_of_experiment
+
+
+def test_no_function_shadows_its_module():
+    """``permask.merge`` is the function; its module is ``permask.merging``."""
+    import importlib
+    import types
+
+    import permask
+
+    for name in dir(permask):
+        value = getattr(permask, name)
+        if isinstance(value, types.FunctionType) and (PACKAGE / f"{name}.py").exists():
+            module = importlib.import_module(f"permask.{name}")
+            assert value is not module, name
+            raise AssertionError(f"permask.{name} is a function that shadows its module")

@@ -17,7 +17,7 @@ import permask
 from permask.cli import main
 from permask.experiment.loader import get_loaders
 from permask.experiment.models import build_model
-from permask.merge import average
+from permask.merging import average
 from permask.metrics import evaluate, interpolate
 from permask.sparse import load_mask, magnitude_mask, save_mask
 

@@ -30,7 +30,7 @@ from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.models import build_model
 from permask.graph import Permutation, PermutationGraph
 from permask.match.matchers import get_matcher, matcher_names
-from permask.merge import average
+from permask.merging import average
 from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.sparse import save_mask
 

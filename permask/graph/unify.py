@@ -3,10 +3,10 @@
 While tracing, every tensor axis gets a mutable *axis term* (:data:`AxisTerm`) built from
 :class:`AxisVar` leaves and :class:`ConcatTerm` / :class:`ProductTerm` nodes (the trace-time
 counterparts of the public :class:`~permask.graph.layout.Concat` and
-:class:`~permask.graph.layout.Product`). Rules relate axes with :meth:`Solver.unify`; a var
+:class:`~permask.graph.layout.Product`). Rules relate axes with :meth:`AxisUnion.unify`; a var
 that must equal a structured term is *defined* as it (so a channel axis split by
 ``torch.split`` becomes a concat of new vars), and anything two terms cannot be proven to share
-is frozen. Freezing is always sound: a frozen axis is never permuted. :meth:`Solver.expand`
+is frozen. Freezing is always sound: a frozen axis is never permuted. :meth:`AxisUnion.expand`
 turns the result into the immutable public layouts of :mod:`permask.graph.layout`.
 """
 
@@ -82,8 +82,8 @@ class LayoutMismatch(Exception):
     """Two layouts of different sizes were unified: a rule is wrong about a shape."""
 
 
-class Solver:
-    """Owns all vars of one trace."""
+class AxisUnion:
+    """The union-find over the axis vars of one trace (it owns them all)."""
 
     def __init__(self) -> None:
         self.vars: list[AxisVar] = []
@@ -402,13 +402,13 @@ def _children(node: ConcatTerm | ProductTerm) -> tuple[AxisTerm, ...]:
     return node.parts if isinstance(node, ConcatTerm) else node.factors
 
 
-def _unit(solver: Solver) -> AxisVar:
+def _unit(solver: AxisUnion) -> AxisVar:
     v = solver.new(1, "unit")
     v.frozen = True
     return v
 
 
-def _empty(solver: Solver) -> AxisVar:
+def _empty(solver: AxisUnion) -> AxisVar:
     v = solver.new(0, "empty")
     v.frozen = True
     return v

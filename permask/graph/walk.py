@@ -1,6 +1,6 @@
 """Walk a captured graph node by node, applying each node's rule to the axes of its inputs.
 
-:class:`Walker` holds the union-find :class:`~permask.graph.unify.Solver` of one trace. Every
+:class:`Walker` holds the union-find :class:`~permask.graph.unify.AxisUnion` of one trace. Every
 tensor becomes a :class:`TracedTensor` (one axis term per dimension): model inputs and outputs are
 fixed, parameters and buffers get fresh axes once (shared tensors share them), and each op's rule
 relates the axes through a :class:`RuleContext`. An op without a rule, a rule that declines or
@@ -25,7 +25,7 @@ from .errors import TraceError
 from .graph import NO_RULE, RULE_FAILED
 from .registry import Decline, TracedTensor, find_rule
 from .shapes import ShapeRecorder, TensorMeta
-from .unify import LayoutMismatch, Reason, Solver
+from .unify import AxisUnion, LayoutMismatch, Reason
 
 __all__ = ["Walker", "Frame", "MAX_INLINE_DEPTH"]
 
@@ -66,7 +66,7 @@ class Walker:
         self.unsaved = unsaved  # buffers outside the state dict: their axes stay fixed
         self.gm = gm
         self.metas = metas
-        self.solver = Solver()
+        self.solver = AxisUnion()
         self.env: dict[fx.Node, Any] = {}
         self.inner_values: list[Any] = []  # activations inside inlined leaves (not observable)
         self.members: dict[str, TracedTensor] = {}

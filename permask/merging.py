@@ -4,7 +4,7 @@ then average their weights::
     merged = permask.merge([model_a, model_b, model_c], train_loader)   # activation matching
     merged = permask.merge(models, method="weight", graph=graph)        # no data needed
 
-    from permask.merge import average   # (``permask.merge`` itself is the function)
+    from permask.merging import average
     naive = average(models, bn_loader=train_loader)                     # not aligned
 
 Averaging independently trained networks without aligning them lands far outside every basin
