@@ -86,7 +86,7 @@ def test_config_errors_are_one_line_before_any_work(tmp_path, capsys, mnist_dir,
     data = ["--data-dir", str(mnist_dir), "--dataset", "mnist"]
     assert main(["run", *data, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("permask: error: ") and words in err, err
+    assert err.startswith("permask run: error: ") and words in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
 
@@ -114,7 +114,7 @@ def test_cli_process_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "permask: error: sparsity must be in (0, 1), got [2.0]"
+        "permask run: error: sparsity must be in (0, 1), got [2.0]"
     ]
 
 
@@ -132,7 +132,7 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys, mnist_di
     data = ["--data-dir", str(mnist_dir), "--dataset", "mnist"]
     assert main(["run", *data, "--out", str(in_the_way)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"permask: error: cannot create the run directory {in_the_way}")
+    assert err.startswith(f"permask run: error: cannot create the run directory {in_the_way}")
     assert err.count("\n") == 1
 
 

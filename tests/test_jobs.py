@@ -123,7 +123,7 @@ def test_a_failing_job_stops_the_run_with_its_error_and_the_fix_resumes(
     capsys.readouterr()
     assert main(["run", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("permask: error: job 'seed1/permuted s=0.5 k=1' failed: ")
+    assert err.startswith("permask run: error: job 'seed1/permuted s=0.5 k=1' failed: ")
     assert (out / "seed1" / "sparse" / "naive_s0.5_k1" / "eval.pt").exists()  # stays done
     broken.unlink()  # the fix: pi(m_A) is made again from m_A and pi
     assert main(["run", *flags]) == 0

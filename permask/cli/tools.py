@@ -25,6 +25,7 @@ from torch import nn
 import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
+from permask.cli.flags import data_flags, device_flag, model_flags
 from permask.experiment.checkpoints import load_weights, read_mask
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.models import build_model
@@ -48,11 +49,11 @@ __all__ = [
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The commands' parsers, on ``permask``'s subparsers."""
     trace = sub.add_parser("trace", help="print a model's permutation groups")
-    _model_flags(trace)
+    model_flags(trace)
     trace.add_argument("--json", action="store_true", help="groups and frozen axes as JSON")
     trace.set_defaults(handler=trace_command)
     align = sub.add_parser("align", help="the permutation moving checkpoint A into B's basin")
-    _model_flags(align)
+    model_flags(align)
     align.add_argument("a", help="checkpoint of A (safetensors or torch file)")
     align.add_argument("b", help="checkpoint of B")
     align.add_argument("--out", required=True, help="where to write pi (safetensors)")
@@ -60,11 +61,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     align.add_argument("--data", help="dataset for activation matching (as permask run's)")
     align.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
     align.add_argument("--batches", type=int, default=50, help="batches of 128 to match on")
-    align.add_argument("--device", default="cpu")
+    device_flag(align)
     align.add_argument("--save-permuted", help="also write pi(A) here (safetensors)")
     align.set_defaults(handler=align_command)
     perm = sub.add_parser("permute-mask", help="pi(m_A): move a mask with a permutation")
-    _model_flags(perm)
+    model_flags(perm)
     perm.add_argument("mask", help="mask of A (safetensors, or a torch-prune'd checkpoint)")
     perm.add_argument("--perm", required=True, help="pi from permask align")
     perm.add_argument("--out", required=True, help="where to write the moved mask")
@@ -76,11 +77,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("interpolate", help="loss and accuracy along the path from A to B")
-    _model_flags(p)
+    model_flags(p)
     p.add_argument("a", help="checkpoint of A (safetensors or torch file)")
     p.add_argument("b", help="checkpoint of B")
     p.add_argument("--perm", help="pi from permask align: interpolate pi(A) -> B")
-    _data_flags(p, required=True, batches="training batches of 128 to re-estimate BN on")
+    data_flags(p, required=True, batches="training batches of 128 to re-estimate BN on")
     p.add_argument("--points", type=int, default=11, help="evenly spaced alphas in [0, 1]")
     p.add_argument("--bn-reset", action=argparse.BooleanOptionalAction, default=True,
                    help="re-estimate BatchNorm statistics at each point (default)")  # fmt: skip
@@ -92,14 +93,14 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="align checkpoints to a reference and average them")
-    _model_flags(p)
+    model_flags(p)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints")
     p.add_argument("--out", required=True, help="where to write the merged weights (safetensors)")
     p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
     p.add_argument("--method", choices=matcher_names(), default="activation")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
-    _data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
+    data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
     p.set_defaults(handler=merge_command)
 
 
@@ -110,24 +111,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="add the paper's numbers: a section of results.md, paper.png")  # fmt: skip
     p.add_argument("--data-dir", help="where the run's dataset is (default: $PERMASK_DATA)")
     p.set_defaults(handler=report_command)
-
-
-def _data_flags(p: argparse.ArgumentParser, required: bool, batches: str) -> None:
-    need = "evaluation and BatchNorm" if required else "activation matching and evaluation"
-    p.add_argument("--data", required=required, help=f"dataset for {need} (as permask run's)")
-    p.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
-    p.add_argument("--batches", type=int, default=50, help=batches)
-    p.add_argument("--device", default="cpu")
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="resnet20, vgg11, mlp, timm:NAME, tv:NAME or module.path:factory")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--input-size", type=int, nargs="+", default=[3, 32, 32], metavar="N",
-                   help="one example's shape, e.g. 3 224 224 (1 28 28 for MNIST)")  # fmt: skip
-    p.add_argument("--model-kwargs", default="{}", help="JSON keywords for the model's factory")
-    p.add_argument("--ema", action="store_true",
-                   help="read the EMA weights (timm's state_dict_ema or model_ema)")  # fmt: skip
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The ``permask`` command: ``permask run`` (the paper's experiment), ``permask demo``, and the
 step-wise commands for your own checkpoints (``trace``, ``align``, ``permute-mask``,
-``interpolate``, ``merge``; docs/cli.md).
+``interpolate``, ``merge``, ``report``; docs/cli.md). One module per family: this one parses and
+dispatches, :mod:`permask.cli.tools` holds the step-wise commands, :mod:`permask.cli.flags` the
+flag groups they share. Every command's bad input is a :class:`ConfigError`: one line, exit 2.
 
 ``permask run --config cfg.yaml`` and/or flags (one per :class:`RunConfig` field, flags override
 the YAML); ``permask demo`` runs the embedded default (MLP on Fashion-MNIST, ~4 minutes on two
@@ -15,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from permask.experiment.commands import add_commands
+from permask.cli.tools import add_commands
 from permask.experiment.config import ConfigError, add_config_flags, config_from_flags
 from permask.experiment.errors import JobError
 
@@ -40,48 +42,47 @@ def _parser() -> argparse.ArgumentParser:
         what += "measured probe), then exit; writes nothing"
         p.add_argument("--plan", action="store_true", help=what)
         add_config_flags(p)
+        p.set_defaults(handler=run_command)
     add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``permask`` and ``python -m permask``; returns the exit status."""
+    """Entry point of ``permask`` and ``python -m permask``; returns the exit status: 0, 2 for a
+    bad input (one line naming it and the fix), 1 for a failed job of a run, 130 interrupted."""
     args = _parser().parse_args(argv)
-    if args.command not in ("run", "demo"):
-        try:
-            print(args.handler(args))
-        except ConfigError as err:
-            print(f"permask {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        return 0
+    try:
+        printed = args.handler(args)
+    except ConfigError as err:
+        print(f"permask {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except JobError as err:  # the stage's own error, named; finished stages stay done
+        print(f"permask {args.command}: error: {err}; run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print(f"permask {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    if printed:
+        print(printed)
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> str:
+    """``permask run`` and ``permask demo``: the results table (rank 0 under torchrun)."""
     if getattr(args, "list_configs", False):
         from permask.experiment.recipes import shipped_configs
 
-        for name, (_, what) in shipped_configs().items():
-            print(f"{name:40s} {what}")
-        return 0
-    try:
-        defaults = {"out": "runs/demo"} if args.command == "demo" else {}
-        cfg = config_from_flags(args, **defaults)
-        from permask.experiment.distributed import leave_world
-        from permask.experiment.pipeline import prepare, run  # heavy imports once flags parse
+        return "\n".join(f"{name:40s} {what}" for name, (_, what) in shipped_configs().items())
+    defaults = {"out": "runs/demo"} if args.command == "demo" else {}
+    cfg = config_from_flags(args, **defaults)
+    from permask.experiment.distributed import leave_world
+    from permask.experiment.pipeline import prepare, run  # heavy imports once flags parse
 
-        if args.plan:
-            from permask.experiment.plan import plan
+    if args.plan:
+        from permask.experiment.plan import plan
 
-            print(plan(prepare(cfg)))
-            return 0
-        results = run(cfg)
-        rank0 = leave_world()  # under torchrun: rank 0 prints the table
-    except ConfigError as err:
-        print(f"permask: error: {err}", file=sys.stderr)
-        return 2
-    except JobError as err:  # the stage's own error, named; finished stages stay done
-        print(f"permask: error: {err}; run the same command again to resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("permask: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    if rank0:
-        print(results)
-    return 0
+        return str(plan(prepare(cfg)))
+    results = run(cfg)
+    return str(results) if leave_world() else ""  # under torchrun: rank 0 prints the table
