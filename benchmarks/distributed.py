@@ -28,7 +28,7 @@ def worker(epochs: int, images: int, threads: int) -> None:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1:
         torch.distributed.init_process_group("gloo")
-    from permask.experiment.loader import TensorLoader
+    from permask.data.loader import TensorLoader
     from permask.experiment.models import resnet20
     from permask.experiment.train import train
 

@@ -46,7 +46,7 @@ def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn
 
 
 def _train(model: nn.Module, dataset: str, data_dir: str, seed: int, epochs: int, adam: bool):
-    from permask.experiment.loader import get_loaders
+    from permask.data.loader import get_loaders
 
     torch.manual_seed(seed)
     train, _, _ = get_loaders(dataset, data_dir, batch_size=128, augment=False, seed=seed,

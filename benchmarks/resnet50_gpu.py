@@ -174,7 +174,7 @@ def _corr_change(a, b, graph, data, device, other: str) -> float:
 def loader_part(args, device: torch.device) -> None:
     from PIL import Image
 
-    from permask.experiment.loader import get_loaders
+    from permask.data.loader import get_loaders
 
     root = Path(tempfile.mkdtemp())
     g = torch.Generator().manual_seed(0)

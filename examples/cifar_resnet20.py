@@ -14,7 +14,7 @@ import copy
 import torch
 
 import permask
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import resnet20
 from permask.experiment.train import evaluate, train
 from permask.sparse import magnitude_mask

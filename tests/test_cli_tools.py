@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import permask
 from permask.cli import main
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import build_model
 from permask.merging import average
 from permask.metrics import evaluate, interpolate

@@ -20,7 +20,7 @@ from shared_data import sigkill_once_written
 from torch import nn
 
 import permask
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import resnet20
 from permask.experiment.train import load_checkpoint
 from permask.sparse import MaskedOptimizer, magnitude_mask, to_torch_prune

@@ -7,9 +7,9 @@ from PIL import Image
 from shared_data import DATA as SHARED
 from shared_data import needs_cifar, needs_mnist, one_thread, write_idx  # noqa: F401
 
-from permask.experiment import data as data_mod
-from permask.experiment.data import DataNotFoundError, load_dataset
-from permask.experiment.loader import TensorLoader, get_loaders
+from permask.data import datasets as data_mod
+from permask.data.datasets import DataNotFoundError, load_dataset
+from permask.data.loader import TensorLoader, get_loaders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,3 +214,23 @@ def test_get_loaders_subset_and_normalisation():
     assert abs(x.mean().item()) < 0.2 and abs(x.std().item() - 1) < 0.2
     counts = train.labels.bincount()
     assert len(counts) == 10 and counts.min() > 50  # random subset, not the first class
+
+
+def test_both_loaders_are_loaders_and_a_changed_one_is_a_copy(tmp_path):
+    from shared_data import write_image_folder
+
+    from permask.data import Loader
+    from permask.data.stream import FolderLoader
+
+    images, labels = torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.arange(10) % 2
+    tensors = TensorLoader(images, labels, batch_size=3)
+    root = write_image_folder(tmp_path / "f", classes=2, per_class=2)
+    folder = FolderLoader(root / "train", crop=16, batch_size=2, workers=0)
+    for loader in (tensors, folder):
+        assert isinstance(loader, Loader)
+        bigger = loader.replace(batch_size=4, seed=7)
+        assert (loader.seed, bigger.batch_size, bigger.seed) == (0, 4, 7)
+        assert loader.batch_size in (2, 3)  # the original is unchanged
+        assert bigger.labels is loader.labels  # the data is shared, not copied
+        with pytest.raises(ValueError, match="cannot change labels of a loader"):
+            loader.replace(labels=None)

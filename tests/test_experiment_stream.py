@@ -6,8 +6,8 @@ import pytest
 import torch
 from shared_data import one_thread, write_image_folder  # noqa: F401
 
-from permask.experiment.loader import get_loaders
-from permask.experiment.stream import FolderLoader, large_images
+from permask.data.loader import get_loaders
+from permask.data.stream import FolderLoader, large_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from shared_data import one_thread, sigkill_once_written  # noqa: F401
 
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import mlp
 from permask.experiment.train import (
     checkpoint_path,
@@ -126,7 +126,7 @@ def test_masked_training_keeps_zeros_across_resume(tmp_path, mnist_dir):
 SCRIPT = """
 import sys, time, torch
 torch.set_num_threads(1)
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import mlp
 from permask.experiment.train import train
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from shared_data import DATA, needs_mnist
 
 import permask
-from permask.experiment.loader import TensorLoader, get_loaders
+from permask.data.loader import TensorLoader, get_loaders
 from permask.experiment.models import mlp
 from permask.match import align
 from permask.metrics import interpolate
@@ -21,7 +21,7 @@ def _train(seed: int, train_loader) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = mlp(784, (512, 512, 512), 10)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    train_loader.seed = seed
+    train_loader = train_loader.replace(seed=seed)
     for epoch in range(EPOCHS):
         train_loader.set_epoch(epoch)
         for x, y in train_loader:

@@ -14,7 +14,7 @@ from torch import nn
 
 import permask
 from permask.cli import main
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.experiment.models import build_model
 from permask.merging import average
 from permask.metrics import _reset_bn, evaluate

@@ -12,7 +12,7 @@ from shared_data import torch_threads
 from torch import nn
 
 import permask
-from permask.experiment.loader import get_loaders
+from permask.data.loader import get_loaders
 from permask.metrics import interpolate
 from permask.repair import Repair, _stats, repair, repairable_layers
 

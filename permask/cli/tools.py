@@ -196,8 +196,8 @@ def _loaders(args: argparse.Namespace):
     """The unaugmented training loader (batches of 128) and the test loader of ``--data``."""
     if not args.data:
         raise ConfigError("activation matching needs --data DATASET; or use --method weight")
-    from permask.experiment.data import DataNotFoundError
-    from permask.experiment.loader import get_loaders
+    from permask.data.datasets import DataNotFoundError
+    from permask.data.loader import get_loaders
 
     try:
         train, test, _ = get_loaders(args.data, args.data_dir, batch_size=128, augment=False,
@@ -412,8 +412,8 @@ def _saved_config(run_dir: Path, data_dir: str | None) -> RunConfig:
 def _test_labels(cfg: RunConfig) -> tuple[torch.Tensor, int]:
     """The run's test labels and class count, read as ``permask run`` reads its data (no model
     built or traced; nothing downloaded)."""
-    from permask.experiment.data import DataNotFoundError
-    from permask.experiment.loader import get_loaders
+    from permask.data.datasets import DataNotFoundError
+    from permask.data.loader import get_loaders
 
     try:
         _, test, info = get_loaders(

@@ -25,7 +25,6 @@ problems, so alignment is overestimated rather than under).
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -211,8 +210,7 @@ def _sync(device: str) -> None:
 
 def _train(exp: Experiment, model: torch.nn.Module, steps: int) -> None:
     """``steps`` optimizer steps of the run's training loop (no checkpoints, no progress bar)."""
-    loader = copy.copy(exp.train_loader)
-    loader.max_batches = steps
+    loader = exp.train_loader.replace(max_batches=steps)
     recipe = dict(epochs=1, progress=False, distributed=False)
     exp.fit(model, loader, None, "probe", **recipe)
 

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -28,10 +27,11 @@ import torch
 import yaml
 from torch import nn
 
+from permask.data.datasets import DataNotFoundError
+from permask.data.loader import get_loaders
+from permask.data.protocol import Loader
 from permask.experiment.config import ConfigError, RunConfig
-from permask.experiment.data import DataNotFoundError
 from permask.experiment.distributed import World, init_world
-from permask.experiment.loader import TensorLoader, get_loaders
 from permask.experiment.models import build_model, check_model_name, run_model_kwargs
 from permask.experiment.train import TrainResult, train
 from permask.graph import PermutationGraph, TraceError, trace
@@ -44,8 +44,8 @@ class Experiment:
     """A validated config with its data loaded and model traced: ready to run, nothing trained."""
 
     cfg: RunConfig
-    train_loader: TensorLoader
-    test_loader: TensorLoader
+    train_loader: Loader
+    test_loader: Loader
     num_classes: int
     in_channels: int
     image_size: int
@@ -77,7 +77,7 @@ class Experiment:
     def fit(
         self,
         model: nn.Module,
-        loader: TensorLoader,
+        loader: Loader,
         directory: Path | None,
         desc: str,
         **overrides: Any,
@@ -99,21 +99,17 @@ class Experiment:
         )
         return train(model, loader, **{**recipe, **overrides}, checkpoint_dir=directory, desc=desc)
 
-    def loader(self, seed: int) -> TensorLoader:
+    def loader(self, seed: int) -> Loader:
         """The training loader with its own data-order seed (shares the image tensors)."""
-        loader = copy.copy(self.train_loader)
-        loader.seed = seed
-        return loader
+        return self.train_loader.replace(seed=seed)
 
-    def statistics_loader(self, shard: bool = False) -> TensorLoader:
+    def statistics_loader(self, shard: bool = False) -> Loader:
         """Training data for matching and BN statistics: shuffled, not augmented, big batches;
         this rank's share of each batch with ``shard`` (else all of it, as on one process)."""
-        loader = self.loader(0)
-        loader.augment = False
-        loader.batch_size = self.test_loader.batch_size
+        settings = dict(seed=0, augment=False, batch_size=self.test_loader.batch_size)
         if not shard:
-            loader.rank, loader.world_size = 0, 1
-        return loader
+            settings.update(rank=0, world_size=1)
+        return self.train_loader.replace(**settings)
 
 
 def prepare(cfg: RunConfig) -> Experiment:
@@ -174,7 +170,7 @@ def prepare(cfg: RunConfig) -> Experiment:
         )
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    train_loader.rank, train_loader.world_size = world.rank, world.size
+    train_loader = train_loader.replace(rank=world.rank, world_size=world.size)
     x = test_loader.example(2)
     log = logging.getLogger(f"permask.run.{cfg.run_dir.resolve()}")
     exp = Experiment(

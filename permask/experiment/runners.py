@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permask._atomic import atomic_path, atomic_save, atomic_write_bytes
+from permask.data.protocol import Loader
 from permask.experiment import paths
-from permask.experiment.loader import TensorLoader
 from permask.experiment.prepare import Experiment
 from permask.experiment.stages import Stage, seeds_of
 from permask.experiment.train import (
@@ -124,7 +124,7 @@ def _trained(
     name: str,
     directory: Path,
     model: nn.Module,
-    loader: TensorLoader,
+    loader: Loader,
     *,
     start_epoch: int = 0,
     mask: Mask | None = None,
@@ -266,7 +266,7 @@ def _curves(exp: Experiment, model_a: nn.Module, model_b: nn.Module, pi: Permuta
     bn_data, bn_samples, bn_batches = exp.statistics_loader(), cfg.interp_bn_samples, None
     if bn_samples:  # equal batches of about bn_samples in all (not whole test-size batches)
         bn_batches = math.ceil(bn_samples / bn_data.batch_size)
-        bn_data.batch_size = math.ceil(bn_samples / bn_batches)
+        bn_data = bn_data.replace(batch_size=math.ceil(bn_samples / bn_batches))
     common = dict(
         bn_loader=bn_data, device=cfg.device, max_batches=cfg.interp_batches, bn_batches=bn_batches
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from permask.experiment.data import (
+from permask.data.datasets import (
     IMAGENET_MEAN_STD,
     DatasetInfo,
     image_folder_split,
@@ -24,6 +25,7 @@ from permask.experiment.data import (
     normalize,
     subset_indices,
 )
+from permask.data.protocol import replaced
 
 __all__ = ["TensorLoader", "get_loaders"]
 
@@ -87,6 +89,10 @@ class TensorLoader:
         n = len(self.images)
         full = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return full if self.max_batches is None else min(full, self.max_batches)
+
+    def replace(self, **settings: Any) -> TensorLoader:
+        """A copy with other settings (:data:`permask.data.protocol.SETTINGS`), the data shared."""
+        return replaced(self, settings)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` play epoch ``epoch``."""
@@ -153,12 +159,12 @@ def get_loaders(
     dataset's default (flip + crop for CIFAR and image folders, none for (Fashion-)MNIST).
 
     ``imagefolder:PATH`` streams from disk with ImageNet transforms at ``crop`` pixels
-    (:class:`~permask.experiment.stream.FolderLoader`, ``workers`` decoding processes) when
+    (:class:`~permask.data.stream.FolderLoader`, ``workers`` decoding processes) when
     ``crop`` is given or its images are large (>= 128 px, default crop 224); otherwise it is
     decoded into memory once, like the built-in sets.
     """
     if dataset.startswith("imagefolder:"):
-        from permask.experiment.stream import FolderLoader, large_images
+        from permask.data.stream import FolderLoader, large_images
 
         train_dir = image_folder_split(dataset, True)
         if crop is not None or large_images(train_dir):

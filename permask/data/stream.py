@@ -1,6 +1,6 @@
 """Batches decoded from image files on the fly, for folders too large for memory (ImageNet).
 
-:class:`FolderLoader` keeps :class:`~permask.experiment.loader.TensorLoader`'s contract (the
+:class:`FolderLoader` keeps :class:`~permask.data.loader.TensorLoader`'s contract (the
 pipeline uses either): ``len()`` is the number of global batches per epoch, ``set_epoch``
 fixes the epoch's order (a CPU generator seeded by ``(seed, epoch)``), ``batch_size`` is the
 global batch and with ``world_size`` > 1 each rank loads only its contiguous share of each
@@ -22,10 +22,12 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from permask.experiment.data import normalize, subset_indices
+from permask.data.datasets import normalize, subset_indices
+from permask.data.protocol import replaced
 
 __all__ = ["FolderLoader", "large_images"]
 
@@ -35,7 +37,7 @@ def large_images(folder: str | os.PathLike, min_side: int = 128) -> bool:
     (then permask streams with ImageNet transforms instead of decoding the set into memory)."""
     from PIL import Image
 
-    from permask.experiment.data import IMAGE_SUFFIXES
+    from permask.data.datasets import IMAGE_SUFFIXES
 
     for cls in sorted(d for d in Path(folder).iterdir() if d.is_dir()):
         for path in sorted(cls.iterdir()):
@@ -91,6 +93,10 @@ class FolderLoader:
     def __len__(self) -> int:
         full = -(-len(self.indices) // self.batch_size)
         return full if self.max_batches is None else min(full, self.max_batches)
+
+    def replace(self, **settings: Any) -> FolderLoader:
+        """A copy with other settings (:data:`permask.data.protocol.SETTINGS`), the data shared."""
+        return replaced(self, settings)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` play epoch ``epoch``."""
