@@ -24,8 +24,8 @@ import torch
 import torchvision
 
 import permask
-from permask.experiment.models import resnet20
 from permask.match import align, available_solvers, solve_lap
+from permask.models import resnet20
 
 
 def _sync(device: torch.device) -> None:

@@ -29,8 +29,8 @@ def worker(epochs: int, images: int, threads: int) -> None:
     if size > 1:
         torch.distributed.init_process_group("gloo")
     from permask.data.loader import TensorLoader
-    from permask.experiment.models import resnet20
     from permask.experiment.train import train
+    from permask.models import resnet20
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=gen)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from permask.experiment.models import resnet20
+from permask.models import resnet20
 from permask.sparse import MaskedOptimizer, apply_mask, magnitude_mask, to_torch_prune
 
 TARGETS = {"SGD": 1.03, "AdamW": 1.08, "AdamW fused": 1.08}

@@ -130,7 +130,7 @@ def main() -> None:
     if "mlp" in args.parts:
         spec = ["mlp", "--input-size", "1", "28", "28", "--model-kwargs",
                 '{"hidden": [512, 512, 512]}']  # fmt: skip
-        from permask.experiment.models import build_model
+        from permask.models import build_model
 
         make = lambda: build_model("mlp", 10, 1, 28, hidden=[512, 512, 512])  # noqa: E731
         measure("mlp", spec, "mnist", args.data_dir, out / "mlp", make, False, 3)

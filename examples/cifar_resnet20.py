@@ -15,8 +15,8 @@ import torch
 
 import permask
 from permask.data.loader import get_loaders
-from permask.experiment.models import resnet20
 from permask.experiment.train import evaluate, train
+from permask.models import resnet20
 from permask.sparse import magnitude_mask
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -3,7 +3,7 @@
 import torch
 
 import permask
-from permask.experiment.models import resnet20
+from permask.models import resnet20
 
 model = resnet20(width=1).double().eval()
 x = torch.randn(4, 3, 32, 32, dtype=torch.float64)

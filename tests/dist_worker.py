@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 import permask
 from permask.experiment.distributed import World
-from permask.experiment.models import mlp
 from permask.match.activation import CorrelationStats
 from permask.match.points import Plan, Point, Unit
+from permask.models import mlp
 
 
 def models_and_batches():

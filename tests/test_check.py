@@ -59,7 +59,7 @@ def test_check_passes_the_right_rule_and_the_model_is_untouched():
 
 @pytest.mark.parametrize("builder", ["resnet20", "vgg11"])
 def test_check_of_built_in_models_is_clean(builder):
-    from permask.experiment.models import build_model
+    from permask.models import build_model
 
     result = permask.check(build_model(builder), torch.randn(2, 3, 32, 32), trials=2)
     assert result.ok and len(result.graph) > 5, result

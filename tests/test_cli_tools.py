@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 import permask
 from permask.cli import main
 from permask.data.loader import get_loaders
-from permask.experiment.models import build_model
 from permask.merging import average
 from permask.metrics import evaluate, interpolate
+from permask.models import build_model
 from permask.sparse import load_mask, magnitude_mask, save_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_a_torch_pruned_checkpoint_gives_weights_and_mask(trained, tmp_path):
     pruned.load_state_dict(a.state_dict())
     torch.nn.utils.prune.l1_unstructured(pruned.fc1, "weight", amount=0.5)
     torch.save(pruned.state_dict(), tmp_path / "pruned.pt")
-    from permask.experiment.checkpoints import read_mask, read_state_dict
+    from permask.weights import read_mask, read_state_dict
 
     sd = read_state_dict(tmp_path / "pruned.pt")
     torch.testing.assert_close(sd["fc1.weight"], pruned.fc1.weight)

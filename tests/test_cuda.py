@@ -21,8 +21,8 @@ from torch import nn
 
 import permask
 from permask.data.loader import get_loaders
-from permask.experiment.models import resnet20
 from permask.experiment.train import load_checkpoint
+from permask.models import resnet20
 from permask.sparse import MaskedOptimizer, magnitude_mask, to_torch_prune
 from permask.testing import equivalence_error, perturb_
 

@@ -3,7 +3,7 @@ import torch
 import torch.fx
 from shared_data import one_thread, tiny_flags  # noqa: F401
 
-from permask.experiment.models import build_model, mlp, resnet20, vgg11
+from permask.models import build_model, mlp, resnet20, vgg11
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,6 @@ import torch
 from shared_data import one_thread, sigkill_once_written  # noqa: F401
 
 from permask.data.loader import get_loaders
-from permask.experiment.models import mlp
 from permask.experiment.train import (
     checkpoint_path,
     evaluate,
@@ -14,6 +13,7 @@ from permask.experiment.train import (
     predict_proba,
     train,
 )
+from permask.models import mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = dict(epochs=4, lr=0.05, weight_decay=5e-4, progress=False)
@@ -127,7 +127,7 @@ SCRIPT = """
 import sys, time, torch
 torch.set_num_threads(1)
 from permask.data.loader import get_loaders
-from permask.experiment.models import mlp
+from permask.models import mlp
 from permask.experiment.train import train
 
 ckpt, slow = sys.argv[1], float(sys.argv[2])
@@ -211,8 +211,8 @@ def test_amp_keeps_pruned_weights_zero_and_resumes_exactly(tmp_path, mnist_dir, 
 
 def test_sync_batchnorm_shares_weights_and_is_undone():
     """SyncBatchNorm needs CUDA to run (tests/test_cuda.py); the swap itself is checked here."""
-    from permask.experiment.models import resnet20
     from permask.experiment.train import _sync_batchnorm
+    from permask.models import resnet20
 
     model = resnet20(1)
     bn = model.layer1[0].bn1

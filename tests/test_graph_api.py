@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import permask
-from permask.experiment.models import resnet20
+from permask.models import resnet20
 
 
 def state_hash(model: nn.Module) -> str:
@@ -267,7 +267,7 @@ def test_permute_mask_refuses_names_and_shapes_of_another_model(resnet):
 
 def test_example_inputs_that_do_not_fit_name_the_node():
     """One message naming the node and the fix, without torch.fx's appended traceback."""
-    from permask.experiment.models import mlp
+    from permask.models import mlp
 
     with pytest.raises(permask.TraceError) as err:  # a ValueError, as before
         permask.trace(mlp(12, (8,)), torch.randn(2, 13))

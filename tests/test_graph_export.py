@@ -14,7 +14,7 @@ import torchvision
 from equivariance import double_eval
 
 import permask
-from permask.experiment.models import resnet20
+from permask.models import resnet20
 from permask.testing import equivalence_error, perturb_
 
 

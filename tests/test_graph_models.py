@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import permask
-from permask.experiment.models import mlp, resnet20, vgg11
+from permask.models import mlp, resnet20, vgg11
 
 MODELS = {
     "mlp": (lambda: mlp(784, (64, 32, 48), 10), (4, 1, 28, 28)),

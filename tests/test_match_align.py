@@ -10,8 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import permask
-from permask.experiment.models import mlp, resnet20, vgg11
 from permask.match import align
+from permask.models import mlp, resnet20, vgg11
 
 SEEDS = st.integers(0, 2**31 - 1)
 

@@ -10,9 +10,9 @@ from shared_data import DATA, needs_mnist
 
 import permask
 from permask.data.loader import TensorLoader, get_loaders
-from permask.experiment.models import mlp
 from permask.match import align
 from permask.metrics import interpolate
+from permask.models import mlp
 
 EPOCHS, BATCH, LR = 3, 128, 1e-3
 

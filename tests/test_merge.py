@@ -15,9 +15,9 @@ from torch import nn
 import permask
 from permask.cli import main
 from permask.data.loader import get_loaders
-from permask.experiment.models import build_model
 from permask.merging import average
 from permask.metrics import _reset_bn, evaluate
+from permask.models import build_model
 
 
 def _mlp(seed: int) -> nn.Module:

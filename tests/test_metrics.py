@@ -7,7 +7,6 @@ from shared_data import one_thread  # noqa: F401
 from torch import nn
 
 import permask
-from permask.experiment.models import mlp, resnet20
 from permask.metrics import (
     _reset_bn,
     barrier,
@@ -17,6 +16,7 @@ from permask.metrics import (
     plot_interpolation,
     predict_proba,
 )
+from permask.models import mlp, resnet20
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

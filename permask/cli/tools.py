@@ -26,14 +26,14 @@ import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
 from permask.cli.flags import data_flags, device_flag, model_flags
-from permask.experiment.checkpoints import load_weights, read_mask
 from permask.experiment.config import ConfigError, RunConfig
-from permask.experiment.models import build_model
 from permask.graph import Permutation, PermutationGraph
 from permask.match.matchers import get_matcher, matcher_names
 from permask.merging import average
 from permask.metrics import evaluate, interpolate, plot_interpolation
+from permask.models import build_model
 from permask.sparse import save_mask
+from permask.weights import load_weights, read_mask
 
 __all__ = [
     "add_commands",

@@ -32,9 +32,9 @@ from permask.data.loader import get_loaders
 from permask.data.protocol import Loader
 from permask.experiment.config import ConfigError, RunConfig
 from permask.experiment.distributed import World, init_world
-from permask.experiment.models import build_model, check_model_name, run_model_kwargs
 from permask.experiment.train import TrainResult, train
 from permask.graph import PermutationGraph, TraceError, trace
+from permask.models import build_model, check_model_name, run_model_kwargs
 
 __all__ = ["Experiment", "attach_log", "prepare"]
 
