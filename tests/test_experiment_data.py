@@ -234,3 +234,7 @@ def test_both_loaders_are_loaders_and_a_changed_one_is_a_copy(tmp_path):
         assert bigger.labels is loader.labels  # the data is shared, not copied
         with pytest.raises(ValueError, match="cannot change labels of a loader"):
             loader.replace(labels=None)
+        with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+            loader.replace(batch_size=0)
+        with pytest.raises(ValueError, match="need 0 <= rank < world_size, got 2 and 1"):
+            loader.replace(rank=2)

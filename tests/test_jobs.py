@@ -5,7 +5,9 @@ stops the run with its own error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -128,3 +130,30 @@ def test_a_failing_job_stops_the_run_with_its_error_and_the_fix_resumes(
     broken.unlink()  # the fix: pi(m_A) is made again from m_A and pi
     assert main(["run", *flags]) == 0
     assert _table(out) == _table(one_job.run_dir)
+
+
+def test_a_worker_killed_from_outside_ends_the_run_with_one_line(tmp_path, mnist_dir):
+    """The OOM killer's case: a worker dies; the run stops, naming the jobs that were running."""
+    cmd = [sys.executable, "-m", "permask", "run", *tiny_flags(mnist_dir, jobs=2), "--out",
+           str(tmp_path / "w")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    last = tmp_path / "w" / "seed0" / "dense_a" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = [w for w in _children(proc.pid) if "spawn_main" in _cmdline(w)]
+    assert workers, "no worker found"
+    os.kill(workers[0], signal.SIGKILL)
+    lines = proc.communicate(timeout=120)[1].splitlines()
+    assert proc.returncode == 1
+    (err,) = [line for line in lines if line.startswith("permask run: error:")]
+    assert err.startswith("permask run: error: a worker process died (killed, or out of memory)")
+    assert "seed0/dense" in err
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

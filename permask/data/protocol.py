@@ -44,11 +44,15 @@ def replaced(loader: L, settings: dict[str, Any]) -> L:
     for a name outside :data:`SETTINGS`."""
     import copy
 
-    unknown = sorted(set(settings) - set(SETTINGS))
+    unknown = sorted(set(settings) - {n for n in SETTINGS if hasattr(loader, n)})
     if unknown:
         raise ValueError(f"cannot change {', '.join(unknown)} of a loader; these can: "
                          f"{', '.join(SETTINGS)}")  # fmt: skip
     out = copy.copy(loader)
     for name, value in settings.items():
         setattr(out, name, value)
+    if out.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {out.batch_size}")
+    if hasattr(out, "rank") and not 0 <= out.rank < out.world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got {out.rank} and {out.world_size}")
     return out

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
 import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,10 +63,12 @@ def run_jobs(exp: Experiment, run_stages: list[Stage], log_path: Path | None) ->
         if stage.key in done:
             exp.log.info("[seed %d] %s: done earlier (skipped)", stage.seed, stage.name)
     cfg = replace(exp.cfg, threads=threads_per_job(exp.cfg), progress=False)
+    jobs = min(jobs, len(waiting))  # a resume with few stages left starts few workers
+    if not jobs:
+        return
     exp.log.info("jobs: up to %d at once, %d thread(s) each", jobs, cfg.threads)
-    pool = ProcessPoolExecutor(
-        jobs, multiprocessing.get_context("spawn"), _start_worker, (cfg, log_path)
-    )
+    start = (cfg, log_path, os.getpid())
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), _start_worker, start)
     running: dict[Future, Stage] = {}
     try:
         while waiting or running:
@@ -72,17 +76,23 @@ def run_jobs(exp: Experiment, run_stages: list[Stage], log_path: Path | None) ->
                 if len(running) < jobs and done.issuperset(stage.needs):
                     running[pool.submit(_work, key)] = waiting.pop(key)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
+            for future in sorted(finished, key=lambda f: running[f].key):
                 stage = running.pop(future)
-                try:
-                    seconds = future.result()
-                except Exception as err:
-                    _end(pool)
+                if isinstance(future.exception(), BrokenProcessPool):  # a worker died
+                    names = ", ".join(sorted(s.key for s in [stage, *running.values()]))
+                    raise JobError(f"a worker process died (killed, or out of memory) while "
+                                   f"running {names}")  # fmt: skip
+                if future.exception() is not None:
+                    err = future.exception()
+                    exp.log.error("job '%s' failed", stage.key, exc_info=err)
                     error = " ".join(f"{type(err).__name__}: {err}".split())
                     raise JobError(f"job '{stage.key}' failed: {error}") from err
-                if seconds is not None:
-                    exp.timings[(stage.seed, stage.name)] = seconds
+                if future.result() is not None:
+                    exp.timings[(stage.seed, stage.name)] = future.result()
                 done.add(stage.key)
+    except BaseException:  # a failed job, an interrupt, a dead pool: end the jobs in flight
+        _end(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -98,10 +108,12 @@ def _end(pool: ProcessPoolExecutor) -> None:
 _exp: Experiment | None = None
 
 
-def _start_worker(cfg: RunConfig, log_path: Path | None) -> None:
+def _start_worker(cfg: RunConfig, log_path: Path | None, parent: int) -> None:
     """Die with the parent, then load the run's data and trace its model once."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
     global _exp
     _exp = prepare(cfg)
     attach_log(_exp.log, log_path)

@@ -128,16 +128,28 @@ class RunPlan:
         return longest
 
     def seconds_with(self, jobs: int) -> float:
-        """Estimated wall time with ``jobs`` stages at once, each taking its estimate (ready
-        stages start in declared order, as :mod:`permask.experiment.jobs` starts them)."""
-        finish: dict[str, float] = {}
-        lanes = [0.0] * max(1, jobs)
-        for s in self.stages:
-            lane = min(range(len(lanes)), key=lanes.__getitem__)
-            ready = max((finish.get(n, 0.0) for n in s.needs), default=0.0)
-            finish[s.key] = max(lanes[lane], ready) + self._cost(s)
-            lanes[lane] = finish[s.key]
-        return max(finish.values(), default=0.0)
+        """Estimated wall time with ``jobs`` stages at once, each taking its estimate: whenever a
+        lane is free, the first stage in declared order whose needs are done starts, as
+        :mod:`permask.experiment.jobs` starts them."""
+        waiting, finish = list(self.stages), {}
+        running: list[tuple[float, str]] = []  # (finish time, key)
+        now = 0.0
+        while waiting or running:
+            started = True
+            while started and len(running) < max(1, jobs):
+                started = False
+                for s in waiting:
+                    if all(finish.get(n, float("inf")) <= now for n in s.needs):
+                        waiting.remove(s)
+                        running.append((now + self._cost(s), s.key))
+                        started = True
+                        break
+            if not running:  # needs outside the plan: nothing can start
+                break
+            running.sort()
+            now, key = running.pop(0)
+            finish[key] = now
+        return now
 
     def summary(self) -> str:
         """One line: stages to run, the estimate, and what the probe measured."""

@@ -24,7 +24,7 @@ Example::
     # ...
 
 Adding a stage: give it a kind here (its settings, needs and ``done`` path, in
-:func:`_seed_stages`), a runner in :mod:`permask.experiment.pipeline` (``RUNNERS``) and a
+:func:`_seed_stages`), a runner in :mod:`permask.experiment.runners` (``RUNNERS``) and a
 cost in :mod:`permask.experiment.plan` (``COSTS``); docs/pipeline.md, "Adding a stage".
 """
 
