@@ -19,10 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from permask import permute_model
 from permask.experiment import RunConfig, pipeline, runners
+from permask.experiment.config import read_run_config
 from permask.experiment.train import checkpoint_path, load_checkpoint
 from permask.graph import Permutation
 from permask.metrics import interpolate
@@ -45,9 +44,7 @@ def main() -> None:
         "--channels-last", action=argparse.BooleanOptionalAction, default=DEFAULTS.channels_last
     )
     args = p.parse_args()
-    saved = yaml.safe_load((args.run_dir / "config.yaml").read_text())
-    fields = RunConfig.__dataclass_fields__
-    cfg = RunConfig(**{k: v for k, v in saved.items() if k in fields})
+    cfg = read_run_config(args.run_dir)
     exp = pipeline.prepare(replace(cfg, channels_last=False))
     seed_dir = args.run_dir / "seed0"
     pi = Permutation.load(seed_dir / "align" / "pi.safetensors")

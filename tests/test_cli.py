@@ -208,3 +208,17 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, mnist_dir, monkeypat
     assert not bars_shown(False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert bars_shown(True)
+
+
+def test_one_reader_of_a_runs_config(tmp_path):
+    """read_run_config: a newer version's key is ignored, a setting added since takes its
+    default, and anything but a mapping is one line."""
+    from permask.experiment.config import read_run_config
+
+    assert read_run_config(tmp_path) is None
+    (tmp_path / "config.yaml").write_text("model: mlp\nepochs: 3\nsetting_from_the_future: 1\n")
+    cfg = read_run_config(tmp_path, out=str(tmp_path))
+    assert (cfg.epochs, cfg.jobs, cfg.run_dir) == (3, RunConfig().jobs, tmp_path)
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="is not a config of permask run"):
+        read_run_config(tmp_path)

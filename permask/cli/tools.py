@@ -19,14 +19,13 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
 from permask.cli.flags import data_flags, device_flag, model_flags
-from permask.experiment.config import ConfigError, RunConfig
+from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
 from permask.match.matchers import get_matcher, matcher_names
 from permask.merging import average
@@ -393,20 +392,12 @@ def report_command(args: argparse.Namespace) -> str:
 
 
 def _saved_config(run_dir: Path, data_dir: str | None) -> RunConfig:
-    """The run's config from its ``config.yaml`` (keys of newer permask versions ignored)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    """The run's config from its ``config.yaml`` (:func:`read_run_config`)."""
+    cfg = read_run_config(run_dir, data_dir=data_dir, out=str(run_dir), progress=False)
+    if cfg is None:
         raise ConfigError(f"{run_dir} has no config.yaml: give the run directory (--out) of a "
                           "permask run")  # fmt: skip
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        saved = None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} is not a config of permask run (a YAML mapping)")
-    fields = RunConfig.__dataclass_fields__
-    values = {k: v for k, v in saved.items() if k in fields}
-    return RunConfig(**{**values, "data_dir": data_dir, "out": str(run_dir), "progress": False})
+    return cfg
 
 
 def _test_labels(cfg: RunConfig) -> tuple[torch.Tensor, int]:

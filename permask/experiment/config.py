@@ -22,7 +22,14 @@ from permask.experiment.errors import ConfigError
 from permask.experiment.recipes import check_needs, find_config, recipe_values
 from permask.match.matchers import matcher_names
 
-__all__ = ["ConfigError", "RunConfig", "add_config_flags", "config_from_flags", "load_config"]
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "add_config_flags",
+    "config_from_flags",
+    "load_config",
+    "read_run_config",
+]
 
 # Fields that may change between invocations of one run directory without changing its results.
 RUNTIME_FIELDS = (
@@ -324,3 +331,21 @@ def config_from_flags(args: argparse.Namespace, **defaults: Any) -> RunConfig:
     if path is not None:
         yaml_recipe, yaml_values = _read_yaml(path)
     return _compose(defaults, [yaml_recipe, getattr(args, "recipe", None)], yaml_values, given)
+
+
+def read_run_config(run_dir: str | os.PathLike, **overrides: Any) -> RunConfig | None:
+    """The config a run directory's ``config.yaml`` records (``None``: there is none), with
+    ``overrides``; the one reader of a run's config. Keys this version does not know (written
+    by a newer permask) are ignored; settings added since that run take their defaults, which
+    is what that run used. ``ConfigError`` when the file is not a YAML mapping."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a config of permask run (a YAML mapping)")
+    known = {f.name for f in _fields()}
+    return config_from_dict({**{k: v for k, v in saved.items() if k in known}, **overrides})

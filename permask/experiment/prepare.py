@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from permask.data.datasets import DataNotFoundError
 from permask.data.loader import get_loaders
 from permask.data.protocol import Loader
-from permask.experiment.config import ConfigError, RunConfig
+from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.experiment.distributed import World, init_world
 from permask.experiment.train import TrainResult, train
 from permask.graph import PermutationGraph, TraceError, trace
@@ -189,13 +188,10 @@ def prepare(cfg: RunConfig) -> Experiment:
 
 def _check_run_dir(cfg: RunConfig) -> None:
     """The run directory is new, or holds a run with the same result-determining settings."""
-    saved = cfg.run_dir / "config.yaml"
-    if not saved.is_file():
+    saved = read_run_config(cfg.run_dir)
+    if saved is None:
         return
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = cfg.results_key()
-    defaults = RunConfig().results_key()  # a setting added since that run: its default there
-    old = {k: old.get(k, defaults.get(k)) for k in new}
+    old, new = saved.results_key(), cfg.results_key()
     diff = [k for k in new if old[k] != new[k]]
     if diff:
         k = diff[0]
