@@ -23,8 +23,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def data_flags(p: argparse.ArgumentParser, required: bool, batches: str) -> None:
-    need = "evaluation and BatchNorm" if required else "activation matching and evaluation"
+def data_flags(
+    p: argparse.ArgumentParser, required: bool, batches: str, need: str | None = None
+) -> None:
+    """``--data``, ``--data-dir``, ``--batches`` and ``--device``; ``need`` says what for."""
+    if need is None:
+        need = "evaluation and BatchNorm" if required else "activation matching and evaluation"
     p.add_argument("--data", required=required, help=f"dataset for {need} (as permask run's)")
     p.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
     p.add_argument("--batches", type=int, default=50, help=batches)

@@ -24,7 +24,7 @@ from torch import nn
 import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
-from permask.cli.flags import data_flags, device_flag, model_flags
+from permask.cli.flags import data_flags, model_flags
 from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
 from permask.match.matchers import get_matcher, matcher_names
@@ -57,10 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     align.add_argument("b", help="checkpoint of B")
     align.add_argument("--out", required=True, help="where to write pi (safetensors)")
     align.add_argument("--method", choices=matcher_names(), default="activation")
-    align.add_argument("--data", help="dataset for activation matching (as permask run's)")
-    align.add_argument("--data-dir", help="where the dataset is (default: $PERMASK_DATA)")
-    align.add_argument("--batches", type=int, default=50, help="batches of 128 to match on")
-    device_flag(align)
+    data_flags(align, False, "batches of 128 to match on", need="activation matching")
     align.add_argument("--save-permuted", help="also write pi(A) here (safetensors)")
     align.set_defaults(handler=align_command)
     perm = sub.add_parser("permute-mask", help="pi(m_A): move a mask with a permutation")
