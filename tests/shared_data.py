@@ -160,3 +160,29 @@ def tiny_flags(data_dir: Path, **changes) -> list[str]:
         elif value is not None:
             flags += [flag, str(value)]
     return flags
+
+
+def assert_same_run_files(reference: Path, other: Path, run_stages) -> None:
+    """Every stage output of the run in ``reference`` (``run_stages``, its stages) equals the
+    same file under ``other``: masks and pi exactly, each model's test softmax bit for bit, the
+    interpolation curves but for their timing."""
+    from safetensors.torch import load_file
+
+    from permask.graph import Permutation
+
+    for stage in run_stages:
+        for path in stage.outputs:
+            theirs = other / path.relative_to(reference)
+            if path.name == "pi.safetensors":
+                assert Permutation.load(path) == Permutation.load(theirs)
+            elif path.suffix == ".safetensors":
+                a, b = load_file(path), load_file(theirs)
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+            elif path.suffix == ".pt":
+                a, b = (torch.load(p, weights_only=True)["probs"] for p in (path, theirs))
+                assert torch.equal(a, b), path
+            else:  # interpolation.json: the same curves, its own seconds
+                assert (
+                    path.read_text().split('"seconds"')[0]
+                    == theirs.read_text().split('"seconds"')[0]
+                ), path

@@ -14,13 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from shared_data import TINY_RUN, sigkill_once_written, tiny_flags
+from shared_data import TINY_RUN, assert_same_run_files, sigkill_once_written, tiny_flags
 
 from permask.experiment import RunConfig, run
 from permask.experiment.stages import stages
-from permask.graph import Permutation
-from permask.sparse import load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,18 +33,7 @@ def _table(run_dir: Path) -> dict:
 
 
 def _assert_same_files(cfg: RunConfig, other: Path) -> None:
-    """Every stage's outputs under ``other`` equal ``cfg``'s run's (masks, pi, test softmax)."""
-    for stage in stages(cfg):
-        for path in stage.outputs:
-            theirs = other / path.relative_to(cfg.run_dir)
-            if path.name == "pi.safetensors":
-                assert Permutation.load(path) == Permutation.load(theirs)
-            elif path.suffix == ".safetensors":
-                a, b = load_mask(path), load_mask(theirs)
-                assert all(torch.equal(a[k], b[k]) for k in a), path
-            elif path.suffix == ".pt":
-                a, b = (torch.load(p, weights_only=True)["probs"] for p in (path, theirs))
-                assert torch.equal(a, b), path
+    assert_same_run_files(cfg.run_dir, other, stages(cfg))
 
 
 @pytest.fixture(scope="module")

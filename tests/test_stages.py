@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import networkx as nx
 import pytest
-import torch
-from shared_data import TINY_RUN
+from shared_data import TINY_RUN, assert_same_run_files
 
 from permask.experiment import RunConfig, run
 from permask.experiment.prepare import prepare
 from permask.experiment.runners import RUNNERS
 from permask.experiment.stages import METHODS, stages
-from permask.graph import Permutation
-from permask.sparse import load_mask
 
 VARIANTS = {
     "demo": {},
@@ -66,19 +63,5 @@ def test_a_different_order_that_respects_needs_gives_the_same_run(tmp_path, mnis
     assert order != list(run_stages)
     for key in order:
         RUNNERS[run_stages[key].kind](exp, run_stages[key])
-    for stage in run_stages.values():
-        for path in stage.outputs:
-            mine = tmp_path / "ref" / path.relative_to(tmp_path / "other")
-            if path.name == "pi.safetensors":
-                assert Permutation.load(path) == Permutation.load(mine)
-            elif path.suffix == ".safetensors":
-                got, want = load_mask(path), load_mask(mine)
-                assert all(torch.equal(got[k], want[k]) for k in want), path
-            elif path.suffix == ".pt":
-                got, want = (torch.load(p, weights_only=True) for p in (path, mine))
-                assert torch.equal(got["probs"], want["probs"]), path
-            else:  # the interpolation curves
-                assert (
-                    path.read_text().split('"seconds"')[0] == mine.read_text().split('"seconds"')[0]
-                )
+    assert_same_run_files(tmp_path / "other", tmp_path / "ref", run_stages.values())
     assert ref.rows  # the reference run finished its report
