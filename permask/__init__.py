@@ -23,6 +23,7 @@ from .graph import (
 from .match import align
 from .merging import merge
 from .permute import permute_mask, permute_model, permute_tensors
+from .sparse import transfer_signs
 from .testing import CheckResult, check
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "permute_model",
     "permute_mask",
     "permute_tensors",
+    "transfer_signs",
     "check",
     "CheckResult",
     "align",

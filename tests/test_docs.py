@@ -41,3 +41,17 @@ def test_recovery_table_is_the_results_files():
         exact = sum(r[method]["exact"] == 1.0 for r in latest.values())
         line = re.search(rf"\n\| {method} \| (\d+) \| \d+ \| (\d+)/(\d+) \|", coverage)
         assert line and line.groups() == (str(len(latest)), str(exact), str(len(models))), method
+
+
+def test_docstring_examples_run():
+    """Every ``>>>`` example in permask's docstrings gives the output it shows."""
+    import doctest
+    import importlib
+
+    package = ROOT / "permask"
+    files = [p for p in sorted(package.rglob("*.py")) if ">>>" in p.read_text()]
+    assert len(files) >= 5
+    for path in files:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, f"{name}: {result.failed} docstring example(s) failed"

@@ -15,6 +15,8 @@ from .imp import ImpResult, ImpRound, imp, imp_schedule, imp_sparsities
 from .io import load_mask, save_mask
 from .mask import Mask, Sparsity, apply_mask, magnitude_mask, prunable_parameters, sparsity
 from .optimizer import ZERO_PRESERVING, MaskedOptimizer
+from .precondition import PRECONDITIONERS, sparseopt_factors
+from .signs import transfer_signs
 
 __all__ = [
     "ImpResult",
@@ -22,6 +24,7 @@ __all__ = [
     "Mask",
     "MaskParametrization",
     "MaskedOptimizer",
+    "PRECONDITIONERS",
     "ZERO_PRESERVING",
     "Sparsity",
     "apply_mask",
@@ -34,7 +37,9 @@ __all__ = [
     "magnitude_mask",
     "prunable_parameters",
     "save_mask",
+    "sparseopt_factors",
     "sparsity",
     "to_parametrize",
     "to_torch_prune",
+    "transfer_signs",
 ]

@@ -39,6 +39,7 @@ from torch import nn
 
 from .._modules import unwrap
 from .mask import Mask, check_entry, unknown_entry
+from .precondition import PRECONDITIONERS, sparseopt_factors
 
 #: Optimizer classes (exact types, not subclasses) that keep exact zeros given zero grads.
 ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
@@ -104,6 +105,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
     ``param_names`` that torch optimizers record when built from ``model.named_parameters()``.
     The mask is a plain attribute, not a module buffer, so DDP never re-broadcasts it.
 
+    ``precondition="sparseopt"`` multiplies each step's change of every masked weight, per
+    output neuron, by SparseOpt's sqrt(1 - s_i) / sqrt(1 - s_avg) (Adnan et al., ICML 2026;
+    :mod:`permask.sparse.precondition`), around any optimizer: the whole step is scaled (for
+    AdamW its decoupled decay too), so a normalizing optimizer cannot undo it. The weights are
+    copied before each step for it. Pruned entries stay exactly 0.
+
     ``param_groups``, ``state``, ``zero_grad`` and ``add_param_group`` are those of the wrapped
     optimizer, so learning-rate schedulers and ``GradScaler`` (``scaler.step(masked)``) work on
     the wrapper. ``state_dict()`` adds the mask under the key ``"mask"``.
@@ -119,6 +126,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         model: nn.Module | Iterable[tuple[str, torch.Tensor]] | None = None,
         *,
         post_step_mask: bool | None = None,
+        precondition: str | None = None,
     ) -> None:
         # No super().__init__(): all optimizer state lives in the wrapped optimizer.
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -130,7 +138,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 f"mask must be a dict of parameter name -> bool tensor, got "
                 f"{type(mask).__name__}; the order is MaskedOptimizer(optimizer, mask, model)."
             )
+        if precondition is not None and precondition not in PRECONDITIONERS:
+            raise ValueError(
+                f"precondition must be None or one of {', '.join(PRECONDITIONERS)}, got "
+                f"{precondition!r}"
+            )
         self.optimizer = optimizer
+        self.precondition = precondition
         if post_step_mask is None:
             post_step_mask = type(optimizer) not in ZERO_PRESERVING
         self.post_step_mask = post_step_mask
@@ -226,9 +240,24 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._mask = new
         self._params = params
         self._factors = [_factor(m, p) for m, p in zip(self._mask.values(), params)]
+        self._lifts = self._precondition_lifts()
         self._state_of: tuple[object, int] | None = None  # (state dict, its length) grouped
         self._mask_grads()
         self._mask_weights_and_state()
+
+    def _precondition_lifts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(parameter, factor - 1)`` of each weight whose step the preconditioner changes
+        (layers with equal sparsity in all neurons have factor 1 and are left out)."""
+        if self.precondition is None:
+            return []
+        named = dict(zip(self._mask, self._params))
+        lifts = []
+        for name, factor in sparseopt_factors(self._mask).items():
+            p = named[name]
+            lift = (factor - 1).to(dtype=p.dtype, device=p.device)
+            if bool(lift.ne(0).any()):
+                lifts.append((p, lift))
+        return lifts
 
     def _unmaskable_state(self) -> bool:
         """Whether any state tensor lacks its parameter's shape. All parameters count, masked or
@@ -281,7 +310,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Mask grads, step the wrapped optimizer, then (``post_step_mask``) weights and state."""
+        """Mask grads, step the wrapped optimizer (its change preconditioned, with
+        ``precondition``), then (``post_step_mask``) mask weights and state."""
+        before = [p.detach().clone() for p, _ in self._lifts]
         if closure is None:
             self._mask_grads()
             loss = self.optimizer.step()
@@ -293,9 +324,18 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 return loss
 
             loss = self.optimizer.step(masked_closure)
+        if before:
+            self._precondition_step(before)
         if self.post_step_mask:
             self._mask_weights_and_state()
         return loss
+
+    @torch.no_grad()
+    def _precondition_step(self, before: list[torch.Tensor]) -> None:
+        """new = after + (factor - 1) * (after - before): the step scaled by the factor (exactly
+        the unscaled weight where the factor is 1)."""
+        for (p, lift), b in zip(self._lifts, before):
+            p.add_(b.neg_().add_(p).mul_(lift))
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, **kwargs: Any
