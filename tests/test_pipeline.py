@@ -175,3 +175,59 @@ def test_a_run_whose_models_did_not_learn_says_so(tmp_path, tiny):
     assert len(results.notes) == 1 and "near chance (10.0%)" in results.notes[0]
     assert "**Warning:** dense B reached only" in (tmp_path / "stuck" / "results.md").read_text()
     assert "near chance" in (tmp_path / "stuck" / "run.log").read_text()
+
+
+def test_more_methods_and_sparseopt_join_a_finished_run(tmp_path, tiny):
+    """The paper's three, then the sign methods, then SparseOpt, into one run directory: each
+    invocation trains only its new sparse stages and the report shows every finished row."""
+    settings = {**tiny, "interp_points": 2}
+    out = tmp_path / "run"
+    first = run(RunConfig(**settings, out=str(out)))
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("seed*/**/eval.pt")}
+    every = ["lth", "permuted", "naive", "naive+signs", "permuted+signs"]
+    second = run(RunConfig(**settings, methods=every, out=str(out)))
+    assert {p: p.stat().st_mtime_ns for p in evals} == evals  # nothing trained again
+    assert [r["method"] for r in second.rows] == ["dense", "imp", *every]
+    assert second.rows[:5] == first.rows  # the same rows, then the new ones
+    assert all(r["models"] == 2 for r in second.rows[5:])
+    third = run(RunConfig(**settings, methods=["permuted"], sparse_precondition="sparseopt",
+                          out=str(out)))  # fmt: skip
+    assert [r["method"] for r in third.rows] == ["dense", "imp", *every, "permuted/sparseopt"]
+    assert third.row("permuted/sparseopt", 0.5, 1) != third.row("permuted", 0.5, 1)
+    reported = (out / "results.md").read_text()
+    assert "| permuted+signs | 50% | 1 | 2 |" in reported
+    assert "| permuted/sparseopt | 50% | 1 | 2 |" in reported
+
+
+def test_the_sign_methods_start_from_b_magnitudes_with_a_signs(tmp_path, tiny):
+    """naive+signs starts from |w_B^k| with the signs of w_A^k and m_A; permuted+signs from
+    |w_B^k| with the signs of pi(w_A^k) and pi(m_A); zero outside the mask."""
+    from permask.experiment.prepare import prepare
+    from permask.experiment.runners import sparse_start
+    from permask.experiment.stages import stages
+    from permask.graph import Permutation
+    from permask.permute import permute_tensors
+
+    every = ["lth", "permuted", "naive", "naive+signs", "permuted+signs"]
+    settings = {**tiny, "seeds": 1, "interp_points": 2, "methods": every}
+    cfg = RunConfig(**settings, out=str(tmp_path / "r"))
+    run(cfg)
+    exp = prepare(cfg)
+    starts = {s.method: sparse_start(exp, s) for s in stages(cfg) if s.kind == "sparse"}
+    pi = Permutation.load(cfg.run_dir / "seed0" / "align" / "pi.safetensors")
+    a = starts["lth"][0].state_dict()  # w_A^k
+    moved_a = permute_tensors(a, pi, exp.graph)
+    for method, plain, signs in (
+        ("naive+signs", "naive", a),
+        ("permuted+signs", "permuted", moved_a),
+    ):
+        (model, mask), (model_b, mask_b) = starts[method], starts[plain]
+        assert mask.keys() == mask_b.keys()
+        assert all(torch.equal(mask[n], mask_b[n]) for n in mask)  # m_A, or pi(m_A)
+        w, b = model.state_dict(), model_b.state_dict()  # b: w_B^k
+        for name, keep in mask.items():
+            assert torch.equal(w[name][keep].abs(), b[name][keep].abs()), (method, name)
+            same = torch.signbit(w[name][keep]) == torch.signbit(signs[name][keep])
+            assert same.all(), (method, name)
+            assert not w[name][~keep].any()
+            assert not torch.equal(w[name], b[name] * keep)  # some signs did change

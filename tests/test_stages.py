@@ -11,12 +11,17 @@ from shared_data import TINY_RUN, assert_same_run_files
 from permask.experiment import RunConfig, run
 from permask.experiment.prepare import prepare
 from permask.experiment.runners import RUNNERS
-from permask.experiment.stages import METHODS, stages
+from permask.experiment.stages import stages
 
 VARIANTS = {
     "demo": {},
     "grid": dict(seeds=2, sparsity=[0.5, 0.9], rewind=[0, 2]),
     "shared A, early match": dict(seeds=3, shared_a=True, match_epoch=3, rewind=[1]),
+    "every method, sparseopt": dict(
+        seeds=2,
+        methods=["naive+signs", "lth", "permuted+signs", "permuted", "naive"],
+        sparse_precondition="sparseopt",
+    ),  # fmt: skip
 }
 
 
@@ -33,7 +38,24 @@ def test_every_need_comes_earlier_and_every_output_is_one_stages(settings, tmp_p
     assert len(set(outputs)) == len(outputs)
     assert all(path.is_relative_to(tmp_path) for path in outputs)
     sparse = [s for s in run_stages if s.kind == "sparse"]
-    assert len(sparse) == cfg.seeds * len(cfg.sparsity) * len(cfg.rewind) * len(METHODS)
+    assert len(sparse) == cfg.seeds * len(cfg.sparsity) * len(cfg.rewind) * len(cfg.methods)
+
+
+def test_methods_run_in_one_order_and_need_what_they_read(tmp_path):
+    cfg = RunConfig(**VARIANTS["every method, sparseopt"], out=str(tmp_path))
+    assert cfg.methods == ["lth", "permuted", "naive", "naive+signs", "permuted+signs"]
+    needs = {s.method: s.needs for s in stages(cfg) if s.kind == "sparse" and s.seed == 1}
+    a, b, imp, pi = "seed1/dense A", "seed1/dense B", "seed1/IMP", "seed1/align"
+    assert needs == {
+        "lth": (a, imp),
+        "permuted": (b, imp, pi),
+        "naive": (b, imp),
+        "naive+signs": (a, b, imp),
+        "permuted+signs": (a, b, imp, pi),
+    }
+    sparse = [s for s in stages(cfg) if s.kind == "sparse"]
+    assert all(s.precondition == "sparseopt" and s.name.endswith(" sparseopt") for s in sparse)
+    assert all(s.directory.name.endswith("_sparseopt") for s in sparse)
 
 
 def test_shared_a_trains_a_once_and_every_seed_reads_it(tmp_path):

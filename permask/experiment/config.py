@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from permask.experiment.errors import ConfigError
+from permask.experiment.methods import METHODS, PAPER_METHODS
 from permask.experiment.recipes import check_needs, find_config, recipe_values
 from permask.match.matchers import matcher_names
 
@@ -43,6 +44,11 @@ RUNTIME_FIELDS = (
     "workers",
     "channels_last",
 )
+
+
+# Fields choosing which sparse trainings run: each writes its own directory, so they may change
+# between invocations of one run directory (the report shows every one that has finished).
+SELECTION_FIELDS = ("methods", "sparse_precondition")
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -98,6 +104,15 @@ class RunConfig:
         "rewinding) or restart (a fresh cosine over epochs - k at sparse_lr, as in the paper)",
     )
     sparse_lr: float | None = _setting(None, "peak lr of a restarted sparse schedule (default: lr)")
+    methods: list[str] = _setting(
+        list(PAPER_METHODS),
+        f"sparse trainings to compare: any of {', '.join(METHODS)} (docs/pipeline.md, Methods)",
+    )
+    sparse_precondition: str = _setting(
+        "none",
+        "preconditioner of the sparse trainings' steps: none or sparseopt (per-neuron "
+        "sqrt(1 - s_i) / sqrt(1 - s_avg), Adnan et al. 2026)",
+    )
     imp: str = _setting("finetune", "IMP variant: finetune (the paper) or rewind (Frankle et al.)")
     imp_rate: float = _setting(0.2, "fraction of the remaining weights pruned per IMP round")
     finetune_epochs: int = _setting(1, "epochs of fine-tuning per IMP round (finetune variant)")
@@ -156,6 +171,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.sparsity = sorted({float(s) for s in self.sparsity})
         self.rewind = sorted({int(k) for k in self.rewind})
+        unknown = [m for m in self.methods if m not in METHODS]  # validate() names them
+        self.methods = [m for m in METHODS if m in self.methods] + unknown  # the order they run
         self.validate()
 
     def validate(self) -> None:
@@ -164,6 +181,10 @@ class RunConfig:
             raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            got = f"unknown method {unknown[0]!r}" if unknown else "methods is empty"
+            raise ConfigError(f"{got}; methods must be one or more of {', '.join(METHODS)}")
         if not self.rewind or not all(0 <= k < self.epochs for k in self.rewind):
             raise ConfigError(
                 f"rewind points must be in [0, epochs) = [0, {self.epochs}), got {self.rewind}"
@@ -174,6 +195,7 @@ class RunConfig:
         choices["optimizer"] = ("sgd", "adam", "adamw")
         choices["sparse_schedule"] = ("continue", "restart")
         choices["amp"] = ("off", "bf16", "fp16")
+        choices["sparse_precondition"] = ("none", "sparseopt")
         choices["schedule"] = ("cosine", "step")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -221,8 +243,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def results_key(self) -> dict[str, Any]:
-        """The settings that determine the results (runtime-only fields removed)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The settings that determine the results of every stage (runtime-only fields and the
+        choice of sparse trainings removed): a run directory holds one of these."""
+        leave_out = RUNTIME_FIELDS + SELECTION_FIELDS
+        return {k: v for k, v in self.to_dict().items() if k not in leave_out}
 
 
 def _fields() -> list[dataclasses.Field]:

@@ -9,7 +9,7 @@ and the report reads them::
     RUN_DIR/seed{s}/masks/imp_s{sparsity}.safetensors       m_A
     RUN_DIR/seed{s}/masks/permuted_s{sparsity}.safetensors  pi(m_A)
     RUN_DIR/seed{s}/align/pi.safetensors    the permutation
-    RUN_DIR/seed{s}/sparse/{method}_s{sparsity}_k{rewind}/
+    RUN_DIR/seed{s}/sparse/{method}_s{sparsity}_k{rewind}[_{precondition}]/
     RUN_DIR/seed{s}/interpolation.json
 
 A training directory's checkpoints (``last.pt``, ``epoch_<k>.pt``) are the trainer's
@@ -93,6 +93,10 @@ def interpolation_path(own_dir: Path) -> Path:
     return own_dir / "interpolation.json"
 
 
-def sparse_dir(own_dir: Path, method: str, sparsity: float, rewind: int) -> Path:
-    """The directory of one sparse training (``method`` from w^k with the mask at sparsity)."""
-    return own_dir / "sparse" / f"{method}_s{sparsity:g}_k{rewind}"
+def sparse_dir(
+    own_dir: Path, method: str, sparsity: float, rewind: int, precondition: str | None = None
+) -> Path:
+    """The directory of one sparse training (``method`` from w^k with the mask at sparsity,
+    its steps preconditioned by ``precondition`` if given)."""
+    suffix = f"_{precondition}" if precondition else ""
+    return own_dir / "sparse" / f"{method}_s{sparsity:g}_k{rewind}{suffix}"

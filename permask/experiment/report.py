@@ -1,7 +1,8 @@
 """Results of a run: the table (Table 1 of the paper), files (md, csv, json) and PNG plots.
 
 Rows: ``dense`` (the B models, one per seed), ``imp`` (IMP's pruned and fine-tuned A), and for
-every sparsity and rewind point ``lth``, ``permuted``, ``naive``. Each row has the test accuracy
+every sparsity and rewind point each sparse method (``lth``, ``permuted``, ``naive`` by default;
+a preconditioned one as ``method/sparseopt``). Each row has the test accuracy
 mean and sample std over its models and, over the same models, the ensemble accuracy,
 disagreement, KL and JS of :func:`permask.metrics.ensemble_metrics` (``nan`` for one model).
 """
@@ -20,9 +21,11 @@ import torch
 
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask.experiment.config import RunConfig
+from permask.experiment.methods import METHODS
 from permask.experiment.paths import imp_files
-from permask.experiment.stages import METHODS, stages
+from permask.experiment.stages import Stage, stages
 from permask.metrics import ensemble_metrics, plot_interpolation
+from permask.sparse import PRECONDITIONERS
 
 __all__ = ["Results", "collect", "write_report", "write_paper", "paper_markdown"]
 
@@ -113,7 +116,9 @@ def _mean(xs: list[float]) -> float:
 
 def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Results:
     """Read every model's ``eval.pt`` and interpolation curves of a finished run: the outputs
-    of its stages (:func:`permask.experiment.stages.stages`), one row per model kind."""
+    of its stages (:func:`permask.experiment.stages.stages`), one row per model kind. Sparse
+    trainings of other methods or preconditioners that an earlier invocation ran into the same
+    directory get rows too, once all their seeds are done."""
     run = stages(replace(cfg, out=str(run_dir)))
     groups: dict[tuple, list[Path]] = {("dense", None, None): []}
     for sp in cfg.sparsity:
@@ -126,11 +131,10 @@ def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: in
             _, evals = imp_files(cfg, stage.directory.parent)
             for sp in cfg.sparsity:
                 groups[("imp", sp, None)].append(evals[sp])
-        elif stage.kind == "sparse":
-            key = (stage.method, stage.sparsity, stage.rewind)
-            groups.setdefault(key, []).extend(stage.outputs)
         elif stage.kind == "interpolation":
             curves_of += stage.outputs
+    sparse, partial = _sparse_groups(run, replace(cfg, out=str(run_dir)))
+    groups.update(sparse)
     rows = [_row(key, paths, labels) for key, paths in groups.items()]
     barriers: dict[str, list[float]] = {"naive": [], "permuted": []}
     curves, seconds = {}, []
@@ -141,7 +145,39 @@ def collect(run_dir: Path, cfg: RunConfig, labels: torch.Tensor, num_classes: in
         if "seconds" in data:  # runs before 2026-12-04 did not record it
             seconds.append(data["seconds"])
         curves = curves or data
-    return Results(rows, barriers, curves, _notes(rows, num_classes), seconds)
+    return Results(rows, barriers, curves, _notes(rows, num_classes) + partial, seconds)
+
+
+def _sparse_groups(run: list[Stage], cfg: RunConfig) -> tuple[dict[tuple, list[Path]], list[str]]:
+    """The evaluations of each sparse row (``run``'s own, and every other method and
+    preconditioner whose seeds are all done), ordered by sparsity, rewind point, preconditioner
+    and method; and a note per other row that is only partly done."""
+    own = {stage for stage in run if stage.kind == "sparse"}
+    every = [
+        stage
+        for pre in ("none", *PRECONDITIONERS)
+        for stage in stages(replace(cfg, methods=list(METHODS), sparse_precondition=pre))
+        if stage.kind == "sparse"
+    ]
+    groups: dict[tuple, list[Stage]] = {}
+    for stage in every:
+        label = stage.method + (f"/{stage.precondition}" if stage.precondition else "")
+        groups.setdefault((label, stage.sparsity, stage.rewind), []).append(stage)
+    rows, notes = {}, []
+    for key, members in groups.items():
+        done = sum(all(p.is_file() for p in stage.outputs) for stage in members)
+        if own.intersection(members) or done == len(members):
+            rows[key] = [p for stage in members for p in stage.outputs]
+        elif done:
+            label, sp, k = key
+            notes.append(f"{label} at {sp:g}, k={k}: {done} of {len(members)} seeds done (no row)")
+    order = {m: i for i, m in enumerate(METHODS)}
+
+    def rank(key: tuple) -> tuple:
+        method, _, pre = key[0].partition("/")
+        return key[1], key[2], pre, order[method]
+
+    return {key: rows[key] for key in sorted(rows, key=rank)}, notes
 
 
 def _notes(rows: list[dict[str, Any]], num_classes: int) -> list[str]:
@@ -212,18 +248,18 @@ def _plot_accuracy(results: Results, cfg: RunConfig, path: Path) -> None:
     fig = Figure(figsize=(4.5 * len(cfg.rewind), 3.5))
     axes = fig.subplots(1, len(cfg.rewind), squeeze=False)[0]
     dense = results.row("dense")
-    xs = [100 * s for s in cfg.sparsity]
+    labels = list(dict.fromkeys(r["method"] for r in results.rows if r["method"] != "dense"))
     for ax, k in zip(axes, cfg.rewind):
         ax.axhline(dense["acc_mean"], color="grey", linestyle="--", label="dense")
-        for method in ("imp", *METHODS):
-            rows = [results.row(method, s, None if method == "imp" else k) for s in cfg.sparsity]
+        for label in labels:
+            rows = [r for r in results.rows if r["method"] == label and r["rewind"] in (None, k)]
             ax.errorbar(
-                xs,
+                [100 * r["sparsity"] for r in rows],
                 [r["acc_mean"] for r in rows],
                 yerr=[r["acc_std"] for r in rows],
                 marker="o",
                 capsize=3,
-                label=method,
+                label=label,
             )
         ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title=f"rewind k={k}")
         ax.legend()

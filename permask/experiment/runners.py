@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from permask._atomic import atomic_path, atomic_save, atomic_write_bytes
 from permask.data.protocol import Loader
 from permask.experiment import paths
+from permask.experiment.methods import METHODS
 from permask.experiment.prepare import Experiment
 from permask.experiment.stages import Stage, seeds_of
 from permask.experiment.train import (
@@ -35,10 +36,10 @@ from permask.experiment.train import (
 from permask.graph import Permutation
 from permask.match import align
 from permask.metrics import barrier, interpolate
-from permask.permute import permute_mask, permute_model
-from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask
+from permask.permute import permute_mask, permute_model, permute_tensors
+from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask, transfer_signs
 
-__all__ = ["RUNNERS", "run_stage"]
+__all__ = ["RUNNERS", "run_stage", "sparse_start"]
 
 
 def run_stage(exp: Experiment, stage: Stage) -> float | None:
@@ -89,23 +90,36 @@ def _run_dense(exp: Experiment, stage: Stage) -> None:
 
 
 def _run_sparse(exp: Experiment, stage: Stage) -> None:
-    """``stage.method`` from its rewind point with its mask (``stages`` says which)."""
-    a = stage.method == "lth"
-    seed_dir = _a_dir(exp, stage.seed) if a else _own_dir(exp, stage.seed)
-    model = exp.build(0)
-    load_checkpoint(
-        checkpoint_path(paths.dense_dir(seed_dir, "A" if a else "B"), stage.rewind), model
-    )
-    if stage.method == "permuted":
-        mask = _permuted_mask(exp, stage.seed, stage.sparsity)
-    else:
-        mask = _imp_mask(exp, stage.seed, stage.sparsity)
+    """``stage.method`` from its start (:func:`sparse_start`) for its epochs."""
+    model, mask = sparse_start(exp, stage)
     recipe: dict[str, Any] = dict(epochs=stage.epochs, start_epoch=stage.start_epoch)
     if stage.lr is not None:
         recipe["lr"] = stage.lr
     loader = exp.loader(seeds_of(stage.seed)["sparse"])
     name = f"[seed {stage.seed}] {stage.name}"
-    _trained(exp, name, stage.directory, model, loader, mask=mask, **recipe)
+    _trained(exp, name, stage.directory, model, loader, mask=mask,
+             precondition=stage.precondition, **recipe)  # fmt: skip
+
+
+def sparse_start(exp: Experiment, stage: Stage) -> tuple[nn.Module, Mask]:
+    """The weights and mask a sparse ``stage`` trains from: its method's rewind point, mask and
+    signs (:mod:`permask.experiment.methods`), read from the files of the stages it needs."""
+    method, seed = METHODS[stage.method], stage.seed
+    model = _dense(exp, seed, method.init, stage.rewind)
+    if method.aligned:
+        mask = _permuted_mask(exp, seed, stage.sparsity)
+    else:
+        mask = _imp_mask(exp, seed, stage.sparsity)
+    if method.signs:
+        signs = _dense(exp, seed, "A", stage.rewind).state_dict()
+        if method.aligned:
+            signs = permute_tensors(signs, _pi(exp, seed), exp.graph)
+        model.load_state_dict(transfer_signs(signs, model.state_dict(), mask))
+    return model, mask
+
+
+def _pi(exp: Experiment, seed: int) -> Permutation:
+    return Permutation.load(paths.align_path(_own_dir(exp, seed)))
 
 
 def _permuted_mask(exp: Experiment, seed: int, sparsity: float) -> Mask:
@@ -113,8 +127,7 @@ def _permuted_mask(exp: Experiment, seed: int, sparsity: float) -> Mask:
     path = paths.permuted_mask_path(_own_dir(exp, seed), sparsity)
     if exp.world.exists(path):  # decided before rank 0 writes it below
         return load_mask(path, exp.cfg.device)
-    pi = Permutation.load(paths.align_path(_own_dir(exp, seed)))
-    mask = permute_mask(_imp_mask(exp, seed, sparsity), pi, exp.graph)
+    mask = permute_mask(_imp_mask(exp, seed, sparsity), _pi(exp, seed), exp.graph)
     exp.world.written_by_main(_save_mask, mask, path)
     return mask
 
@@ -246,10 +259,9 @@ def _save_atomically(save: Callable[[Path], object], path: Path) -> None:
 
 def _run_interpolation(exp: Experiment, stage: Stage) -> None:
     """Loss/accuracy along A -> B (naive) and pi(A) -> B (aligned), with barriers."""
-    seed, own_dir = stage.seed, _own_dir(exp, stage.seed)
-    pi = Permutation.load(paths.align_path(own_dir))
-    blob = _curves(exp, _dense(exp, seed, "A"), _dense(exp, seed, "B"), pi)
-    path = paths.interpolation_path(own_dir)
+    seed = stage.seed
+    blob = _curves(exp, _dense(exp, seed, "A"), _dense(exp, seed, "B"), _pi(exp, seed))
+    path = paths.interpolation_path(_own_dir(exp, seed))
     text = json.dumps(blob, indent=1).encode()
     exp.world.written_by_main(atomic_write_bytes, text, path)  # the same on every rank
     exp.log.info(

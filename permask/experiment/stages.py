@@ -36,10 +36,9 @@ from pathlib import Path
 
 from permask.experiment import paths
 from permask.experiment.config import RunConfig
+from permask.experiment.methods import METHODS
 
-__all__ = ["METHODS", "Stage", "stages", "seeds_of"]
-
-METHODS = ("lth", "permuted", "naive")  # the sparse trainings, in the order they run
+__all__ = ["Stage", "stages", "seeds_of"]
 
 KINDS = ("dense", "imp", "align", "sparse", "interpolation")
 
@@ -55,8 +54,9 @@ class Stage:
       checkpoints of ``keep`` epochs (the rewind points, and B's ``match_epoch``);
     - ``imp``: IMP on trained A to every requested sparsity;
     - ``align``: pi from A to B (at ``match_epoch`` if set);
-    - ``sparse``: ``method`` from its rewind point ``rewind`` with the mask at ``sparsity``,
-      from epoch ``start_epoch`` to ``epochs`` at peak ``lr`` (None: the run's);
+    - ``sparse``: ``method`` (:mod:`permask.experiment.methods`) from its rewind point
+      ``rewind`` with the mask at ``sparsity``, from epoch ``start_epoch`` to ``epochs`` at peak
+      ``lr`` (None: the run's), its steps preconditioned by ``precondition`` (None: plain);
     - ``interpolation``: the curves A -> B and pi(A) -> B.
     """
 
@@ -74,6 +74,7 @@ class Stage:
     start_epoch: int = 0
     lr: float | None = None
     keep: tuple[int, ...] = ()
+    precondition: str | None = None
 
     @property
     def key(self) -> str:
@@ -107,21 +108,21 @@ def _seed_stages(cfg: RunConfig, seed: int) -> Iterator[Stage]:
     pi = paths.align_path(own)
     yield Stage(seed, "align", "align", pi.parent, (pi,), (dense_a, dense_b))
     restart = cfg.sparse_schedule == "restart"  # else the dense schedule resumed at k
+    pre = None if cfg.sparse_precondition == "none" else cfg.sparse_precondition
     for s in cfg.sparsity:
         for k in cfg.rewind:
-            for method in METHODS:
-                needs = {
-                    "lth": (dense_a, imp_key),
-                    "permuted": (dense_b, imp_key, align_key),
-                    "naive": (dense_b, imp_key),
-                }[method]
-                directory = paths.sparse_dir(own, method, s, k)
+            for method in (METHODS[m] for m in cfg.methods):
+                needs = [dense_a] if method.init == "A" or method.signs else []
+                needs += [dense_b] if method.init == "B" else []
+                needs += [imp_key] + ([align_key] if method.aligned else [])
+                directory = paths.sparse_dir(own, method.name, s, k, pre)
+                name = f"{method.name} s={s:g} k={k}" + (f" {pre}" if pre else "")
                 yield Stage(
-                    seed, "sparse", f"{method} s={s:g} k={k}", directory,
-                    (paths.eval_path(directory),), needs, method=method, sparsity=s, rewind=k,
+                    seed, "sparse", name, directory, (paths.eval_path(directory),), tuple(needs),
+                    method=method.name, sparsity=s, rewind=k,
                     epochs=cfg.epochs - k if restart else cfg.epochs,
                     start_epoch=0 if restart else k,
-                    lr=(cfg.sparse_lr or cfg.lr) if restart else None,
+                    lr=(cfg.sparse_lr or cfg.lr) if restart else None, precondition=pre,
                 )  # fmt: skip
     curves = paths.interpolation_path(own)
     yield Stage(

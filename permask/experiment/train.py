@@ -163,12 +163,14 @@ def train(
     distributed: bool = False,
     amp: str = "off",
     sync_bn: bool = False,
+    precondition: str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for epochs ``start_epoch .. epochs - 1``.
 
     The schedule spans ``epochs`` epochs and starts at ``start_epoch`` (learning-rate rewinding
     continues a schedule; a fresh schedule is ``start_epoch=0``). With ``mask`` the optimizer is
-    wrapped in :class:`permask.sparse.MaskedOptimizer`, so pruned weights stay exactly 0. With
+    wrapped in :class:`permask.sparse.MaskedOptimizer`, so pruned weights stay exactly 0, its
+    steps preconditioned by ``precondition`` (e.g. ``"sparseopt"``; needs ``mask``). With
     ``checkpoint_dir`` training resumes from ``last.pt`` if present (returning at once when it is
     complete) and keeps ``epoch_<k>.pt`` for every ``k`` in ``keep_epochs``.
 
@@ -188,12 +190,14 @@ def train(
     BatchNorm modules afterwards.
     """
     _check_train_arguments(start_epoch, epochs, checkpoint_every, amp)
+    if precondition is not None and mask is None:
+        raise ValueError(f"precondition={precondition!r} needs a mask (it scales sparse steps)")
     device = _training_device(model, device, sync_bn)
     model.to(device)
     steps = len(loader)  # type: ignore[arg-type]
     opt = make_optimizer(optimizer, model, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if mask is not None:
-        opt = MaskedOptimizer(opt, mask, model)
+        opt = MaskedOptimizer(opt, mask, model, precondition=precondition)
     sched = make_scheduler(
         opt, schedule, epochs * steps, warmup_epochs * steps, start_step=start_epoch * steps
     )
