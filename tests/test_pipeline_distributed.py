@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_data import write_image_folder
+from shared_data import tiny_flags, write_image_folder
 
 from permask.cli import _parser
 from permask.experiment.config import config_from_flags
@@ -24,14 +24,15 @@ from permask.graph import Permutation
 from permask.sparse import load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--model", "mlp", "--dataset", "mnist", "--train-subset", "1000", "--test-subset",
-         "300", "--epochs", "3", "--seeds", "1", "--sparsity", "0.5", "--rewind", "1",
-         "--interp-points", "3", "--threads", "1", "--device", "cpu", "--no-progress",
-         "--batch-size", "100"]  # fmt: skip
+
+
+def _flags(data: Path) -> list[str]:
+    """The shared tiny run, one seed of three epochs in batches of 100 (two ranks: 50 each)."""
+    return tiny_flags(data, epochs=3, seeds=1, interp_points=3, batch_size=100)
 
 
 def _cli(out: Path, data: Path, nproc: int, *extra: str) -> list[str]:
-    run = ["-m", "permask", "run", "--out", str(out), "--data-dir", str(data), *FLAGS, *extra]
+    run = ["-m", "permask", "run", "--out", str(out), *_flags(data), *extra]
     if nproc == 1:
         return [sys.executable, *run]
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
@@ -61,7 +62,7 @@ def one_and_two(tmp_path_factory, mnist_dir):
 def _relu_outputs(run_dir: Path, data: Path, stage: str) -> dict[str, torch.Tensor]:
     """Per MLP unit (group name), the trained model's ReLU outputs on the matching data,
     ``[samples, units]`` in float64."""
-    args = _parser().parse_args(["run", "--data-dir", str(data), *FLAGS, "--out", str(run_dir)])
+    args = _parser().parse_args(["run", *_flags(data), "--out", str(run_dir)])
     exp = prepare(config_from_flags(args))
     model = exp.build(0)
     load_checkpoint(run_dir / "seed0" / stage / "last.pt", model)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from permask.experiment.compiled import COMPILE
 from permask.experiment.errors import ConfigError
 from permask.experiment.methods import METHODS, PAPER_METHODS
 from permask.experiment.recipes import check_needs, find_config, recipe_values
@@ -144,6 +145,11 @@ class RunConfig:
     amp: str = _setting(
         "off", "mixed precision of training: off, bf16 or fp16 (autocast; fp16 with GradScaler)"
     )
+    compile: str = _setting(
+        "off",
+        "torch.compile the training forward and backward: off, inductor, inductor-cudagraphs "
+        "(CUDA graphs) or aot_eager; eager again after a compile failure (one warning)",
+    )
     sync_bn: bool = _setting(
         False, "under torchrun on GPUs: BatchNorm over the global batch (SyncBatchNorm) in training"
     )
@@ -195,6 +201,7 @@ class RunConfig:
         choices["optimizer"] = ("sgd", "adam", "adamw")
         choices["sparse_schedule"] = ("continue", "restart")
         choices["amp"] = ("off", "bf16", "fp16")
+        choices["compile"] = tuple(COMPILE)
         choices["sparse_precondition"] = ("none", "sparseopt")
         choices["schedule"] = ("cosine", "step")
         for key, allowed in choices.items():

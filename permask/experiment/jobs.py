@@ -37,7 +37,7 @@ import torch
 from permask.experiment.config import RunConfig
 from permask.experiment.errors import JobError
 from permask.experiment.prepare import Experiment, attach_log, prepare
-from permask.experiment.runners import run_stage
+from permask.experiment.runners import done_earlier, run_stage
 from permask.experiment.stages import Stage, stages
 
 __all__ = ["JobError", "run_jobs", "threads_per_job"]
@@ -57,11 +57,8 @@ def run_jobs(exp: Experiment, run_stages: list[Stage], log_path: Path | None) ->
         for stage in run_stages:
             run_stage(exp, stage)
         return
-    waiting = {s.key: s for s in run_stages if not exp.world.exists(*s.outputs)}
-    done = {s.key for s in run_stages} - waiting.keys()
-    for stage in run_stages:
-        if stage.key in done:
-            exp.log.info("[seed %d] %s: done earlier (skipped)", stage.seed, stage.name)
+    done = {s.key for s in run_stages if done_earlier(exp, s)}
+    waiting = {s.key: s for s in run_stages if s.key not in done}
     cfg = replace(exp.cfg, threads=threads_per_job(exp.cfg), progress=False)
     jobs = min(jobs, len(waiting))  # a resume with few stages left starts few workers
     if not jobs:

@@ -95,6 +95,7 @@ class Experiment:
             distributed=self.world.active,
             amp=cfg.amp,
             sync_bn=cfg.sync_bn,
+            compile=cfg.compile,
         )
         return train(model, loader, **{**recipe, **overrides}, checkpoint_dir=directory, desc=desc)
 

@@ -39,14 +39,21 @@ from permask.metrics import barrier, interpolate
 from permask.permute import permute_mask, permute_model, permute_tensors
 from permask.sparse import ImpRound, Mask, imp, load_mask, save_mask, transfer_signs
 
-__all__ = ["RUNNERS", "run_stage", "sparse_start"]
+__all__ = ["RUNNERS", "done_earlier", "run_stage", "sparse_start"]
+
+
+def done_earlier(exp: Experiment, stage: Stage) -> bool:
+    """Whether all of ``stage``'s outputs exist; if so, the log says it is skipped."""
+    if not exp.world.exists(*stage.outputs):
+        return False
+    exp.log.info("[seed %d] %s: done earlier (skipped)", stage.seed, stage.name)
+    return True
 
 
 def run_stage(exp: Experiment, stage: Stage) -> float | None:
     """Run ``stage`` with its kind's runner, timed in ``exp.timings``; skip it (``None``) when
-    all its outputs exist. Returns its wall time in seconds."""
-    if exp.world.exists(*stage.outputs):
-        exp.log.info("[seed %d] %s: done earlier (skipped)", stage.seed, stage.name)
+    it is :func:`done_earlier`. Returns its wall time in seconds."""
+    if done_earlier(exp, stage):
         return None
     with exp.timed(stage.seed, stage.name):
         RUNNERS[stage.kind](exp, stage)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from permask._atomic import atomic_save
 from permask._modules import model_device
+from permask.experiment.compiled import COMPILE, CompiledForward
 from permask.experiment.distributed import World, current_world
 from permask.metrics import evaluate, predict_proba  # re-exported: evaluation loops
 from permask.sparse import MaskedOptimizer
@@ -164,6 +165,7 @@ def train(
     amp: str = "off",
     sync_bn: bool = False,
     precondition: str | None = None,
+    compile: str = "off",
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy for epochs ``start_epoch .. epochs - 1``.
 
@@ -178,6 +180,10 @@ def train(
     float32); fp16 adds a ``GradScaler`` whose state is checkpointed. A step the scaler skips
     (inf/NaN gradients) changes nothing, so pruned weights stay exactly 0 in every mode.
 
+    ``compile`` (:data:`permask.experiment.compiled.COMPILE`: ``"inductor"``, ...) runs the
+    training forward and backward under ``torch.compile``, eager again after a compile failure
+    (one warning); evaluation stays eager. It is recorded in the checkpoints when not ``"off"``.
+
     ``distributed=True`` (every rank of an initialized ``torch.distributed`` group calls it, each
     with its share of every batch, e.g. a :class:`TensorLoader` with ``rank``/``world_size``):
     the model trains under ``DistributedDataParallel`` with the loss of the *global* batch (sums
@@ -189,7 +195,7 @@ def train(
     (``nn.SyncBatchNorm`` sharing the model's parameters and buffers); ``model`` keeps its own
     BatchNorm modules afterwards.
     """
-    _check_train_arguments(start_epoch, epochs, checkpoint_every, amp)
+    _check_train_arguments(start_epoch, epochs, checkpoint_every, amp, compile)
     if precondition is not None and mask is None:
         raise ValueError(f"precondition={precondition!r} needs a mask (it scales sparse steps)")
     device = _training_device(model, device, sync_bn)
@@ -201,17 +207,19 @@ def train(
     sched = make_scheduler(
         opt, schedule, epochs * steps, warmup_epochs * steps, start_step=start_epoch * steps
     )
-    meta = _checkpoint_meta(epochs, start_epoch, steps, lr, schedule, amp)
+    meta = _checkpoint_meta(epochs, start_epoch, steps, lr, schedule, amp, compile)
     world = current_world(distributed)
     with _sync_batchnorm(model, sync_bn and world.active):
-        loop = _Loop(model, opt, sched, device, world, amp, meta)
+        loop = _Loop(model, opt, sched, device, world, amp, meta, compile)
         result = _run_epochs(loop, loader, start_epoch, epochs, checkpoint_dir, checkpoint_every,
                              set(keep_epochs), progress, desc)  # fmt: skip
     world.barrier()  # the checkpoints are on disk for every rank
     return result
 
 
-def _check_train_arguments(start_epoch: int, epochs: int, checkpoint_every: int, amp: str) -> None:
+def _check_train_arguments(
+    start_epoch: int, epochs: int, checkpoint_every: int, amp: str, compile: str
+) -> None:
     """Raise ``ValueError`` for :func:`train` arguments that cannot run (nothing touched yet)."""
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"need 0 <= start_epoch <= epochs, got {start_epoch} and {epochs}")
@@ -219,6 +227,8 @@ def _check_train_arguments(start_epoch: int, epochs: int, checkpoint_every: int,
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if amp not in AMP:
         raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if compile not in COMPILE:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
 
 
 def _training_device(
@@ -232,13 +242,14 @@ def _training_device(
 
 
 def _checkpoint_meta(
-    epochs: int, start_epoch: int, steps: int, lr: float, schedule: str, amp: str
+    epochs: int, start_epoch: int, steps: int, lr: float, schedule: str, amp: str, compile: str
 ) -> dict[str, Any]:
     """The settings a checkpoint records; resuming with others is an error (:func:`_check_meta`).
-    ``amp`` is recorded only when on, so checkpoints from before it existed still resume."""
+    ``amp`` and ``compile`` are recorded only when on, so checkpoints from before they existed
+    still resume."""
     meta = {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps, "lr": lr}
     meta |= {"schedule": schedule} | ({"amp": amp} if amp != "off" else {})  # off: as before
-    return meta
+    return meta | ({"compile": compile} if compile != "off" else {})
 
 
 def _run_epochs(
@@ -293,7 +304,9 @@ def _sync_batchnorm(model: nn.Module, enabled: bool) -> Iterator[None]:
 class _Loop:
     """One training run's moving parts: epochs, steps, checkpoints (written by rank 0)."""
 
-    def __init__(self, model, opt, sched, device, world: World, amp: str, meta: dict) -> None:
+    def __init__(
+        self, model, opt, sched, device, world: World, amp: str, meta: dict, compile: str = "off"
+    ) -> None:
         self.model, self.opt, self.sched, self.meta = model, opt, sched, meta
         self.device, self.world, self.dtype = device, world, AMP[amp]
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -303,6 +316,7 @@ class _Loop:
 
             ids = [device] if device.type == "cuda" else None
             self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+        self.forward = CompiledForward(self.net, compile)
 
     def epoch(self, loader, epoch: int, epochs: int, desc: str, progress: bool) -> dict:
         """Train one epoch; its loss and accuracy over the global batches (one host sync)."""
@@ -338,7 +352,7 @@ class _Loop:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's share; returns (loss sum, correct) on the device."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.net(x)
+            out = self.forward(x)
             if self.world.active:  # the global batch's mean; DDP averages over ranks: * size
                 total = torch.tensor(float(len(y)), device=self.device)
                 dist.all_reduce(total)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from .unify import AxisTerm
 
@@ -91,6 +92,12 @@ class TracedTensor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+def traced_tensors(*args: Any) -> list[TracedTensor]:
+    """Every :class:`TracedTensor` in (nested) arguments, in ``tree_flatten`` order."""
+    leaves, _ = tree_flatten(args, is_leaf=lambda x: isinstance(x, TracedTensor))
+    return [x for x in leaves if isinstance(x, TracedTensor)]
 
 
 def handles_items(rule: Rule) -> Rule:

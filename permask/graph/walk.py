@@ -23,7 +23,7 @@ from .capture import fx_capture
 from .context import RuleContext
 from .errors import TraceError
 from .graph import NO_RULE, RULE_FAILED
-from .registry import Decline, TracedTensor, find_rule
+from .registry import Decline, TracedTensor, find_rule, traced_tensors
 from .shapes import ShapeRecorder, TensorMeta
 from .unify import AxisUnion, LayoutMismatch, Reason
 
@@ -104,7 +104,7 @@ class Walker:
         return tree_map(fixed, meta)
 
     def freeze_all(self, value: Any, reason: Reason) -> None:
-        for v in _tvals(value):
+        for v in traced_tensors(value):
             for ax in [*v.axes, *(a for item in v.items or () for a in item)]:
                 self.solver.freeze(ax, reason)
             if v.indexes is not None:
@@ -133,7 +133,7 @@ class Walker:
             self.io_frozen.append(("output", node.name, args))
             return None
         module = frame.gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not _tvals((args, kwargs)) and not _has_meta(meta) and module is None:
+        if not traced_tensors((args, kwargs)) and not _has_meta(meta) and module is None:
             return meta
         ctx = RuleContext(self, frame, node, module)
         try:
@@ -145,11 +145,11 @@ class Walker:
         """The output axes of ``ctx.node`` by its rule (or by walking its module's forward)."""
         node, module = ctx.node, ctx.module
         rule = find_rule(node.op, node.target, module)
-        stacked = any(v.items is not None for v in _tvals((args, kwargs)))
+        stacked = any(v.items is not None for v in traced_tensors((args, kwargs)))
         if stacked and not getattr(rule, "handles_items", False):
             raise Decline("stacked items reach an op that does not keep them apart")
         if not getattr(rule, "handles_indexes", False):
-            ctx.freeze_indexes(_tvals((args, kwargs)))
+            ctx.freeze_indexes(traced_tensors((args, kwargs)))
         if rule is not None:
             return self.wrap(rule(ctx, *args, **kwargs), meta)
         if module is not None and not kwargs and frame.depth < MAX_INLINE_DEPTH:
@@ -220,11 +220,6 @@ class Walker:
         if _has_meta(meta):
             raise LayoutMismatch(f"unsupported output structure {type(meta).__name__}")
         return meta
-
-
-def _tvals(x: Any) -> list[TracedTensor]:
-    leaves, _ = tree_flatten(x, is_leaf=lambda v: isinstance(v, TracedTensor))
-    return [v for v in leaves if isinstance(v, TracedTensor)]
 
 
 def _has_meta(x: Any) -> bool:

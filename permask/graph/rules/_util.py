@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils._pytree import tree_flatten
-
 from ..context import RuleContext
 from ..registry import Decline, TracedTensor
-
-
-def tvals(*args: Any) -> list[TracedTensor]:
-    """Every traced tensor in (nested) arguments."""
-    leaves, _ = tree_flatten(args, is_leaf=lambda x: isinstance(x, TracedTensor))
-    return [x for x in leaves if isinstance(x, TracedTensor)]
 
 
 def norm_dim(dim: int, ndim: int) -> int:
@@ -29,7 +21,8 @@ def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> An
     return kwargs.get(name, default)
 
 
-def unit(ctx: RuleContext) -> Any:
+def size_one(ctx: RuleContext) -> Any:
+    """A fixed layout for a new axis of size 1 (``unsqueeze``, ``keepdim``)."""
     return ctx.fixed(1, "size-1 axis")
 
 

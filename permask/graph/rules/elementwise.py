@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..context import RuleContext
-from ..registry import Decline, TracedTensor, register_role, register_rule
-from ._util import broadcast, tvals
+from ..registry import Decline, TracedTensor, register_role, register_rule, traced_tensors
+from ._util import broadcast
 
 _FUNCTIONS = [
     # arithmetic and comparisons
@@ -65,7 +65,7 @@ _MODULES = [
 
 @register_rule(*_FUNCTIONS, *_METHODS, *_MODULES)
 def elementwise(ctx: RuleContext, *args, **kwargs):
-    return broadcast(ctx, tvals(args, kwargs), ctx.out.shape)
+    return broadcast(ctx, traced_tensors(args, kwargs), ctx.out.shape)
 
 
 # What activation matching looks at (permask.match.points): hidden units are the outputs of
@@ -100,7 +100,7 @@ _SOFTMAX = [F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softma
 @register_rule(*_SOFTMAX, "softmax", "log_softmax")
 def along_dim(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """Softmax / L_p-normalisation along a dim: equivariant under permutations of any axis."""
-    if tvals(args, kwargs):
+    if traced_tensors(args, kwargs):
         raise Decline("unexpected tensor argument")
     return x.axes
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..context import RuleContext
 from ..registry import Decline, TracedTensor, register_rule
-from ._util import unit
+from ._util import size_one
 
 
 def contract(
@@ -34,7 +34,7 @@ def contract(
                 ctx.unify(by_letter[letter], ax)
             else:
                 by_letter[letter] = ax
-    return [by_letter.get(c) or unit(ctx) for c in output]
+    return [by_letter.get(c) or size_one(ctx) for c in output]
 
 
 def _expand_ellipsis(subs: list[str], operands: list[TracedTensor], output: str | None):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..context import RuleContext
-from ..registry import Decline, TracedTensor, register_rule
-from ._util import arg, broadcast, norm_dim, tvals, unit
+from ..registry import Decline, TracedTensor, register_rule, traced_tensors
+from ._util import arg, broadcast, norm_dim, size_one
 
 _INVARIANT = [
     "sum", "mean", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "all", "any",
@@ -34,7 +34,7 @@ def _reduce(ctx: RuleContext, x: TracedTensor, dims: list[int], keepdim: bool) -
         if k not in dims:
             out.append(ax)
         elif keepdim:
-            out.append(unit(ctx))
+            out.append(size_one(ctx))
     return out
 
 
@@ -58,7 +58,7 @@ def reduce(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
 def reduce_with_indices(ctx: RuleContext, x: TracedTensor, *args, **kwargs):
     """``max``/``min``/``median``: elementwise between tensors; along one dim, the values do not
     depend on where the entries sit and the indices are an index tensor (as ``topk``'s)."""
-    others = tvals(args, kwargs)
+    others = traced_tensors(args, kwargs)
     if others:  # torch.max(a, b) is elementwise
         return broadcast(ctx, [x, *others], ctx.out.shape)
     dim = arg(args, kwargs, 0, "dim")

@@ -14,8 +14,15 @@ import torch
 import torch.nn as nn
 
 from ..context import RuleContext
-from ..registry import Decline, TracedTensor, handles_indexes, handles_items, register_rule
-from ._util import arg, norm_dim, tvals, unit
+from ..registry import (
+    Decline,
+    TracedTensor,
+    handles_indexes,
+    handles_items,
+    register_rule,
+    traced_tensors,
+)
+from ._util import arg, norm_dim, size_one
 
 
 def _reshape_groups(
@@ -51,7 +58,7 @@ def _reshape_groups(
 def _group_axes(ctx: RuleContext, x: TracedTensor, src: tuple[int, ...], sizes: list[int]) -> list:
     """Layouts of one reshape group's output dims (``sizes``) from input dims ``src``."""
     if not src:
-        return [unit(ctx)]
+        return [size_one(ctx)]
     axes = [x.axes[k] for k in src if x.shape[k] != 1]
     combined = axes[0] if len(axes) == 1 else ctx.product(axes)
     return ctx.factor(combined, sizes) if len(sizes) > 1 else [combined]
@@ -328,7 +335,7 @@ def index_axes(ctx: RuleContext, x: TracedTensor, index) -> list:
     d = 0
     for i in idx:
         if i is None:
-            out.append(unit(ctx))
+            out.append(size_one(ctx))
             continue
         ax, size = x.axes[d], x.shape[d]
         d += 1
@@ -359,7 +366,7 @@ def getitem(ctx: RuleContext, obj, index):
         return obj[index]  # an index tensor stays one
     if not isinstance(obj, TracedTensor):
         raise Decline("indexing a non-tensor")
-    ctx.freeze_indexes(tvals((obj, index)))
+    ctx.freeze_indexes(traced_tensors((obj, index)))
     if obj.items is not None:
         i = _item_index(index, obj.stack)
         if i is None:
