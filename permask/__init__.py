@@ -7,8 +7,8 @@ if torch.distributed.is_available():
     # imported, which torch does lazily (meta kernels, torch.compile, FSDP; timm and torchvision
     # import it too). Imported after init_process_group, it keeps the group alive past
     # destroy_process_group, and gloo's threads then race the interpreter's exit (a rare SIGABRT
-    # after all work is done). Importing it now (2 ms), before a user's or `permask run`'s
-    # init_process_group, binds nothing.
+    # after all work is done). Importing it now (cheap), before a user's or `permask run`'s
+    # init_process_group, binds nothing (docs/alignment.md, "Several processes (torchrun)").
     import torch.distributed.nn  # noqa: F401
 
 from . import metrics, sparse

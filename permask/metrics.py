@@ -106,7 +106,7 @@ def interpolate(
     (exact cumulative average), without gradients: interpolated weights make the interpolated
     running statistics meaningless (Jordan et al., REPAIR). ``max_batches`` caps both passes;
     ``bn_batches`` caps the re-estimation alone (a few thousand samples estimate the statistics
-    as well as a whole training set: docs/benchmarks.md).
+    as well as a whole training set: docs/benchmarks.md, "Interpolation stage of `permask run`").
     Non-float buffers (BN batch counters) are taken from A. Models are never modified.
 
     ``repair=True`` also applies REPAIR (:mod:`permask.repair`) to every interpolated model, on

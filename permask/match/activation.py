@@ -12,19 +12,17 @@ Per unit we accumulate, in float64 on the models' device, the sample count and s
 a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b)``, the plain correlation:
 independent of the activations' scale, 0 where either channel is constant (not NaN), and
 clamped to [-1, 1], since for a channel constant up to rounding ``cov`` keeps a rounding
-residue while ``var`` rounds to 0 (unclamped, one such pair scored 1e291 and pulled 65 of 96
-channels of an EfficientNet-Lite0 group off their partners). Elements the data cannot order
+residue while ``var`` rounds to 0 (unclamped, such a pair's score is unbounded and outweighs
+every true pair of its group). Elements the data cannot order
 (constant, or tied: several partners equally good) are re-matched by their weights
 (:func:`permask.match.alignment.align`), so ties are settled the same way by one process and
 by several. No regulariser is added to the denominator: the paper's (REPAIR) ``std_a std_b +
 1e-4`` assumes activations of about unit scale; where they are ~1e-2 (random inits, deep
 squeeze-excitation blocks) the score becomes a covariance, which prefers high-variance
-channels to the true partner (on a planted permutation of EfficientNet-B0, 29-94% of channels
-per deep point were matched). A relative one, ``1e-8`` times the unit's mean ``std_a`` times
-its mean ``std_b`` (used until 2026-12-05), still cut the score of a quiet channel's true
-partner: a ConvMixer channel whose only variation is zero padding around a constant map (std
-2e-5, the unit's median 0.14) correlated 1.0 with its partner and scored 0.67, below the 0.92
-of a look-alike, and 20 of ConvMixer's 33 groups came out with such swaps.
+channels to the true partner. A regulariser relative to the unit's scale still cuts the score
+of a quiet channel's true partner (a channel whose only variation is zero padding around a
+constant map correlates 1 with its partner) below that of a louder look-alike. What each
+denominator did on planted permutations: docs/history.md, "Activation matching's score".
 
 Precision: each batch's products are formed in the activations' dtype (a float32 GEMM is about
 twice as fast as a float64 one on CPU) and added to float64 accumulators. Values are first
@@ -33,15 +31,16 @@ and ``cov = E[ab] - E[a]E[b]`` does not cancel catastrophically. Half-precision 
 (AMP) are promoted to float32 in that same shifting pass. The cross products follow torch's
 float32 matmul setting unless ``precision`` says otherwise, on CUDA: ``"high"`` allows TF32
 (10-bit mantissas in, float32 sums out, on tensor cores), ``"highest"`` forbids it. On a CPU the
-products are float32 either way. (bfloat16 products were measured too, on an H200: no faster
-than TF32 once the extra rounding pass is paid, and 6x the error; docs/benchmarks.md.)
+products are float32 either way. bfloat16 products are not offered: no faster than TF32 once
+the extra rounding pass is paid, and less accurate (docs/benchmarks.md, "ResNet50 at ImageNet
+scale on one GPU").
 
 Speed: the shifted copy keeps the activation's own layout, viewed as ``[before, channels,
-after]`` (``N x C x HW`` for a conv): moving channels last is a transposing copy that cost twice
-the cross product itself on early conv layers. The cross sum is then one GEMM when nothing
+after]`` (``N x C x HW`` for a conv): moving channels last is a transposing copy that costs more
+than the cross product itself on early conv layers. The cross sum is then one GEMM when nothing
 follows the channels (tokens, linear layers), a batched GEMM over ``before`` when many positions
 follow them (early conv layers), and a GEMM on a channels-last copy otherwise (late, wide conv
-layers), the faster of the two there (benchmarks in docs/benchmarks.md).
+layers), the faster of the two there (docs/benchmarks.md, "Alignment").
 """
 
 from __future__ import annotations
@@ -69,7 +68,8 @@ _PRODUCT_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) be
 PRECISIONS = (None, "highest", "high")
 _TINY = torch.finfo(torch.float64).tiny
 # CUDA: per-channel sum and sum of squares from one Welford pass (torch.var_mean) instead of
-# three (sum, square, sum); on the CPU var_mean is 2-4x slower than those three (measured)
+# three (sum, square, sum); on the CPU var_mean is slower than those three (docs/benchmarks.md,
+# "ResNet50 at ImageNet scale on one GPU")
 FUSED_MOMENTS = {"cuda": True}
 
 

@@ -3,8 +3,9 @@
 ``scipy`` (``scipy.optimize.linear_sum_assignment``) is exact, handles rectangular matrices and is
 always available. ``lapx`` (the ``lapx`` package, imported as the module ``lap``; never install
 ``lap`` and ``lapx`` together, both provide that module) runs Jonker-Volgenant (``lapjvh``, the
-fastest of its variants here; ``lapjv`` before lapx 0.11) and is 1.5-4x faster than scipy at
-n >= 512 (docs/benchmarks.md); ``"auto"`` uses it when it is installed.
+fastest of its variants; ``lapjv`` with lapx before 0.11) and is faster than scipy at n >= 512
+(docs/benchmarks.md, "LAP on correlation-like matrices"); ``"auto"`` uses it when it is
+installed.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ which must be the same in A and B. Where another axis is itself moved by a group
 MLP's ``[batch, channels, hidden tokens]``: A's and B's hidden tokens are in different orders),
 that axis is averaged out first (a permutation-invariant summary), leaving fewer samples, and
 such an observation is used only for groups that have no other. Without this, the samples of A
-and B were positions of different hidden units and the correlations noise (MLP-Mixer's stream
-was matched at 0-57% of its channels on planted permutations).
+and B would be positions of different hidden units and the correlations noise (docs/history.md,
+"Alignment: how the reference got here", has what that did to MLP-Mixer).
 
 A group's channels at a point are found with :func:`~permask.graph.layout.group_element_map`. A
 group repeated inside a product (e.g. ``(C x fixed(HW))`` after a flatten) gives ``k`` samples

@@ -1,7 +1,7 @@
 """Built-in op rules, one file per family; importing this package registers them all, except
 the rules for timm's layers: :func:`load_timm_rules` registers those on a trace once timm is
 imported, so that neither ``import permask`` nor tracing a model without timm imports timm
-(about 2.7 s)."""
+(seconds of import time: docs/benchmarks.md, "Import time")."""
 
 import sys
 
