@@ -6,11 +6,21 @@ shifts every channel of the averaged model so that its mean and standard deviati
 average of the source models' statistics for that channel, then folds the correction into the
 layer that produced it (``W[c] *= s[c]``, ``b[c] = (b[c] - mean[c]) * s[c] + goal_mean[c]``).
 
-Which channels: the outputs of every ``nn.Linear`` / ``nn.Conv*d`` whose output axis the traced
-graph permutes (hidden units; a frozen output such as the logits is left alone), unless the
-next op is a BatchNorm, whose statistics reset (``permask.metrics.interpolate(reset_bn=True)``)
-already renormalises those channels. A layer without a bias is rescaled only (no new
-parameters: the result is a plain copy of the architecture)::
+Which channels: the outputs of every ``nn.Linear``, ``nn.Conv*d`` and Hugging Face ``Conv1D``
+(GPT-2's projections, weight ``[in, out]``) whose output axis the traced graph permutes (hidden
+units; a frozen output such as the logits is left alone), except
+
+- a layer whose next op is a BatchNorm: its statistics reset
+  (``permask.metrics.interpolate(reset_bn=True)``) already renormalises those channels;
+- channels that reach the query or key of an attention score
+  (:func:`permask.graph.scores.score_channels`): they meet only as dot products inside a
+  softmax, so a per-channel correction changes which tokens attend to which instead of
+  restoring a statistic. A fused projection split along its channels (GPT-2's ``c_attn``) keeps
+  its value part repaired; one reshaped into (3, heads, dim) first (timm's ``qkv``) is left
+  out whole, since the walk cannot tell its parts apart without shapes.
+
+A layer without a bias is rescaled only (no new parameters: the result is a plain copy of the
+architecture). When no layer qualifies, a warning says so::
 
     import torch, permask
     from permask.repair import repair
@@ -34,6 +44,7 @@ REPAIR's reset layers do in train mode), so later layers are measured on correct
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -43,30 +54,54 @@ from ._batches import batches, call, first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import PermutationGraph, trace
 from .graph.layout import Fixed
+from .graph.scores import score_channels
 
 __all__ = ["repair", "Repair", "repairable_layers"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EPS = 1e-5  # relative: var + eps * goal_var caps the scale at ~316 (a channel that collapsed)
 
 
 def repairable_layers(model: nn.Module, graph: PermutationGraph) -> list[str]:
-    """Names of the linear/conv modules whose output channels REPAIR corrects (see the module
-    docstring), in graph order."""
+    """Names of the layers whose output channels REPAIR corrects (see the module docstring),
+    in graph order."""
+    return list(repair_channels(model, graph))
+
+
+def repair_channels(model: nn.Module, graph: PermutationGraph) -> dict[str, torch.Tensor]:
+    """Per repairable layer (graph order), a bool tensor over its output channels: True where
+    REPAIR corrects the channel (all but those that reach an attention score)."""
     modules = dict(model.named_modules())
-    names = []
+    out: dict[str, torch.Tensor] = {}
     for node in graph.fx_graph.nodes:
         name = _layer_of(node)
-        if name is None or not isinstance(modules.get(name), _LAYERS) or name in names:
+        module = modules.get(name) if name is not None else None
+        if module is None or name in out or not (isinstance(module, _LAYERS) or _is_conv1d(module)):
             continue
+        dim = _out_dim(module)
         layouts = graph.tensors.get(f"{name}.weight")
-        if layouts is None or isinstance(layouts[0], Fixed):
+        if layouts is None or isinstance(layouts[dim], Fixed):
             continue
         users = list(node.users)
         if len(users) == 1 and _is_batchnorm(users[0], modules):
             continue
-        names.append(name)
-    return names
+        size = module.weight.shape[dim]
+        keep = ~score_channels(node, size, last_dim=not isinstance(module, _CONVS))
+        if keep.any():
+            out[name] = keep
+    return out
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (a linear layer with weight ``[in, out]``), without importing
+    transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _out_dim(module: nn.Module) -> int:
+    """The dim of the weight that indexes output channels."""
+    return 1 if _is_conv1d(module) else 0
 
 
 def _layer_of(node) -> str | None:
@@ -75,8 +110,9 @@ def _layer_of(node) -> str | None:
     if node.op == "call_module":
         return node.target
     name = getattr(node.target, "_opname", None)
-    if node.op == "call_function" and name in ("linear", "conv1d", "conv2d", "conv3d"):
-        weight = node.args[1] if len(node.args) > 1 else None
+    if node.op == "call_function" and name in ("linear", "conv1d", "conv2d", "conv3d", "addmm"):
+        at = 2 if name == "addmm" else 1  # addmm(bias, x, weight): HF Conv1D under export
+        weight = node.args[at] if len(node.args) > at else None
         if getattr(weight, "op", None) == "get_attr" and weight.target.endswith(".weight"):
             return weight.target.removesuffix(".weight")
     return None
@@ -136,7 +172,15 @@ class Repair:
         self.loader, self.max_batches = loader, max_batches
         if graph is None:
             graph = trace(first, to_device(first_inputs(loader), model_device(first)))
-        self.layers = repairable_layers(first, graph)
+        self.channels = repair_channels(first, graph)
+        self.layers = list(self.channels)
+        if not self.layers:
+            warnings.warn(
+                "REPAIR found no layer to correct: no Linear, Conv or Conv1D layer has a permuted "
+                "output that is not followed by BatchNorm or used only as attention query/key; "
+                "the repaired model equals the average",
+                stacklevel=3,
+            )
         self.stats = [self._measure(s) for s in self.sources]
 
     def __call__(self, model: nn.Module, weights: Sequence[float] | None = None) -> nn.Module:
@@ -146,12 +190,12 @@ class Repair:
         out = copy.deepcopy(model).to(self.device)
         found = self._measure(out, correct=goal)
         with torch.no_grad():
-            for name in self.layers:
-                _fold(out.get_submodule(name), found[name], goal[name])
+            for name, keep in self.channels.items():
+                _fold(out.get_submodule(name), found[name], goal[name], keep)
         return out.eval()
 
     def _measure(self, model: nn.Module, correct: Stats | None = None) -> Stats:
-        return _stats(model, self.layers, self.loader, self.device, self.max_batches, correct)
+        return _stats(model, self.channels, self.loader, self.device, self.max_batches, correct)
 
 
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -178,7 +222,7 @@ def _goal(stats: list[Stats], weights: list[float]) -> Stats:
 @torch.no_grad()
 def _stats(
     model: nn.Module,
-    layers: list[str],
+    layers: dict[str, torch.Tensor],
     loader: Iterable,
     device: torch.device,
     max_batches: int | None,
@@ -186,12 +230,13 @@ def _stats(
 ) -> Stats:
     """Per-channel mean and std of each layer's output over the data (eval mode). With
     ``correct``, each layer's output is also replaced by itself normalised with the batch's
-    statistics and scaled to ``correct[layer]``, so later layers see corrected inputs."""
+    statistics and scaled to ``correct[layer]`` (in the channels ``layers[layer]`` marks), so
+    later layers see corrected inputs."""
     sums: dict[str, list] = {k: [0, 0.0, 0.0] for k in layers}  # count, sum, sum of squares
 
     def hook(name: str):
         def fn(module, args, out):
-            axis = 1 if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) else -1
+            axis = 1 if isinstance(module, _CONVS) else -1
             x = out.movedim(axis, -1).reshape(-1, out.shape[axis]).double()
             s = sums[name]
             s[0] += len(x)
@@ -203,6 +248,7 @@ def _stats(
             goal_mean, goal_std = correct[name]
             scale = _scale(std, goal_std)  # as _fold will: no bias, no shift
             y = x * scale if module.bias is None else (x - mean) * scale + goal_mean
+            y = torch.where(layers[name].to(y.device), y, x)
             return y.to(out.dtype).reshape(out.movedim(axis, -1).shape).movedim(-1, axis)
 
         return fn
@@ -235,13 +281,17 @@ def _scale(std: torch.Tensor, goal_std: torch.Tensor) -> torch.Tensor:
     return goal_std / (std.square() + _EPS * goal_std.square() + 1e-300).sqrt()
 
 
-def _fold(layer: nn.Module, found: tuple, goal: tuple) -> None:
-    """Fold ``y' = (y - found_mean) * goal_std / found_std + goal_mean`` into the layer."""
+def _fold(layer: nn.Module, found: tuple, goal: tuple, keep: torch.Tensor) -> None:
+    """Fold ``y' = (y - found_mean) * goal_std / found_std + goal_mean`` into the layer, in the
+    channels ``keep`` marks (the others unchanged)."""
     (mean, std), (goal_mean, goal_std) = found, goal
-    scale = _scale(std, goal_std)
-    w = layer.weight
-    shape = (-1,) + (1,) * (w.dim() - 1)
+    keep = keep.to(std.device)
+    scale = torch.where(keep, _scale(std, goal_std), 1.0)
+    w, dim = layer.weight, _out_dim(layer)
+    shape = [1] * w.dim()
+    shape[dim] = -1
     w.copy_((w.double() * scale.reshape(shape)).to(w.dtype))
     if layer.bias is not None:
         b = layer.bias
-        b.copy_(((b.double() - mean) * scale + goal_mean).to(b.dtype))
+        new = (b.double() - mean) * scale + goal_mean
+        b.copy_(torch.where(keep, new, b.double()).to(b.dtype))

@@ -149,3 +149,72 @@ def test_an_exported_graph_names_the_same_layers():
     for model in (_cnn(), _cnn(bn=True)):
         want = repairable_layers(model, permask.trace(model, x, frontend="fx"))
         assert repairable_layers(model, permask.trace(model, x, frontend="export")) == want
+
+
+def _hf(kind: str, seed: int) -> nn.Module:
+    pytest.importorskip("transformers")
+    from test_graph_hf import _model  # tiny configs, random weights, no downloads
+
+    model = _model(kind)  # it seeds itself: the matrices are drawn again from ours
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _hf_graph(model: nn.Module):
+    from test_graph_hf import _trace
+
+    return _trace(model)
+
+
+def test_hugging_face_conv1d_is_repaired_and_attention_scores_are_not():
+    from permask.repair import repair_channels
+
+    gpt2 = _hf("gpt2", 0)
+    channels = repair_channels(gpt2, _hf_graph(gpt2))
+    assert "transformer.h.0.mlp.c_fc" in channels and bool(
+        channels["transformer.h.0.mlp.c_fc"].all()
+    )
+    c_attn = channels["transformer.h.0.attn.c_attn"]  # [q | k | v]: v alone is corrected
+    assert c_attn.tolist() == [False] * 64 + [True] * 32
+    llama = _hf("llama", 0)
+    names = repairable_layers(llama, _hf_graph(llama))
+    assert not [n for n in names if n.endswith(("q_proj", "k_proj"))]  # RoPE'd scores
+    assert {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} <= set(names)
+
+
+def test_repair_gives_a_gpt2_average_the_goal_statistics():
+    """REPAIR's one-batch guarantee on GPT-2's Conv1D layers: the corrected channels of the
+    average get the sources' mean statistics; q and k channels keep the average's own."""
+    a, b = _hf("gpt2", 1), _hf("gpt2", 2)
+    graph = _hf_graph(a)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(3))
+    data = [{"input_ids": ids}]
+    mid = _mid(a, b, 0.5)
+    fixed = repair(mid, [a, b], data, graph=graph)
+    cpu = torch.device("cpu")
+    layers = ["transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_attn"]
+    got, before = _stats(fixed, layers, data, cpu, None), _stats(mid, layers, data, cpu, None)
+    src = [_stats(m, layers, data, cpu, None) for m in (a, b)]
+    goal_std = (src[0]["transformer.h.1.mlp.c_fc"][1] + src[1]["transformer.h.1.mlp.c_fc"][1]) / 2
+    torch.testing.assert_close(got["transformer.h.1.mlp.c_fc"][1], goal_std, rtol=1e-4, atol=0)
+    assert not torch.allclose(before["transformer.h.1.mlp.c_fc"][1], goal_std, rtol=1e-2)
+    v_goal = (
+        src[0]["transformer.h.1.attn.c_attn"][1] + src[1]["transformer.h.1.attn.c_attn"][1]
+    ) / 2
+    torch.testing.assert_close(
+        got["transformer.h.1.attn.c_attn"][1][64:], v_goal[64:], rtol=1e-4, atol=0
+    )
+    qk_w = fixed.get_parameter("transformer.h.0.attn.c_attn.weight")[:, :64]
+    assert torch.equal(qk_w, mid.get_parameter("transformer.h.0.attn.c_attn.weight")[:, :64])
+
+
+def test_no_layer_to_repair_is_said():
+    model = nn.Sequential(nn.Linear(4, 3))  # its one output is the logits: frozen
+    data = [torch.randn(8, 4)]
+    with pytest.warns(UserWarning, match="REPAIR found no layer to correct"):
+        fixed = repair(model, [model], data)
+    assert torch.equal(fixed[0].weight, model[0].weight)
