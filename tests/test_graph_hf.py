@@ -208,6 +208,7 @@ def test_activation_matching_on_token_batches_recovers_a_planted_permutation():
         b = permask.permute_model(a, pi, graph)
         got, info = permask.align(a, b, batches, graph=graph, return_info=True)
     assert info.samples == 32 and not info.unmatched
+    assert info.observations == 8 * (16 + 12 + 16 + 9)  # every token position counts
     assert all(torch.equal(got[k], pi[k]) for k in pi)
 
 

@@ -115,6 +115,7 @@ def test_models_untouched_and_info():
         for k, v in m.state_dict().items():
             assert torch.equal(v, before[k]), k
     assert info.batches == 1 and info.samples == 16 and info.stats_bytes > 0
+    assert info.observations == 16 * 4 * 4  # 16 images of 16 x 16: the last stage has 4 x 4
     assert set(info.points) == set(pi) and not info.unmatched
     # residual stream groups are observed at block outputs (post-ReLU), hidden ones post-ReLU
     assert info.points["conv1.weight:0"][0] == "relu"

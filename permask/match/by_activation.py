@@ -85,10 +85,11 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     for p in plan.points:
         for g in (g for u in p.units for g in u.groups):
             points.setdefault(g, []).append(p.node)
+    observed = min((c for row in stats.count for c in row), default=0)
     info = AlignInfo(
         "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
         points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
-        margins=margins, ties=ties,
+        margins=margins, ties=ties, observations=observed,
     )  # fmt: skip
     return Permutation(perms), info
 

@@ -11,20 +11,23 @@ __all__ = ["AlignInfo"]
 class AlignInfo:
     """What an alignment did.
 
-    ``points``: group -> fx nodes observed (activation); ``unmatched``: groups that no usable
-    activation shows, matched by weights instead; ``stats_bytes``: float64 statistics memory
-    (activation); ``pass_seconds``: the pass over the data (both forwards and the statistics;
-    the rest of ``seconds`` is correlations and assignment, independent of the data size);
-    ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps (weight);
-    ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's elements were
-    constant on the data (e.g. ReLUs that never fired), only units that had some (activation).
-    The data gives such elements no order: the pairs with a constant element are re-matched
-    among themselves by weight matching's scores (pairs of live elements stay the data's; inside
-    blocks x within, a block or within element is constant where it is in every block). Logged
-    as a warning; more or other data orders them by activations. ``margins``: per group, how
-    sure its assignment is (:func:`permask.match.assign.margin`: positive certifies the unique
-    optimum; for a group in a nesting, blocks x within, and in weight matching for every group,
-    the optimum with the other groups held at their assignments:
+    ``samples``: the examples the data had (rows of its batches: images, or sequences);
+    ``observations``: the values each activation correlation averages over, at the least
+    observed point (examples x positions: a sequence's tokens, an image's pixels for a conv;
+    activation). ``points``: group -> fx nodes observed (activation); ``unmatched``: groups that
+    no usable activation shows, matched by weights instead; ``stats_bytes``: float64 statistics
+    memory (activation); ``pass_seconds``: the pass over the data (both forwards and the
+    statistics; the rest of ``seconds`` is correlations and assignment, independent of the data
+    size); ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps
+    (weight); ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's
+    elements were constant on the data (e.g. ReLUs that never fired), only units that had some
+    (activation). The data gives such elements no order: the pairs with a constant element are
+    re-matched among themselves by weight matching's scores (pairs of live elements stay the
+    data's; inside blocks x within, a block or within element is constant where it is in every
+    block). Logged as a warning; more or other data orders them by activations. ``margins``: per
+    group, how sure its assignment is (:func:`permask.match.assign.margin`: positive certifies
+    the unique optimum; for a group in a nesting, blocks x within, and in weight matching for
+    every group, the optimum with the other groups held at their assignments:
     :func:`permask.match.assign.conditional`); ``ties``: groups with elements whose best
     partners tie, and how many (logged as a warning unless constant channels explain them).
     """
@@ -43,3 +46,4 @@ class AlignInfo:
     constant: dict[str, tuple[int, int]] = field(default_factory=dict)
     margins: dict[str, float] = field(default_factory=dict)
     ties: dict[str, int] = field(default_factory=dict)
+    observations: int = 0
