@@ -119,7 +119,7 @@ class RunConfig:
     finetune_epochs: int = _setting(1, "epochs of fine-tuning per IMP round (finetune variant)")
     finetune_lr: float = _setting(0.01, "peak learning rate of IMP fine-tuning (cosine per round)")
     dense_shortcuts: bool = _setting(True, "never prune residual shortcut/downsample convs")
-    match: str = _setting("activation", "alignment method: activation or weight (a matcher's name)")
+    match: str = _setting("activation", "alignment method: activation, weight or ste (a matcher)")
     match_epoch: int | None = _setting(
         None, "align A to B's checkpoint after this many epochs (default: final B)"
     )

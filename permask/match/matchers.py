@@ -6,7 +6,7 @@ an :class:`~permask.match.info.AlignInfo`. Example::
 
     from permask.match.matchers import get_matcher, matcher_names
 
-    matcher_names()                   # ('activation', 'weight')
+    matcher_names()                   # ('activation', 'weight', 'ste')
     get_matcher("weight").needs_data  # False
     get_matcher("wieght")             # ValueError: unknown method 'wieght'; choose ...
 """
@@ -21,6 +21,7 @@ from ..graph import Permutation
 from .by_activation import activation_matching, on_device
 from .info import AlignInfo
 from .request import MatchRequest
+from .ste import ste_matching
 from .ties import warn_ties
 from .weight import weight_matching
 
@@ -78,3 +79,6 @@ register_matcher(Matcher(
     "activation", True, "correlate A's and B's units on data (the paper's)", activation_matching
 ))  # fmt: skip
 register_matcher(Matcher("weight", False, "Git Re-Basin weight matching, no data", _weight))
+register_matcher(Matcher(
+    "ste", True, "Git Re-Basin straight-through: learn the midpoint's loss", ste_matching
+))  # fmt: skip
