@@ -46,13 +46,16 @@ def test_methods_run_in_one_order_and_need_what_they_read(tmp_path):
     assert cfg.methods == ["lth", "permuted", "naive", "naive+signs", "permuted+signs"]
     needs = {s.method: s.needs for s in stages(cfg) if s.kind == "sparse" and s.seed == 1}
     a, b, imp, pi = "seed1/dense A", "seed1/dense B", "seed1/IMP", "seed1/align"
+    moved = "seed1/permuted masks"
     assert needs == {
         "lth": (a, imp),
-        "permuted": (b, imp, pi),
+        "permuted": (b, imp, pi, moved),
         "naive": (b, imp),
         "naive+signs": (a, b, imp),
-        "permuted+signs": (a, b, imp, pi),
+        "permuted+signs": (a, b, imp, pi, moved),
     }
+    only_naive = RunConfig(methods=["naive", "lth"], out=str(tmp_path))
+    assert not [s for s in stages(only_naive) if s.kind == "permuted masks"]  # nobody needs it
     sparse = [s for s in stages(cfg) if s.kind == "sparse"]
     assert all(s.precondition == "sparseopt" and s.name.endswith(" sparseopt") for s in sparse)
     assert all(s.directory.name.endswith("_sparseopt") for s in sparse)

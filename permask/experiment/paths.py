@@ -7,7 +7,7 @@ and the report reads them::
     RUN_DIR/seed{s}/imp/round{r:02d}/       one IMP round's training
     RUN_DIR/seed{s}/imp/s{sparsity}/        eval.pt of m_A's model at that sparsity
     RUN_DIR/seed{s}/masks/imp_s{sparsity}.safetensors       m_A
-    RUN_DIR/seed{s}/masks/permuted_s{sparsity}.safetensors  pi(m_A)
+    RUN_DIR/seed{s}/masks/permuted_s{sparsity}.safetensors  pi(m_A) (the permuted masks stage)
     RUN_DIR/seed{s}/align/pi.safetensors    the permutation
     RUN_DIR/seed{s}/sparse/{method}_s{sparsity}_k{rewind}[_{precondition}]/
     RUN_DIR/seed{s}/interpolation.json

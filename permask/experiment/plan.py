@@ -318,11 +318,17 @@ def _interpolation(exp: Experiment, stage: RunStage) -> StageEstimate:
     )
 
 
+def _bookkeeping(exp: Experiment, stage: RunStage) -> StageEstimate:
+    """A stage that only moves a few tensors (pi(m_A)): no work a probe would time."""
+    return _done(stage) or StageEstimate(stage.seed, stage.name)
+
+
 # The work left of each kind of stage (permask.experiment.stages), in units a Probe times.
 COSTS: dict[str, Callable[[Experiment, RunStage], StageEstimate]] = {
     "dense": _training,
     "imp": _imp,
     "align": _align,
+    "permuted masks": _bookkeeping,
     "sparse": _training,
     "interpolation": _interpolation,
 }

@@ -130,13 +130,17 @@ def _pi(exp: Experiment, seed: int) -> Permutation:
 
 
 def _permuted_mask(exp: Experiment, seed: int, sparsity: float) -> Mask:
-    """pi(m_A), made from m_A and pi the first time a stage asks for it."""
-    path = paths.permuted_mask_path(_own_dir(exp, seed), sparsity)
-    if exp.world.exists(path):  # decided before rank 0 writes it below
-        return load_mask(path, exp.cfg.device)
-    mask = permute_mask(_imp_mask(exp, seed, sparsity), _pi(exp, seed), exp.graph)
-    exp.world.written_by_main(_save_mask, mask, path)
-    return mask
+    """pi(m_A), as the ``permuted masks`` stage wrote it."""
+    return load_mask(paths.permuted_mask_path(_own_dir(exp, seed), sparsity), exp.cfg.device)
+
+
+def _run_permuted_masks(exp: Experiment, stage: Stage) -> None:
+    """pi(m_A) at every sparsity of the run, from m_A and pi."""
+    pi = _pi(exp, stage.seed)
+    for sparsity in exp.cfg.sparsity:
+        mask = permute_mask(_imp_mask(exp, stage.seed, sparsity), pi, exp.graph)
+        path = paths.permuted_mask_path(_own_dir(exp, stage.seed), sparsity)
+        exp.world.written_by_main(_save_mask, mask, path)
 
 
 def _trained(
@@ -312,6 +316,7 @@ RUNNERS: dict[str, Callable[[Experiment, Stage], None]] = {
     "dense": _run_dense,
     "imp": _run_imp,
     "align": _run_align,
+    "permuted masks": _run_permuted_masks,
     "sparse": _run_sparse,
     "interpolation": _run_interpolation,
 }

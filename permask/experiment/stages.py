@@ -40,7 +40,7 @@ from permask.experiment.methods import METHODS
 
 __all__ = ["Stage", "stages", "seeds_of"]
 
-KINDS = ("dense", "imp", "align", "sparse", "interpolation")
+KINDS = ("dense", "imp", "align", "permuted masks", "sparse", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Stage:
       checkpoints of ``keep`` epochs (the rewind points, and B's ``match_epoch``);
     - ``imp``: IMP on trained A to every requested sparsity;
     - ``align``: pi from A to B (at ``match_epoch`` if set);
+    - ``permuted masks``: pi(m_A) at every sparsity (only when a method trains with it);
     - ``sparse``: ``method`` (:mod:`permask.experiment.methods`) from its rewind point
       ``rewind`` with the mask at ``sparsity``, from epoch ``start_epoch`` to ``epochs`` at peak
       ``lr`` (None: the run's), its steps preconditioned by ``precondition`` (None: plain);
@@ -107,6 +108,11 @@ def _seed_stages(cfg: RunConfig, seed: int) -> Iterator[Stage]:
     yield _dense(cfg, seed, "B", own, keep=set(cfg.rewind) | match)
     pi = paths.align_path(own)
     yield Stage(seed, "align", "align", pi.parent, (pi,), (dense_a, dense_b))
+    moved_key = f"seed{seed}/permuted masks"
+    if any(METHODS[m].aligned for m in cfg.methods):
+        moved = tuple(paths.permuted_mask_path(own, s) for s in cfg.sparsity)
+        yield Stage(seed, "permuted masks", "permuted masks", moved[0].parent, moved,
+                    (imp_key, align_key))  # fmt: skip
     restart = cfg.sparse_schedule == "restart"  # else the dense schedule resumed at k
     pre = None if cfg.sparse_precondition == "none" else cfg.sparse_precondition
     for s in cfg.sparsity:
@@ -114,7 +120,7 @@ def _seed_stages(cfg: RunConfig, seed: int) -> Iterator[Stage]:
             for method in (METHODS[m] for m in cfg.methods):
                 needs = [dense_a] if method.init == "A" or method.signs else []
                 needs += [dense_b] if method.init == "B" else []
-                needs += [imp_key] + ([align_key] if method.aligned else [])
+                needs += [imp_key] + ([align_key, moved_key] if method.aligned else [])
                 directory = paths.sparse_dir(own, method.name, s, k, pre)
                 name = f"{method.name} s={s:g} k={k}" + (f" {pre}" if pre else "")
                 yield Stage(
