@@ -16,12 +16,12 @@ from permask.match.matchers import _MATCHERS, Matcher, get_matcher, matcher_name
 
 
 def test_every_entry_point_names_the_same_methods():
-    assert matcher_names() == ("activation", "weight")
+    assert matcher_names() == ("activation", "weight", "ste")
     with pytest.raises(
-        ValueError, match="unknown method 'wieght'; choose 'activation' or 'weight'"
+        ValueError, match="unknown method 'wieght'; choose 'activation' or 'weight' or 'ste'"
     ):
         get_matcher("wieght")
-    with pytest.raises(ConfigError, match="match must be one of activation, weight"):
+    with pytest.raises(ConfigError, match="match must be one of activation, weight, ste"):
         RunConfig(match="wieght")
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="unknown method 'wieght'"):
