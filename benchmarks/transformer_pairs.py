@@ -1,0 +1,131 @@
+"""Trained transformer pairs: how much of the loss barrier each matching method removes.
+
+Two byte-level language models per architecture (Hugging Face GPT-2: fused ``Conv1D``
+projections; Llama: grouped-query attention, RoPE, gated MLP) trained here from two seeds on the
+source code of a few standard-library modules, then, for each method (weight, activation, STE),
+the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
+ratio to the naive path's barrier A -> B. One JSON line per pair is appended to
+``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
+published ratios (Theus et al., NeurIPS 2025).
+
+    python benchmarks/transformer_pairs.py                 # both pairs, ~15 min on 2 cores
+    python benchmarks/transformer_pairs.py --kinds llama --steps 100 --no-save   # a quick look
+
+Needs the ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from hf_align import NextToken, as_classification, batches, corpus, train  # noqa: E402
+
+import permask  # noqa: E402
+from permask.metrics import interpolate  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "transformer_pairs.jsonl"
+
+
+def model(kind: str, hidden: int, layers: int, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    special = dict(vocab_size=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if kind == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4,
+                                      n_positions=128, **special)  # fmt: skip
+    else:
+        config = AutoConfig.for_model(
+            "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **special,
+        )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def pair(kind: str, args: argparse.Namespace) -> dict:
+    data = corpus()
+    split = int(0.9 * len(data))
+    train_data = batches(data[:split], args.steps, 16, args.seq, seed=0)
+    test = as_classification(batches(data[split:], 8, 16, args.seq, seed=1))
+    t0 = time.perf_counter()
+    a = train(model(kind, args.hidden, args.layers, 1), train_data, args.steps)
+    b = train(model(kind, args.hidden, args.layers, 2), train_data, args.steps)
+    row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+                 "train_seconds": time.perf_counter() - t0}  # fmt: skip
+    graph = permask.trace(a, {"input_ids": train_data[0]["input_ids"]})
+    match = train_data[: args.match_batches]
+    wrapped_graph = None
+    row["naive"] = _barriers(a, b, test, match, None)
+    for method in ("weight", "activation", "ste"):
+        data_for = {
+            "weight": None,
+            "activation": match,
+            "ste": _lm_batches(match) * args.ste_passes,
+        }
+        t0 = time.perf_counter()
+        pi = permask.align(a, b, data_for[method], method=method, graph=graph)
+        seconds = time.perf_counter() - t0
+        moved = permask.permute_model(a, pi, graph)
+        if wrapped_graph is None:
+            wrapped_graph = permask.trace(NextToken(moved), as_classification(match)[0][0])
+        row[method] = {**_barriers(moved, b, test, match, wrapped_graph), "seconds": seconds}
+        print(kind, method, row[method], flush=True)
+    return row
+
+
+def _lm_batches(data: list[dict]) -> list[dict]:
+    """Dict batches with ``labels`` (the model's own next-token loss), for STE."""
+    return [{"input_ids": d["input_ids"], "labels": d["input_ids"]} for d in data]
+
+
+def _barriers(a: nn.Module, b: nn.Module, test: list, bn: list[dict], graph) -> dict:
+    """Loss barrier of the path a -> b on ``test`` (11 points), and with REPAIR if ``graph``."""
+    common = dict(alphas=11, bn_loader=as_classification(bn))
+    out = {"barrier": interpolate(NextToken(a), NextToken(b), test, **common)["barrier"]}
+    if graph is not None:
+        curve = interpolate(NextToken(a), NextToken(b), test, repair=True, graph=graph, **common)
+        out["repair"] = curve["barrier"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    p.add_argument("--steps", type=int, default=600, help="training steps per model")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--match-batches", type=int, default=20, help="batches of 16 to match on")
+    p.add_argument("--ste-passes", type=int, default=3, help="passes of STE over them")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    for kind in args.kinds:
+        row = pair(kind, args)
+        naive = row["naive"]["barrier"]
+        for method in ("weight", "activation", "ste"):
+            for key in ("barrier", "repair"):
+                row[method][f"{key}_ratio"] = row[method][key] / naive
+        print(json.dumps(row), flush=True)
+        if not args.no_save:
+            with RESULTS.open("a") as f:
+                f.write(
+                    json.dumps({**row, "torch": torch.__version__, "date": time.strftime("%F")})
+                    + "\n"
+                )
+
+
+if __name__ == "__main__":
+    main()
