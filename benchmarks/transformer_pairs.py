@@ -2,13 +2,14 @@
 
 Two byte-level language models per architecture (Hugging Face GPT-2: fused ``Conv1D``
 projections; Llama: grouped-query attention, RoPE, gated MLP) trained here from two seeds on the
-source code of a few standard-library modules, then, for each method (weight, activation, STE),
+source code of a few standard-library modules, and two timm ViTs (dim 64, depth 4, 4x4 patches)
+trained 3 epochs on Fashion-MNIST ($PERMASK_DATA); then, for each method (weight, activation, STE),
 the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
 ratio to the naive path's barrier A -> B. One JSON line per pair is appended to
 ``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
 published ratios (Theus et al., NeurIPS 2025).
 
-    python benchmarks/transformer_pairs.py                 # both pairs, ~15 min on 2 cores
+    python benchmarks/transformer_pairs.py                 # the three pairs, ~20 min on 2 cores
     python benchmarks/transformer_pairs.py --kinds llama --steps 100 --no-save   # a quick look
 
 Needs the ``hf`` extra.
@@ -84,6 +85,58 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def vit_pair(args: argparse.Namespace) -> dict:
+    """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
+    import itertools
+
+    import timm
+
+    from permask.data.loader import get_loaders
+
+    train_loader, test_loader, _ = get_loaders(
+        "fashion_mnist", None, batch_size=128, train_subset=args.vit_subset
+    )
+    t0 = time.perf_counter()
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1,
+                                embed_dim=64, depth=4, num_heads=4, num_classes=10)  # fmt: skip
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        loader = train_loader.replace(seed=seed)
+        for epoch in range(args.vit_epochs):
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+        models.append(net.eval())
+    a, b = models
+    row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
+                 "train_seconds": time.perf_counter() - t0}  # fmt: skip
+    stats = train_loader.replace(seed=0, augment=False)
+    match = list(itertools.islice(stats, args.match_batches))
+    graph = permask.trace(a, match[0][0][:2])
+    row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
+    curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
+    row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
+    for method in ("weight", "activation", "ste"):
+        data_for = {"weight": None, "activation": match, "ste": match * args.ste_passes}
+        t0 = time.perf_counter()
+        pi = permask.align(a, b, data_for[method], method=method, graph=graph)
+        seconds = time.perf_counter() - t0
+        moved = permask.permute_model(a, pi, graph)
+        row[method] = {
+            "barrier": interpolate(moved, b, test_loader, **curve)["barrier"],
+            "repair": interpolate(moved, b, test_loader, repair=True, graph=graph, **curve)[
+                "barrier"
+            ],
+            "seconds": seconds,
+        }
+        print("vit", method, row[method], flush=True)
+    return row
+
+
 def _lm_batches(data: list[dict]) -> list[dict]:
     """Dict batches with ``labels`` (the model's own next-token loss), for STE."""
     return [{"input_ids": d["input_ids"], "labels": d["input_ids"]} for d in data]
@@ -101,7 +154,11 @@ def _barriers(a: nn.Module, b: nn.Module, test: list, bn: list[dict], graph) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    kinds = ["vit", "gpt2", "llama"]
+    p.add_argument("--kinds", nargs="+", default=kinds, choices=kinds)
+    p.add_argument("--vit-epochs", type=int, default=3, help="ViT training epochs")
+    p.add_argument("--vit-subset", type=int, default=20000, help="ViT training images")
+    p.add_argument("--vit-test-batches", type=int, default=2, help="test batches of 1000")
     p.add_argument("--steps", type=int, default=600, help="training steps per model")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -113,7 +170,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     for kind in args.kinds:
-        row = pair(kind, args)
+        row = vit_pair(args) if kind == "vit" else pair(kind, args)
         naive = row["naive"]["barrier"]
         for method in ("weight", "activation", "ste"):
             for key in ("barrier", "repair"):
