@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ._modules import unwrap
 from .graph import Permutation, PermutationGraph
-from .graph.layout import layout_groups, layout_index
+from .graph.layout import layout_groups, permute_axes
 
 __all__ = ["permute_model", "permute_mask", "permute_tensors"]
 
@@ -35,10 +35,7 @@ def permute_tensors(
                 f"tensor '{name}' has shape {tuple(t.shape)} but the graph traced "
                 f"{tuple(x.size for x in layouts)}; trace the model this tensor belongs to"
             )
-        for axis, lay in enumerate(layouts):
-            if layout_groups(lay):
-                t = t.index_select(axis, layout_index(lay, pi, t.device))
-        out[name] = t
+        out[name] = permute_axes(t, layouts, pi)
     return out
 
 

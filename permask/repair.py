@@ -173,8 +173,7 @@ class Repair:
         if graph is None:
             graph = trace(first, to_device(first_inputs(loader), model_device(first)))
         self.channels = repair_channels(first, graph)
-        self.layers = list(self.channels)
-        if not self.layers:
+        if not self.channels:
             warnings.warn(
                 "REPAIR found no layer to correct: no Linear, Conv or Conv1D layer has a permuted "
                 "output that is not followed by BatchNorm or used only as attention query/key; "
@@ -182,6 +181,11 @@ class Repair:
                 stacklevel=3,
             )
         self.stats = [self._measure(s) for s in self.sources]
+
+    @property
+    def layers(self) -> list[str]:
+        """The repaired layers' names (:func:`repairable_layers`)."""
+        return list(self.channels)
 
     def __call__(self, model: nn.Module, weights: Sequence[float] | None = None) -> nn.Module:
         model = unwrap(model)

@@ -23,6 +23,7 @@ from permask.experiment.errors import ConfigError
 from permask.experiment.methods import METHODS, PAPER_METHODS
 from permask.experiment.recipes import check_needs, find_config, recipe_values
 from permask.match.matchers import matcher_names
+from permask.sparse.precondition import PRECONDITIONERS
 
 __all__ = [
     "ConfigError",
@@ -202,7 +203,7 @@ class RunConfig:
         choices["sparse_schedule"] = ("continue", "restart")
         choices["amp"] = ("off", "bf16", "fp16")
         choices["compile"] = tuple(COMPILE)
-        choices["sparse_precondition"] = ("none", "sparseopt")
+        choices["sparse_precondition"] = ("none", *PRECONDITIONERS)
         choices["schedule"] = ("cosine", "step")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

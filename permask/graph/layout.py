@@ -14,12 +14,21 @@ are immutable; :mod:`permask.graph.unify` builds them with union-find while trac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fixed", "GroupAxis", "Concat", "Product", "Layout", "layout_index", "layout_groups"]
+__all__ = [
+    "Fixed",
+    "GroupAxis",
+    "Concat",
+    "Product",
+    "Layout",
+    "layout_index",
+    "layout_groups",
+    "permute_axes",
+]
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,17 @@ def layout_index(
     for f in layout.factors:
         idx = (idx[:, None] * f.size + layout_index(f, perms, device)[None, :]).reshape(-1)
     return idx
+
+
+def permute_axes(
+    t: torch.Tensor, layouts: Sequence[Layout], perms: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """``t`` with every axis that holds a group moved by ``perms`` (:func:`layout_index`);
+    ``layouts`` are its axes' layouts. ``t`` itself when no axis holds a group."""
+    for axis, lay in enumerate(layouts):
+        if layout_groups(lay):
+            t = t.index_select(axis, layout_index(lay, perms, t.device))
+    return t
 
 
 def layout_groups(layout: Layout) -> list[str]:

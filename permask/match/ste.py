@@ -38,6 +38,7 @@ True
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -47,7 +48,7 @@ from torch.func import functional_call
 
 from .._batches import split_batch, to_device
 from ..graph import Permutation
-from ..graph.layout import layout_groups, layout_index
+from ..graph.layout import permute_axes
 from .by_activation import on_device
 from .info import AlignInfo
 from .request import MatchRequest
@@ -75,10 +76,10 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     buffers = {n: t.detach().clone() for n, t in b.named_buffers()}
     modes = {m: m.training for m in b.modules()}
     steps, losses = 0, []
-    batches = [req.first] if req.first is not None else []
+    first = [req.first] if req.first is not None else []
     try:
         _midpoint_modes(b)
-        for batch in _chain(batches, req.batches):
+        for batch in itertools.chain(first, req.batches):
             inputs, targets = split_batch(batch, need_targets=True)
             inputs, targets = to_device(inputs, req.device), targets.to(req.device)
             target = {n: t.detach() for n, t in free.items()}
@@ -109,20 +110,8 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
 
 
 def _moved(params: dict[str, torch.Tensor], perms, req: MatchRequest) -> dict[str, torch.Tensor]:
-    """A's parameters moved by ``perms`` (``permask.permute_tensors``, which match may not
-    import: it sits above match)."""
-    pi, out = Permutation(perms), {}
-    for name, t in params.items():
-        for axis, lay in enumerate(req.graph.tensors.get(name, ())):
-            if layout_groups(lay):
-                t = t.index_select(axis, layout_index(lay, pi, t.device))
-        out[name] = t
-    return out
-
-
-def _chain(first: list, rest):
-    yield from first
-    yield from rest
+    """A's parameters moved by ``perms``."""
+    return {n: permute_axes(t, req.graph.tensors.get(n, ()), perms) for n, t in params.items()}
 
 
 def _midpoint_modes(model: nn.Module) -> None:

@@ -66,7 +66,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..graph import PermutationGraph
-from ..graph.layout import Layout, group_element_map, layout_groups, layout_index
+from ..graph.layout import (
+    Layout,
+    group_element_map,
+    layout_groups,
+    layout_index,
+    permute_axes,
+)
 from .assign import assign, margin, parents
 from .lap import solve_lap
 from .points import axis_units
@@ -472,7 +478,7 @@ def _objective(
     """``sum <W_B, P W_A>`` over the named tensors, summed in float64."""
     total = 0.0
     for n in names:
-        t = _take(wa[n], [layout_index(lay, perms, wa[n].device) for lay in layouts[n]])
+        t = permute_axes(wa[n], layouts[n], perms)
         total += float((t * wb[n]).sum(dtype=torch.float64))
     return total
 
