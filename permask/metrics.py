@@ -202,7 +202,9 @@ def evaluate(
     max_batches: int | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (fraction) over ``loader`` (at most ``max_batches``), in
-    eval mode on ``device`` (default: the model's); the model's mode is restored."""
+    eval mode on ``device`` (default: the model's); the model's mode is restored. Outputs of
+    shape ``[..., classes]`` with labels of shape ``[...]`` (a language model's logits and next
+    tokens) count every position: the means are per token."""
     loss_sum, correct, seen = 0.0, 0, 0  # device tensors after the first batch: no GPU syncs
     for out, y in _outputs(model, loader, device, max_batches):
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
@@ -241,6 +243,8 @@ def _outputs(
     try:
         for inputs, y in batches(loader, max_batches, need_targets=targets):
             out = _logits(call(model, to_device(inputs, device)))
+            if y is not None and out.dim() > 2 and out.shape[:-1] == y.shape:
+                out, y = out.flatten(0, -2), y.flatten()  # a score per position: tokens
             yield out, None if y is None else y.to(device)
     finally:
         model.train(was_training)

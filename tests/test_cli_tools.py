@@ -139,7 +139,7 @@ def _other_pi(folder: Path) -> Path:
         ("interpolate architecture", "does not fit the model"),
         ("interpolate perm", "is not of this model's graph"),
         ("interpolate data", "mnist"),
-        ("merge one", "merge needs at least 2 checkpoints"),
+        ("merge one", "merge takes MODEL and two or more checkpoints"),
         ("merge missing", "nothere.pt' does not exist"),
         ("merge architecture", "does not fit the model: fc1.weight has shape (32, 784) there"),
         ("merge data", "mnist"),

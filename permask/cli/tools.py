@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 import permask
 from permask._atomic import atomic_path, atomic_write_bytes
 from permask._modules import usable_device
-from permask.cli.flags import data_flags, model_flags
+from permask.cli.flags import IMAGE_BATCH, TEXT_BATCH, data_flags, model_flags
 from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
 from permask.match.matchers import get_matcher, matcher_names
@@ -52,13 +53,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     trace.add_argument("--json", action="store_true", help="groups and frozen axes as JSON")
     trace.set_defaults(handler=trace_command)
     align = sub.add_parser("align", help="the permutation moving checkpoint A into B's basin")
-    model_flags(align)
-    align.add_argument("a", help="checkpoint of A (safetensors or torch file)")
-    align.add_argument("b", help="checkpoint of B")
+    model_flags(align, checkpoints=2)
     align.add_argument("--out", required=True, help="where to write pi (safetensors)")
     align.add_argument("--method", choices=matcher_names(), default="activation")
-    data_flags(align, False, "batches of 128 to match on", need="activation matching")
-    align.add_argument("--save-permuted", help="also write pi(A) here (safetensors)")
+    data_flags(align, False, "batches to match on", need="activation matching")
+    align.add_argument("--save-permuted", help="also write pi(A) here (safetensors; a "
+                       "save_pretrained folder for hf: models)")  # fmt: skip
     align.set_defaults(handler=align_command)
     perm = sub.add_parser("permute-mask", help="pi(m_A): move a mask with a permutation")
     model_flags(perm)
@@ -73,11 +73,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("interpolate", help="loss and accuracy along the path from A to B")
-    model_flags(p)
-    p.add_argument("a", help="checkpoint of A (safetensors or torch file)")
-    p.add_argument("b", help="checkpoint of B")
+    model_flags(p, checkpoints=2)
     p.add_argument("--perm", help="pi from permask align: interpolate pi(A) -> B")
-    data_flags(p, required=True, batches="training batches of 128 to re-estimate BN on")
+    data_flags(p, required=True, batches="training batches to re-estimate BN (or REPAIR) on")
     p.add_argument("--points", type=int, default=11, help="evenly spaced alphas in [0, 1]")
     p.add_argument("--bn-reset", action=argparse.BooleanOptionalAction, default=True,
                    help="re-estimate BatchNorm statistics at each point (default)")  # fmt: skip
@@ -89,14 +87,14 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="align checkpoints to a reference and average them")
-    model_flags(p)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints")
-    p.add_argument("--out", required=True, help="where to write the merged weights (safetensors)")
+    model_flags(p, checkpoints=0)
+    p.add_argument("--out", required=True, help="where to write the merged weights "
+                   "(safetensors; a save_pretrained folder for hf: models)")  # fmt: skip
     p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
     p.add_argument("--method", choices=matcher_names(), default="activation")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
-    data_flags(p, required=False, batches="batches of 128 to match and re-estimate BN on")
+    data_flags(p, required=False, batches="batches to match and re-estimate BN on")
     p.set_defaults(handler=merge_command)
 
 
@@ -109,8 +107,70 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=report_command)
 
 
+def _checkpoints(args: argparse.Namespace, count: int | None) -> list[str]:
+    """The checkpoints given (``count`` of them, or at least 2); ``args.model`` the MODEL given,
+    or the first folder when every positional is an ``hf:`` folder."""
+    given = [args.a, args.b] if count == 2 else args.checkpoints
+    inputs = [args.model, *(p for p in given if p is not None)]
+    folders = all(i.startswith("hf:") for i in inputs)
+    args.model, paths = inputs[0], inputs if folders else inputs[1:]
+    folder = next((p for p in inputs[1:] if p.startswith("hf:")), None)
+    if folder is not None and not folders:
+        raise ConfigError(f"{folder} is a folder, which holds its model: give hf: folders alone "
+                          f"(permask {args.command} hf:A hf:B ...)")  # fmt: skip
+    usage = f"{count} checkpoints" if count else "two or more checkpoints"
+    if len(paths) != (count or max(2, len(paths))):
+        raise ConfigError(f"{args.command} takes MODEL and {usage}, or {usage} as hf: folders "
+                          f"alone; got {len(inputs)} inputs: {' '.join(inputs)}")  # fmt: skip
+    return paths
+
+
+def _load(args: argparse.Namespace, checkpoint: str) -> nn.Module:
+    """A model of ``args.model`` with the weights of ``checkpoint`` (a file or an hf: folder)."""
+    if checkpoint.startswith("hf:"):
+        return _pretrained(args, checkpoint)
+    return _weights(_build(args)[0], checkpoint, args.ema)
+
+
+def _loaded(args: argparse.Namespace, paths: list[str]) -> list[nn.Module]:
+    """The models of ``paths``; one line when hf: folders are not of one architecture."""
+    models = [_load(args, p) for p in paths]
+    if args.model.startswith("hf:"):
+        from permask.hub import check_same_architecture
+
+        try:
+            check_same_architecture(models, paths)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return models
+
+
+def _pretrained(args: argparse.Namespace, spec: str) -> nn.Module:
+    from permask.hub import read_pretrained
+
+    try:
+        return read_pretrained(spec.removeprefix("hf:"), args.hf_class)
+    except ImportError as err:
+        raise ConfigError(f"hf: folders need the hf extra: pip install 'permask[hf]' ({err})"
+                          ) from None  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+    """An input to trace on: token ids for hf: models, else a batch of ``--input-size``."""
+    if args.model.startswith("hf:"):
+        from permask.hub import example_input
+
+        return example_input(model)
+    return torch.randn(2, *args.input_size)
+
+
 def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
-    """The model of ``args.model`` (fresh weights) and an example input of ``--input-size``."""
+    """The model of ``args.model`` (fresh weights; an hf: folder's own) and an example input."""
+    if args.model.startswith("hf:"):
+        model = _pretrained(args, args.model)
+        return model, _example(args, model)
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
@@ -122,7 +182,7 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     except (ValueError, TypeError) as err:
         message = str(err) if str(err).startswith("model ") else f"model {spec!r}: {err}"
         raise ConfigError(message) from None
-    return model, torch.randn(2, *size)
+    return model, _example(args, model)
 
 
 def _trace(model: nn.Module, x: torch.Tensor) -> PermutationGraph:
@@ -152,13 +212,11 @@ def trace_command(args: argparse.Namespace) -> str:
 
 
 def align_command(args: argparse.Namespace) -> str:
-    model_a, x = _build(args)
-    model_b = _build(args)[0]
-    _weights(model_a, args.a, args.ema)
-    _weights(model_b, args.b, args.ema)
+    paths = _checkpoints(args, 2)
     _writable(args.out, args.save_permuted)
-    loader = _loader(args) if get_matcher(args.method).needs_data else None
-    graph = _trace(model_a, x)
+    model_a, model_b = _loaded(args, paths)
+    loader = _loaders(args, model_a)[0] if get_matcher(args.method).needs_data else None
+    graph = _trace(model_a, _example(args, model_a))
     try:
         pi, info = permask.align(
             model_a, model_b, loader, method=args.method, graph=graph,
@@ -170,13 +228,18 @@ def align_command(args: argparse.Namespace) -> str:
         pi.save(tmp)
     lines = [f"pi: {len(pi)} groups -> {args.out} ({info.method} matching, {info.seconds:.1f} s)"]
     if args.save_permuted:
-        _save_weights(permask.permute_model(model_a, pi, graph), args.save_permuted)
+        _save_weights(args, permask.permute_model(model_a, pi, graph), args.save_permuted)
         lines.append(f"pi(A) -> {args.save_permuted}")
     return "\n".join(lines)
 
 
-def _save_weights(model: nn.Module, path: str) -> None:
-    """The model's state dict as safetensors at ``path``, atomically."""
+def _save_weights(args: argparse.Namespace, model: nn.Module, path: str) -> None:
+    """The model's weights at ``path``, atomically: a save_pretrained folder like MODEL's for
+    hf: models, else a safetensors file of its state dict."""
+    if args.model.startswith("hf:"):
+        from permask.hub import save_pretrained
+
+        return save_pretrained(model, path, like=args.model.removeprefix("hf:"))
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -184,23 +247,38 @@ def _save_weights(model: nn.Module, path: str) -> None:
                   str(tmp))  # fmt: skip
 
 
-def _loader(args: argparse.Namespace):
-    return _loaders(args)[0]
-
-
-def _loaders(args: argparse.Namespace):
-    """The unaugmented training loader (batches of 128) and the test loader of ``--data``."""
+def _loaders(args: argparse.Namespace, model: nn.Module):
+    """The unaugmented training batches and the test batches of ``--data`` for ``model``."""
     if not args.data:
         raise ConfigError("activation matching needs --data DATASET; or use --method weight")
     from permask.data.datasets import DataNotFoundError
     from permask.data.loader import get_loaders
 
     try:
-        train, test, _ = get_loaders(args.data, args.data_dir, batch_size=128, augment=False,
-                                     device=args.device, download=False)  # fmt: skip
+        if args.data.startswith("text:"):
+            return _text(args, model)
+        train, test, _ = get_loaders(args.data, args.data_dir, augment=False, device=args.device,
+                                     batch_size=args.batch_size or IMAGE_BATCH,
+                                     download=False)  # fmt: skip
     except (DataNotFoundError, ValueError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
     return train, test
+
+
+def _text(args: argparse.Namespace, model: nn.Module):
+    """``--data text:FILE`` in windows of ``--seq-len``, tokenised as MODEL's folder says."""
+    from permask.data.text import text_batches
+
+    tokenizer = None
+    if args.model.startswith("hf:"):
+        from permask.hub import tokenizer_of
+
+        tokenizer = tokenizer_of(args.model.removeprefix("hf:"))
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    return text_batches(args.data.removeprefix("text:"), args.seq_len,
+                        args.batch_size or TEXT_BATCH, tokenizer=tokenizer,
+                        vocab_size=getattr(embed, "num_embeddings", None),
+                        device=args.device)  # fmt: skip
 
 
 def permute_mask_command(args: argparse.Namespace) -> str:
@@ -223,37 +301,36 @@ def interpolate_command(args: argparse.Namespace) -> str:
     if args.points < 2:
         raise ConfigError(f"--points must be at least 2, got {args.points}")
     out = Path(args.out)
+    paths = _checkpoints(args, 2)
     _writable(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a file; give a folder")
-    model_a, x = _build(args)
-    model_b = _build(args)[0]
-    _weights(model_a, args.a, args.ema)
-    _weights(model_b, args.b, args.ema)
-    graph = _trace(model_a, x) if args.perm or args.repair else None
+    model_a, model_b = _loaded(args, paths)
+    graph = _trace(model_a, _example(args, model_a)) if args.perm or args.repair else None
     if args.perm:
         model_a = permask.permute_model(model_a, _read_permutation(args.perm, graph), graph)
     device = _device(args.device, "interpolate")
-    train, test = _loaders(args)
+    train, test = _loaders(args, model_a)
     try:
         result = interpolate(model_a, model_b, test, alphas=args.points, reset_bn=args.bn_reset,
                              bn_loader=train, bn_batches=args.batches, device=device,
                              repair=args.repair, graph=graph)  # fmt: skip
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    _write_interpolation(args, result)
+    _write_interpolation(args, paths, result)
     return _interpolation_report(args, result, _has_batchnorm(model_b))
 
 
-def _write_interpolation(args: argparse.Namespace, result: dict) -> None:
+def _write_interpolation(args: argparse.Namespace, paths: list[str], result: dict) -> None:
     """interpolation.png, .csv and .json in ``--out`` (each atomically; the folder is made)."""
     out = Path(args.out)
-    title = f"{Path(args.a).name}{' (permuted)' if args.perm else ''} -> {Path(args.b).name}"
+    a, b = paths
+    title = f"{Path(a).name}{' (permuted)' if args.perm else ''} -> {Path(b).name}"
     plot_interpolation(result, out / "interpolation.png", title=title)
     rows = zip(result["alphas"], result["losses"], result["accs"])
     csv = "alpha,loss,acc\n" + "".join(f"{a!r},{loss!r},{acc!r}\n" for a, loss, acc in rows)
     atomic_write_bytes(csv.encode(), out / "interpolation.csv")
-    meta = {"model": args.model, "a": args.a, "b": args.b, "perm": args.perm, "data": args.data,
+    meta = {"model": args.model, "a": a, "b": b, "perm": args.perm, "data": args.data,
             "bn_reset": args.bn_reset, "bn_batches": args.batches,
             "repair": args.repair}  # fmt: skip
     blob = json.dumps({**meta, **result}, indent=1).encode()
@@ -261,9 +338,11 @@ def _write_interpolation(args: argparse.Namespace, result: dict) -> None:
 
 
 def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: bool) -> str:
-    lines = ["alpha    loss  accuracy"]
+    text = args.data.startswith("text:")
+    lines = ["alpha    loss  accuracy" + ("  perplexity" if text else "")]
     for a, loss, acc in zip(result["alphas"], result["losses"], result["accs"]):
-        lines.append(f"{a:5.2f} {loss:7.4f}  {100 * acc:7.2f}%")
+        ppl = f"  {math.exp(loss):10.3f}" if text else ""
+        lines.append(f"{a:5.2f} {loss:7.4f}  {100 * acc:7.2f}%{ppl}")
     path = f"pi(A) -> B (pi: {args.perm})" if args.perm else "A -> B (not aligned)"
     lines.append(f"barrier {path}: loss {result['barrier']:.4f}, "
                  f"accuracy {100 * result['acc_barrier']:.2f} points")  # fmt: skip
@@ -278,9 +357,7 @@ def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: boo
 
 
 def merge_command(args: argparse.Namespace) -> str:
-    paths = args.checkpoints
-    if len(paths) < 2:
-        raise ConfigError(f"merge needs at least 2 checkpoints (CKPT CKPT ...), got {len(paths)}")
+    paths = _checkpoints(args, None)
     if args.repair and not args.data:
         raise ConfigError("--repair needs --data DATASET to measure the channels on")
     if not 0 <= args.reference < len(paths):
@@ -288,12 +365,10 @@ def merge_command(args: argparse.Namespace) -> str:
                           f"got {args.reference}")  # fmt: skip
     _writable(args.out)
     device = _device(args.device, "merge")
-    built = [_build(args) for _ in paths]
-    models = [_weights(model, p, args.ema).to(device) for (model, _), p in zip(built, paths)]
-    train, test = (
-        _loaders(args) if args.data or get_matcher(args.method).needs_data else (None, None)
-    )
-    graph = _trace(models[args.reference], built[0][1].to(device))
+    models = [model.to(device) for model in _loaded(args, paths)]
+    needs_data = args.data or get_matcher(args.method).needs_data
+    train, test = _loaders(args, models[0]) if needs_data else (None, None)
+    graph = _trace(models[args.reference], _example(args, models[0]).to(device))
     common = dict(reference=args.reference, max_batches=args.batches, device=device)
     try:
         merged = permask.merge(models, train, method=args.method, graph=graph,
@@ -302,23 +377,27 @@ def merge_command(args: argparse.Namespace) -> str:
         scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    _save_weights(merged, args.out)
-    return _merge_report(args, scores, _has_batchnorm(merged))
+    _save_weights(args, merged, args.out)
+    return _merge_report(args, paths, scores, _has_batchnorm(merged))
 
 
-def _merge_report(args: argparse.Namespace, scores: list | None, batchnorm: bool) -> str:
-    done = (f"merged ({args.method} matching, reference {args.checkpoints[args.reference]}) "
+def _merge_report(
+    args: argparse.Namespace, paths: list[str], scores: list | None, batchnorm: bool
+) -> str:
+    done = (f"merged ({args.method} matching, reference {paths[args.reference]}) "
             f"-> {args.out}")  # fmt: skip
     if scores is None:
         bn = "; BatchNorm statistics are the models' average" if batchnorm else ""
         return f"{done}\nnot evaluated: no --data{bn}"
     names = [Path(p).name + (" (reference)" if i == args.reference else "")
-             for i, p in enumerate(args.checkpoints)]  # fmt: skip
+             for i, p in enumerate(paths)]  # fmt: skip
     names += ["naive average", "merged" + (" + REPAIR" if args.repair else "")]
     width = max(len(n) for n in names)
-    lines = [f"{'model':{width}}    loss  accuracy"]
+    text = args.data.startswith("text:")
+    lines = [f"{'model':{width}}    loss  accuracy" + ("  perplexity" if text else "")]
     for name, (loss, acc) in zip(names, scores):
-        lines.append(f"{name:{width}} {loss:7.4f}  {100 * acc:7.2f}%")
+        ppl = f"  {math.exp(loss):10.3f}" if text else ""
+        lines.append(f"{name:{width}} {loss:7.4f}  {100 * acc:7.2f}%{ppl}")
     return "\n".join([*lines, done])
 
 

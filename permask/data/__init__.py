@@ -1,6 +1,7 @@
 """Data for permask's experiments and commands: datasets read into uint8 tensors
 (:mod:`~permask.data.datasets`), the in-memory loader (:mod:`~permask.data.loader`), the
-streaming image-folder loader (:mod:`~permask.data.stream`), and the :class:`Loader` protocol
+streaming image-folder loader (:mod:`~permask.data.stream`), text in token windows
+(:mod:`~permask.data.text`), and the :class:`Loader` protocol
 both satisfy (:mod:`~permask.data.protocol`). It uses no other part of permask but its helpers."""
 
 from .datasets import DataNotFoundError, load_dataset

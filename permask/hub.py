@@ -1,0 +1,170 @@
+"""Hugging Face ``save_pretrained`` folders in and out: what ``hf:PATH`` means on the command
+line (docs/cli.md, "Hugging Face folders"). Needs the ``hf`` extra.
+
+A folder holds ``config.json``, the weights (``model.safetensors``, or shards named by
+``model.safetensors.index.json``; ``pytorch_model.bin`` files too) and whatever else its owner
+put there (tokenizer, generation config). :func:`read_pretrained` checks the folder first, so a
+missing shard or config is one line naming it, then loads the model class the config names in
+the checkpoint's own dtype; :func:`save_pretrained` writes a model back as such a folder, its
+weights as sharded safetensors and every other file of the source folder copied unchanged, so
+``from_pretrained`` loads it with the source's config and tokenizer::
+
+    model = read_pretrained("runs/llama-a")
+    save_pretrained(model, "runs/llama-a-permuted", like="runs/llama-a")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "check_folder",
+    "check_same_architecture",
+    "example_input",
+    "read_pretrained",
+    "save_pretrained",
+    "tokenizer_of",
+]
+
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_folder(folder: str | os.PathLike) -> dict:
+    """The folder's ``config.json`` as a dict; ``ValueError`` (one line, naming the file) when
+    the folder, its config or any of its weight files is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"hf:{folder} is not a folder; give a save_pretrained folder")
+    config = _read_json(folder / "config.json", f"hf:{folder} has no config.json")
+    shards = _weight_files(folder)
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise ValueError(
+            f"hf:{folder} is missing {missing[0]} ({len(missing)} of {len(shards)} weight files "
+            "its index names); copy the whole folder"
+        )
+    return config
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The weight files the folder's index names, or its single weight file."""
+    for name in _WEIGHTS:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index, f"hf:{folder}: {index.name} is not there").get(
+                "weight_map", {}
+            )
+            return sorted(set(weight_map.values()))
+    found = [n for n in _WEIGHTS if (folder / n).is_file()]
+    if not found:
+        raise ValueError(
+            f"hf:{folder} has no weights ({' or '.join(_WEIGHTS)}, or a sharded index); "
+            "give a save_pretrained folder"
+        )
+    return found[:1]
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    if not path.is_file():
+        raise ValueError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err})") from None
+
+
+def read_pretrained(folder: str | os.PathLike, model_class: str | None = None) -> nn.Module:
+    """The model saved in ``folder``, in eval mode and its checkpoint's dtype.
+
+    ``model_class`` names a transformers class (``AutoModelForCausalLM``, ``LlamaForCausalLM``,
+    ...); by default the first of the config's ``architectures``.
+    """
+    import transformers
+
+    config = check_folder(folder)
+    name = model_class or next(iter(config.get("architectures") or []), None)
+    if name is None:
+        raise ValueError(
+            f"hf:{folder}: config.json names no architectures; give the model class, e.g. "
+            "--hf-class AutoModelForCausalLM"
+        )
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"transformers has no model class {name!r}; give one such as "
+                         "AutoModelForCausalLM")  # fmt: skip
+    try:
+        model = cls.from_pretrained(str(folder), dtype="auto")
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"hf:{folder} does not load as {name}: {first}") from None
+    return model.eval()
+
+
+def check_same_architecture(models: list[nn.Module], names: list[str]) -> None:
+    """``ValueError`` naming the first model whose class or tensors differ from the first's."""
+    first = models[0].state_dict()
+    for model, name in zip(models[1:], names[1:]):
+        if type(model) is not type(models[0]):
+            raise ValueError(
+                f"{name} is a {type(model).__name__} and {names[0]} a "
+                f"{type(models[0]).__name__}; give checkpoints of one architecture"
+            )
+        own = model.state_dict()
+        wrong = [k for k in first if k not in own or own[k].shape != first[k].shape]
+        if wrong or len(own) != len(first):
+            what = f"{wrong[0]!r} differs" if wrong else "the tensors differ"
+            raise ValueError(f"{name} does not have {names[0]}'s shapes ({what}); give "
+                             "checkpoints of one architecture and size")  # fmt: skip
+
+
+def save_pretrained(
+    model: nn.Module,
+    out: str | os.PathLike,
+    like: str | os.PathLike,
+    max_shard_size: str | int = "5GB",
+) -> None:
+    """Write ``model`` as a ``save_pretrained`` folder at ``out``: its weights as sharded
+    safetensors, and every file of ``like`` that is not a weight file (config, tokenizer,
+    generation config) copied unchanged. Built in a temporary folder beside ``out`` that then
+    replaces it: a crash leaves the old folder or the new one."""
+    out, like = Path(out), Path(like)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        for path in like.iterdir():
+            if path.is_file() and not _is_weights(path.name):
+                shutil.copy2(path, tmp / path.name)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+
+
+def tokenizer_of(folder: str | os.PathLike):
+    """The folder's tokenizer (``AutoTokenizer``), or ``None`` when it has no tokenizer files."""
+    if not any((Path(folder) / n).is_file() for n in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def example_input(model: nn.Module, tokens: int = 16) -> torch.Tensor:
+    """Two sequences of ``tokens`` token ids within the model's vocabulary, to trace on."""
+    vocab = model.get_input_embeddings().num_embeddings
+    return torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(0))
