@@ -42,14 +42,16 @@ def merge(
     device: torch.device | str | None = None,
     bn_loader: Iterable | None = None,
     repair: bool = False,
+    max_stats_memory: int | str | None = None,
 ) -> nn.Module:
     """A new model: the uniform average of ``models`` after aligning each to ``models[reference]``.
 
     Every other model ``m`` is moved by ``permute_model(m, align(m, ref, loader, method=method,
-    graph=graph, max_batches=max_batches, device=device), graph)``; ``method="activation"`` (the
-    default) needs ``loader``, ``"weight"`` does not. ``graph`` is traced once from the
-    reference on the loader's first batch when not given (one more ``iter(loader)``: a loader
-    that reshuffles per iteration then gives ``align`` other batches than with ``graph=``).
+    graph=graph, max_batches=max_batches, device=device, max_stats_memory=...), graph)``;
+    ``method="activation"`` (the default) needs ``loader``, ``"weight"`` does not. ``graph`` is
+    traced once from the reference on the loader's first batch when not given (one more
+    ``iter(loader)``: a loader that reshuffles per iteration then gives ``align`` other batches
+    than with ``graph=``).
     Then :func:`average` (float entries averaged in float64, other buffers from the reference),
     which re-estimates BatchNorm statistics on ``bn_loader`` (default: ``loader``; at most
     ``max_batches``) when both exist.
@@ -72,7 +74,7 @@ def merge(
             moved.append(ref)
             continue
         pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
-                   device=device)  # fmt: skip
+                   device=device, max_stats_memory=max_stats_memory)  # fmt: skip
         moved.append(permute_model(m, pi, graph))
     bn_data = bn_loader if bn_loader is not None else loader
     merged = average(moved, reference=reference, bn_loader=bn_data, max_batches=max_batches,

@@ -105,6 +105,11 @@ def test_activation_matching_interpolate_and_merge_on_text(folders, text, tmp_pa
     data = ["--data", f"text:{text}", "--seq-len", "16", "--batches", "3"]
     pi = tmp_path / "pi.safetensors"
     assert main(["align", a, b, "--out", str(pi), *data]) == 0
+    budget = tmp_path / "pi-budget.safetensors"  # several passes, the same permutation
+    assert main(["align", a, b, "--out", str(budget), "--max-stats-memory", "400KiB", *data]) == 0
+    assert "passes over the data" in capsys.readouterr().out
+    one, many = permask.Permutation.load(pi), permask.Permutation.load(budget)
+    assert all(torch.equal(one[g], many[g]) for g in one)
     assert main(["interpolate", a, b, "--perm", str(pi), "--points", "3",
                  "--out", str(tmp_path / "interp"), *data]) == 0  # fmt: skip
     printed = capsys.readouterr().out

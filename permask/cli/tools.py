@@ -56,6 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     model_flags(align, checkpoints=2)
     align.add_argument("--out", required=True, help="where to write pi (safetensors)")
     align.add_argument("--method", choices=matcher_names(), default="activation")
+    _memory_flag(align)
     data_flags(align, False, "batches to match on", need="activation matching")
     align.add_argument("--save-permuted", help="also write pi(A) here (safetensors; a "
                        "save_pretrained folder for hf: models)")  # fmt: skip
@@ -92,10 +93,17 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                    "(safetensors; a save_pretrained folder for hf: models)")  # fmt: skip
     p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
     p.add_argument("--method", choices=matcher_names(), default="activation")
+    _memory_flag(p)
     p.add_argument("--repair", action="store_true",
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
     data_flags(p, required=False, batches="batches to match and re-estimate BN on")
     p.set_defaults(handler=merge_command)
+
+
+def _memory_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-stats-memory", metavar="SIZE",
+                   help="activation matching's statistics at most SIZE (e.g. 4GiB): more "
+                   "passes over the data where one does not fit (default: one pass)")  # fmt: skip
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -221,12 +229,15 @@ def align_command(args: argparse.Namespace) -> str:
         pi, info = permask.align(
             model_a, model_b, loader, method=args.method, graph=graph,
             max_batches=args.batches, device=args.device, return_info=True,
+            max_stats_memory=args.max_stats_memory,
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
     with atomic_path(args.out) as tmp:
         pi.save(tmp)
-    lines = [f"pi: {len(pi)} groups -> {args.out} ({info.method} matching, {info.seconds:.1f} s)"]
+    passes = f", {info.passes} passes over the data" if info.passes > 1 else ""
+    lines = [f"pi: {len(pi)} groups -> {args.out} ({info.method} matching{passes}, "
+             f"{info.seconds:.1f} s)"]  # fmt: skip
     if args.save_permuted:
         _save_weights(args, permask.permute_model(model_a, pi, graph), args.save_permuted)
         lines.append(f"pi(A) -> {args.save_permuted}")
@@ -372,7 +383,8 @@ def merge_command(args: argparse.Namespace) -> str:
     common = dict(reference=args.reference, max_batches=args.batches, device=device)
     try:
         merged = permask.merge(models, train, method=args.method, graph=graph,
-                               repair=args.repair, **common)  # fmt: skip
+                               repair=args.repair, max_stats_memory=args.max_stats_memory,
+                               **common)  # fmt: skip
         naive = average(models, bn_loader=train, **common)
         scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
     except (ValueError, TypeError) as err:

@@ -17,6 +17,7 @@ from ..graph import Permutation, PermutationGraph, trace
 from .activation import check_precision
 from .info import AlignInfo
 from .matchers import get_matcher
+from .passes import parse_bytes
 from .request import MatchRequest
 
 __all__ = ["align", "AlignInfo", "check_same_architecture"]
@@ -28,7 +29,7 @@ def align(
     method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
     max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
     seed: int = ..., distributed: bool = ..., precision: str | None = ...,
-    return_info: Literal[False] = False,
+    max_stats_memory: int | str | None = ..., return_info: Literal[False] = False,
 ) -> Permutation: ...  # fmt: skip
 @overload
 def align(
@@ -36,7 +37,7 @@ def align(
     method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
     max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
     seed: int = ..., distributed: bool = ..., precision: str | None = ...,
-    return_info: Literal[True],
+    max_stats_memory: int | str | None = ..., return_info: Literal[True],
 ) -> tuple[Permutation, AlignInfo]: ...  # fmt: skip
 def align(
     model_a: nn.Module,
@@ -52,6 +53,7 @@ def align(
     seed: int = 0,
     distributed: bool = False,
     precision: str | None = None,
+    max_stats_memory: int | str | None = None,
     return_info: bool = False,
 ) -> Permutation | tuple[Permutation, AlignInfo]:
     """Find ``pi`` such that ``permute_model(model_a, pi, graph)`` lands in model_b's basin.
@@ -78,9 +80,17 @@ def align(
     one GPU"), ``None`` follows torch's global
     setting. On a CPU the products are float32. The forwards are
     the models' own: run ``align`` under ``torch.autocast`` for mixed precision.
+
+    ``max_stats_memory`` (activation; bytes, or a string such as ``"4GiB"``): where the
+    statistics and correlations of all groups need more, the groups are split into several
+    passes over the data, each within it, giving the same permutation
+    (:mod:`permask.match.passes`); ``AlignInfo.passes`` says how many. The loader must then be
+    readable more than once (a list, a DataLoader), and yield the same batches each time for the
+    same result. ``None``: one pass, whatever it needs.
     """
     matcher = get_matcher(method)
     check_precision(precision)  # before any tracing or data
+    budget = None if max_stats_memory is None else parse_bytes(max_stats_memory)
     distributed = _world(distributed)
     model_a, model_b = unwrap(model_a), unwrap(model_b)
     check_same_architecture(model_a, model_b)
@@ -95,9 +105,12 @@ def align(
             first = _first_batch(batches, dev, distributed)
             example_inputs = split_batch(first)[0]
         graph = trace(model_a, _example_on(example_inputs, model_device(model_a)))
+    again = None
+    if loader is not None and not isinstance(loader, Iterator):  # readable more than once
+        again = lambda: itertools.islice(loader, max_batches)  # noqa: E731
     request = MatchRequest(
         model_a, model_b, graph, dev, solver, seed, first,
-        None if loader is None else batches, distributed, precision,
+        None if loader is None else batches, distributed, precision, again, budget,
     )  # fmt: skip
     pi, info = matcher.run(request)
     info.seconds = time.perf_counter() - start

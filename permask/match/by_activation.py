@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +23,11 @@ from ..graph import Permutation
 from .activation import CorrelationStats, constant_counts, paired_module
 from .assign import assign, conditional, margin
 from .info import AlignInfo
-from .points import plan_points
+from .passes import components, split_plan
+from .points import Plan, plan_points
 from .replay import ShapeReplays
 from .request import MatchRequest
-from .ties import order_constant, warn_constant, warn_ties
+from .ties import order_by_weights, unordered, warn_constant, warn_ties
 from .weight import weight_matching
 
 __all__ = ["activation_matching", "on_device"]
@@ -34,20 +36,82 @@ log = logging.getLogger(__name__)
 
 
 def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
-    """Activation matching: one pass of both models over the data, then one LAP per group."""
-    model_a, model_b, graph, device = req.model_a, req.model_b, req.graph, req.device
-    solver, distributed, precision = req.solver, req.distributed, req.precision
+    """Activation matching: one pass of both models over the data (or several, each for some
+    groups, under ``max_stats_memory``: :mod:`permask.match.passes`), then one LAP per group."""
+    graph = req.graph
     if req.batches is None:
         raise ValueError("activation matching needs a loader; use method='weight' for none")
     plan = plan_points(graph)
+    passes = split_plan(plan, req.max_stats_memory)
     log.info(
-        "activation matching: %d points, %.1f MiB float64 statistics",
+        "activation matching: %d points, %.1f MiB float64 statistics%s",
         len(plan.points), plan.stats_bytes() / 2**20,
+        f", in {len(passes)} passes over the data under max_stats_memory" if len(passes) > 1
+        else "",
     )  # fmt: skip
-    stats = CorrelationStats(plan, device, precision)
-    a, b = on_device(model_a, device), on_device(model_b, device)
-    first = req.first
-    data = itertools.chain([first] if first is not None else [], req.batches)
+    if len(passes) > 1 and req.again is None:
+        raise ValueError(
+            f"max_stats_memory needs {len(passes)} passes over the data, but the loader is an "
+            "iterator that can be read once; pass a list or a DataLoader"
+        )
+    a, b = on_device(req.model_a, req.device), on_device(req.model_b, req.device)
+    seen = []
+    for k, sub in enumerate(passes):
+        first = [req.first] if req.first is not None and k == 0 else []
+        data = itertools.chain(first, req.batches if k == 0 else req.again())
+        seen.append(_one_pass(a, b, sub, data, req))
+    live = {key: f for s in seen for key, f in s.live.items()}
+    constant = {" x ".join(k): c for k, c in constant_counts(live).items() if any(c)}
+    if constant and (not req.distributed or dist.get_rank() == 0):  # one warning
+        warn_constant(constant)
+    perms = {g: p for s in seen for g, p in s.perms.items()}
+    todo = {g: t for s in seen for g, t in s.todo.items()}
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    perms = order_by_weights(perms, todo, sd_a, sd_b, graph, req.solver)
+    sure = {g: m for s in seen for g, m in s.sure.items()}
+    kept = {chain: t for s in seen for chain, t in s.kept.items()}  # what the weights changed
+    sizes = {g.name: g.size for g in graph}
+    sure.update({g: margin(s, perms[g]) for g, s in conditional(kept, sizes, perms).items()})
+    margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
+    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
+        res = weight_matching(sd_a, sd_b, graph, solver=req.solver, init=perms, only=plan.unmatched)
+        perms, margins, ties = res.perms, {**margins, **res.margins}, {**ties, **res.ties}
+    if not req.distributed or dist.get_rank() == 0:
+        warn_ties(ties, constant)
+    points: dict[str, list[str]] = {}
+    for p in plan.points:
+        for g in (g for u in p.units for g in u.groups):
+            points.setdefault(g, []).append(p.node)
+    info = AlignInfo(
+        "activation", 0.0, len(graph), seen[0].batches, seen[0].samples,
+        max(sub.stats_bytes() for sub in passes), points=points, unmatched=plan.unmatched,
+        pass_seconds=sum(s.seconds for s in seen), constant=constant, margins=margins,
+        ties=ties, observations=min(s.observed for s in seen), passes=len(passes),
+    )  # fmt: skip
+    return Permutation(perms), info
+
+
+@dataclass
+class _Seen:
+    """What one pass over the data leaves for its groups: assignments, live flags per unit,
+    pairs the data cannot order (``todo``), margins, and the scores of the groups whose
+    assignment the weights may still change (``kept``, for their final margins)."""
+
+    perms: dict[str, torch.Tensor]
+    live: dict[tuple[str, ...], list[torch.Tensor]]
+    todo: dict[str, tuple]
+    sure: dict[str, tuple[float, int]]
+    kept: dict[tuple[str, ...], torch.Tensor]
+    batches: int
+    samples: int
+    seconds: float
+    observed: int
+
+
+def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: MatchRequest) -> _Seen:
+    """Stream ``data`` through both models observing ``plan``'s points, then assign its groups."""
+    graph, device = req.graph, req.device
+    stats = CorrelationStats(plan, device, req.precision)
     start = time.perf_counter()
     paired = paired_module(a, b, graph.fx_graph, stats)
     if graph.frontend == "export":  # specialised to its example shapes: one per input shape
@@ -55,8 +119,8 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     else:
         pick = lambda x: paired  # noqa: E731
     n_batches, samples = _stream(a, b, pick, data, device)
-    pass_seconds = time.perf_counter() - start
-    if distributed:  # each rank streamed its own shard: sum them all
+    seconds = time.perf_counter() - start
+    if req.distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
         counts = torch.tensor([n_batches, samples], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
@@ -65,33 +129,15 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
     live = stats.live()
-    constant = {" x ".join(k): c for k, c in constant_counts(live).items() if any(c)}
-    if constant and (not distributed or dist.get_rank() == 0):  # one warning
-        warn_constant(constant)
     scores = stats.scores()
-    sizes = {g.name: g.size for g in graph}
-    perms = assign(scores, sizes, solver)
-    perms = order_constant(perms, live, scores, a.state_dict(), b.state_dict(), graph, solver)
-    sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
-    margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
-    if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
-        res = weight_matching(
-            a.state_dict(), b.state_dict(), graph, solver=solver, init=perms, only=plan.unmatched
-        )
-        perms, margins, ties = res.perms, {**margins, **res.margins}, {**ties, **res.ties}
-    if not distributed or dist.get_rank() == 0:
-        warn_ties(ties, constant)
-    points: dict[str, list[str]] = {}
-    for p in plan.points:
-        for g in (g for u in p.units for g in u.groups):
-            points.setdefault(g, []).append(p.node)
     observed = min((c for row in stats.count for c in row), default=0)
-    info = AlignInfo(
-        "activation", 0.0, len(graph), n_batches, samples, plan.stats_bytes(),
-        points=points, unmatched=plan.unmatched, pass_seconds=pass_seconds, constant=constant,
-        margins=margins, ties=ties, observations=observed,
-    )  # fmt: skip
-    return Permutation(perms), info
+    sizes = {g.name: g.size for g in graph}
+    perms = assign(scores, sizes, req.solver)
+    todo = unordered(scores, live, perms, sizes)
+    sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
+    changing = set().union(*(c for c in components(plan) if c & todo.keys()))
+    kept = {chain: s for chain, s in scores.items() if set(chain) <= changing}
+    return _Seen(perms, live, todo, sure, kept, n_batches, samples, seconds, observed)
 
 
 def _stream(a: nn.Module, b: nn.Module, pick: Callable, data: Iterable, device) -> tuple:

@@ -16,7 +16,9 @@ class AlignInfo:
     observed point (examples x positions: a sequence's tokens, an image's pixels for a conv;
     activation). ``points``: group -> fx nodes observed (activation); ``unmatched``: groups that
     no usable activation shows, matched by weights instead; ``stats_bytes``: float64 statistics
-    memory (activation); ``pass_seconds``: the pass over the data (both forwards and the
+    memory (activation; of the largest pass); ``passes``: passes over the data (activation: more
+    than 1 under ``max_stats_memory``, :mod:`permask.match.passes`); ``pass_seconds``: the
+    passes over the data (both forwards and the
     statistics; the rest of ``seconds`` is correlations and assignment, independent of the data
     size); ``objective`` and ``iterations``: sum <W_B, P W_A> and coordinate-descent sweeps
     (weight); ``constant``: unit (its groups joined by " x ") -> how many of A's and of B's
@@ -47,3 +49,4 @@ class AlignInfo:
     margins: dict[str, float] = field(default_factory=dict)
     ties: dict[str, int] = field(default_factory=dict)
     observations: int = 0
+    passes: int = 1

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,9 @@ class MatchRequest:
     """``model_a`` and ``model_b`` (unwrapped, not yet on ``device``), their ``graph``, the LAP
     ``solver``, weight matching's ``seed``; for data-driven matchers the loader's ``first``
     batch if ``align`` already read it (to trace on) and the remaining ``batches`` (``None``:
-    no loader), ``distributed`` (sum statistics over the ranks) and the matrix-product
-    ``precision``."""
+    no loader), ``again``, a function giving the batches once more (``None``: the loader can be
+    read once), ``distributed`` (sum statistics over the ranks), the matrix-product
+    ``precision`` and ``max_stats_memory`` (bytes; :mod:`permask.match.passes`)."""
 
     model_a: nn.Module
     model_b: nn.Module
@@ -33,3 +34,5 @@ class MatchRequest:
     batches: Iterator | None = None
     distributed: bool = False
     precision: str | None = None
+    again: Callable[[], Iterator] | None = None
+    max_stats_memory: int | None = None

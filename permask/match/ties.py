@@ -1,5 +1,5 @@
-"""Pairs the data cannot order (constant or tied elements), re-matched by the weights, and the
-warnings that name them."""
+"""Pairs the data cannot order (constant or tied elements): found (:func:`unordered`),
+re-matched by the weights (:func:`order_by_weights`), and the warnings that name them."""
 
 from __future__ import annotations
 
@@ -12,35 +12,38 @@ from .assign import column_gaps, conditional
 from .lap import solve_lap
 from .weight import weight_scores
 
-__all__ = ["order_constant", "warn_constant", "warn_ties"]
+__all__ = ["order_by_weights", "unordered", "warn_constant", "warn_ties"]
 
 log = logging.getLogger(__name__)
 
 
-def order_constant(perms, live, corr, params_a, params_b, graph, solver: str) -> dict:
-    """Pairs the data cannot order, re-matched among themselves by weight matching's scores:
-    pairs with a constant element (on either side), and *tied* pairs, whose correlation is
-    within 1e-5 (relative) of the best other in its column (units that fire on the same one or
-    two samples correlate alike with each other's partners). The weights do order them. Other
-    pairs of two live elements are the data's choice: kept, and none is formed anew (a tied
-    pair may be re-formed with another tied one). Every group, on its scores with the other
-    groups at their assignments (:func:`~permask.match.assign.conditional`): inside blocks x
-    within, a block is constant when all its elements are, a within element when it is in
-    every block (:func:`~permask.match.activation.group_live`)."""
-    sizes = {g.name: g.size for g in graph}
+def unordered(corr, live, perms, sizes: dict[str, int]) -> dict[str, tuple]:
+    """Per group with pairs the data cannot order, ``(A's live flags, B's live flags, B's tied
+    flags)``: pairs with a constant element (on either side), and *tied* pairs, whose
+    correlation is within 1e-5 (relative) of the best other in its column (units that fire on
+    the same one or two samples correlate alike with each other's partners). Every group on its
+    scores with the other groups at their assignments
+    (:func:`~permask.match.assign.conditional`): inside blocks x within, a block is constant
+    when all its elements are, a within element when it is in every block
+    (:func:`~permask.match.activation.group_live`)."""
     cond = conditional(corr, sizes, perms)
     flags = group_live(live, sizes)
     tied = {g: _tied(s, perms[g]) for g, s in cond.items()}
-    groups = [g for g, (la, lb) in flags.items()
-              if not (la.all() and lb.all() and not tied[g].any())]  # fmt: skip
-    if not groups:
+    return {g: (la, lb, tied[g]) for g, (la, lb) in flags.items()
+            if not (la.all() and lb.all() and not tied[g].any())}  # fmt: skip
+
+
+def order_by_weights(perms, todo: dict[str, tuple], params_a, params_b, graph, solver: str):
+    """The pairs :func:`unordered` found, re-matched among themselves by weight matching's
+    scores (with every other group at ``perms``): the weights do order them. Other pairs of two
+    live elements are the data's choice: kept, and none is formed anew (a tied pair may be
+    re-formed with another tied one)."""
+    if not todo:
         return perms
-    scores = weight_scores(params_a, params_b, graph, perms, groups)
+    scores = weight_scores(params_a, params_b, graph, perms, list(todo))
     out = dict(perms)
-    for g in groups:
-        la, lb = flags[g]
+    for g, (la, lb, free) in todo.items():
         p = perms[g].cpu()
-        free = tied[g]  # tied pairs, by B's element
         pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data cannot order
         sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
         both_live = la[p[pairs]][:, None] & lb[pairs][None, :]

@@ -1,0 +1,116 @@
+"""Activation matching under a memory budget: the observation plan split into passes.
+
+Activation matching keeps, per observed unit of ``n`` channels, an ``n x n`` float64 cross sum
+and four length-``n`` sums, then one ``n x n`` correlation matrix per chain of groups: for a
+large model more than memory holds (a 7B Llama's MLP units alone: about 31 GB). With
+``align(..., max_stats_memory=...)`` the groups are packed, in graph order, into passes whose
+statistics and correlations fit the budget; each pass streams the data once more and solves
+its groups' assignments before the next one starts. Groups that share a unit (blocks x within)
+always share a pass. A pass observes the same values as a single pass would, so the
+permutation is the same (``tests/test_match_passes.py``); it costs one more pass over the data
+each.
+
+>>> import torch, permask
+>>> from permask.match.points import plan_points
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+...                           torch.nn.ReLU(), torch.nn.Linear(64, 2))
+>>> plan = plan_points(permask.trace(net, torch.randn(2, 4)))
+>>> [len(p.points) for p in split_plan(plan, None)]
+[2]
+>>> [len(p.points) for p in split_plan(plan, 70_000)]
+[1, 1]
+>>> parse_bytes("4GiB"), parse_bytes("512MB"), parse_bytes(1000)
+(4294967296, 512000000, 1000)
+"""
+
+from __future__ import annotations
+
+import re
+
+from .points import Plan, Point
+
+__all__ = ["components", "human_bytes", "parse_bytes", "plan_bytes", "split_plan"]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"4GiB"``, ``"512MB"`` or ``"1e9"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        found = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(size))
+        unit = found and _UNITS.get(found.group(2).lower())
+        if not found or unit is None:
+            raise ValueError(f"memory size {size!r} is not a number of bytes; write e.g. 4GiB, "
+                             "512MB or 1000000")  # fmt: skip
+        value = int(float(found.group(1)) * unit)
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {size!r}")
+    return value
+
+
+def human_bytes(size: int) -> str:
+    """``size`` in the largest binary unit that leaves at least 1: ``"1.5 GiB"``."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size >= _UNITS[unit.lower()]:
+            return f"{size / _UNITS[unit.lower()]:.1f} {unit}"
+    return f"{size} B"
+
+
+def components(plan: Plan) -> list[set[str]]:
+    """The groups, joined where a unit holds several (they are solved together), in plan order."""
+    out: list[set[str]] = []
+    for unit in (u for p in plan.points for u in p.units):
+        groups = set(unit.groups)
+        hit = [i for i, c in enumerate(out) if c & groups]
+        if not hit:
+            out.append(groups)
+            continue
+        for i in reversed(hit[1:]):
+            out[hit[0]] |= out.pop(i)
+        out[hit[0]] |= groups
+    return out
+
+
+def plan_bytes(plan: Plan) -> int:
+    """What a pass over ``plan`` holds: its float64 statistics and its correlation matrices."""
+    keys = {u.groups: u.size for p in plan.points for u in p.units}
+    return plan.stats_bytes() + sum(8 * n * n for n in keys.values())
+
+
+def split_plan(plan: Plan, budget: int | None) -> list[Plan]:
+    """``plan`` as passes of whole components that each fit ``budget`` bytes (one pass when
+    ``budget`` is ``None`` or everything fits); ``ValueError`` naming a component that alone
+    does not fit, and the budget it needs."""
+    if budget is None or plan_bytes(plan) <= budget:
+        return [plan]
+    passes: list[list[set[str]]] = []
+    used = 0
+    for comp in components(plan):
+        size = plan_bytes(_restricted(plan, comp))
+        if size > budget:
+            names = sorted(comp)
+            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+            raise ValueError(
+                f"activation matching needs {human_bytes(size)} for group(s) "
+                f"{', '.join(names[:2])}{more} alone, more than max_stats_memory "
+                f"({human_bytes(budget)}); raise it to at least that, or use method='weight'"
+            )
+        if not passes or used + size > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(comp)
+        used += size
+    return [_restricted(plan, set().union(*comps)) for comps in passes]
+
+
+def _restricted(plan: Plan, groups: set[str]) -> Plan:
+    """The points and units of ``plan`` that observe ``groups``."""
+    points = []
+    for p in plan.points:
+        units = tuple(u for u in p.units if set(u.groups) <= groups)
+        if units:
+            points.append(Point(p.node, p.axis, p.target, p.size, units, p.mixed))
+    return Plan(tuple(points), ())

@@ -1,0 +1,110 @@
+"""Activation matching under ``max_stats_memory``: the groups split into several passes over the
+data give the same permutation, margins and diagnostics as one pass (an MLP with dead units,
+whose pairs the weights re-order; a grouped-query Llama, whose heads are solved jointly); a
+budget too small for one group, or a loader that can be read once, is refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import permask
+from permask.match.passes import components, parse_bytes, plan_bytes, split_plan
+from permask.match.points import plan_points
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
+                        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))  # fmt: skip
+    with torch.no_grad():
+        net[0].bias[:4] = -100.0  # four units that never fire: ordered by the weights
+    return net
+
+
+def _same(one, many) -> None:
+    (pi1, info1), (pi2, info2) = one, many
+    assert info1.passes == 1 and info2.passes > 1
+    assert pi1.keys() == pi2.keys()
+    assert all(torch.equal(pi1[g], pi2[g]) for g in pi1)
+    assert info2.margins == info1.margins and info2.ties == info1.ties
+    assert info2.constant == info1.constant and info2.observations == info1.observations
+    assert info2.stats_bytes < info1.stats_bytes
+
+
+def _smallest_budget(graph) -> int:
+    plan = plan_points(graph)
+    budget = max(plan_bytes(p) for p in split_plan(plan, plan_bytes(plan) - 1))
+    assert len(split_plan(plan, budget)) > 1
+    return budget
+
+
+def test_passes_give_the_permutation_of_one_pass_mlp():
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a, b = _mlp(0), _mlp(1)
+    graph = permask.trace(a, data[0])
+    budget = _smallest_budget(graph)
+    kw = dict(graph=graph, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = permask.align(a, b, data, **kw)
+        many = permask.align(a, b, data, max_stats_memory=budget, **kw)
+    _same(one, many)
+    assert one[1].constant  # the dead units were there to re-order
+
+
+def test_passes_give_the_permutation_of_one_pass_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(transformers.AutoModelForCausalLM.from_config(config).eval())
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = permask.trace(models[0], data[0])
+        budget = _smallest_budget(graph)
+        one = permask.align(*models, data, graph=graph, return_info=True)
+        many = permask.align(*models, data, graph=graph, max_stats_memory=budget,
+                             return_info=True)  # fmt: skip
+    _same(one, many)
+
+
+def test_components_keep_nested_groups_together():
+    """A grouped conv's blocks and within-block orders are one component, in one pass."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 2, 1))  # fmt: skip
+    plan = plan_points(permask.trace(net, torch.randn(1, 3, 6, 6)))
+    comps = components(plan)
+    nested = [c for c in comps if len(c) > 1]
+    assert nested and all(
+        any(set(u.groups) <= c for c in comps) for p in plan.points for u in p.units
+    )
+    for sub in split_plan(plan, max(plan_bytes(p) for p in split_plan(plan, 1 << 40))):
+        for c in nested:
+            seen = {g for p in sub.points for u in p.units for g in u.groups}
+            assert c <= seen or not c & seen
+
+
+def test_refusals():
+    data = [torch.randn(8, 6) for _ in range(2)]
+    a, b = _mlp(0), _mlp(1)
+    graph = permask.trace(a, data[0])
+    with pytest.raises(ValueError, match=r"group\(s\) .* alone, more than max_stats_memory"):
+        permask.align(a, b, data, graph=graph, max_stats_memory=100)
+    budget = _smallest_budget(graph)
+    with pytest.raises(ValueError, match="iterator that can be read once"):
+        permask.align(a, b, iter(data), graph=graph, max_stats_memory=budget)
+    with pytest.raises(ValueError, match="not a number of bytes"):
+        permask.align(a, b, data, graph=graph, max_stats_memory="4 gigs")
+    assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(" 10kb ") == 10_000
+    with pytest.raises(ValueError, match="positive"):
+        parse_bytes(0)
