@@ -38,8 +38,10 @@ def export_capture(
 ) -> tuple[fx.GraphModule, dict]:
     """``torch.export`` a copy of ``model`` in eval mode on ``args``/``kwargs``; the unlifted
     graph module and ``{node: TensorMeta or concrete value}``. Raises :class:`TraceError` with
-    the exporter's reason when it cannot capture the model."""
-    work = copy.deepcopy(model).eval()
+    the exporter's reason when it cannot capture the model. The copy's modules are new (eval
+    mode and config changes stay off ``model``); its parameters and buffers are ``model``'s own
+    tensors, so no weights are duplicated."""
+    work = _shared_copy(model).eval()
     _no_cache(work)
     whole = {name: m for name, m in work.named_modules() if is_experts(m)}
     try:
@@ -76,6 +78,12 @@ def _export(work: nn.Module, args: tuple, kwargs: dict, whole: tuple[str, ...]):
             except Exception:
                 pass
         return torch.export.export(work, tuple(args), dict(kwargs) or None)
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are ``model``'s own tensors."""
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
 
 
 def _no_cache(model: nn.Module) -> None:
