@@ -343,8 +343,7 @@ def test_running_scores_follow_moves_exactly(name):
         for m in g.members:
             if m.tensor in layouts:
                 rows = wm._rows(m.layout, g.name, g.size, torch.device("cpu"))
-                b = wm._gather(other[m.tensor], m.axis, rows)
-                slots.append(wm._ScoreTerm((g.name,), m.tensor, m.axis, rows, b))
+                slots.append(wm._ScoreTerm((g.name,), m.tensor, m.axis, rows, other[m.tensor]))
     seen = [wm._indices(s, layouts, perms) for s in slots]
     totals = [wm._contribution(s, params, i) for s, i in zip(slots, seen)]
     for step in range(4):  # move a few elements (or all, or none) of every group, then update

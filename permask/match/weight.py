@@ -96,16 +96,21 @@ class WeightMatchResult:
 @dataclass(frozen=True)
 class _ScoreTerm:
     """One tensor axis's term of a group's score matrix: the elements of ``groups`` on that axis,
-    B's rows gathered once, A's re-gathered per estimate (every axis permuted by the current
-    estimates except ``groups`` on ``axis``)."""
+    B's rows gathered when needed (:attr:`b`; B's tensor is held, not copied), A's re-gathered
+    per estimate (every axis permuted by the current estimates except ``groups`` on ``axis``)."""
 
     groups: tuple[str, ...]  # one group, or (outer, inner) whose elements are pairs
     tensor: str
     axis: int
     rows: torch.Tensor | None  # [n, k] positions of each element's k replicas; None: the axis
-    b: torch.Tensor  # [n, k * rest]
+    source: torch.Tensor  # B's tensor
     depends: frozenset[str] = frozenset()  # groups whose estimate changes this contribution
     across: frozenset[str] = frozenset()  # those of them on the tensor's other axes
+
+    @property
+    def b(self) -> torch.Tensor:
+        """``[n, k * rest]``: B's rows of the elements (a view where no gather is needed)."""
+        return _gather(self.source, self.axis, self.rows)
 
 
 def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor | None:
@@ -402,11 +407,16 @@ def _group_terms(
             across = set().union(*(layout_groups(x) for a, x in enumerate(lays) if a != m.axis))
             depends = across | (set(layout_groups(lays[m.axis])) - {g.name})
             rows = _rows(m.layout, g.name, g.size, device)
-            b = _gather(wb[m.tensor], m.axis, rows)
             terms.setdefault(g.name, []).append(
                 _ScoreTerm(
-                    (g.name,), m.tensor, m.axis, rows, b, frozenset(depends), frozenset(across)
-                )
+                    (g.name,),
+                    m.tensor,
+                    m.axis,
+                    rows,
+                    wb[m.tensor],
+                    frozenset(depends),
+                    frozenset(across),
+                )  # fmt: skip
             )
     return terms
 
@@ -439,8 +449,9 @@ def _joint_terms(
         for u, tensor, axis in found:
             if set(u.groups) <= family:
                 rows = u.index.T.to(device)
-                b = _gather(wb[tensor], axis, rows)
-                joint.setdefault(root, []).append(_ScoreTerm(u.groups, tensor, axis, rows, b))
+                joint.setdefault(root, []).append(
+                    _ScoreTerm(u.groups, tensor, axis, rows, wb[tensor])
+                )
     return joint
 
 
@@ -491,7 +502,7 @@ def _indices(
     others = {k: v for k, v in perms.items() if k not in term.groups}
     out: list[torch.Tensor | None] = []
     for axis, lay in enumerate(layouts[term.tensor]):
-        idx = layout_index(lay, others if axis == term.axis else perms, term.b.device)
+        idx = layout_index(lay, others if axis == term.axis else perms, term.source.device)
         out.append(None if torch.equal(idx, torch.arange(len(idx), device=idx.device)) else idx)
     return out
 
