@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,lapx,hf]'
+	$(PY) -m pip install -q -e '.[test,lapx,hf,diffusers]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,5 +1,6 @@
-"""Hugging Face ``save_pretrained`` folders in and out: what ``hf:PATH`` means on the command
-line (docs/cli.md, "Hugging Face folders"). Needs the ``hf`` extra.
+"""Hugging Face ``save_pretrained`` folders in and out: what ``hf:PATH`` (transformers) and
+``diffusers:PATH`` (diffusers models, e.g. ``UNet2DConditionModel``) mean on the command line
+(docs/cli.md, "Hugging Face folders"). Needs the ``hf`` extra, or the ``diffusers`` one.
 
 A folder holds ``config.json``, the weights (``model.safetensors``, or shards named by
 ``model.safetensors.index.json``; ``pytorch_model.bin`` files too) and whatever else its owner
@@ -27,13 +28,22 @@ __all__ = [
     "check_folder",
     "check_same_architecture",
     "example_input",
+    "folder_of",
     "read_pretrained",
     "save_pretrained",
     "tokenizer_of",
 ]
 
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin")  # fmt: skip
+PREFIXES = ("hf:", "diffusers:")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def folder_of(spec: str) -> Path | None:
+    """The folder of an ``hf:`` or ``diffusers:`` spec, ``None`` for any other spec."""
+    prefix = next((p for p in PREFIXES if spec.startswith(p)), None)
+    return None if prefix is None else Path(spec.removeprefix(prefix))
 
 
 def check_folder(folder: str | os.PathLike) -> dict:
@@ -84,27 +94,55 @@ def read_pretrained(folder: str | os.PathLike, model_class: str | None = None) -
     """The model saved in ``folder``, in eval mode and its checkpoint's dtype.
 
     ``model_class`` names a transformers class (``AutoModelForCausalLM``, ``LlamaForCausalLM``,
-    ...); by default the first of the config's ``architectures``.
+    ...); by default the first of the config's ``architectures``. A diffusers folder (its config
+    has ``_diffusers_version``) loads as the diffusers class its ``_class_name`` names.
     """
-    import transformers
-
     config = check_folder(folder)
-    name = model_class or next(iter(config.get("architectures") or []), None)
+    if "_diffusers_version" in config:
+        import diffusers as library
+
+        name = model_class or config.get("_class_name")
+    else:
+        import transformers as library
+
+        name = model_class or next(iter(config.get("architectures") or []), None)
     if name is None:
         raise ValueError(
             f"hf:{folder}: config.json names no architectures; give the model class, e.g. "
             "--hf-class AutoModelForCausalLM"
         )
-    cls = getattr(transformers, name, None)
+    cls = getattr(library, name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"transformers has no model class {name!r}; give one such as "
+        raise ValueError(f"{library.__name__} has no model class {name!r}; give one such as "
                          "AutoModelForCausalLM")  # fmt: skip
     try:
-        model = cls.from_pretrained(str(folder), dtype="auto")
+        if library.__name__ == "diffusers":  # float32 by default: ask for the stored dtype
+            model = cls.from_pretrained(str(folder), torch_dtype=_stored_dtype(Path(folder)))
+        else:
+            model = cls.from_pretrained(str(folder), dtype="auto")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"hf:{folder} does not load as {name}: {first}") from None
     return model.eval()
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in the folder's (first) safetensors file."""
+    from safetensors import safe_open
+
+    files = [f for f in _weight_files(folder) if f.endswith(".safetensors")]
+    if not files:
+        return None
+    with safe_open(str(folder / files[0]), framework="pt") as f:
+        for key in f.keys():
+            dtype = f.get_slice(key).get_dtype()
+            if dtype in _FLOATS:
+                return _FLOATS[dtype]
+    return None
+
+
+_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16}  # fmt: skip
 
 
 def check_same_architecture(models: list[nn.Module], names: list[str]) -> None:
@@ -164,7 +202,24 @@ def tokenizer_of(folder: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def example_input(model: nn.Module, tokens: int = 16) -> torch.Tensor:
-    """Two sequences of ``tokens`` token ids within the model's vocabulary, to trace on."""
-    vocab = model.get_input_embeddings().num_embeddings
-    return torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(0))
+def example_input(model: nn.Module, tokens: int = 16) -> torch.Tensor | dict[str, torch.Tensor]:
+    """An input to trace on: two sequences of ``tokens`` token ids within a language model's
+    vocabulary; for a diffusers UNet, its keyword inputs (latents of its sample size, a
+    timestep, ``tokens`` text embeddings of its cross-attention width)."""
+    g = torch.Generator().manual_seed(0)
+    if hasattr(model, "get_input_embeddings"):
+        vocab = model.get_input_embeddings().num_embeddings
+        return torch.randint(0, vocab, (2, tokens), generator=g)
+    config = getattr(model, "config", {})
+    if not all(k in config for k in ("in_channels", "sample_size", "cross_attention_dim")):
+        raise ValueError(f"no example input known for {type(model).__name__}; trace it from "
+                         "Python with permask.trace(model, example_inputs)")  # fmt: skip
+    size, dtype = config["sample_size"], next(model.parameters()).dtype
+    size = size if isinstance(size, int) else size[0]
+    return {
+        "sample": torch.randn(2, config["in_channels"], size, size, generator=g).to(dtype),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(
+            2, tokens, config["cross_attention_dim"], generator=g
+        ).to(dtype),  # fmt: skip
+    }

@@ -28,6 +28,7 @@ from permask._modules import usable_device
 from permask.cli.flags import IMAGE_BATCH, TEXT_BATCH, data_flags, model_flags
 from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
+from permask.hub import folder_of
 from permask.match.matchers import get_matcher, matcher_names
 from permask.merging import average
 from permask.metrics import evaluate, interpolate, plot_interpolation
@@ -120,9 +121,9 @@ def _checkpoints(args: argparse.Namespace, count: int | None) -> list[str]:
     or the first folder when every positional is an ``hf:`` folder."""
     given = [args.a, args.b] if count == 2 else args.checkpoints
     inputs = [args.model, *(p for p in given if p is not None)]
-    folders = all(i.startswith("hf:") for i in inputs)
+    folders = all(folder_of(i) for i in inputs)
     args.model, paths = inputs[0], inputs if folders else inputs[1:]
-    folder = next((p for p in inputs[1:] if p.startswith("hf:")), None)
+    folder = next((p for p in inputs[1:] if folder_of(p)), None)
     if folder is not None and not folders:
         raise ConfigError(f"{folder} is a folder, which holds its model: give hf: folders alone "
                           f"(permask {args.command} hf:A hf:B ...)")  # fmt: skip
@@ -135,7 +136,7 @@ def _checkpoints(args: argparse.Namespace, count: int | None) -> list[str]:
 
 def _load(args: argparse.Namespace, checkpoint: str) -> nn.Module:
     """A model of ``args.model`` with the weights of ``checkpoint`` (a file or an hf: folder)."""
-    if checkpoint.startswith("hf:"):
+    if folder_of(checkpoint):
         return _pretrained(args, checkpoint)
     return _weights(_build(args)[0], checkpoint, args.ema)
 
@@ -143,7 +144,7 @@ def _load(args: argparse.Namespace, checkpoint: str) -> nn.Module:
 def _loaded(args: argparse.Namespace, paths: list[str]) -> list[nn.Module]:
     """The models of ``paths``; one line when hf: folders are not of one architecture."""
     models = [_load(args, p) for p in paths]
-    if args.model.startswith("hf:"):
+    if folder_of(args.model):
         from permask.hub import check_same_architecture
 
         try:
@@ -157,26 +158,31 @@ def _pretrained(args: argparse.Namespace, spec: str) -> nn.Module:
     from permask.hub import read_pretrained
 
     try:
-        return read_pretrained(spec.removeprefix("hf:"), args.hf_class)
+        return read_pretrained(folder_of(spec), args.hf_class)
     except ImportError as err:
-        raise ConfigError(f"hf: folders need the hf extra: pip install 'permask[hf]' ({err})"
-                          ) from None  # fmt: skip
+        raise ConfigError(f"{spec} needs its library: pip install 'permask[hf]' (or "
+                          f"'permask[diffusers]'): {err}") from None  # fmt: skip
     except ValueError as err:
         raise ConfigError(" ".join(str(err).split())) from None
 
 
-def _example(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
-    """An input to trace on: token ids for hf: models, else a batch of ``--input-size``."""
-    if args.model.startswith("hf:"):
-        from permask.hub import example_input
+def _example(args: argparse.Namespace, model: nn.Module, device: str = "cpu"):
+    """An input to trace on, on ``device``: a folder model's (token ids, a UNet's keyword
+    inputs: :func:`permask.hub.example_input`), else a batch of ``--input-size``."""
+    if not folder_of(args.model):
+        return torch.randn(2, *args.input_size, device=device)
+    from permask.hub import example_input
 
-        return example_input(model)
-    return torch.randn(2, *args.input_size)
+    try:
+        x = example_input(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     """The model of ``args.model`` (fresh weights; an hf: folder's own) and an example input."""
-    if args.model.startswith("hf:"):
+    if folder_of(args.model):
         model = _pretrained(args, args.model)
         return model, _example(args, model)
     try:
@@ -247,10 +253,10 @@ def align_command(args: argparse.Namespace) -> str:
 def _save_weights(args: argparse.Namespace, model: nn.Module, path: str) -> None:
     """The model's weights at ``path``, atomically: a save_pretrained folder like MODEL's for
     hf: models, else a safetensors file of its state dict."""
-    if args.model.startswith("hf:"):
+    if folder_of(args.model):
         from permask.hub import save_pretrained
 
-        return save_pretrained(model, path, like=args.model.removeprefix("hf:"))
+        return save_pretrained(model, path, like=folder_of(args.model))
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -281,10 +287,10 @@ def _text(args: argparse.Namespace, model: nn.Module):
     from permask.data.text import text_batches
 
     tokenizer = None
-    if args.model.startswith("hf:"):
+    if folder_of(args.model):
         from permask.hub import tokenizer_of
 
-        tokenizer = tokenizer_of(args.model.removeprefix("hf:"))
+        tokenizer = tokenizer_of(folder_of(args.model))
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     return text_batches(args.data.removeprefix("text:"), args.seq_len,
                         args.batch_size or TEXT_BATCH, tokenizer=tokenizer,
@@ -379,7 +385,7 @@ def merge_command(args: argparse.Namespace) -> str:
     models = [model.to(device) for model in _loaded(args, paths)]
     needs_data = args.data or get_matcher(args.method).needs_data
     train, test = _loaders(args, models[0]) if needs_data else (None, None)
-    graph = _trace(models[args.reference], _example(args, models[0]).to(device))
+    graph = _trace(models[args.reference], _example(args, models[0], device))
     common = dict(reference=args.reference, max_batches=args.batches, device=device)
     try:
         merged = permask.merge(models, train, method=args.method, graph=graph,
