@@ -55,3 +55,21 @@ def test_docstring_examples_run():
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, f"{name}: {result.failed} docstring example(s) failed"
+
+
+def hub_memory_rows() -> list[str]:
+    """docs/benchmarks.md's table rows of benchmarks/hub_memory.py, from its latest run per size."""
+    out = []
+    for size, row in _latest(_rows("hub_memory.jsonl"), "size").items():
+        for step in ("weight-1", "weight", "activation"):
+            if step in row:
+                r = row[step]
+                out.append(f"| {size} | {step} | {r['seconds']:.0f} | "
+                           f"{r['peak_bytes'] / 2**30:.2f} | {r['ratio']:.2f} |")  # fmt: skip
+    return out
+
+
+def test_hub_memory_table_is_the_results_file():
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    rows = hub_memory_rows()
+    assert rows and all(r in benchmarks for r in rows), rows
