@@ -58,3 +58,20 @@ def test_max_iter_caps_the_sweeps_across_settle_calls():
     assert d.iterations == 1
     d.settle()  # resumes where the first call stopped
     assert d.result().objective == full.objective and d.iterations == full.iterations
+
+
+def test_low_precision_weights_are_held_as_they_are_and_scored_in_float32():
+    """A bfloat16 pair gives the result of the same pair cast to float32 (the products are
+    float32 either way), and the descent holds the bfloat16 tensors themselves, not copies."""
+    model, graph = _grouped()
+    pa, pb = _unrelated(model, 3)
+    half_a = {n: t.to(torch.bfloat16) for n, t in pa.items()}
+    half_b = {n: t.to(torch.bfloat16) for n, t in pb.items()}
+    half = weight_matching(half_a, half_b, graph)
+    full = weight_matching({n: t.float() for n, t in half_a.items()},
+                           {n: t.float() for n, t in half_b.items()}, graph)  # fmt: skip
+    assert all(torch.equal(half.perms[g], full.perms[g]) for g in full.perms)
+    assert half.objective == full.objective and half.iterations == full.iterations
+    d = wm._Descent(half_a, half_b, graph)
+    assert all(d._wa[n].data_ptr() == half_a[n].data_ptr() for n in d._wa)
+    assert all(d._wb[n].data_ptr() == half_b[n].data_ptr() for n in d._wb)

@@ -40,7 +40,9 @@ at a fraction of the matrix products; memory is ``4 * n^2`` bytes per group.
 Each LAP is solved in a background thread (scipy and lapx release the GIL) while the next
 groups in the visiting order are scored; a group first waits for the pending LAPs of the groups
 its scores depend on, so the result is exactly that of the sequential loop (tested).
-Parameters only (no BatchNorm running statistics), float32 on the given device.
+Parameters only (no BatchNorm running statistics), held in the models' own dtype (a bfloat16
+pair is not copied to float32) and multiplied in float32, one tensor at a time, on the given
+device.
 
 >>> import torch, permask
 >>> from permask.match import weight_matching
@@ -109,8 +111,9 @@ class _ScoreTerm:
 
     @property
     def b(self) -> torch.Tensor:
-        """``[n, k * rest]``: B's rows of the elements (a view where no gather is needed)."""
-        return _gather(self.source, self.axis, self.rows)
+        """``[n, k * rest]`` float32: B's rows of the elements (a view of a float32 tensor where
+        no gather is needed)."""
+        return _f32(_gather(self.source, self.axis, self.rows))
 
 
 def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.Tensor | None:
@@ -120,6 +123,11 @@ def _rows(layout: Layout, group: str, size: int, device: torch.device) -> torch.
     pos = (elem >= 0).nonzero().flatten()
     order = torch.argsort(elem[pos], stable=True)
     return pos[order].reshape(size, -1).to(device)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, the dtype of every score product (no copy when it already is)."""
+    return t.to(torch.float32)
 
 
 def _gather(t: torch.Tensor, axis: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -222,8 +230,9 @@ class _Descent:
         layouts = {n: lays for n, lays in graph.permuted_tensors.items() if n in graph.parameters}
         self._device = device = next(iter(params_b.values())).device
         self._layouts = layouts
-        self._wa = {n: params_a[n].detach().to(device, torch.float32) for n in layouts}
-        self._wb = {n: params_b[n].detach().to(device, torch.float32) for n in layouts}
+        # the models' own tensors (their dtype: nothing copied); scores are float32 products
+        self._wa = {n: params_a[n].detach().to(device) for n in layouts}
+        self._wb = {n: params_b[n].detach().to(device) for n in layouts}
         self._terms = terms = _group_terms(graph, layouts, self._wb, device)
         self._affected: dict[str, list[tuple[str, int]]] = {}  # group -> the terms it changes
         for g, ss in terms.items():
@@ -489,8 +498,8 @@ def _objective(
     """``sum <W_B, P W_A>`` over the named tensors, summed in float64."""
     total = 0.0
     for n in names:
-        t = permute_axes(wa[n], layouts[n], perms)
-        total += float((t * wb[n]).sum(dtype=torch.float64))
+        t = _f32(permute_axes(wa[n], layouts[n], perms))
+        total += float((t * _f32(wb[n])).sum(dtype=torch.float64))
     return total
 
 
@@ -519,7 +528,7 @@ def _contribution(
 ) -> torch.Tensor:
     """``[n_b, n_a]`` scores from one term with A's axes at ``idxs`` (B-major: the LAP reads it
     without a transposing copy)."""
-    a = _gather(_take(wa[term.tensor], idxs), term.axis, term.rows)
+    a = _gather(_f32(_take(wa[term.tensor], idxs)), term.axis, term.rows)
     with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
         return term.b @ a.T
 
@@ -556,11 +565,12 @@ def _accumulate(
     )
     d = (i_new != i_old).nonzero().flatten()
     t = _take(wa[term.tensor].index_select(axis, torch.cat([i_new[d], i_old[d]])), idxs, skip=axis)
+    t = _f32(t)
     diff = t.narrow(axis, 0, len(d)) - t.narrow(axis, len(d), len(d))
     b = (
         term.b
         if len(d) == n
-        else _gather(wb[term.tensor].index_select(axis, d), term.axis, term.rows)
+        else _f32(_gather(wb[term.tensor].index_select(axis, d), term.axis, term.rows))
     )
     total.addmm_(b, _gather(diff, term.axis, term.rows).T)
 
