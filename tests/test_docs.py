@@ -58,13 +58,15 @@ def test_docstring_examples_run():
 
 
 def hub_memory_rows() -> list[str]:
-    """docs/benchmarks.md's table rows of benchmarks/hub_memory.py, from its latest run per size."""
+    """docs/benchmarks.md's table rows of benchmarks/hub_memory.py, from its latest run per size
+    and dtype."""
+    latest = {(r["size"], r["dtype"]): r for r in _rows("hub_memory.jsonl")}
     out = []
-    for size, row in _latest(_rows("hub_memory.jsonl"), "size").items():
+    for (size, dtype), row in latest.items():
         for step in ("weight-1", "weight", "activation"):
             if step in row:
                 r = row[step]
-                out.append(f"| {size} | {step} | {r['seconds']:.0f} | "
+                out.append(f"| {size} | {dtype} | {step} | {r['seconds']:.0f} | "
                            f"{r['peak_bytes'] / 2**30:.2f} | {r['ratio']:.2f} |")  # fmt: skip
     return out
 
