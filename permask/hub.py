@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._modules import check_same_architecture as same_tensors
+
 __all__ = [
     "check_folder",
     "check_same_architecture",
@@ -51,14 +53,14 @@ def check_folder(folder: str | os.PathLike) -> dict:
     the folder, its config or any of its weight files is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"hf:{folder} is not a folder; give a save_pretrained folder")
-    config = _read_json(folder / "config.json", f"hf:{folder} has no config.json")
+        raise ValueError(f"{folder} is not a folder; give a save_pretrained folder")
+    config = _read_json(folder / "config.json", f"folder {folder} has no config.json")
     shards = _weight_files(folder)
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise ValueError(
-            f"hf:{folder} is missing {missing[0]} ({len(missing)} of {len(shards)} weight files "
-            "its index names); copy the whole folder"
+            f"folder {folder} is missing {missing[0]} ({len(missing)} of {len(shards)} weight "
+            "files its index names); copy the whole folder"
         )
     return config
 
@@ -68,14 +70,14 @@ def _weight_files(folder: Path) -> list[str]:
     for name in _WEIGHTS:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            weight_map = _read_json(index, f"hf:{folder}: {index.name} is not there").get(
+            weight_map = _read_json(index, f"folder {folder}: {index.name} is not there").get(
                 "weight_map", {}
             )
             return sorted(set(weight_map.values()))
     found = [n for n in _WEIGHTS if (folder / n).is_file()]
     if not found:
         raise ValueError(
-            f"hf:{folder} has no weights ({' or '.join(_WEIGHTS)}, or a sharded index); "
+            f"folder {folder} has no weights ({' or '.join(_WEIGHTS)}, or a sharded index); "
             "give a save_pretrained folder"
         )
     return found[:1]
@@ -108,7 +110,7 @@ def read_pretrained(folder: str | os.PathLike, model_class: str | None = None) -
         name = model_class or next(iter(config.get("architectures") or []), None)
     if name is None:
         raise ValueError(
-            f"hf:{folder}: config.json names no architectures; give the model class, e.g. "
+            f"folder {folder}: config.json names no architectures; give the model class, e.g. "
             "--hf-class AutoModelForCausalLM"
         )
     cls = getattr(library, name, None)
@@ -122,7 +124,7 @@ def read_pretrained(folder: str | os.PathLike, model_class: str | None = None) -
             model = cls.from_pretrained(str(folder), dtype="auto")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"hf:{folder} does not load as {name}: {first}") from None
+        raise ValueError(f"folder {folder} does not load as {name}: {first}") from None
     return model.eval()
 
 
@@ -146,20 +148,19 @@ _FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 
 def check_same_architecture(models: list[nn.Module], names: list[str]) -> None:
-    """``ValueError`` naming the first model whose class or tensors differ from the first's."""
-    first = models[0].state_dict()
+    """``ValueError`` naming the first model whose class differs from the first's, or the first
+    tensor whose name or shape does (:func:`permask._modules.check_same_architecture`)."""
     for model, name in zip(models[1:], names[1:]):
         if type(model) is not type(models[0]):
             raise ValueError(
                 f"{name} is a {type(model).__name__} and {names[0]} a "
                 f"{type(models[0]).__name__}; give checkpoints of one architecture"
             )
-        own = model.state_dict()
-        wrong = [k for k in first if k not in own or own[k].shape != first[k].shape]
-        if wrong or len(own) != len(first):
-            what = f"{wrong[0]!r} differs" if wrong else "the tensors differ"
-            raise ValueError(f"{name} does not have {names[0]}'s shapes ({what}); give "
-                             "checkpoints of one architecture and size")  # fmt: skip
+        try:
+            same_tensors(models[0], model)
+        except ValueError as err:
+            raise ValueError(f"{name} does not fit {names[0]} ({err}); give checkpoints of one "
+                             "architecture and size") from None  # fmt: skip
 
 
 def save_pretrained(

@@ -43,12 +43,14 @@ def data_flags(
     device_flag(p)
 
 
-MODELS = "resnet20, vgg11, mlp, timm:NAME, tv:NAME, module.path:factory or hf:FOLDER"
+MODELS = (
+    "resnet20, vgg11, mlp, timm:NAME, tv:NAME, module.path:factory, hf:FOLDER or diffusers:FOLDER"
+)
 
 
 def model_flags(p: argparse.ArgumentParser, checkpoints: int | None = None) -> None:
     """The model's flags: MODEL, then ``checkpoints`` checkpoints (``None``: none; ``0``: two or
-    more) which may stand alone, MODEL left out, when they are ``hf:`` folders."""
+    more) which may stand alone, MODEL left out, when they are ``hf:``/``diffusers:`` folders."""
     p.add_argument("model", metavar="MODEL", help=MODELS)
     ckpt = "a checkpoint (safetensors or torch file; hf:FOLDER with MODEL left out)"
     if checkpoints == 2:

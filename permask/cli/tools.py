@@ -128,7 +128,7 @@ def _checkpoints(args: argparse.Namespace, count: int | None) -> list[str]:
         raise ConfigError(f"{folder} is a folder, which holds its model: give hf: folders alone "
                           f"(permask {args.command} hf:A hf:B ...)")  # fmt: skip
     usage = f"{count} checkpoints" if count else "two or more checkpoints"
-    if len(paths) != (count or max(2, len(paths))):
+    if len(paths) < 2 or (count is not None and len(paths) != count):
         raise ConfigError(f"{args.command} takes MODEL and {usage}, or {usage} as hf: folders "
                           f"alone; got {len(inputs)} inputs: {' '.join(inputs)}")  # fmt: skip
     return paths
@@ -355,11 +355,9 @@ def _write_interpolation(args: argparse.Namespace, paths: list[str], result: dic
 
 
 def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: bool) -> str:
-    text = args.data.startswith("text:")
-    lines = ["alpha    loss  accuracy" + ("  perplexity" if text else "")]
+    lines = ["alpha" + _score_columns(args)]
     for a, loss, acc in zip(result["alphas"], result["losses"], result["accs"]):
-        ppl = f"  {math.exp(loss):10.3f}" if text else ""
-        lines.append(f"{a:5.2f} {loss:7.4f}  {100 * acc:7.2f}%{ppl}")
+        lines.append(f"{a:5.2f}" + _score_columns(args, loss, acc))
     path = f"pi(A) -> B (pi: {args.perm})" if args.perm else "A -> B (not aligned)"
     lines.append(f"barrier {path}: loss {result['barrier']:.4f}, "
                  f"accuracy {100 * result['acc_barrier']:.2f} points")  # fmt: skip
@@ -371,6 +369,15 @@ def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: boo
         lines.append(f"REPAIR applied at every point, measured on {args.batches} batches")
     lines.append(f"-> {Path(args.out) / 'interpolation'}.{{csv,json,png}}")
     return "\n".join(lines)
+
+
+def _score_columns(args: argparse.Namespace, loss: float | None = None, acc: float = 0.0) -> str:
+    """A table row's loss and accuracy cells, and perplexity for ``text:`` data; their header
+    when ``loss`` is ``None``."""
+    text = args.data.startswith("text:")
+    if loss is None:
+        return "    loss  accuracy" + ("  perplexity" if text else "")
+    return f" {loss:7.4f}  {100 * acc:7.2f}%" + (f"  {math.exp(loss):10.3f}" if text else "")
 
 
 def merge_command(args: argparse.Namespace) -> str:
@@ -411,11 +418,9 @@ def _merge_report(
              for i, p in enumerate(paths)]  # fmt: skip
     names += ["naive average", "merged" + (" + REPAIR" if args.repair else "")]
     width = max(len(n) for n in names)
-    text = args.data.startswith("text:")
-    lines = [f"{'model':{width}}    loss  accuracy" + ("  perplexity" if text else "")]
+    lines = [f"{'model':{width}}" + _score_columns(args)]
     for name, (loss, acc) in zip(names, scores):
-        ppl = f"  {math.exp(loss):10.3f}" if text else ""
-        lines.append(f"{name:{width}} {loss:7.4f}  {100 * acc:7.2f}%{ppl}")
+        lines.append(f"{name:{width}}" + _score_columns(args, loss, acc))
     return "\n".join([*lines, done])
 
 
