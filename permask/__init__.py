@@ -16,13 +16,15 @@ from .graph import (
     Permutation,
     PermutationGraph,
     TraceError,
+    orthogonal_groups,
     random_permutation,
     register_rule,
     trace,
 )
-from .match import align
+from .match import align, match_rotations
 from .merging import merge
 from .permute import permute_mask, permute_model, permute_tensors
+from .rotate import fold_norms, random_rotation, rotate_model, rotate_tensors
 from .sparse import transfer_signs
 from .testing import CheckResult, check
 
@@ -38,6 +40,12 @@ __all__ = [
     "permute_model",
     "permute_mask",
     "permute_tensors",
+    "orthogonal_groups",
+    "fold_norms",
+    "match_rotations",
+    "rotate_model",
+    "rotate_tensors",
+    "random_rotation",
     "transfer_signs",
     "check",
     "CheckResult",

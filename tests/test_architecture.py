@@ -79,6 +79,7 @@ def test_no_arrow_points_up():
         "data": set(),
         "match": {"graph"},
         "permute": {"graph"},
+        "rotate": {"graph"},
     }
     wrong = [
         (a, b)

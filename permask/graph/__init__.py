@@ -10,6 +10,7 @@ from .context import RuleContext
 from .errors import TraceError
 from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import Concat, Fixed, GroupAxis, Product, group_element_map, layout_index
+from .orthogonal import Admission, Fold, orthogonal_groups
 from .permutation import Permutation, random_permutation
 from .registry import Decline, Rule, TracedTensor, handles_indexes, handles_items, register_rule
 from .trace import trace
@@ -39,4 +40,7 @@ __all__ = [
     "Product",
     "layout_index",
     "group_element_map",
+    "orthogonal_groups",
+    "Admission",
+    "Fold",
 ]

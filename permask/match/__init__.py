@@ -2,6 +2,7 @@
 
 from .alignment import AlignInfo, align, check_same_architecture
 from .lap import available_solvers, solve_lap
+from .procrustes import match_rotations, procrustes
 from .weight import weight_matching
 
 __all__ = [
@@ -11,4 +12,6 @@ __all__ = [
     "solve_lap",
     "available_solvers",
     "weight_matching",
+    "match_rotations",
+    "procrustes",
 ]

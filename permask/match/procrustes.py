@@ -1,0 +1,94 @@
+"""Orthogonal maps that bring model B's groups onto model A's: Procrustes on the weights.
+
+For a group that admits orthogonal maps (:func:`permask.orthogonal_groups`), every member
+tensor moves as ``v -> O v`` along the group's axis, so ``sum <A_t, O B_t>`` over the members
+is ``<O, M>`` with ``M = sum A_t B_t^T`` (each tensor unfolded with the group's axis first).
+Its maximum over orthogonal ``O`` is ``U V^T`` from ``M = U S V^T`` (orthogonal Procrustes);
+where a LayerNorm requires ``O 1 = 1`` the same is solved on the complement of the all-ones
+direction. Both models must have their norms folded (:func:`permask.fold_norms`): the gains
+are then in the weights that are matched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._modules import unwrap
+from ..graph import PermutationGraph
+from ..graph.orthogonal import admitted, ones_complement, turn_axis
+
+__all__ = ["procrustes", "match_rotations"]
+
+
+def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
+    """The orthogonal ``O`` (float64) maximising ``<O, m>``; with ``keeps_ones``, among those
+    with ``O 1 = 1``."""
+    m = m.double().cpu()
+    n = m.shape[0]
+    if keeps_ones:
+        basis = ones_complement(n)
+        inner = procrustes(basis.T @ m @ basis)
+        return basis @ inner @ basis.T + (torch.eye(n, dtype=torch.float64) - basis @ basis.T)
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def match_rotations(
+    model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph, groups=None,
+    max_iter: int = 100,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """For each admitted group (or each named in ``groups``), the ``O`` maximising the inner
+    product of A's member tensors with B's after ``v -> O v`` (folded gains and norm biases
+    left out). Apply it with ``permask.rotate_model(model_b, rotations, graph)``.
+
+    A tensor with the group on two axes (a square residual-to-residual layer) makes the
+    objective quadratic in ``O``: the other axis is then held at the current estimate and the
+    Procrustes step repeated until ``O`` stops changing (at most ``max_iter`` times), starting
+    from the solution of the single-axis members alone.
+    """
+    a = _named(model_a)
+    b = _named(model_b)
+    out = {}
+    for name, adm in admitted(graph, groups).items():
+        axes: dict[str, list[int]] = {}
+        for m in graph.groups[name].members:
+            if m.tensor not in adm.folded and m.tensor in a:
+                axes.setdefault(m.tensor, []).append(m.axis)
+        o = _solve(a, b, axes, adm.keeps_ones, None)
+        if any(len(v) > 1 for v in axes.values()):
+            for _ in range(max_iter):
+                new = _solve(a, b, axes, adm.keeps_ones, o)
+                done = bool((new - o).abs().max() < 1e-12)
+                o = new
+                if done:
+                    break
+        out[name] = o
+    return out
+
+
+def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o) -> torch.Tensor:
+    """One Procrustes step: each (tensor, axis) term with B's other axes of the group turned
+    by ``o`` (or, without ``o``, only tensors holding the group on one axis)."""
+    n = None
+    m = 0
+    for tensor, those in axes.items():
+        if o is None and len(those) > 1:
+            continue
+        for axis in those:
+            tb = b[tensor].detach().double().cpu()
+            for other in those:
+                if other != axis:
+                    tb = turn_axis(tb, other, o)
+            n = tb.shape[axis]
+            ta = a[tensor].detach().double().cpu().movedim(axis, 0).reshape(n, -1)
+            m = m + ta @ tb.movedim(axis, 0).reshape(n, -1).T
+    if n is None:  # only two-axis members: start from the identity
+        (tensor, those), *_ = axes.items()
+        return torch.eye(b[tensor].shape[those[0]], dtype=torch.float64)
+    return procrustes(m, keeps_ones)
+
+
+def _named(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = unwrap(model)
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -1,0 +1,178 @@
+"""Orthogonal maps beyond permutations (permask.rotate, graph/orthogonal.py, match/procrustes.py):
+which groups admit them and why others do not, folding norm gains, the function kept exactly
+in float64 under random maps, and Procrustes recovering a planted map."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from equivariance import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import permask
+
+
+class PreNorm(nn.Module):
+    """Two pre-norm residual blocks (RMSNorm, then LayerNorm) and a linear head."""
+
+    def __init__(self, norm=nn.RMSNorm):
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.n1, self.n2 = norm(6), norm(6)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 6)
+        self.attn = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.attn(self.n1(h))
+        h = h + self.fc2(torch.relu(self.fc1(self.n2(h))))
+        return self.out(h)
+
+
+def _randomise_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Gains and biases away from their init, so that folding them matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.split(".")[-2:-1] in (["n1"], ["n2"]):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5 + 1)
+    return model
+
+
+def _turned(model, graph, seed: int):
+    folded = permask.fold_norms(model, graph)
+    rotation = permask.random_rotation(graph, torch.Generator().manual_seed(seed))
+    return folded, permask.rotate_model(folded, rotation, graph), rotation
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), layer_norm=st.booleans())
+def test_random_rotations_keep_a_prenorm_models_function(seed, layer_norm):
+    torch.manual_seed(seed)
+    model = _randomise_norms(PreNorm(nn.LayerNorm if layer_norm else nn.RMSNorm), seed).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    adm = permask.orthogonal_groups(graph)["inp.weight:0"]
+    assert adm.admitted and adm.keeps_ones == layer_norm
+    assert [f.gain for f in adm.folds] == ["n1.weight", "n2.weight"]
+    folded, turned, rotation = _turned(model, graph, seed)
+    assert rel_err(model(x), folded(x)) < 1e-12
+    assert rel_err(model(x), turned(x)) < 1e-12
+    assert (turned.inp.weight - folded.inp.weight).abs().max() > 1e-3  # it did move
+    hidden = permask.orthogonal_groups(graph)["fc1.weight:0"]
+    assert not hidden.admitted and "relu" in hidden.reason
+
+
+def _hf(kind: str, **extra):
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=100, max_position_embeddings=64)
+    if kind == "gpt2":
+        config = transformers.AutoConfig.for_model(
+            "gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, **extra
+        )
+    else:
+        config = transformers.AutoConfig.for_model(
+            kind, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, **sizes, **extra,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    cls = (transformers.AutoModelForSequenceClassification if kind == "bert"
+           else transformers.AutoModelForCausalLM)  # fmt: skip
+    model = _randomise_norms(cls.from_config(config).eval().double(), 1)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = permask.trace(model, {"input_ids": ids})
+    return model, graph, ids
+
+
+def test_llama_residual_stream_rotates_exactly():
+    """GQA + RoPE Llama: the residual stream admits rotations with its RMSNorm gains folded
+    into q/k/v, gate/up and the LM head. transformers' RMSNorm normalises in float32 inside a
+    float64 model, hence 1e-6 as for permutations (tests/test_graph_hf.py)."""
+    model, graph, ids = _hf("llama", num_key_value_heads=2)
+    found = permask.orthogonal_groups(graph)
+    assert [k for k, a in found.items() if a.admitted] == ["model.embed_tokens.weight:1"]
+    adm = found["model.embed_tokens.weight:1"]
+    assert len(adm.folds) == 5 and not adm.keeps_ones
+    for seed in range(2):
+        folded, turned, _ = _turned(model, graph, seed)
+        with torch.no_grad():
+            y = model(input_ids=ids).logits
+            assert rel_err(y, folded(input_ids=ids).logits) < 1e-12
+            assert rel_err(y, turned(input_ids=ids).logits) < 1e-6
+
+
+def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval().double()  # fmt: skip
+    _randomise_norms(model, 2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    found = permask.orthogonal_groups(graph)
+    adm = found["patch_embed.proj.weight:0"]
+    assert adm.admitted and adm.keeps_ones and len(adm.folds) == 5  # 4 block norms + final
+    folded, turned, rotation = _turned(model, graph, 3)
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) < 1e-12
+        assert rel_err(model(x), turned(x)) < 1e-12
+    assert "GELU" in found["blocks.0.mlp.fc1.weight:0"].reason
+
+
+@pytest.mark.parametrize(
+    "kind, extra, why",
+    [
+        ("gpt2", {}, "used elsewhere (tied)"),
+        ("gpt2", {"tie_word_embeddings": False}, "that layer has no bias"),
+        ("bert", {"num_labels": 3}, "reaches add"),
+    ],
+)
+def test_refusals_name_the_op_that_stops_the_map(kind, extra, why):
+    """GPT-2's final LayerNorm feeds the tied LM head (or, untied, a head without a bias for
+    the norm's bias); BERT is post-norm, so its gains reach the residual additions."""
+    _, graph, _ = _hf(kind, **extra)
+    residual = max(graph, key=lambda g: len(g.members))
+    adm = permask.orthogonal_groups(graph)[residual.name]
+    assert not adm.admitted and why in adm.reason
+    with pytest.raises(ValueError, match="admits no orthogonal map"):
+        permask.random_rotation(graph, groups=[residual.name])
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_procrustes_recovers_a_planted_rotation(layer_norm):
+    torch.manual_seed(0)
+    model = _randomise_norms(PreNorm(nn.LayerNorm if layer_norm else nn.RMSNorm), 0).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    folded, turned, rotation = _turned(model, graph, 5)
+    found = permask.match_rotations(folded, turned, graph)
+    (name, o), = found.items()  # fmt: skip
+    assert (o - rotation[name].T).abs().max() < 1e-10
+    back = permask.rotate_model(turned, found, graph)
+    for k, v in folded.state_dict().items():
+        assert (back.state_dict()[k] - v).abs().max() < 1e-10, k
+
+
+def test_bad_maps_are_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = _randomise_norms(PreNorm(nn.LayerNorm), 0).double()
+    graph = permask.trace(model, torch.randn(2, 3, dtype=torch.float64))
+    folded = permask.fold_norms(model, graph)
+    name = "inp.weight:0"
+    good = permask.random_rotation(graph, torch.Generator().manual_seed(0))[name]
+    with pytest.raises(ValueError, match="not folded; rotate permask.fold_norms"):
+        permask.rotate_model(model, {name: good}, graph)
+    with pytest.raises(ValueError, match="is not orthogonal"):
+        permask.rotate_model(folded, {name: 2 * good}, graph)
+    plain = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    with pytest.raises(ValueError, match="must keep the all-ones vector"):
+        permask.rotate_model(folded, {name: plain}, graph)
+    with pytest.raises(ValueError, match="needs \\(6, 6\\)"):
+        permask.rotate_model(folded, {name: torch.eye(5)}, graph)
+    with pytest.raises(ValueError, match="has no group"):
+        permask.rotate_model(folded, {"nope": good}, graph)
