@@ -5,12 +5,17 @@ projections; Llama: grouped-query attention, RoPE, gated MLP) trained here from 
 source code of a few standard-library modules, and two timm ViTs (dim 64, depth 4, 4x4 patches)
 trained 3 epochs on Fashion-MNIST ($PERMASK_DATA); then, for each method (weight, activation, STE),
 the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
-ratio to the naive path's barrier A -> B. One JSON line per pair is appended to
+ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps of the residual
+stream (RMSNorm/pre-LayerNorm models with untied output layers; permask.orthogonal_groups), each
+method is followed by folding the norms (``+fold``: the path between the folded models, no map)
+and by Procrustes on the weights (``+orthogonal``). One JSON line per pair is appended to
 ``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
 published ratios (Theus et al., NeurIPS 2025).
 
     python benchmarks/transformer_pairs.py                 # the three pairs, ~20 min on 2 cores
     python benchmarks/transformer_pairs.py --kinds llama --steps 100 --no-save   # a quick look
+
+``--cache DIR`` keeps the trained models there and reuses them on the next run.
 
 Needs the ``hf`` extra.
 """
@@ -60,8 +65,12 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
     train_data = batches(data[:split], args.steps, 16, args.seq, seed=0)
     test = as_classification(batches(data[split:], 8, 16, args.seq, seed=1))
     t0 = time.perf_counter()
-    a = train(model(kind, args.hidden, args.layers, 1), train_data, args.steps)
-    b = train(model(kind, args.hidden, args.layers, 2), train_data, args.steps)
+    a, b = (
+        _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}", seed,
+                 lambda s: model(kind, args.hidden, args.layers, s),
+                 lambda m, s: train(m, train_data, args.steps))
+        for seed in (1, 2)
+    )  # fmt: skip
     row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
                  "train_seconds": time.perf_counter() - t0}  # fmt: skip
     graph = permask.trace(a, {"input_ids": train_data[0]["input_ids"]})
@@ -82,7 +91,42 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             wrapped_graph = permask.trace(NextToken(moved), as_classification(match)[0][0])
         row[method] = {**_barriers(moved, b, test, match, wrapped_graph), "seconds": seconds}
         print(kind, method, row[method], flush=True)
+        for name, (x, y, extra) in _rotated(method, moved, b, graph, row).items():
+            row[name] = {**_barriers(x, y, test, match, wrapped_graph), **extra}
+            print(kind, name, row[name], flush=True)
     return row
+
+
+def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict) -> dict:
+    """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
+    turned onto B by Procrustes on the weights. Empty (and the reason in ``row``) when no group
+    admits an orthogonal map."""
+    found = permask.orthogonal_groups(graph)
+    if not any(a.admitted for a in found.values()):
+        widest = max(graph, key=lambda g: len(g.members)).name
+        row["orthogonal_refused"] = found[widest].reason
+        return {}
+    t0 = time.perf_counter()
+    a_folded, b_folded = permask.fold_norms(moved, graph), permask.fold_norms(b, graph)
+    rotations = permask.match_rotations(b_folded, a_folded, graph)
+    turned = permask.rotate_model(a_folded, rotations, graph)
+    seconds = {"seconds": time.perf_counter() - t0}
+    return {f"{method}+fold": (a_folded, b_folded, {}),
+            f"{method}+orthogonal": (turned, b_folded, seconds)}  # fmt: skip
+
+
+def _trained(args: argparse.Namespace, name: str, seed: int, build, fit) -> nn.Module:
+    """``fit(build(seed), seed)``, or the weights kept under ``--cache`` by an earlier run."""
+    path = Path(args.cache) / f"{name}_{seed}.pt" if args.cache else None
+    if path is not None and path.exists():
+        net = build(seed)
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval()
+    net = fit(build(seed), seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return net
 
 
 def vit_pair(args: argparse.Namespace) -> dict:
@@ -96,12 +140,13 @@ def vit_pair(args: argparse.Namespace) -> dict:
     train_loader, test_loader, _ = get_loaders(
         "fashion_mnist", None, batch_size=128, train_subset=args.vit_subset
     )
-    t0 = time.perf_counter()
-    models = []
-    for seed in (1, 2):
+
+    def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        net = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1,
-                                embed_dim=64, depth=4, num_heads=4, num_classes=10)  # fmt: skip
+        return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1,
+                                 embed_dim=64, depth=4, num_heads=4, num_classes=10)  # fmt: skip
+
+    def fit(net: nn.Module, seed: int) -> nn.Module:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
         loader = train_loader.replace(seed=seed)
         for epoch in range(args.vit_epochs):
@@ -110,8 +155,13 @@ def vit_pair(args: argparse.Namespace) -> dict:
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x), y).backward()
                 opt.step()
-        models.append(net.eval())
-    a, b = models
+        return net.eval()
+
+    t0 = time.perf_counter()
+    a, b = (
+        _trained(args, f"vit_{args.vit_epochs}_{args.vit_subset}", seed, build, fit)
+        for seed in (1, 2)
+    )  # fmt: skip
     row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
                  "train_seconds": time.perf_counter() - t0}  # fmt: skip
     stats = train_loader.replace(seed=0, augment=False)
@@ -120,20 +170,24 @@ def vit_pair(args: argparse.Namespace) -> dict:
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
+
+    def barriers(x: nn.Module, y: nn.Module) -> dict:
+        return {
+            "barrier": interpolate(x, y, test_loader, **curve)["barrier"],
+            "repair": interpolate(x, y, test_loader, repair=True, graph=graph, **curve)["barrier"],
+        }
+
     for method in ("weight", "activation", "ste"):
         data_for = {"weight": None, "activation": match, "ste": match * args.ste_passes}
         t0 = time.perf_counter()
         pi = permask.align(a, b, data_for[method], method=method, graph=graph)
         seconds = time.perf_counter() - t0
         moved = permask.permute_model(a, pi, graph)
-        row[method] = {
-            "barrier": interpolate(moved, b, test_loader, **curve)["barrier"],
-            "repair": interpolate(moved, b, test_loader, repair=True, graph=graph, **curve)[
-                "barrier"
-            ],
-            "seconds": seconds,
-        }
+        row[method] = {**barriers(moved, b), "seconds": seconds}
         print("vit", method, row[method], flush=True)
+        for name, (x, y, extra) in _rotated(method, moved, b, graph, row).items():
+            row[name] = {**barriers(x, y), **extra}
+            print("vit", name, row[name], flush=True)
     return row
 
 
@@ -166,15 +220,17 @@ def main() -> None:
     p.add_argument("--match-batches", type=int, default=20, help="batches of 16 to match on")
     p.add_argument("--ste-passes", type=int, default=3, help="passes of STE over them")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--cache", help="folder to keep the trained models in and reuse them from")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     for kind in args.kinds:
         row = vit_pair(args) if kind == "vit" else pair(kind, args)
         naive = row["naive"]["barrier"]
-        for method in ("weight", "activation", "ste"):
-            for key in ("barrier", "repair"):
-                row[method][f"{key}_ratio"] = row[method][key] / naive
+        for method, cell in row.items():
+            if isinstance(cell, dict) and method != "naive":
+                for key in ("barrier", "repair"):
+                    cell[f"{key}_ratio"] = cell[key] / naive
         print(json.dumps(row), flush=True)
         if not args.no_save:
             with RESULTS.open("a") as f:
