@@ -8,7 +8,8 @@ the loss barrier of the straight path pi(A) -> B on held-out text, without and w
 ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps of the residual
 stream (RMSNorm/pre-LayerNorm models with untied output layers; permask.orthogonal_groups), each
 method is followed by folding the norms (``+fold``: the path between the folded models, no map)
-and by Procrustes on the weights (``+orthogonal``). One JSON line per pair is appended to
+and by Procrustes on the weights (``+orthogonal``) or on the activations of the matching
+batches (``+orthogonal-act``). One JSON line per pair is appended to
 ``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
 published ratios (Theus et al., NeurIPS 2025).
 
@@ -91,28 +92,30 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             wrapped_graph = permask.trace(NextToken(moved), as_classification(match)[0][0])
         row[method] = {**_barriers(moved, b, test, match, wrapped_graph), "seconds": seconds}
         print(kind, method, row[method], flush=True)
-        for name, (x, y, extra) in _rotated(method, moved, b, graph, row).items():
+        for name, (x, y, extra) in _rotated(method, moved, b, graph, row, match).items():
             row[name] = {**_barriers(x, y, test, match, wrapped_graph), **extra}
             print(kind, name, row[name], flush=True)
     return row
 
 
-def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict) -> dict:
+def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:
     """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
-    turned onto B by Procrustes on the weights. Empty (and the reason in ``row``) when no group
-    admits an orthogonal map."""
+    turned onto B by Procrustes on the weights, ``{method}+orthogonal-act`` on the activations
+    of ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map."""
     found = permask.orthogonal_groups(graph)
     if not any(a.admitted for a in found.values()):
         widest = max(graph, key=lambda g: len(g.members)).name
         row["orthogonal_refused"] = found[widest].reason
         return {}
-    t0 = time.perf_counter()
     a_folded, b_folded = permask.fold_norms(moved, graph), permask.fold_norms(b, graph)
-    rotations = permask.match_rotations(b_folded, a_folded, graph)
-    turned = permask.rotate_model(a_folded, rotations, graph)
-    seconds = {"seconds": time.perf_counter() - t0}
-    return {f"{method}+fold": (a_folded, b_folded, {}),
-            f"{method}+orthogonal": (turned, b_folded, seconds)}  # fmt: skip
+    out = {f"{method}+fold": (a_folded, b_folded, {})}
+    for name, loader in (("orthogonal", None), ("orthogonal-act", data)):
+        t0 = time.perf_counter()
+        rotations = permask.match_rotations(b_folded, a_folded, graph, loader)
+        turned = permask.rotate_model(a_folded, rotations, graph)
+        seconds = {"seconds": time.perf_counter() - t0}
+        out[f"{method}+{name}"] = (turned, b_folded, seconds)
+    return out
 
 
 def _trained(args: argparse.Namespace, name: str, seed: int, build, fit) -> nn.Module:
@@ -185,7 +188,7 @@ def vit_pair(args: argparse.Namespace) -> dict:
         moved = permask.permute_model(a, pi, graph)
         row[method] = {**barriers(moved, b), "seconds": seconds}
         print("vit", method, row[method], flush=True)
-        for name, (x, y, extra) in _rotated(method, moved, b, graph, row).items():
+        for name, (x, y, extra) in _rotated(method, moved, b, graph, row, match).items():
             row[name] = {**barriers(x, y), **extra}
             print("vit", name, row[name], flush=True)
     return row

@@ -143,14 +143,16 @@ def test_refusals_name_the_op_that_stops_the_map(kind, extra, why):
         permask.random_rotation(graph, groups=[residual.name])
 
 
+@pytest.mark.parametrize("by", ["weights", "activations"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_procrustes_recovers_a_planted_rotation(layer_norm):
+def test_procrustes_recovers_a_planted_rotation(layer_norm, by):
     torch.manual_seed(0)
     model = _randomise_norms(PreNorm(nn.LayerNorm if layer_norm else nn.RMSNorm), 0).double()
     x = torch.randn(7, 3, dtype=torch.float64)
     graph = permask.trace(model, x)
     folded, turned, rotation = _turned(model, graph, 5)
-    found = permask.match_rotations(folded, turned, graph)
+    loader = [torch.randn(16, 3, dtype=torch.float64) for _ in range(4)]
+    found = permask.match_rotations(folded, turned, graph, loader if by == "activations" else None)
     (name, o), = found.items()  # fmt: skip
     assert (o - rotation[name].T).abs().max() < 1e-10
     back = permask.rotate_model(turned, found, graph)

@@ -361,13 +361,23 @@ class CorrelationStats:
         """Correlation matrices ``[n_a, n_b]`` per unit key, summed over observation points:
         ``cov / (std_a std_b)`` clamped to [-1, 1], 0 where either std is 0 (module
         docstring)."""
+        return self._summed(correlation=True)
+
+    def covariances(self) -> dict[tuple[str, ...], torch.Tensor]:
+        """Cross-covariance matrices ``[n_a, n_b]`` of A's and B's values per unit key, summed
+        over observation points."""
+        return self._summed(correlation=False)
+
+    def _summed(self, correlation: bool) -> dict[tuple[str, ...], torch.Tensor]:
         out: dict[tuple[str, ...], torch.Tensor] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
                 n, ma, mb, std_a, std_b = self._moments(i, j)
                 corr = torch.div(self.sums[i][j][4], n).addr_(ma, mb, alpha=-1)  # cov, in place
-                denom = torch.outer(std_a, std_b)
-                corr.div_(denom.clamp_min(_TINY)).clamp_(-1.0, 1.0).masked_fill_(denom == 0, 0.0)
+                if correlation:
+                    denom = torch.outer(std_a, std_b)
+                    corr.div_(denom.clamp_min(_TINY)).clamp_(-1.0, 1.0)
+                    corr.masked_fill_(denom == 0, 0.0)
                 if u.groups in out:
                     out[u.groups] += corr
                 else:

@@ -30,7 +30,7 @@ from .request import MatchRequest
 from .ties import order_by_weights, unordered, warn_constant, warn_ties
 from .weight import weight_matching
 
-__all__ = ["activation_matching", "on_device"]
+__all__ = ["activation_matching", "on_device", "observe"]
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,8 @@ class _Seen:
 def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: MatchRequest) -> _Seen:
     """Stream ``data`` through both models observing ``plan``'s points, then assign its groups."""
     graph, device = req.graph, req.device
-    stats = CorrelationStats(plan, device, req.precision)
     start = time.perf_counter()
-    paired = paired_module(a, b, graph.fx_graph, stats)
-    if graph.frontend == "export":  # specialised to its example shapes: one per input shape
-        pick = ShapeReplays(a, b, graph, stats, paired).module
-    else:
-        pick = lambda x: paired  # noqa: E731
-    n_batches, samples = _stream(a, b, pick, data, device)
+    stats, n_batches, samples = observe(a, b, graph, plan, data, device, req.precision)
     seconds = time.perf_counter() - start
     if req.distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
@@ -138,6 +132,22 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
     changing = set().union(*(c for c in components(plan) if c & todo.keys()))
     kept = {chain: s for chain, s in scores.items() if set(chain) <= changing}
     return _Seen(perms, live, todo, sure, kept, n_batches, samples, seconds, observed)
+
+
+def observe(
+    a: nn.Module, b: nn.Module, graph, plan: Plan, data: Iterable, device: torch.device,
+    precision: str | None = None,
+) -> tuple[CorrelationStats, int, int]:  # fmt: skip
+    """Stream ``data`` through both models (graph ``graph``), observing ``plan``'s points:
+    the statistics, and how many batches and samples were seen."""
+    stats = CorrelationStats(plan, device, precision)
+    paired = paired_module(a, b, graph.fx_graph, stats)
+    if graph.frontend == "export":  # specialised to its example shapes: one per input shape
+        pick = ShapeReplays(a, b, graph, stats, paired).module
+    else:
+        pick = lambda x: paired  # noqa: E731
+    n_batches, samples = _stream(a, b, pick, data, device)
+    return stats, n_batches, samples
 
 
 def _stream(a: nn.Module, b: nn.Module, pick: Callable, data: Iterable, device) -> tuple:

@@ -89,7 +89,7 @@ def split_plan(plan: Plan, budget: int | None) -> list[Plan]:
     passes: list[list[set[str]]] = []
     used = 0
     for comp in components(plan):
-        size = plan_bytes(_restricted(plan, comp))
+        size = plan_bytes(restricted(plan, comp))
         if size > budget:
             names = sorted(comp)
             more = f" and {len(names) - 2} more" if len(names) > 2 else ""
@@ -103,10 +103,10 @@ def split_plan(plan: Plan, budget: int | None) -> list[Plan]:
             used = 0
         passes[-1].append(comp)
         used += size
-    return [_restricted(plan, set().union(*comps)) for comps in passes]
+    return [restricted(plan, set().union(*comps)) for comps in passes]
 
 
-def _restricted(plan: Plan, groups: set[str]) -> Plan:
+def restricted(plan: Plan, groups: set[str]) -> Plan:
     """The points and units of ``plan`` that observe ``groups``."""
     points = []
     for p in plan.points:

@@ -11,12 +11,17 @@ are then in the weights that are matched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn as nn
 
-from .._modules import unwrap
+from .._modules import model_device, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, ones_complement, turn_axis
+from .by_activation import observe, on_device
+from .passes import restricted
+from .points import plan_points
 
 __all__ = ["procrustes", "match_rotations"]
 
@@ -35,22 +40,30 @@ def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
 
 
 def match_rotations(
-    model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph, groups=None,
-    max_iter: int = 100,
+    model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph, loader: Iterable | None
+    = None, *, groups=None, max_iter: int = 100,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """For each admitted group (or each named in ``groups``), the ``O`` maximising the inner
-    product of A's member tensors with B's after ``v -> O v`` (folded gains and norm biases
-    left out). Apply it with ``permask.rotate_model(model_b, rotations, graph)``.
+    """For each admitted group (or each named in ``groups``), the orthogonal ``O`` that brings
+    B onto A; apply it with ``permask.rotate_model(model_b, rotations, graph)``. Both models
+    have their norms folded (:func:`permask.fold_norms`).
 
-    A tensor with the group on two axes (a square residual-to-residual layer) makes the
-    objective quadratic in ``O``: the other axis is then held at the current estimate and the
-    Procrustes step repeated until ``O`` stops changing (at most ``max_iter`` times), starting
-    from the solution of the single-axis members alone.
+    Without ``loader``, ``O`` maximises the inner product of A's member tensors with B's after
+    ``v -> O v`` (folded gains and norm biases left out). A tensor with the group on two axes
+    (a square residual-to-residual layer) makes that quadratic in ``O``: the other axis is then
+    held at the current estimate and the Procrustes step repeated until ``O`` stops changing
+    (at most ``max_iter`` times), starting from the single-axis members alone.
+
+    With ``loader`` (batches as for :func:`permask.align`), ``O`` maximises the summed
+    cross-covariance of A's and B's activations at the group's observation points, one pass
+    over the data: the least-squares map of B's activations onto A's.
     """
+    adms = admitted(graph, groups)
+    if loader is not None:
+        return _by_activation(model_a, model_b, graph, adms, loader)
     a = _named(model_a)
     b = _named(model_b)
     out = {}
-    for name, adm in admitted(graph, groups).items():
+    for name, adm in adms.items():
         axes: dict[str, list[int]] = {}
         for m in graph.groups[name].members:
             if m.tensor not in adm.folded and m.tensor in a:
@@ -87,6 +100,21 @@ def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o) -> torch.Tenso
         (tensor, those), *_ = axes.items()
         return torch.eye(b[tensor].shape[those[0]], dtype=torch.float64)
     return procrustes(m, keeps_ones)
+
+
+def _by_activation(a: nn.Module, b: nn.Module, graph, adms: dict, loader: Iterable) -> dict:
+    device = model_device(a)
+    plan = restricted(plan_points(graph), set(adms))
+    stats, batches, _ = observe(a, on_device(b, device), graph, plan, loader, device)
+    if batches == 0:
+        raise ValueError("the loader yielded no batches")
+    stats.check_finite()
+    cov = stats.covariances()
+    missing = [g for g in adms if (g,) not in cov]
+    if missing:
+        raise ValueError(f"group {missing[0]!r} has no observation point; match it without a "
+                         "loader (by the weights)")  # fmt: skip
+    return {g: procrustes(cov[(g,)], adm.keeps_ones) for g, adm in adms.items()}
 
 
 def _named(model: nn.Module) -> dict[str, torch.Tensor]:
