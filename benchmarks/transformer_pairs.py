@@ -9,7 +9,8 @@ ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps
 stream (RMSNorm/pre-LayerNorm models with untied output layers; permask.orthogonal_groups), each
 method is followed by folding the norms (``+fold``: the path between the folded models, no map)
 and by Procrustes on the weights (``+orthogonal``) or on the activations of the matching
-batches (``+orthogonal-act``). One JSON line per pair is appended to
+batches (``+orthogonal-act``); both also turn RoPE's frequency planes where the graph has RoPE
+sites (by the weights; permask.rope_sites). One JSON line per pair is appended to
 ``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
 published ratios (Theus et al., NeurIPS 2025).
 
@@ -101,9 +102,10 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
 def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:
     """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
     turned onto B by Procrustes on the weights, ``{method}+orthogonal-act`` on the activations
-    of ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map."""
+    of ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map and
+    the graph has no RoPE site."""
     found = permask.orthogonal_groups(graph)
-    if not any(a.admitted for a in found.values()):
+    if not any(a.admitted for a in found.values()) and not permask.rope_sites(graph):
         widest = max(graph, key=lambda g: len(g.members)).name
         row["orthogonal_refused"] = found[widest].reason
         return {}
@@ -113,8 +115,10 @@ def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data
         t0 = time.perf_counter()
         rotations = permask.match_rotations(b_folded, a_folded, graph, loader)
         turned = permask.rotate_model(a_folded, rotations, graph)
-        seconds = {"seconds": time.perf_counter() - t0}
-        out[f"{method}+{name}"] = (turned, b_folded, seconds)
+        extra = {"seconds": time.perf_counter() - t0,
+                 "rope_sites": sum(k.startswith("rope:") for k in rotations),
+                 "groups": sum(not k.startswith("rope:") for k in rotations)}  # fmt: skip
+        out[f"{method}+{name}"] = (turned, b_folded, extra)
     return out
 
 

@@ -19,6 +19,7 @@ from .graph import (
     orthogonal_groups,
     random_permutation,
     register_rule,
+    rope_sites,
     trace,
 )
 from .match import align, match_rotations
@@ -41,6 +42,7 @@ __all__ = [
     "permute_mask",
     "permute_tensors",
     "orthogonal_groups",
+    "rope_sites",
     "fold_norms",
     "match_rotations",
     "rotate_model",

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ._modules import unwrap
 from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, ones_complement, turn_axis
+from .graph.rope import RopeSite, plane_rotations, rope_sites, turn_planes
 
 __all__ = ["fold_norms", "rotate_model", "rotate_tensors", "random_rotation"]
 
@@ -63,16 +64,46 @@ def rotate_tensors(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
     the group's axis; folded gains and norm biases and other names pass through unchanged."""
-    adms = admitted(graph, list(rotations))
-    for name, o in rotations.items():
+    planes = {k: r for k, r in rotations.items() if k.startswith("rope:")}
+    groups = {k: o for k, o in rotations.items() if k not in planes}
+    adms = admitted(graph, list(groups))
+    for name, o in groups.items():
         _check_rotation(name, o, graph.groups[name].size, adms[name], tensors)
+    sites = _sites(graph, planes)
     out = dict(tensors)
-    for name, o in rotations.items():
+    for name, o in groups.items():
         skip = adms[name].folded
         for m in graph.groups[name].members:
             if m.tensor in out and m.tensor not in skip:
                 out[m.tensor] = turn_axis(out[m.tensor], m.axis, o)
+    for name, r in planes.items():
+        site = sites[name]
+        for tensor, key in site.projections:
+            if tensor in out:
+                out[tensor] = turn_planes(out[tensor], r, site, key)
     return out
+
+
+def _sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> dict[str, RopeSite]:
+    """The RoPE sites ``planes`` names, each map checked: one proper 2-D rotation per key head
+    and frequency plane."""
+    sites = {s.name: s for s in rope_sites(graph)}
+    for name, r in planes.items():
+        site = sites.get(name)
+        if site is None:
+            raise ValueError(f"the graph has no RoPE site {name!r}; pass names from "
+                             "permask.rope_sites(graph) (site.name)")  # fmt: skip
+        want = (site.kv_heads, site.head_dim // 2, 2, 2)
+        if tuple(r.shape) != want:
+            raise ValueError(f"the map for {name!r} has shape {tuple(r.shape)}; it needs {want}")
+        r64 = r.double().cpu()
+        eye = torch.eye(2, dtype=torch.float64)
+        if (r64.transpose(-1, -2) @ r64 - eye).abs().max() > 1e-4 or (
+            torch.linalg.det(r64) < 0
+        ).any():
+            raise ValueError(f"the map for {name!r} must be rotations (R^T R = I, det +1): a "
+                             "reflection would reverse the angle RoPE adds")  # fmt: skip
+    return {name: sites[name] for name in planes}
 
 
 def rotate_model(
@@ -95,9 +126,15 @@ def rotate_model(
 def random_rotation(
     graph: PermutationGraph, generator: torch.Generator | None = None, groups=None
 ) -> dict[str, torch.Tensor]:
-    """A Haar-random orthogonal map (float64) for every admitted group, keeping the all-ones
-    direction where the group requires it."""
+    """A Haar-random orthogonal map (float64) for every admitted group (or those named in
+    ``groups``), keeping the all-ones direction where the group requires it; without ``groups``,
+    also a random rotation of every frequency plane of every RoPE site (``rope:...``)."""
     out = {}
+    if groups is None:
+        for site in rope_sites(graph):
+            shape = (site.kv_heads, site.head_dim // 2)
+            angle = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * torch.pi
+            out[site.name] = plane_rotations(angle)
     for name, adm in admitted(graph, groups).items():
         n = graph.groups[name].size
         basis = ones_complement(n) if adm.keeps_ones else torch.eye(n, dtype=torch.float64)

@@ -90,21 +90,46 @@ def _hf(kind: str, **extra):
     return model, graph, ids
 
 
-def test_llama_residual_stream_rotates_exactly():
-    """GQA + RoPE Llama: the residual stream admits rotations with its RMSNorm gains folded
-    into q/k/v, gate/up and the LM head. transformers' RMSNorm normalises in float32 inside a
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_llama_residual_stream_and_rope_planes_rotate_exactly(kind):
+    """GQA + RoPE (Qwen2: with q/k/v biases): the residual stream admits rotations with its
+    RMSNorm gains folded into q/k/v, gate/up and the LM head, and every layer's attention is a
+    RoPE site whose frequency planes turn. transformers' RMSNorm normalises in float32 inside a
     float64 model, hence 1e-6 as for permutations (tests/test_graph_hf.py)."""
-    model, graph, ids = _hf("llama", num_key_value_heads=2)
+    model, graph, ids = _hf(kind, num_key_value_heads=2, tie_word_embeddings=False)
     found = permask.orthogonal_groups(graph)
     assert [k for k, a in found.items() if a.admitted] == ["model.embed_tokens.weight:1"]
     adm = found["model.embed_tokens.weight:1"]
     assert len(adm.folds) == 5 and not adm.keeps_ones
+    sites = permask.rope_sites(graph)
+    assert [(s.heads, s.kv_heads, s.head_dim) for s in sites] == [(4, 2, 8)] * 2
+    assert all((s.query_bias is not None) == (kind == "qwen2") for s in sites)
     for seed in range(2):
-        folded, turned, _ = _turned(model, graph, seed)
+        folded, turned, rotation = _turned(model, graph, seed)
+        assert len(rotation) == 3  # the residual stream and two RoPE sites
         with torch.no_grad():
             y = model(input_ids=ids).logits
             assert rel_err(y, folded(input_ids=ids).logits) < 1e-12
             assert rel_err(y, turned(input_ids=ids).logits) < 1e-6
+    only_planes = {s.name: rotation[s.name] for s in sites}
+    with torch.no_grad():
+        y2 = permask.rotate_model(model, only_planes, graph)(input_ids=ids).logits
+    assert rel_err(y, y2) < 1e-12  # planes alone need no fold: q.k is exactly the same
+    found = permask.match_rotations(folded, turned, graph)
+    back = permask.rotate_model(turned, found, graph)
+    for k, v in folded.state_dict().items():
+        assert (back.state_dict()[k] - v).abs().max() < 1e-8, k
+
+
+def test_a_plane_reflection_is_refused():
+    model, graph, ids = _hf("llama", num_key_value_heads=2)
+    site = permask.rope_sites(graph)[0]
+    flip = torch.eye(2, dtype=torch.float64).repeat(site.kv_heads, site.head_dim // 2, 1, 1)
+    flip[0, 0, 1, 1] = -1
+    with pytest.raises(ValueError, match="must be rotations"):
+        permask.rotate_model(model, {site.name: flip}, graph)
+    with pytest.raises(ValueError, match="no RoPE site"):
+        permask.rotate_model(model, {"rope:nope": flip}, graph)
 
 
 def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():

@@ -13,6 +13,7 @@ from .layout import Concat, Fixed, GroupAxis, Product, group_element_map, layout
 from .orthogonal import Admission, Fold, orthogonal_groups
 from .permutation import Permutation, random_permutation
 from .registry import Decline, Rule, TracedTensor, handles_indexes, handles_items, register_rule
+from .rope import RopeSite, rope_sites
 from .trace import trace
 from .unify import AxisTerm
 
@@ -43,4 +44,6 @@ __all__ = [
     "orthogonal_groups",
     "Admission",
     "Fold",
+    "rope_sites",
+    "RopeSite",
 ]

@@ -49,7 +49,9 @@ from .graph import Group, PermutationGraph
 from .layout import GroupAxis
 from .registry import find_role
 
-__all__ = ["Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "turn_axis"]
+__all__ = [
+    "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "turn_axis", "kind_of",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ _MODULES = {"Linear": "linear", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "c
             "Embedding": "embedding", "LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}  # fmt: skip
 
 
-def _kind(node: fx.Node) -> str:
+def kind_of(node: fx.Node) -> str:
     """The op's plain name: ``add`` for ``aten.add.Tensor``, ``operator.add`` or ``x.add``;
     a module's class mapped to its op (``linear``), or ``identity`` for pass-through modules."""
     t = node.target
@@ -207,7 +209,7 @@ class _Check:
         for node in self.graph.fx_graph.nodes:  # in graph order: folds listed as they run
             if node.name not in self.carrying:
                 continue
-            self.inside(node, _kind(node))
+            self.inside(node, kind_of(node))
             for user in node.users:
                 if user.name not in self.carrying:
                     self.leaving(node, user)
@@ -226,9 +228,9 @@ class _Check:
             return self.scale(node, kind)
         if kind == "pow" and node.args[1:2] == (2,):
             for user in node.users:
-                if _kind(user) in _NO_VALUE:
+                if kind_of(user) in _NO_VALUE:
                     continue
-                if user.name in self.carrying or _kind(user) not in _SUMS:
+                if user.name in self.carrying or kind_of(user) not in _SUMS:
                     raise _Refused(f"node {node.name} squares the group's values elementwise")
             return
         if kind in _NORMS:
@@ -271,7 +273,7 @@ class _Check:
             if user.name in seen:
                 continue
             seen.add(user.name)
-            kind = _kind(user)
+            kind = kind_of(user)
             if kind in _NO_VALUE:
                 continue
             if user.name in self.carrying and kind in _PASS:
@@ -299,14 +301,14 @@ class _Check:
             raise _Refused(f"the gain {gain} feeds node {user.name}, which has no 2-D weight")
         if bias is not None and b is None:
             raise _Refused(f"the bias {bias} cannot be folded into {w}: that layer has no bias")
-        return w, 0 if _kind(user) == "addmm" else 1, b  # addmm: x @ w (HF Conv1D)
+        return w, 0 if kind_of(user) == "addmm" else 1, b  # addmm: x @ w (HF Conv1D)
 
     # ---- ops that read the group and do not carry it
     def leaving(self, node: fx.Node, user: fx.Node) -> None:
-        kind = _kind(user)
+        kind = kind_of(user)
         if kind in _NO_VALUE or kind in _LINEAR:
             return
-        if kind in _SUMS and _kind(node) == "pow":
+        if kind in _SUMS and kind_of(node) == "pow":
             return  # checked with the square
         raise _Refused(f"{kind} at node {user.name} reads the group's values along its axis")
 

@@ -1,4 +1,5 @@
-"""Orthogonal maps that bring model B's groups onto model A's: Procrustes on the weights.
+"""Orthogonal maps that bring model B's groups onto model A's: Procrustes on the weights or
+the activations, and the rotations of RoPE's frequency planes.
 
 For a group that admits orthogonal maps (:func:`permask.orthogonal_groups`), every member
 tensor moves as ``v -> O v`` along the group's axis, so ``sum <A_t, O B_t>`` over the members
@@ -19,11 +20,12 @@ import torch.nn as nn
 from .._modules import model_device, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, ones_complement, turn_axis
+from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
 from .by_activation import observe, on_device
 from .passes import restricted
 from .points import plan_points
 
-__all__ = ["procrustes", "match_rotations"]
+__all__ = ["procrustes", "match_rotations", "match_planes"]
 
 
 def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
@@ -56,28 +58,79 @@ def match_rotations(
     With ``loader`` (batches as for :func:`permask.align`), ``O`` maximises the summed
     cross-covariance of A's and B's activations at the group's observation points, one pass
     over the data: the least-squares map of B's activations onto A's.
+
+    Without ``groups``, also every RoPE site's plane rotations (``rope:...``, by the weights
+    in either case: :func:`match_planes`). Their q/k rows and the groups' columns are coupled,
+    so by the weights the two alternate until both stop changing (at most ``max_iter`` times).
     """
     adms = admitted(graph, groups)
-    if loader is not None:
-        return _by_activation(model_a, model_b, graph, adms, loader)
     a = _named(model_a)
     b = _named(model_b)
-    out = {}
-    for name, adm in adms.items():
-        axes: dict[str, list[int]] = {}
+    sites = rope_sites(graph) if groups is None else []
+    if loader is not None:  # activations of the groups do not depend on the planes
+        out = _by_activation(model_a, model_b, graph, adms, loader)
+        return {**out, **_planes(a, b, graph, out, sites)}
+    planes: dict[str, torch.Tensor] = {}
+    for _ in range(max_iter):  # q/k rows turn by the planes, their columns by the groups
+        b_now = _turned_planes(b, planes, sites)
+        out = {name: _by_weights(a, b_now, graph, adm, max_iter) for name, adm in adms.items()}
+        new = _planes(a, b, graph, out, sites)
+        done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-12 for k in planes)
+        planes = new
+        if done or not sites:
+            break
+    return {**out, **planes}
+
+
+def match_planes(a: dict, b: dict, site: RopeSite) -> torch.Tensor:
+    """The rotation of each frequency plane of each key head (``[kv_heads, d/2, 2, 2]``) that
+    brings B's q and k projections (weights and biases; A's and B's tensors by name in ``a``
+    and ``b``) closest to A's: a 2-D Procrustes per plane, rotations only (det +1)."""
+    m = 0
+    for tensor, key in site.projections:
+        heads = site.kv_heads if key else site.heads
+        ta, tb = (planes_of(x[tensor].detach().double().cpu(), heads, site.kv_heads,
+                            site.head_dim) for x in (a, b))  # fmt: skip
+        m = m + torch.einsum("krpiz,krqiz->kipq", ta, tb)
+    u, _, vh = torch.linalg.svd(m)
+    flip = torch.ones(*m.shape[:-1], dtype=torch.float64)
+    flip[..., 1] = torch.sign(torch.linalg.det(u @ vh))
+    return (u * flip[..., None, :]) @ vh
+
+
+def _planes(a: dict, b: dict, graph, maps: dict, sites: list[RopeSite]) -> dict:
+    """Each site's plane rotations, from B's q/k with the group ``maps`` applied."""
+    turned = dict(b)
+    for name, o in maps.items():
         for m in graph.groups[name].members:
-            if m.tensor not in adm.folded and m.tensor in a:
-                axes.setdefault(m.tensor, []).append(m.axis)
-        o = _solve(a, b, axes, adm.keeps_ones, None)
-        if any(len(v) > 1 for v in axes.values()):
-            for _ in range(max_iter):
-                new = _solve(a, b, axes, adm.keeps_ones, o)
-                done = bool((new - o).abs().max() < 1e-12)
-                o = new
-                if done:
-                    break
-        out[name] = o
+            if any(m.tensor in (s.query, s.key) for s in sites):
+                turned[m.tensor] = turn_axis(turned[m.tensor].detach(), m.axis, o)
+    return {s.name: match_planes(a, turned, s) for s in sites}
+
+
+def _turned_planes(b: dict, planes: dict, sites: list[RopeSite]) -> dict:
+    out = dict(b)
+    for s in sites:
+        if s.name in planes:
+            for t, key in s.projections:
+                out[t] = turn_planes(out[t].detach(), planes[s.name], s, key)
     return out
+
+
+def _by_weights(a: dict, b: dict, graph, adm, max_iter: int) -> torch.Tensor:
+    axes: dict[str, list[int]] = {}
+    for m in graph.groups[adm.group].members:
+        if m.tensor not in adm.folded and m.tensor in a:
+            axes.setdefault(m.tensor, []).append(m.axis)
+    o = _solve(a, b, axes, adm.keeps_ones, None)
+    if any(len(v) > 1 for v in axes.values()):
+        for _ in range(max_iter):
+            new = _solve(a, b, axes, adm.keeps_ones, o)
+            done = bool((new - o).abs().max() < 1e-12)
+            o = new
+            if done:
+                break
+    return o
 
 
 def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o) -> torch.Tensor:
