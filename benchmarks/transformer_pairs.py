@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from hf_align import NextToken, as_classification, batches, corpus, train  # noqa: E402
 
 import permask  # noqa: E402
+from permask.merging import turned_onto  # noqa: E402
 from permask.metrics import interpolate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "transformer_pairs.jsonl"
@@ -101,8 +102,9 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
 
 def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:
     """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
-    turned onto B by Procrustes on the weights, ``{method}+orthogonal-act`` on the activations
-    of ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map and
+    turned onto B by :func:`permask.merging.turned_onto` (Procrustes on the weights, and the
+    permutation found again, in turn), ``{method}+orthogonal-act`` on the activations of
+    ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map and
     the graph has no RoPE site."""
     found = permask.orthogonal_groups(graph)
     if not any(a.admitted for a in found.values()) and not permask.rope_sites(graph):
@@ -111,14 +113,11 @@ def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data
         return {}
     a_folded, b_folded = permask.fold_norms(moved, graph), permask.fold_norms(b, graph)
     out = {f"{method}+fold": (a_folded, b_folded, {})}
-    for name, loader in (("orthogonal", None), ("orthogonal-act", data)):
+    matcher = "weight" if method == "ste" else method  # the rounds' permutations
+    for name, by in (("orthogonal", "weight"), ("orthogonal-act", "activation")):
         t0 = time.perf_counter()
-        rotations = permask.match_rotations(b_folded, a_folded, graph, loader)
-        turned = permask.rotate_model(a_folded, rotations, graph)
-        extra = {"seconds": time.perf_counter() - t0,
-                 "rope_sites": sum(k.startswith("rope:") for k in rotations),
-                 "groups": sum(not k.startswith("rope:") for k in rotations)}  # fmt: skip
-        out[f"{method}+{name}"] = (turned, b_folded, extra)
+        b_turned, turned = turned_onto([b, moved], 0, graph, data, orthogonal=by, method=matcher)
+        out[f"{method}+{name}"] = (turned, b_turned, {"seconds": time.perf_counter() - t0})
     return out
 
 

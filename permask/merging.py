@@ -3,6 +3,7 @@ then average their weights::
 
     merged = permask.merge([model_a, model_b, model_c], train_loader)   # activation matching
     merged = permask.merge(models, method="weight", graph=graph)        # no data needed
+    merged = permask.merge(models, loader, orthogonal="weight")  # + residual/RoPE rotations
 
     from permask.merging import average
     naive = average(models, bn_loader=train_loader)                     # not aligned
@@ -14,6 +15,7 @@ Averaging independently trained networks without aligning them lands far outside
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -21,14 +23,16 @@ from torch import nn
 
 from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
-from .graph import PermutationGraph, trace
-from .match import align
+from .graph import Permutation, PermutationGraph, rope_sites, trace
+from .graph.orthogonal import admitted
+from .match import align, match_rotations
 from .match.matchers import get_matcher
 from .metrics import _reset_bn
 from .permute import permute_model
 from .repair import Repair
+from .rotate import fold_norms, rotate_model
 
-__all__ = ["merge", "average"]
+__all__ = ["merge", "average", "turned_onto"]
 
 
 def merge(
@@ -43,6 +47,7 @@ def merge(
     bn_loader: Iterable | None = None,
     repair: bool = False,
     max_stats_memory: int | str | None = None,
+    orthogonal: str | None = None,
 ) -> nn.Module:
     """A new model: the uniform average of ``models`` after aligning each to ``models[reference]``.
 
@@ -58,6 +63,12 @@ def merge(
     ``repair=True`` then applies REPAIR (:mod:`permask.repair`) on ``bn_loader`` (default
     ``loader``): hidden channels that no BatchNorm renormalises get the average of the aligned
     models' per-channel means and standard deviations.
+    ``orthogonal="weight"`` or ``"activation"`` then also turns each aligned model onto the
+    reference by the orthogonal maps beyond permutations that the graph admits (the residual
+    stream of pre-norm models, RoPE's frequency planes; docs/alignment.md, "Beyond
+    permutations"): every model's norms are folded (:func:`permask.fold_norms`, so the result's
+    norm gains are ones) and :func:`permask.match_rotations` finds the maps by the weights or
+    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none.
     The result is on ``device`` (default: the reference's), in eval mode when its statistics
     were re-estimated. The models are never modified. ``ValueError`` for fewer than two models,
     a reference out of range, models of different architectures, or missing data.
@@ -65,6 +76,10 @@ def merge(
     models = _checked(models, reference)
     if get_matcher(method).needs_data and loader is None:
         raise ValueError(f"merge with method={method!r} needs a loader; or method='weight'")
+    if orthogonal not in (None, "weight", "activation"):
+        raise ValueError(f"orthogonal must be None, 'weight' or 'activation', got {orthogonal!r}")
+    if orthogonal == "activation" and loader is None:
+        raise ValueError("merge with orthogonal='activation' needs a loader; or 'weight'")
     ref = models[reference]
     if graph is None:
         graph = _trace_reference(ref, loader)
@@ -76,6 +91,8 @@ def merge(
         pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
                    device=device, max_stats_memory=max_stats_memory)  # fmt: skip
         moved.append(permute_model(m, pi, graph))
+    if orthogonal is not None:
+        moved = turned_onto(moved, reference, graph, loader, orthogonal=orthogonal, method=method)
     bn_data = bn_loader if bn_loader is not None else loader
     merged = average(moved, reference=reference, bn_loader=bn_data, max_batches=max_batches,
                      device=device)  # fmt: skip
@@ -85,6 +102,41 @@ def merge(
         raise ValueError("merge with repair=True needs a loader (or bn_loader) to measure on")
     fix = Repair(moved, bn_data, graph=graph, max_batches=max_batches, device=device)
     return fix(merged)
+
+
+def turned_onto(
+    models: Sequence[nn.Module], reference: int, graph: PermutationGraph, loader=None, *,
+    orthogonal: str = "weight", method: str = "weight", rounds: int = 10,
+) -> list[nn.Module]:  # fmt: skip
+    """``models`` (already permuted onto ``models[reference]``) with their norms folded and
+    each turned onto the reference by the orthogonal maps the graph admits, found by the
+    weights (``orthogonal="weight"``) or on ``loader``'s activations (``"activation"``). A
+    permutation found before the maps may be wrong where the groups it moves meet a rotated
+    one (the q/k/MLP inputs of a turned residual stream), so the permutation (``method``, on
+    ``loader`` if it needs data) and the maps are found again in turn until the permutation
+    is the identity, at most ``rounds`` times."""
+    if not admitted(graph) and not rope_sites(graph):
+        warnings.warn("the graph admits no orthogonal map (no group passes "
+                      "permask.orthogonal_groups, no RoPE site): permutations only",
+                      UserWarning, stacklevel=3)  # fmt: skip
+        return list(models)
+    folded = [fold_norms(m, graph) for m in models]
+    ref = folded[reference]
+    data = loader if orthogonal == "activation" else None
+    turned = set(admitted(graph))  # their maps already include every permutation
+    out = []
+    for i, m in enumerate(folded):
+        if i != reference:
+            m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
+            for _ in range(rounds):
+                pi = align(m, ref, loader, method=method, graph=graph)
+                pi = Permutation({g: p for g, p in pi.items() if g not in turned})
+                if pi.is_identity():
+                    break
+                m = permute_model(m, pi, graph)
+                m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
+        out.append(m)
+    return out
 
 
 def average(

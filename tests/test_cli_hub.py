@@ -126,6 +126,33 @@ def test_activation_matching_interpolate_and_merge_on_text(folders, text, tmp_pa
     assert torch.isfinite(_logits(_load(merged), IDS)).all()
 
 
+def test_orthogonal_maps_from_the_shell(folders, text, tmp_path, capsys):
+    """interpolate and merge with --orthogonal on Llama folders: the path's end points are
+    still A's and B's losses (the folded, turned A computes A's function), and the merged
+    folder loads with its norms folded (gains all ones)."""
+    a, b = f"hf:{folders['llama1']}", f"hf:{folders['llama2']}"
+    data = ["--data", f"text:{text}", "--seq-len", "16", "--batches", "3"]
+    pi = tmp_path / "pi.safetensors"
+    assert main(["align", a, b, "--method", "weight", "--out", str(pi)]) == 0
+    out = tmp_path / "interp"
+    assert main(["interpolate", a, b, "--perm", str(pi), "--orthogonal", "weight",
+                 "--points", "3", "--out", str(out), *data]) == 0  # fmt: skip
+    assert "turned onto B by orthogonal maps (weight)" in capsys.readouterr().out
+    result = json.loads((out / "interpolation.json").read_text())
+    _, test = text_batches(text, 16, 8)
+    ends = [evaluate(_load(folders[k]), test)[0] for k in ("llama1", "llama2")]
+    assert result["losses"][0] == pytest.approx(ends[0], rel=1e-6)
+    assert result["losses"][2] == pytest.approx(ends[1], rel=1e-6)
+    assert result["orthogonal"] == "weight"
+    merged = tmp_path / "merged"
+    assert main(["merge", a, b, "--method", "weight", "--orthogonal", "activation",
+                 "--out", str(merged), *data]) == 0  # fmt: skip
+    model = _load(merged)
+    norms = [v for k, v in model.state_dict().items() if k.endswith("norm.weight")]
+    assert norms and all(bool((v == 1).all()) for v in norms)
+    assert torch.isfinite(_logits(model, IDS)).all()
+
+
 def test_model_folder_with_checkpoint_files_and_trace(folders, tmp_path, capsys):
     """MODEL hf:FOLDER with weights from files; trace and permute-mask on a folder."""
     from safetensors.torch import save_file

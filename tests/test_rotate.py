@@ -203,3 +203,25 @@ def test_bad_maps_are_refused_with_the_fix():
         permask.rotate_model(folded, {name: torch.eye(5)}, graph)
     with pytest.raises(ValueError, match="has no group"):
         permask.rotate_model(folded, {"nope": good}, graph)
+
+
+@pytest.mark.parametrize("orthogonal", ["weight", "activation"])
+def test_merging_a_model_with_its_turned_copy_gives_it_back(orthogonal):
+    """B is A permuted and turned (same function): merged with orthogonal maps, the average
+    is A's function again (the permutation and the maps found in turn); with permutations
+    alone it is not."""
+    torch.manual_seed(0)
+    model = _randomise_norms(PreNorm(), 0).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(0))
+    folded = permask.fold_norms(model, graph)
+    turn = permask.random_rotation(graph, torch.Generator().manual_seed(1))
+    b = permask.rotate_model(permask.permute_model(folded, pi, graph), turn, graph)
+    assert rel_err(model(x), b(x)) < 1e-12
+    plain = permask.merge([model, b], method="weight", graph=graph)
+    assert rel_err(model(x), plain(x)) > 0.1
+    merged = permask.merge([model, b], [x], method="weight", graph=graph, orthogonal=orthogonal)
+    assert rel_err(model(x), merged(x)) < 1e-12
+    with pytest.raises(ValueError, match="needs a loader"):
+        permask.merge([model, b], method="weight", graph=graph, orthogonal="activation")

@@ -30,7 +30,7 @@ from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
 from permask.hub import folder_of
 from permask.match.matchers import get_matcher, matcher_names
-from permask.merging import average
+from permask.merging import average, turned_onto
 from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.models import build_model
 from permask.sparse import save_mask
@@ -83,6 +83,7 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
                    help="re-estimate BatchNorm statistics at each point (default)")  # fmt: skip
     p.add_argument("--repair", action="store_true",
                    help="REPAIR hidden channels that no BatchNorm renormalises")  # fmt: skip
+    _orthogonal_flag(p, "A")
     p.add_argument("--out", required=True, help="folder for interpolation.{csv,json,png}")
     p.set_defaults(handler=interpolate_command)
 
@@ -95,10 +96,18 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", type=int, default=0, help="index of the CKPT aligned to")
     p.add_argument("--method", choices=matcher_names(), default="activation")
     _memory_flag(p)
+    _orthogonal_flag(p, "each CKPT")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR the merged model's hidden channels (needs --data)")  # fmt: skip
     data_flags(p, required=False, batches="batches to match and re-estimate BN on")
     p.set_defaults(handler=merge_command)
+
+
+def _orthogonal_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--orthogonal", choices=("weight", "activation"),
+                   help=f"also turn {what} by the orthogonal maps beyond permutations that the "
+                   "graph admits (residual stream of pre-norm models, RoPE planes; norms "
+                   "folded first), found by the weights or on --data's activations")  # fmt: skip
 
 
 def _memory_flag(p: argparse.ArgumentParser) -> None:
@@ -323,12 +332,16 @@ def interpolate_command(args: argparse.Namespace) -> str:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a file; give a folder")
     model_a, model_b = _loaded(args, paths)
-    graph = _trace(model_a, _example(args, model_a)) if args.perm or args.repair else None
+    needs_graph = args.perm or args.repair or args.orthogonal
+    graph = _trace(model_a, _example(args, model_a)) if needs_graph else None
     if args.perm:
         model_a = permask.permute_model(model_a, _read_permutation(args.perm, graph), graph)
     device = _device(args.device, "interpolate")
     train, test = _loaders(args, model_a)
     try:
+        if args.orthogonal:
+            model_b, model_a = turned_onto([model_b, model_a], 0, graph, train,
+                                           orthogonal=args.orthogonal)  # fmt: skip
         result = interpolate(model_a, model_b, test, alphas=args.points, reset_bn=args.bn_reset,
                              bn_loader=train, bn_batches=args.batches, device=device,
                              repair=args.repair, graph=graph)  # fmt: skip
@@ -349,7 +362,7 @@ def _write_interpolation(args: argparse.Namespace, paths: list[str], result: dic
     atomic_write_bytes(csv.encode(), out / "interpolation.csv")
     meta = {"model": args.model, "a": a, "b": b, "perm": args.perm, "data": args.data,
             "bn_reset": args.bn_reset, "bn_batches": args.batches,
-            "repair": args.repair}  # fmt: skip
+            "repair": args.repair, "orthogonal": args.orthogonal}  # fmt: skip
     blob = json.dumps({**meta, **result}, indent=1).encode()
     atomic_write_bytes(blob, out / "interpolation.json")
 
@@ -367,6 +380,8 @@ def _interpolation_report(args: argparse.Namespace, result: dict, batchnorm: boo
         lines.append("BatchNorm statistics interpolated as they are (--no-bn-reset)")
     if args.repair:
         lines.append(f"REPAIR applied at every point, measured on {args.batches} batches")
+    if args.orthogonal:
+        lines.append(f"norms folded, A turned onto B by orthogonal maps ({args.orthogonal})")
     lines.append(f"-> {Path(args.out) / 'interpolation'}.{{csv,json,png}}")
     return "\n".join(lines)
 
@@ -397,7 +412,7 @@ def merge_command(args: argparse.Namespace) -> str:
     try:
         merged = permask.merge(models, train, method=args.method, graph=graph,
                                repair=args.repair, max_stats_memory=args.max_stats_memory,
-                               **common)  # fmt: skip
+                               orthogonal=args.orthogonal, **common)  # fmt: skip
         naive = average(models, bn_loader=train, **common)
         scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
     except (ValueError, TypeError) as err:
