@@ -225,3 +225,30 @@ def test_merging_a_model_with_its_turned_copy_gives_it_back(orthogonal):
     assert rel_err(model(x), merged(x)) < 1e-12
     with pytest.raises(ValueError, match="needs a loader"):
         permask.merge([model, b], method="weight", graph=graph, orthogonal="activation")
+
+
+class ConvChain(nn.Module):
+    def __init__(self, depthwise: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1, groups=8 if depthwise else 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + self.mid(h))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_convolutions_turn_their_channels_unless_grouped(depthwise):
+    """Channels that only convolutions and additions touch admit any orthogonal map (zero
+    padding included); a depthwise conv acts on each channel alone, so it refuses."""
+    torch.manual_seed(0)
+    model = ConvChain(depthwise).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    adm = permask.orthogonal_groups(graph)["a.weight:0"]
+    if depthwise:
+        assert not adm.admitted and "grouped conv at node mid" in adm.reason
+        return
+    turned = permask.rotate_model(model, permask.random_rotation(graph), graph)
+    assert rel_err(model(x), turned(x)) < 1e-12

@@ -132,9 +132,11 @@ _PASS = {
 }  # fmt: skip
 _JOIN = {"cat", "stack", "concat", "concatenate"}
 _LINEAR = {
-    "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv", "conv1d", "conv2d",
-    "conv3d", "convolution", "embedding",
+    "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "conv", "conv1d", "conv2d", "conv3d",
+    "convolution", "embedding",
 }  # fmt: skip
+_BATCHED = {"mm", "matmul", "bmm", "baddbmm"}  # the group may be a batch dim of both operands
+_CONVS = {"conv": None, "conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}  # groups arg
 _ADD = {"add", "sub", "iadd", "add_", "sub_"}
 _SCALE = {"mul", "mul_", "div", "div_", "truediv"}
 _SUMS = {"mean", "sum"}
@@ -216,7 +218,9 @@ class _Check:
 
     # ---- ops whose output carries the group
     def inside(self, node: fx.Node, kind: str) -> None:
-        if kind in _PASS or kind in _LINEAR or kind in _SUMS:
+        if kind in _LINEAR:
+            return self.linear(node, kind)
+        if kind in _PASS or kind in _SUMS:
             return
         if kind in _JOIN or kind in _ADD:
             for arg in _node_args(node):
@@ -303,10 +307,22 @@ class _Check:
             raise _Refused(f"the bias {bias} cannot be folded into {w}: that layer has no bias")
         return w, 0 if kind_of(user) == "addmm" else 1, b  # addmm: x @ w (HF Conv1D)
 
+    def linear(self, node: fx.Node, kind: str, leaving: bool = False) -> None:
+        """A grouped (depthwise) conv acts per channel, and a batched product of two tensors
+        that both carry the group multiplies them elementwise along it: neither commutes."""
+        if kind in _CONVS and _conv_groups(node, _CONVS[kind]) != 1:
+            raise _Refused(f"grouped {kind} at node {node.name} acts on each channel alone")
+        if kind in _BATCHED and not leaving:
+            if sum(self.carries(a) for a in _node_args(node)) > 1:
+                raise _Refused(f"{kind} at node {node.name} multiplies the group's values "
+                               "elementwise (a batch dim of both operands)")  # fmt: skip
+
     # ---- ops that read the group and do not carry it
     def leaving(self, node: fx.Node, user: fx.Node) -> None:
         kind = kind_of(user)
-        if kind in _NO_VALUE or kind in _LINEAR:
+        if kind in _LINEAR:
+            return self.linear(user, kind, leaving=True)
+        if kind in _NO_VALUE:
             return
         if kind in _SUMS and kind_of(node) == "pow":
             return  # checked with the square
@@ -332,6 +348,12 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
     visit(node.args)
     visit(tuple(node.kwargs.values()))
     return out
+
+
+def _conv_groups(node: fx.Node, pos: int | None) -> int:
+    if node.op == "call_module":
+        return node.graph.owning_module.get_submodule(node.target).groups
+    return _arg(node, pos, "groups") or 1
 
 
 def _arg(node: fx.Node, pos: int, name: str):

@@ -147,6 +147,7 @@ def weight_matching(
     init: Mapping[str, torch.Tensor] | None = None,
     only: Collection[str] | None = None,
     overlap: bool = True,
+    keep_scores: bool | None = None,
 ) -> WeightMatchResult:
     """Permutation of A's groups maximising ``sum <W_B, P W_A>`` over the graph's parameters.
 
@@ -155,10 +156,14 @@ def weight_matching(
     this for groups that no activation shows, e.g. heads inside ``nn.MultiheadAttention``).
     ``overlap`` solves each LAP in a background thread while the next groups that do not depend
     on it are scored; the result is the same as without. At most ``max_iter`` sweeps.
+    ``keep_scores`` keeps every group's running scores between visits (default: while they
+    take at most :data:`KEEP_SCORES_BYTES`); without, a group's scores are computed anew at each
+    visit, so that a few cost matrices at a time are held beyond the two models.
     """
     descent = _Descent(
-        params_a, params_b, graph, seed=seed, solver=solver, init=init, only=only, overlap=overlap
-    )
+        params_a, params_b, graph, seed=seed, solver=solver, init=init, only=only,
+        overlap=overlap, keep_scores=keep_scores,
+    )  # fmt: skip
     descent.settle(max_iter)
     return descent.result()
 
@@ -226,6 +231,7 @@ class _Descent:
         init: Mapping[str, torch.Tensor] | None = None,
         only: Collection[str] | None = None,
         overlap: bool = True,
+        keep_scores: bool | None = None,
     ) -> None:
         layouts = {n: lays for n, lays in graph.permuted_tensors.items() if n in graph.parameters}
         self._device = device = next(iter(params_b.values())).device
@@ -262,6 +268,9 @@ class _Descent:
         self._guessed = frozenset(g for g in names if g not in (init or {}))  # identity starts
         self._solved: set[str] | None = None  # groups solved so far in the first sweep
         self.solver, self.overlap, self.iterations = solver, overlap, 0
+        if keep_scores is None:  # a few cost matrices at a time beyond this (module docstring)
+            keep_scores = 4 * sum(self._sizes[g] ** 2 for g in names) <= KEEP_SCORES_BYTES
+        self.keep_scores = keep_scores
 
     def settle(self, max_iter: int = 100) -> None:
         """Sweep until no group can improve or ``max_iter`` sweeps in all have run."""
@@ -302,6 +311,10 @@ class _Descent:
         docstring); no LAP when none of its contributions changed."""
         self._collect(self._deps[g] | {g})  # its scores and staleness are now those of the sequence
         todo = [i for i, s in enumerate(self._terms[g]) if (g, i) in self._stale and self._known(s)]
+        if todo and g not in self._totals:  # not kept since its last LAP: every term anew
+            todo = [i for i, s in enumerate(self._terms[g]) if self._known(s)]
+            for i in todo:
+                self._seen.pop((g, i), None)
         for i in todo:
             s = self._terms[g][i]
             idxs = _indices(s, self._layouts, self.perms)
@@ -368,7 +381,12 @@ class _Descent:
         """Estimates (on the CPU), objective and sweeps so far."""
         objective = _objective(self._layouts, self._wa, self._wb, self._layouts, self.perms)
         perms = {g: p.cpu() for g, p in self.perms.items()}
-        sure = {g: margin(self._totals[g].T, perms[g]) for g in self._names if g in self._totals}
+        scored = self._totals if self.keep_scores else {g: None for g in self._names}
+        sure = {
+            g: margin(self.scores(g) if t is None else t.T, perms[g])
+            for g, t in scored.items()
+            if g in self._names and self._terms[g]
+        }
         margins = {g: m for g, (m, _) in sure.items()}
         ties = {g: t for g, (_, t) in sure.items() if t}
         return WeightMatchResult(perms, objective, self.iterations, margins, ties)
@@ -383,11 +401,19 @@ class _Descent:
             if _improves(new, old):
                 self.perms[h] = p
                 self._moved(h)
+            if not self.keep_scores:
+                del self._totals[h]
 
     def _moved(self, h: str) -> None:
         """``h``'s estimate changed: mark the scores and joint moves that depend on it."""
         self._stale.update(k for k in self._affected.get(h, ()) if k[0] in self._names)
         self._joint_stale.update(o for o, deps in self._joint_deps.items() if h in deps)
+
+
+#: Weight matching keeps every group's running scores (updated in place as other groups move)
+#: while they take at most this many bytes in all; beyond it, a group's scores live only from
+#: its visit until its LAP is taken and are computed anew at its next visit.
+KEEP_SCORES_BYTES = 1 << 30
 
 
 def _input_to_output(graph: PermutationGraph, names: list[str]) -> list[str]:
