@@ -166,7 +166,10 @@ def test_model_folder_with_checkpoint_files_and_trace(folders, tmp_path, capsys)
                  "--out", str(pi)]) == 0  # fmt: skip
     assert all(torch.equal(p, torch.arange(len(p))) for p in permask.Permutation.load(pi).values())
     assert main(["trace", f"hf:{a}"]) == 0
-    assert "groups" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "groups" in printed
+    assert "1 groups admit orthogonal maps, 2 RoPE sites" in printed
+    assert "model.embed_tokens.weight:1: 5 norm gains folded" in printed
     mask = permask.sparse.magnitude_mask(_load(a), 0.5)
     permask.sparse.save_mask(mask, tmp_path / "m.safetensors")
     assert main(["permute-mask", f"hf:{a}", str(tmp_path / "m.safetensors"), "--perm", str(pi),

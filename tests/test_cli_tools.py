@@ -63,10 +63,13 @@ def _cli(*argv: str) -> int:
 
 def test_trace_prints_the_graph_and_json(capsys):
     assert _cli("trace", *MLP) == 0
-    assert "PermutationGraph: 2 groups" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PermutationGraph: 2 groups" in printed
+    assert "0 groups admit orthogonal maps" in printed and "relu" in printed.lower()
     assert _cli("trace", *MLP, "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["groups"]["fc1.weight:0"]["size"] == 32
+    assert doc["groups"]["fc1.weight:0"]["orthogonal"] is False and doc["rope_sites"] == []
     assert "fc1.weight:0" in doc["groups"]["fc1.weight:0"]["members"]
 
 

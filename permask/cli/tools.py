@@ -225,13 +225,33 @@ def _weights(model: nn.Module, path: str, ema: bool = False) -> nn.Module:
 def trace_command(args: argparse.Namespace) -> str:
     model, x = _build(args)
     graph = _trace(model, x)
+    admissions = permask.orthogonal_groups(graph)
+    sites = permask.rope_sites(graph)
     if not args.json:
-        return str(graph)
-    groups = {g.name: {"size": g.size, "members": [f"{m.tensor}:{m.axis}" for m in g.members]}
-              for g in graph}  # fmt: skip
+        return f"{graph}\n{_beyond(graph, admissions, sites)}"
+    groups = {g.name: {"size": g.size, "members": [f"{m.tensor}:{m.axis}" for m in g.members],
+                       "orthogonal": admissions[g.name].admitted,
+                       "orthogonal_refused": admissions[g.name].reason} for g in graph}  # fmt: skip
     frozen = [{"name": f.name, "axis": f.axis, "size": f.size, "kind": f.kind,
                "reasons": [str(r) for r in f.reasons]} for f in graph.frozen]  # fmt: skip
-    return json.dumps({"groups": groups, "frozen": frozen}, indent=1)
+    rope = [s.name for s in sites]
+    return json.dumps({"groups": groups, "frozen": frozen, "rope_sites": rope}, indent=1)
+
+
+def _beyond(graph: PermutationGraph, admissions: dict, sites: list) -> str:
+    """Which groups admit orthogonal maps (for merging; docs/alignment.md) and the RoPE sites;
+    for the widest refused group, why not."""
+    ok = [a for a in admissions.values() if a.admitted]
+    lines = [f"beyond permutations (merge/interpolate --orthogonal): {len(ok)} groups admit "
+             f"orthogonal maps, {len(sites)} RoPE sites"]  # fmt: skip
+    for a in ok:
+        ones = ", keeping the all-ones direction" if a.keeps_ones else ""
+        lines.append(f"  {a.group}: {len(a.folds)} norm gains folded{ones}")
+    refused = [a for a in admissions.values() if not a.admitted]
+    if refused:
+        widest = max(refused, key=lambda a: len(graph[a.group].members))
+        lines.append(f"  not {widest.group} (the widest group): {widest.reason}")
+    return "\n".join(lines)
 
 
 def align_command(args: argparse.Namespace) -> str:
