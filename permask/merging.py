@@ -47,12 +47,14 @@ def merge(
     bn_loader: Iterable | None = None,
     repair: bool = False,
     max_stats_memory: int | str | None = None,
+    stats_dtype: str = "float64",
     orthogonal: str | None = None,
 ) -> nn.Module:
     """A new model: the uniform average of ``models`` after aligning each to ``models[reference]``.
 
     Every other model ``m`` is moved by ``permute_model(m, align(m, ref, loader, method=method,
-    graph=graph, max_batches=max_batches, device=device, max_stats_memory=...), graph)``;
+    graph=graph, max_batches=max_batches, device=device, max_stats_memory=...,
+    stats_dtype=...), graph)``;
     ``method="activation"`` (the default) needs ``loader``, ``"weight"`` does not. ``graph`` is
     traced once from the reference on the loader's first batch when not given (one more
     ``iter(loader)``: a loader that reshuffles per iteration then gives ``align`` other batches
@@ -89,7 +91,8 @@ def merge(
             moved.append(ref)
             continue
         pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
-                   device=device, max_stats_memory=max_stats_memory)  # fmt: skip
+                   device=device, max_stats_memory=max_stats_memory,
+                   stats_dtype=stats_dtype)  # fmt: skip
         moved.append(permute_model(m, pi, graph))
     if orthogonal is not None:
         moved = turned_onto(moved, reference, graph, loader, orthogonal=orthogonal, method=method)

@@ -108,3 +108,30 @@ def test_refusals():
     assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(" 10kb ") == 10_000
     with pytest.raises(ValueError, match="positive"):
         parse_bytes(0)
+
+
+def test_float32_statistics_halve_the_memory_and_keep_the_permutation():
+    """float32 sums (shifted by the first batch's means, as float64's): the same permutation
+    and constant units as float64 on the MLP, half the bytes, so a budget that needs two
+    float64 passes (or more than the largest group's float64 statistics) needs one; the
+    margins agree to float32 rounding."""
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    a, b = _mlp(0), _mlp(1)
+    graph = permask.trace(a, data[0])
+    plan = plan_points(graph)
+    assert plan_bytes(plan, 4) * 2 == plan_bytes(plan)
+    kw = dict(graph=graph, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pi64, info64 = permask.align(a, b, data, **kw)
+        pi32, info32 = permask.align(a, b, data, stats_dtype="float32", **kw)
+        budget = plan_bytes(plan, 4)
+        _, squeezed = permask.align(a, b, data, stats_dtype="float32", max_stats_memory=budget,
+                                    **kw)  # fmt: skip
+    assert all(torch.equal(pi64[g], pi32[g]) for g in pi64)
+    assert info32.constant == info64.constant and info32.stats_bytes * 2 == info64.stats_bytes
+    for g, m in info64.margins.items():
+        assert info32.margins[g] == pytest.approx(m, rel=1e-4, abs=1e-5)
+    assert squeezed.passes == 1 and plan_bytes(plan) > budget  # float64 would not fit
+    with pytest.raises(ValueError, match="stats_dtype must be"):
+        permask.align(a, b, data, stats_dtype="float16", **kw)

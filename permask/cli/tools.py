@@ -114,6 +114,9 @@ def _memory_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-stats-memory", metavar="SIZE",
                    help="activation matching's statistics at most SIZE (e.g. 4GiB): more "
                    "passes over the data where one does not fit (default: one pass)")  # fmt: skip
+    p.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
+                   help="activation matching's statistics: float32 halves their memory "
+                   "(default float64)")  # fmt: skip
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -264,7 +267,7 @@ def align_command(args: argparse.Namespace) -> str:
         pi, info = permask.align(
             model_a, model_b, loader, method=args.method, graph=graph,
             max_batches=args.batches, device=args.device, return_info=True,
-            max_stats_memory=args.max_stats_memory,
+            max_stats_memory=args.max_stats_memory, stats_dtype=args.stats_dtype,
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
@@ -432,7 +435,8 @@ def merge_command(args: argparse.Namespace) -> str:
     try:
         merged = permask.merge(models, train, method=args.method, graph=graph,
                                repair=args.repair, max_stats_memory=args.max_stats_memory,
-                               orthogonal=args.orthogonal, **common)  # fmt: skip
+                               stats_dtype=args.stats_dtype, orthogonal=args.orthogonal,
+                               **common)  # fmt: skip
         naive = average(models, bn_loader=train, **common)
         scores = None if test is None else [evaluate(m, test) for m in (*models, naive, merged)]
     except (ValueError, TypeError) as err:

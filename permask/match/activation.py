@@ -120,14 +120,14 @@ def _cross(a: torch.Tensor, b: torch.Tensor, precision: str | None = None) -> to
 
 
 def _add_moments(x: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
-    """Add the per-channel sums of ``x`` and of its squares (``[before, C, after]``) to the
-    float64 ``s`` and ``ss``."""
+    """Add the per-channel sums of ``x`` and of its squares (``[before, C, after]``) to ``s``
+    and ``ss`` (float64, or float32)."""
     if FUSED_MOMENTS.get(x.device.type, False):
         var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
         m = x.shape[0] * x.shape[2]
-        mean = mean.double()
+        mean = mean.to(s.dtype)
         s += mean * m
-        ss += (var.double() + mean.square()) * m
+        ss += (var.to(s.dtype) + mean.square()) * m
     else:
         s += x.sum((0, 2))
         ss += x.square().sum((0, 2))
@@ -254,9 +254,13 @@ def _has_attr(module: nn.Module, target: str) -> bool:
 
 
 class CorrelationStats:
-    """Streaming float64 sums for every unit of a plan; :meth:`scores` gives correlations."""
+    """Streaming sums (float64, or ``dtype``) for every unit of a plan; :meth:`scores` gives
+    correlations."""
 
-    def __init__(self, plan: Plan, device: torch.device, precision: str | None = None):
+    def __init__(
+        self, plan: Plan, device: torch.device, precision: str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):  # fmt: skip
         check_precision(precision)
         self.plan = plan
         self.precision = precision
@@ -266,8 +270,8 @@ class CorrelationStats:
             per_unit = []
             for u in p.units:
                 n = u.size
-                vecs = [torch.zeros(n, dtype=torch.float64, device=device) for _ in range(4)]
-                per_unit.append([*vecs, torch.zeros(n, n, dtype=torch.float64, device=device)])
+                vecs = [torch.zeros(n, dtype=dtype, device=device) for _ in range(4)]
+                per_unit.append([*vecs, torch.zeros(n, n, dtype=dtype, device=device)])
             self.sums.append(per_unit)
         self.index = [[_gather_index(u, p, device) for u in p.units] for p in plan.points]
         self.shift: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

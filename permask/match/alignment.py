@@ -29,7 +29,8 @@ def align(
     method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
     max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
     seed: int = ..., distributed: bool = ..., precision: str | None = ...,
-    max_stats_memory: int | str | None = ..., return_info: Literal[False] = False,
+    max_stats_memory: int | str | None = ..., stats_dtype: str = ...,
+    return_info: Literal[False] = False,
 ) -> Permutation: ...  # fmt: skip
 @overload
 def align(
@@ -37,7 +38,8 @@ def align(
     method: str = ..., graph: PermutationGraph | None = ..., example_inputs: Any = ...,
     max_batches: int | None = ..., solver: str = ..., device: torch.device | str | None = ...,
     seed: int = ..., distributed: bool = ..., precision: str | None = ...,
-    max_stats_memory: int | str | None = ..., return_info: Literal[True],
+    max_stats_memory: int | str | None = ..., stats_dtype: str = ...,
+    return_info: Literal[True],
 ) -> tuple[Permutation, AlignInfo]: ...  # fmt: skip
 def align(
     model_a: nn.Module,
@@ -54,6 +56,7 @@ def align(
     distributed: bool = False,
     precision: str | None = None,
     max_stats_memory: int | str | None = None,
+    stats_dtype: str = "float64",
     return_info: bool = False,
 ) -> Permutation | tuple[Permutation, AlignInfo]:
     """Find ``pi`` such that ``permute_model(model_a, pi, graph)`` lands in model_b's basin.
@@ -87,9 +90,15 @@ def align(
     (:mod:`permask.match.passes`); ``AlignInfo.passes`` says how many. The loader must then be
     readable more than once (a list, a DataLoader), and yield the same batches each time for the
     same result. ``None``: one pass, whatever it needs.
+
+    ``stats_dtype`` (activation): ``"float64"`` (default) or ``"float32"`` sums, half the
+    memory (so half the passes under a budget), accurate enough to give the same permutations
+    on the models measured (docs/alignment.md, "Under a memory budget").
     """
     matcher = get_matcher(method)
     check_precision(precision)  # before any tracing or data
+    if stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
     budget = None if max_stats_memory is None else parse_bytes(max_stats_memory)
     distributed = _world(distributed)
     model_a, model_b = unwrap(model_a), unwrap(model_b)
@@ -111,6 +120,7 @@ def align(
     request = MatchRequest(
         model_a, model_b, graph, dev, solver, seed, first,
         None if loader is None else batches, distributed, precision, again, budget,
+        STATS_DTYPES[stats_dtype],
     )  # fmt: skip
     pi, info = matcher.run(request)
     info.seconds = time.perf_counter() - start
@@ -119,6 +129,10 @@ def align(
         dist.broadcast_object_list(shared, src=0, device=dev if dev.type == "cuda" else None)
         pi = Permutation(shared[0])
     return (pi, info) if return_info else pi
+
+
+#: The statistics' dtypes activation matching offers, by name.
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def _example_on(example_inputs: Any, device: torch.device) -> Any:

@@ -42,10 +42,11 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     if req.batches is None:
         raise ValueError("activation matching needs a loader; use method='weight' for none")
     plan = plan_points(graph)
-    passes = split_plan(plan, req.max_stats_memory)
+    itemsize = req.stats_dtype.itemsize
+    passes = split_plan(plan, req.max_stats_memory, itemsize)
     log.info(
-        "activation matching: %d points, %.1f MiB float64 statistics%s",
-        len(plan.points), plan.stats_bytes() / 2**20,
+        "activation matching: %d points, %.1f MiB %s statistics%s",
+        len(plan.points), plan.stats_bytes(itemsize) / 2**20, str(req.stats_dtype)[6:],
         f", in {len(passes)} passes over the data under max_stats_memory" if len(passes) > 1
         else "",
     )  # fmt: skip
@@ -84,7 +85,7 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
             points.setdefault(g, []).append(p.node)
     info = AlignInfo(
         "activation", 0.0, len(graph), seen[0].batches, seen[0].samples,
-        max(sub.stats_bytes() for sub in passes), points=points, unmatched=plan.unmatched,
+        max(sub.stats_bytes(itemsize) for sub in passes), points=points, unmatched=plan.unmatched,
         pass_seconds=sum(s.seconds for s in seen), constant=constant, margins=margins,
         ties=ties, observations=min(s.observed for s in seen), passes=len(passes),
     )  # fmt: skip
@@ -112,7 +113,8 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
     """Stream ``data`` through both models observing ``plan``'s points, then assign its groups."""
     graph, device = req.graph, req.device
     start = time.perf_counter()
-    stats, n_batches, samples = observe(a, b, graph, plan, data, device, req.precision)
+    stats, n_batches, samples = observe(a, b, graph, plan, data, device, req.precision,
+                                        req.stats_dtype)  # fmt: skip
     seconds = time.perf_counter() - start
     if req.distributed:  # each rank streamed its own shard: sum them all
         stats.all_reduce()
@@ -136,11 +138,11 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
 
 def observe(
     a: nn.Module, b: nn.Module, graph, plan: Plan, data: Iterable, device: torch.device,
-    precision: str | None = None,
+    precision: str | None = None, dtype: torch.dtype = torch.float64,
 ) -> tuple[CorrelationStats, int, int]:  # fmt: skip
     """Stream ``data`` through both models (graph ``graph``), observing ``plan``'s points:
-    the statistics, and how many batches and samples were seen."""
-    stats = CorrelationStats(plan, device, precision)
+    the statistics (in ``dtype``), and how many batches and samples were seen."""
+    stats = CorrelationStats(plan, device, precision, dtype)
     paired = paired_module(a, b, graph.fx_graph, stats)
     if graph.frontend == "export":  # specialised to its example shapes: one per input shape
         pick = ShapeReplays(a, b, graph, stats, paired).module

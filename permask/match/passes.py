@@ -74,22 +74,23 @@ def components(plan: Plan) -> list[set[str]]:
     return out
 
 
-def plan_bytes(plan: Plan) -> int:
-    """What a pass over ``plan`` holds: its float64 statistics and its correlation matrices."""
+def plan_bytes(plan: Plan, itemsize: int = 8) -> int:
+    """What a pass over ``plan`` holds: its statistics and its correlation matrices (float64:
+    ``itemsize`` 8; float32: 4)."""
     keys = {u.groups: u.size for p in plan.points for u in p.units}
-    return plan.stats_bytes() + sum(8 * n * n for n in keys.values())
+    return plan.stats_bytes(itemsize) + sum(itemsize * n * n for n in keys.values())
 
 
-def split_plan(plan: Plan, budget: int | None) -> list[Plan]:
+def split_plan(plan: Plan, budget: int | None, itemsize: int = 8) -> list[Plan]:
     """``plan`` as passes of whole components that each fit ``budget`` bytes (one pass when
     ``budget`` is ``None`` or everything fits); ``ValueError`` naming a component that alone
     does not fit, and the budget it needs."""
-    if budget is None or plan_bytes(plan) <= budget:
+    if budget is None or plan_bytes(plan, itemsize) <= budget:
         return [plan]
     passes: list[list[set[str]]] = []
     used = 0
     for comp in components(plan):
-        size = plan_bytes(restricted(plan, comp))
+        size = plan_bytes(restricted(plan, comp), itemsize)
         if size > budget:
             names = sorted(comp)
             more = f" and {len(names) - 2} more" if len(names) > 2 else ""

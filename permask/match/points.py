@@ -73,9 +73,10 @@ class Plan:
     points: tuple[Point, ...]
     unmatched: tuple[str, ...]
 
-    def stats_bytes(self) -> int:
-        """float64 statistics memory: per unit an n x n cross sum and four length-n sums."""
-        return sum(8 * (u.size**2 + 4 * u.size) for p in self.points for u in p.units)
+    def stats_bytes(self, itemsize: int = 8) -> int:
+        """Statistics memory (float64: ``itemsize`` 8): per unit an n x n cross sum and four
+        length-n sums."""
+        return sum(itemsize * (u.size**2 + 4 * u.size) for p in self.points for u in p.units)
 
 
 def select_observations(

@@ -22,7 +22,8 @@ class MatchRequest:
     batch if ``align`` already read it (to trace on) and the remaining ``batches`` (``None``:
     no loader), ``again``, a function giving the batches once more (``None``: the loader can be
     read once), ``distributed`` (sum statistics over the ranks), the matrix-product
-    ``precision`` and ``max_stats_memory`` (bytes; :mod:`permask.match.passes`)."""
+    ``precision``, ``max_stats_memory`` (bytes; :mod:`permask.match.passes`) and the
+    statistics' ``stats_dtype``."""
 
     model_a: nn.Module
     model_b: nn.Module
@@ -36,3 +37,4 @@ class MatchRequest:
     precision: str | None = None
     again: Callable[[], Iterator] | None = None
     max_stats_memory: int | None = None
+    stats_dtype: torch.dtype = torch.float64
