@@ -62,7 +62,11 @@ def model(kind: str, hidden: int, layers: int, seed: int) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def pair(kind: str, args: argparse.Namespace) -> dict:
+def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
+    """(A, B, the matching batches, A's graph, the test data, seconds to train or load) of the
+    ``kind`` pair (module doc); trained models are kept under ``args.cache``."""
+    if kind == "vit":
+        return _vit_trained(args)
     data = corpus()
     split = int(0.9 * len(data))
     train_data = batches(data[:split], args.steps, 16, args.seq, seed=0)
@@ -74,10 +78,15 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
                  lambda m, s: train(m, train_data, args.steps))
         for seed in (1, 2)
     )  # fmt: skip
-    row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
-                 "train_seconds": time.perf_counter() - t0}  # fmt: skip
+    seconds = time.perf_counter() - t0
     graph = permask.trace(a, {"input_ids": train_data[0]["input_ids"]})
-    match = train_data[: args.match_batches]
+    return a, b, train_data[: args.match_batches], graph, test, seconds
+
+
+def pair(kind: str, args: argparse.Namespace) -> dict:
+    a, b, match, graph, test, seconds = trained_pair(kind, args)
+    row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+                 "train_seconds": seconds}  # fmt: skip
     wrapped_graph = None
     row["naive"] = _barriers(a, b, test, match, None)
     for method in ("weight", "activation", "ste"):
@@ -135,8 +144,7 @@ def _trained(args: argparse.Namespace, name: str, seed: int, build, fit) -> nn.M
     return net
 
 
-def vit_pair(args: argparse.Namespace) -> dict:
-    """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
+def _vit_trained(args: argparse.Namespace) -> tuple:
     import itertools
 
     import timm
@@ -168,11 +176,17 @@ def vit_pair(args: argparse.Namespace) -> dict:
         _trained(args, f"vit_{args.vit_epochs}_{args.vit_subset}", seed, build, fit)
         for seed in (1, 2)
     )  # fmt: skip
-    row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
-                 "train_seconds": time.perf_counter() - t0}  # fmt: skip
+    seconds = time.perf_counter() - t0
     stats = train_loader.replace(seed=0, augment=False)
     match = list(itertools.islice(stats, args.match_batches))
-    graph = permask.trace(a, match[0][0][:2])
+    return a, b, match, permask.trace(a, match[0][0][:2]), test_loader, seconds
+
+
+def vit_pair(args: argparse.Namespace) -> dict:
+    """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
+    a, b, match, graph, test_loader, seconds = trained_pair("vit", args)
+    row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
+                 "train_seconds": seconds}  # fmt: skip
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
@@ -212,7 +226,7 @@ def _barriers(a: nn.Module, b: nn.Module, test: list, bn: list[dict], graph) -> 
     return out
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kinds = ["vit", "gpt2", "llama"]
     p.add_argument("--kinds", nargs="+", default=kinds, choices=kinds)
@@ -227,6 +241,16 @@ def main() -> None:
     p.add_argument("--ste-passes", type=int, default=3, help="passes of STE over them")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--cache", help="folder to keep the trained models in and reuse them from")
+    return p
+
+
+def defaults(**override) -> argparse.Namespace:
+    """This benchmark's settings (its defaults, with ``override``), for other benchmarks."""
+    return argparse.Namespace(**{**vars(_parser().parse_args([])), **override})
+
+
+def main() -> None:
+    p = _parser()
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
