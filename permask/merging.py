@@ -15,6 +15,7 @@ Averaging independently trained networks without aligning them lands far outside
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -95,7 +96,9 @@ def merge(
                    stats_dtype=stats_dtype)  # fmt: skip
         moved.append(permute_model(m, pi, graph))
     if orthogonal is not None:
-        moved = turned_onto(moved, reference, graph, loader, orthogonal=orthogonal, method=method)
+        moved = turned_onto(moved, reference, graph, loader, orthogonal=orthogonal, method=method,
+                            max_batches=max_batches, device=device,
+                            max_stats_memory=max_stats_memory, stats_dtype=stats_dtype)  # fmt: skip
     bn_data = bn_loader if bn_loader is not None else loader
     merged = average(moved, reference=reference, bn_loader=bn_data, max_batches=max_batches,
                      device=device)  # fmt: skip
@@ -110,6 +113,7 @@ def merge(
 def turned_onto(
     models: Sequence[nn.Module], reference: int, graph: PermutationGraph, loader=None, *,
     orthogonal: str = "weight", method: str = "weight", rounds: int = 10,
+    max_batches: int | None = None, **align_options,
 ) -> list[nn.Module]:  # fmt: skip
     """``models`` (already permuted onto ``models[reference]``) with their norms folded and
     each turned onto the reference by the orthogonal maps the graph admits, found by the
@@ -117,7 +121,8 @@ def turned_onto(
     permutation found before the maps may be wrong where the groups it moves meet a rotated
     one (the q/k/MLP inputs of a turned residual stream), so the permutation (``method``, on
     ``loader`` if it needs data) and the maps are found again in turn until the permutation
-    is the identity, at most ``rounds`` times."""
+    is the identity, at most ``rounds`` times. At most ``max_batches`` batches are read each
+    time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
     if not admitted(graph) and not rope_sites(graph):
         warnings.warn("the graph admits no orthogonal map (no group passes "
                       "permask.orthogonal_groups, no RoPE site): permutations only",
@@ -125,14 +130,17 @@ def turned_onto(
         return list(models)
     folded = [fold_norms(m, graph) for m in models]
     ref = folded[reference]
-    data = loader if orthogonal == "activation" else None
+    data = None
+    if orthogonal == "activation" and loader is not None:
+        data = loader if max_batches is None else list(itertools.islice(loader, max_batches))
     turned = set(admitted(graph))  # their maps already include every permutation
     out = []
     for i, m in enumerate(folded):
         if i != reference:
             m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
             for _ in range(rounds):
-                pi = align(m, ref, loader, method=method, graph=graph)
+                pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
+                           **align_options)  # fmt: skip
                 pi = Permutation({g: p for g, p in pi.items() if g not in turned})
                 if pi.is_identity():
                     break

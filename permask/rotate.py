@@ -98,7 +98,7 @@ def _sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> dict[
             raise ValueError(f"the map for {name!r} has shape {tuple(r.shape)}; it needs {want}")
         r64 = r.double().cpu()
         eye = torch.eye(2, dtype=torch.float64)
-        if (r64.transpose(-1, -2) @ r64 - eye).abs().max() > 1e-4 or (
+        if (r64.transpose(-1, -2) @ r64 - eye).abs().max() > _tolerance(r) or (
             torch.linalg.det(r64) < 0
         ).any():
             raise ValueError(f"the map for {name!r} must be rotations (R^T R = I, det +1): a "
@@ -145,6 +145,11 @@ def random_rotation(
     return out
 
 
+def _tolerance(o: torch.Tensor) -> float:
+    """How far from orthogonal a map in ``o``'s dtype may be (its rounding, not more)."""
+    return 1e-10 if o.dtype == torch.float64 else 1e-5
+
+
 def _check_rotation(name: str, o: torch.Tensor, n: int, adm: Admission, tensors) -> None:
     if tuple(o.shape) != (n, n):
         raise ValueError(
@@ -152,9 +157,11 @@ def _check_rotation(name: str, o: torch.Tensor, n: int, adm: Admission, tensors)
         )
     o64 = o.double().cpu()
     eye = torch.eye(n, dtype=torch.float64)
-    if (o64.T @ o64 - eye).abs().max() > 1e-4:
+    if (o64.T @ o64 - eye).abs().max() > _tolerance(o):
         raise ValueError(f"the map for group {name!r} is not orthogonal (O^T O != I)")
-    if adm.keeps_ones and (o64 @ torch.ones(n, dtype=torch.float64) - 1).abs().max() > 1e-4:
+    if adm.keeps_ones and (o64 @ torch.ones(n, dtype=torch.float64) - 1).abs().max() > _tolerance(
+        o
+    ):
         raise ValueError(f"the map for group {name!r} must keep the all-ones vector: a LayerNorm "
                          "centres that group")  # fmt: skip
     for fold in adm.folds:

@@ -252,3 +252,47 @@ def test_convolutions_turn_their_channels_unless_grouped(depthwise):
         return
     turned = permask.rotate_model(model, permask.random_rotation(graph), graph)
     assert rel_err(model(x), turned(x)) < 1e-12
+
+
+class Quirk(nn.Module):
+    """A pre-norm block with one quirk that a map must not pass (``kind``)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.inp, self.norm, self.fc, self.out = (
+            nn.Linear(3, 6),
+            nn.RMSNorm(6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 2),
+        )
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.kind == "shifted":
+            h = h + 1.0
+        elif self.kind == "reciprocal":
+            h = 2.0 / h
+        elif self.kind == "shared gain":
+            h = h + self.fc(self.norm(h)) + self.fc2(self.norm(h))
+        elif self.kind == "member read":
+            h = h + self.inp.weight.sum()
+        return self.out(h)
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("shifted", "adds a value that is not in the group"),
+        ("reciprocal", "multiplies the group's values elementwise"),
+        ("shared gain", "is read by more than one op"),
+        ("member read", "sum at node"),
+    ],
+)
+def test_quirks_refuse_the_map(kind, why):
+    model = Quirk(kind)
+    if kind == "shared gain":
+        model.fc2 = nn.Linear(6, 6)
+    graph = permask.trace(model, torch.randn(2, 3))
+    adm = permask.orthogonal_groups(graph)["inp.weight:0"]
+    assert not adm.admitted and why in adm.reason, adm.reason

@@ -363,8 +363,10 @@ def interpolate_command(args: argparse.Namespace) -> str:
     train, test = _loaders(args, model_a)
     try:
         if args.orthogonal:
-            model_b, model_a = turned_onto([model_b, model_a], 0, graph, train,
-                                           orthogonal=args.orthogonal)  # fmt: skip
+            model_b, model_a = turned_onto(
+                [model_b, model_a], 0, graph, train, orthogonal=args.orthogonal,
+                max_batches=args.batches,
+            )  # fmt: skip
         result = interpolate(model_a, model_b, test, alphas=args.points, reset_bn=args.bn_reset,
                              bn_loader=train, bn_batches=args.batches, device=device,
                              repair=args.repair, graph=graph)  # fmt: skip

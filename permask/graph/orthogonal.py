@@ -7,15 +7,17 @@ transformer) keeps the model's function under *any* orthogonal ``O``: every memb
 traced fx graph, and says why where it cannot:
 
 * every activation carrying the group must carry it as a whole axis (no view merges or splits
-  it) and come from an op that is linear in the group's values: linear layers, additions of
-  streams or of members (biases, position embeddings), products with values constant along the
-  axis (RMSNorm's ``x * rsqrt(...)``, a scalar), views, casts, dropout, concatenation;
-* a value leaves the group only through a contraction (a linear layer's input) or as the sum of
-  its squares (RMSNorm's and LayerNorm's statistics are invariant);
+  it) and come from an op that is linear in the group's values: linear layers and ungrouped
+  convs, additions of streams or of members (biases, position embeddings; never a constant),
+  products with values constant along the axis (RMSNorm's ``x * rsqrt(...)``, a scalar), views,
+  casts, dropout, concatenation;
+* a value, or a member tensor, leaves the group only through a contraction (a linear layer's
+  input) or as the sum of its squares (RMSNorm's and LayerNorm's statistics are invariant);
 * an elementwise gain on the group (RMSNorm's or LayerNorm's weight, with LayerNorm's bias) does
   not commute with ``O``: it is *folded* into the linear layers it feeds (``W diag(g)``, and
-  ``W b`` into their biases; :func:`permask.rotate.fold_norms`), which needs every path from the
-  gain to end in a linear layer whose weight is used nowhere else (not tied);
+  ``W b`` into their biases; :func:`permask.rotate.fold_norms`), which needs the gain read by
+  that one norm and every path from it to end in a linear layer whose weight is used nowhere
+  else (not tied);
 * LayerNorm also subtracts the mean, so there ``O`` must keep the all-ones direction
   (``keeps_ones``).
 
@@ -51,6 +53,7 @@ from .registry import find_role
 
 __all__ = [
     "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "turn_axis", "kind_of",
+    "tensor_uses",
 ]  # fmt: skip
 
 
@@ -84,7 +87,7 @@ class Admission:
 
 def orthogonal_groups(graph: PermutationGraph) -> dict[str, Admission]:
     """An :class:`Admission` for every group of ``graph`` (see the module doc)."""
-    uses = _uses(graph)
+    uses = tensor_uses(graph)
     return {g.name: _Check(graph, g, uses).run() for g in graph}
 
 
@@ -164,8 +167,8 @@ def kind_of(node: fx.Node) -> str:
     return text.rsplit(".", 1)[-1]
 
 
-def _uses(graph: PermutationGraph) -> dict[str, int]:
-    """How many ops read each tensor (tied weights count once per reader)."""
+def tensor_uses(graph: PermutationGraph) -> dict[str, int]:
+    """How many ops read each tensor, by its first name (tied weights count once per reader)."""
     uses: dict[str, int] = {}
     gm = graph.fx_graph.owning_module
     canon: dict[int, str] = {}
@@ -209,6 +212,10 @@ class _Check:
                 raise _Refused(f"node {o.node} merges or splits the group's axis with another")
             self.carrying.add(o.node)
         for node in self.graph.fx_graph.nodes:  # in graph order: folds listed as they run
+            if node.op == "get_attr" and self.member(node.target):
+                for user in node.users:  # a member read by an op that does not carry the group
+                    if user.name not in self.carrying:
+                        self.leaving(node, user)
             if node.name not in self.carrying:
                 continue
             self.inside(node, kind_of(node))
@@ -223,8 +230,9 @@ class _Check:
         if kind in _PASS or kind in _SUMS:
             return
         if kind in _JOIN or kind in _ADD:
-            for arg in _node_args(node):
-                if not self.carries(arg):
+            values = list(node.args[0]) if kind in _JOIN else list(node.args[:2])
+            for arg in values:
+                if not (isinstance(arg, fx.Node) and self.carries(arg)):
                     raise _Refused(f"{kind} at node {node.name} adds a value that is not in "
                                    "the group (constant along its axis)")  # fmt: skip
             return
@@ -245,7 +253,8 @@ class _Check:
         args = _node_args(node)
         ours = [a for a in args if self.carries(a)]
         gains = [a for a in ours if a.op == "get_attr"]
-        if len(ours) == 1 and not gains and (kind.startswith("mul") or args[0] is ours[0]):
+        dividend = kind.startswith("mul") or (node.args[0] is ours[0] if ours else False)
+        if len(ours) == 1 and not gains and dividend and "rounding_mode" not in node.kwargs:
             return  # a factor constant along the group's axis
         if len(ours) == 2 and len(gains) == 1 and kind.startswith("mul"):
             if len(self.graph.shapes.get(gains[0].target, ())) == 1:
@@ -270,6 +279,10 @@ class _Check:
     def fold(self, node: fx.Node, gain: str, bias: str | None) -> None:
         """Record the fold of ``gain`` (and ``bias``) applied at ``node`` into the linear
         layers its output reaches, refusing any other op on the way."""
+        for t in (gain, bias):
+            if t is not None and self.uses.get(t, 0) != 1:
+                raise _Refused(f"{t} is read by more than one op: one fold would change the "
+                               "others")  # fmt: skip
         into: list[tuple[str, int, str | None]] = []
         todo, seen = list(node.users), set()
         while todo:
@@ -292,8 +305,8 @@ class _Check:
     def consumer(self, user: fx.Node, gain: str, bias: str | None) -> tuple[str, int, str | None]:
         if user.op == "call_module":
             m = user.graph.owning_module.get_submodule(user.target)
-            w = f"{user.target}.weight"
-            b = f"{user.target}.bias" if getattr(m, "bias", None) is not None else None
+            w = _canonical(user, "weight")
+            b = _canonical(user, "bias") if getattr(m, "bias", None) is not None else None
         else:
             params = [a.target for a in _node_args(user) if a.op == "get_attr"]
             w = next((p for p in params if self.member(p) or self.uses.get(p, 0) > 1), None)
@@ -348,6 +361,13 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
     visit(node.args)
     visit(tuple(node.kwargs.values()))
     return out
+
+
+def _canonical(node: fx.Node, attr: str) -> str:
+    """The first name of module ``node``'s parameter ``attr`` (a tied one has several)."""
+    module = node.graph.owning_module
+    p = getattr(module.get_submodule(node.target), attr)
+    return next(n for n, q in module.named_parameters(remove_duplicate=False) if q is p)
 
 
 def _conv_groups(node: fx.Node, pos: int | None) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .graph import PermutationGraph
-from .orthogonal import kind_of
+from .orthogonal import kind_of, tensor_uses
 
 __all__ = ["RopeSite", "rope_sites", "turn_planes", "planes_of", "plane_rotations"]
 
@@ -95,9 +95,12 @@ def plane_rotations(angle: torch.Tensor) -> torch.Tensor:
 
 
 def _site(graph: PermutationGraph, sdpa: fx.Node) -> RopeSite | None:
-    q, k = sdpa.args[0], sdpa.args[1]
+    q, k = _arg(sdpa, 0, "query"), _arg(sdpa, 1, "key")
     if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)):
         return None
+    operands = [*sdpa.args, *sdpa.kwargs.values()]
+    if operands.count(q) != 1 or operands.count(k) != 1 or len(k.users) != 1:
+        return None  # q or k also the value, or read elsewhere
     k = _unrepeat(k)
     rq, rk = _rope(q), _rope(k) if k is not None else None
     if rq is None or rk is None or rq[1:] != rk[1:]:
@@ -107,6 +110,9 @@ def _site(graph: PermutationGraph, sdpa: fx.Node) -> RopeSite | None:
     pq, pk = _heads(graph, rq[0]), _heads(graph, rk[0])
     if pq is None or pk is None or pq[3] != pk[3] or pq[2] % pk[2]:
         return None
+    uses = tensor_uses(graph)
+    if any(uses.get(t, 0) != 1 for t in (*pq[:2], *pk[:2]) if t is not None):
+        return None  # a projection shared with another site or op
     return RopeSite(pq[0], pq[1], pk[0], pk[1], pq[2], pk[2], pq[3], sdpa.name)
 
 
@@ -164,7 +170,9 @@ def _angles(node, fn: str) -> fx.Node | None:
     cat = node.args[0]
     if kind_of(cat) != "cat" or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
         return None
-    return cat
+    val = cat.meta.get("val")
+    last = (-1,) if val is None else (-1, val.ndim - 1)
+    return cat if (cat.args[1] if len(cat.args) > 1 else 0) in last else None
 
 
 def _slice(node, x: fx.Node, start: int, end: int) -> bool:
@@ -179,10 +187,19 @@ def _dim(x: fx.Node) -> int | None:
     if kind_of(x) != "transpose" or tuple(x.args[1:3]) not in ((1, 2), (2, 1)):
         return None
     view = x.args[0]
-    if kind_of(view) not in ("view", "reshape", "_unsafe_view") or len(view.args[1]) != 4:
+    shape = view.args[1] if len(view.args) == 2 else view.args[1:]
+    if (
+        kind_of(view) not in ("view", "reshape", "_unsafe_view")
+        or not isinstance(shape, (list, tuple))
+        or len(shape) != 4
+    ):
         return None
-    d = view.args[1][3]
+    d = shape[3]
     return d if isinstance(d, int) and d > 0 and d % 2 == 0 else None
+
+
+def _arg(node: fx.Node, pos: int, name: str):
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
 
 
 def _heads(graph: PermutationGraph, x: fx.Node) -> tuple[str, str | None, int, int] | None:

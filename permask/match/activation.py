@@ -343,7 +343,7 @@ class CorrelationStats:
                         )
                 # one pass, no n x n temporaries: float64 sums of float32-range values cannot
                 # overflow, so the sum is finite exactly when every entry is
-                if not torch.isfinite(sab.sum()):
+                if not torch.isfinite(sab.sum(dtype=torch.float64)):
                     raise FloatingPointError(
                         f"the A-B cross products at node '{p.node}' ({p.target}) overflowed "
                         "float32; the activations there are too large"

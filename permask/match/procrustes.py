@@ -75,7 +75,7 @@ def match_rotations(
         b_now = _turned_planes(b, planes, sites)
         out = {name: _by_weights(a, b_now, graph, adm, max_iter) for name, adm in adms.items()}
         new = _planes(a, b, graph, out, sites)
-        done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-12 for k in planes)
+        done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-10 for k in planes)
         planes = new
         if done or not sites:
             break
@@ -126,7 +126,7 @@ def _by_weights(a: dict, b: dict, graph, adm, max_iter: int) -> torch.Tensor:
     if any(len(v) > 1 for v in axes.values()):
         for _ in range(max_iter):
             new = _solve(a, b, axes, adm.keeps_ones, o)
-            done = bool((new - o).abs().max() < 1e-12)
+            done = bool((new - o).abs().max() < 1e-10)
             o = new
             if done:
                 break

@@ -309,6 +309,8 @@ class _Descent:
     def visit(self, g: str) -> None:
         """Update ``g``'s running score and solve its LAP, every other group fixed (class
         docstring); no LAP when none of its contributions changed."""
+        if not self.keep_scores and len(self._pending) > 1:  # two score matrices at most
+            self._collect(list(self._pending)[:-1])
         self._collect(self._deps[g] | {g})  # its scores and staleness are now those of the sequence
         todo = [i for i, s in enumerate(self._terms[g]) if (g, i) in self._stale and self._known(s)]
         if todo and g not in self._totals:  # not kept since its last LAP: every term anew
