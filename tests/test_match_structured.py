@@ -101,6 +101,7 @@ def test_grouped_and_depthwise_chains_are_recovered(method, net, seed):
 @example(heads=2, head_dim=2, seed=0)  # fc1 had dead ReLUs: paired arbitrarily before 12-04
 @example(heads=3, head_dim=2, seed=9035)  # two fc1 units fire on the same samples: a tie
 @example(heads=4, head_dim=4, seed=133)  # the same, correlations 2e-6 apart
+@example(heads=2, head_dim=4, seed=2283)  # dead units of two groups meet: re-matched in turn
 def test_attention_heads_are_recovered(method, heads, head_dim, seed):
     torch.manual_seed(seed)
     model = _Heads(12, heads, head_dim).double()

@@ -35,23 +35,29 @@ def unordered(corr, live, perms, sizes: dict[str, int]) -> dict[str, tuple]:
 
 def order_by_weights(perms, todo: dict[str, tuple], params_a, params_b, graph, solver: str):
     """The pairs :func:`unordered` found, re-matched among themselves by weight matching's
-    scores (with every other group at ``perms``): the weights do order them. Other pairs of two
+    scores (every other group at its assignment, re-matched ones included: repeated until none
+    changes, at most ``_ROUNDS`` times): the weights do order them. Other pairs of two
     live elements are the data's choice: kept, and none is formed anew (a tied pair may be
     re-formed with another tied one)."""
-    if not todo:
-        return perms
-    scores = weight_scores(params_a, params_b, graph, perms, list(todo))
     out = dict(perms)
-    for g, (la, lb, free) in todo.items():
-        p = perms[g].cpu()
-        pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data cannot order
-        sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
-        both_live = la[p[pairs]][:, None] & lb[pairs][None, :]
-        both_live &= ~(free[pairs][:, None] & free[pairs][None, :])
-        sub[both_live] = sub.min() - 1 - len(pairs) * (sub.max() - sub.min())
-        out[g] = p.clone()
-        out[g][pairs] = p[pairs][solve_lap(sub.T, maximize=True, solver=solver)]
+    for _ in range(_ROUNDS if todo else 0):  # each group's scores hold the others' re-matches
+        scores = weight_scores(params_a, params_b, graph, out, list(todo))
+        before = dict(out)
+        for g, (la, lb, free) in todo.items():
+            p = perms[g].cpu()
+            pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data can't order
+            sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
+            both_live = la[p[pairs]][:, None] & lb[pairs][None, :]
+            both_live &= ~(free[pairs][:, None] & free[pairs][None, :])
+            sub[both_live] = sub.min() - 1 - len(pairs) * (sub.max() - sub.min())
+            out[g] = p.clone()
+            out[g][pairs] = p[pairs][solve_lap(sub.T, maximize=True, solver=solver)]
+        if all(torch.equal(out[g], before[g].cpu()) for g in todo):
+            break
     return out
+
+
+_ROUNDS = 5  # re-matches of groups whose weights meet (a dead unit feeding another's input)
 
 
 def _tied(score: torch.Tensor, p: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
