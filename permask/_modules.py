@@ -25,6 +25,30 @@ def model_device(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def write_tensors(model: nn.Module, new: dict[str, torch.Tensor]) -> None:
+    """Copy each tensor of ``new`` into ``model``'s parameter or buffer of that name (the
+    tensor objects are kept, so optimizers holding them stay valid), then drop what modules
+    derived from their parameters and cached in eval mode.
+
+    timm's LeViT, EfficientFormer and EfficientViT cache attention biases in eval mode and
+    clear the cache in ``train()``; a round trip through train mode, then restoring every
+    module's own flag, clears such caches without changing any mode.
+    """
+    named = named_tensors(model)
+    with torch.no_grad():
+        for name, t in new.items():
+            named[name].copy_(t)
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(True)
+    for m, training in modes:
+        m.training = training
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     """Raise ``ValueError`` naming the first tensor whose name or shape differs between the two
     models' state dicts (wrappers such as DDP are looked through)."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ._modules import unwrap
+from ._modules import named_tensors, unwrap, write_tensors
 from .graph import Permutation, PermutationGraph
 from .graph.layout import layout_groups, permute_axes
 
@@ -79,33 +79,15 @@ def permute_model(
     """
     model = unwrap(model)
     target = model if inplace else copy.deepcopy(model)
-    named = dict(target.named_parameters())
-    named.update(dict(target.named_buffers()))
+    named = named_tensors(target)
     missing = [n for n in graph.permuted_tensors if n not in named]
     if missing:
         raise ValueError(
             f"model has no tensor '{missing[0]}' that the graph permutes; "
             "pass the graph traced from this architecture"
         )
-    new = permute_tensors({n: named[n] for n in graph.permuted_tensors}, pi, graph)
-    with torch.no_grad():
-        for name, t in new.items():
-            named[name].copy_(t)
-    _reset_caches(target)
+    write_tensors(target, permute_tensors({n: named[n] for n in graph.permuted_tensors}, pi, graph))
     return target
-
-
-def _reset_caches(model: nn.Module) -> None:
-    """Drop values that modules derived from their parameters and cached in eval mode.
-
-    timm's LeViT, EfficientFormer and EfficientViT cache attention biases in eval mode and
-    clear the cache in ``train()``; a round trip through train mode, then restoring every
-    module's own flag, clears such caches without changing any mode.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(True)
-    for m, training in modes:
-        m.training = training
 
 
 def _check_groups(pi: Permutation, graph: PermutationGraph) -> None:

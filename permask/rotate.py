@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ._modules import unwrap
+from ._modules import named_tensors, unwrap, write_tensors
 from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, ones_complement, turn_axis
 from .graph.rope import RopeSite, plane_rotations, rope_sites, turn_planes
@@ -38,7 +38,7 @@ def fold_norms(model: nn.Module, graph: PermutationGraph, groups=None) -> nn.Mod
     the admitted groups folded into the linear layers they feed: each gain becomes ones and
     each norm bias zeros, ``W`` becomes ``W diag(g)`` and its bias ``c + W b``."""
     target = copy.deepcopy(unwrap(model))
-    named = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    named = named_tensors(target)
     with torch.no_grad():
         for adm in admitted(graph, groups).values():
             for fold in adm.folds:
@@ -111,15 +111,13 @@ def rotate_model(
     inplace: bool = False,
 ) -> nn.Module:  # fmt: skip
     """``model`` (a copy, unless ``inplace``) with :func:`rotate_tensors` applied to its
-    parameters and buffers. The gains of the rotated groups must be folded first
-    (:func:`fold_norms`); then the function is unchanged."""
+    parameters and buffers, caches cleared as :func:`permask.permute_model` clears them. The
+    gains of the rotated groups must be folded first (:func:`fold_norms`); then the function is
+    unchanged."""
     target = unwrap(model) if inplace else copy.deepcopy(unwrap(model))
-    named = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    named = named_tensors(target)
     new = rotate_tensors(named, rotations, graph)
-    with torch.no_grad():
-        for name, t in new.items():
-            if t is not named[name]:
-                named[name].copy_(t)
+    write_tensors(target, {n: t for n, t in new.items() if t is not named[n]})
     return target
 
 

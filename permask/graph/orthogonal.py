@@ -50,6 +50,7 @@ import torch.fx as fx
 from .graph import Group, PermutationGraph
 from .layout import GroupAxis
 from .registry import find_role
+from .rules._util import arg
 
 __all__ = [
     "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "turn_axis", "kind_of",
@@ -268,9 +269,9 @@ class _Check:
             bias = f"{node.target}.bias" if getattr(m, "bias", None) is not None else None
             shape = m.normalized_shape
         else:
-            shape = _arg(node, 1, "normalized_shape")
-            weight = _attr(_arg(node, 2, "weight"))
-            bias = _attr(_arg(node, 3, "bias")) if kind == "layer_norm" else None
+            shape = arg(node.args, node.kwargs, 1, "normalized_shape")
+            weight = _attr(arg(node.args, node.kwargs, 2, "weight"))
+            bias = _attr(arg(node.args, node.kwargs, 3, "bias")) if kind == "layer_norm" else None
         if len(shape) != 1 or weight is None or not self.member(weight):
             raise _Refused(f"{kind} at node {node.name} normalises more than the group's axis")
         self.keeps_ones |= _NORMS[kind]
@@ -373,11 +374,7 @@ def _canonical(node: fx.Node, attr: str) -> str:
 def _conv_groups(node: fx.Node, pos: int | None) -> int:
     if node.op == "call_module":
         return node.graph.owning_module.get_submodule(node.target).groups
-    return _arg(node, pos, "groups") or 1
-
-
-def _arg(node: fx.Node, pos: int, name: str):
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
+    return arg(node.args, node.kwargs, pos, "groups") or 1
 
 
 def _attr(a) -> str | None:

@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from .graph import PermutationGraph
 from .orthogonal import kind_of, tensor_uses
+from .rules._util import arg
 
 __all__ = ["RopeSite", "rope_sites", "turn_planes", "planes_of", "plane_rotations"]
 
@@ -95,7 +96,7 @@ def plane_rotations(angle: torch.Tensor) -> torch.Tensor:
 
 
 def _site(graph: PermutationGraph, sdpa: fx.Node) -> RopeSite | None:
-    q, k = _arg(sdpa, 0, "query"), _arg(sdpa, 1, "key")
+    q, k = arg(sdpa.args, sdpa.kwargs, 0, "query"), arg(sdpa.args, sdpa.kwargs, 1, "key")
     if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)):
         return None
     operands = [*sdpa.args, *sdpa.kwargs.values()]
@@ -196,10 +197,6 @@ def _dim(x: fx.Node) -> int | None:
         return None
     d = shape[3]
     return d if isinstance(d, int) and d > 0 and d % 2 == 0 else None
-
-
-def _arg(node: fx.Node, pos: int, name: str):
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
 
 
 def _heads(graph: PermutationGraph, x: fx.Node) -> tuple[str, str | None, int, int] | None:

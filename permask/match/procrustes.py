@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from .._modules import model_device, unwrap
+from .._modules import model_device, named_tensors, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, ones_complement, turn_axis
 from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
@@ -64,8 +64,8 @@ def match_rotations(
     so by the weights the two alternate until both stop changing (at most ``max_iter`` times).
     """
     adms = admitted(graph, groups)
-    a = _named(model_a)
-    b = _named(model_b)
+    a = named_tensors(unwrap(model_a))
+    b = named_tensors(unwrap(model_b))
     sites = rope_sites(graph) if groups is None else []
     if loader is not None:  # activations of the groups do not depend on the planes
         out = _by_activation(model_a, model_b, graph, adms, loader)
@@ -168,8 +168,3 @@ def _by_activation(a: nn.Module, b: nn.Module, graph, adms: dict, loader: Iterab
         raise ValueError(f"group {missing[0]!r} has no observation point; match it without a "
                          "loader (by the weights)")  # fmt: skip
     return {g: procrustes(cov[(g,)], adm.keeps_ones) for g, adm in adms.items()}
-
-
-def _named(model: nn.Module) -> dict[str, torch.Tensor]:
-    model = unwrap(model)
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -35,7 +35,8 @@ only when a group it depends on has changed, and then only for the elements that
 ``B[D] (A[new[D]] - A[old[D]])^T``. A group whose contributions are all current is skipped
 (re-solving it would give the same answer). The same result as re-solving everything, up to
 float32 rounding in the running scores (far below the 1e-7 relative improvement a move needs),
-at a fraction of the matrix products; memory is ``4 * n^2`` bytes per group.
+at a fraction of the matrix products; memory is ``4 * n^2`` bytes per group, kept while all
+groups' fit in :data:`KEEP_SCORES_BYTES` (beyond it, scores are computed anew at each visit).
 
 Each LAP is solved in a background thread (scipy and lapx release the GIL) while the next
 groups in the visiting order are scored; a group first waits for the pending LAPs of the groups
