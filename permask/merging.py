@@ -123,7 +123,8 @@ def turned_onto(
     ``loader`` if it needs data) and the maps are found again in turn until the permutation
     is the identity, at most ``rounds`` times. At most ``max_batches`` batches are read each
     time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
-    if not admitted(graph) and not rope_sites(graph):
+    turned = set(admitted(graph))  # their maps already include every permutation
+    if not turned and not rope_sites(graph):
         warnings.warn("the graph admits no orthogonal map (no group passes "
                       "permask.orthogonal_groups, no RoPE site): permutations only",
                       UserWarning, stacklevel=3)  # fmt: skip
@@ -133,7 +134,6 @@ def turned_onto(
     data = None
     if orthogonal == "activation" and loader is not None:
         data = loader if max_batches is None else list(itertools.islice(loader, max_batches))
-    turned = set(admitted(graph))  # their maps already include every permutation
     out = []
     for i, m in enumerate(folded):
         if i != reference:

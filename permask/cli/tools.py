@@ -29,6 +29,7 @@ from permask.cli.flags import IMAGE_BATCH, TEXT_BATCH, data_flags, model_flags
 from permask.experiment.config import ConfigError, RunConfig, read_run_config
 from permask.graph import Permutation, PermutationGraph
 from permask.hub import folder_of
+from permask.match.alignment import STATS_DTYPES
 from permask.match.matchers import get_matcher, matcher_names
 from permask.merging import average, turned_onto
 from permask.metrics import evaluate, interpolate, plot_interpolation
@@ -114,7 +115,7 @@ def _memory_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-stats-memory", metavar="SIZE",
                    help="activation matching's statistics at most SIZE (e.g. 4GiB): more "
                    "passes over the data where one does not fit (default: one pass)")  # fmt: skip
-    p.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
+    p.add_argument("--stats-dtype", choices=tuple(STATS_DTYPES), default="float64",
                    help="activation matching's statistics: float32 halves their memory "
                    "(default float64)")  # fmt: skip
 

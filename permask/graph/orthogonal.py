@@ -232,8 +232,8 @@ class _Check:
             return
         if kind in _JOIN or kind in _ADD:
             values = list(node.args[0]) if kind in _JOIN else list(node.args[:2])
-            for arg in values:
-                if not (isinstance(arg, fx.Node) and self.carries(arg)):
+            for value in values:
+                if not (isinstance(value, fx.Node) and self.carries(value)):
                     raise _Refused(f"{kind} at node {node.name} adds a value that is not in "
                                    "the group (constant along its axis)")  # fmt: skip
             return

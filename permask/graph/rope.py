@@ -64,9 +64,10 @@ class RopeSite:
 def rope_sites(graph: PermutationGraph) -> list[RopeSite]:
     """Every attention call of ``graph`` whose q/k frequency planes may be rotated."""
     out = []
+    uses = tensor_uses(graph)
     for node in graph.fx_graph.nodes:
         if kind_of(node) == "scaled_dot_product_attention":
-            site = _site(graph, node)
+            site = _site(graph, node, uses)
             if site is not None:
                 out.append(site)
     return out
@@ -95,7 +96,7 @@ def plane_rotations(angle: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def _site(graph: PermutationGraph, sdpa: fx.Node) -> RopeSite | None:
+def _site(graph: PermutationGraph, sdpa: fx.Node, uses: dict[str, int]) -> RopeSite | None:
     q, k = arg(sdpa.args, sdpa.kwargs, 0, "query"), arg(sdpa.args, sdpa.kwargs, 1, "key")
     if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)):
         return None
@@ -111,7 +112,6 @@ def _site(graph: PermutationGraph, sdpa: fx.Node) -> RopeSite | None:
     pq, pk = _heads(graph, rq[0]), _heads(graph, rk[0])
     if pq is None or pk is None or pq[3] != pk[3] or pq[2] % pk[2]:
         return None
-    uses = tensor_uses(graph)
     if any(uses.get(t, 0) != 1 for t in (*pq[:2], *pk[:2]) if t is not None):
         return None  # a projection shared with another site or op
     return RopeSite(pq[0], pq[1], pk[0], pk[1], pq[2], pk[2], pq[3], sdpa.name)
