@@ -77,3 +77,20 @@ def test_optima_are_the_optimal_values_of_each_block(k, m, seed):
         assert value == pytest.approx(block[np.arange(m), cols].sum(), rel=1e-12)
     with pytest.raises(ValueError, match=r"\[k, m, m\]"):
         optima(blocks[:, :, :-1] if m > 1 else blocks[0])
+
+
+@pytest.mark.parametrize("solver", available_solvers())
+@pytest.mark.parametrize("kind", ["numpy64", "numpy32", "torch64", "torch32", "list"])
+def test_the_callers_matrix_is_left_as_it_was(solver, kind):
+    """Maximising negates the float64 copy in place only when that copy is the solver's own."""
+    base = np.random.default_rng(0).normal(size=(6, 6))
+    cost = {
+        "numpy64": base.copy(), "numpy32": base.astype(np.float32),
+        "torch64": torch.from_numpy(base.copy()), "torch32": torch.from_numpy(base).float(),
+        "list": base.tolist(),
+    }[kind]  # fmt: skip
+    as_array = lambda c: np.array(c.numpy() if isinstance(c, torch.Tensor) else c, np.float64)  # noqa: E731
+    before = as_array(cost)
+    cols = solve_lap(cost, maximize=True, solver=solver)
+    assert np.array_equal(as_array(cost), before)
+    assert base[np.arange(6), cols.numpy()].sum() == pytest.approx(_brute(base), rel=1e-6)

@@ -95,3 +95,31 @@ def test_scores_computed_anew_at_each_visit_give_the_same_descent(seed):
     assert anew.margins.keys() == kept.margins.keys()
     for g, m in kept.margins.items():
         assert anew.margins[g] == pytest.approx(m, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_products_piece_by_piece_give_the_same_descent(seed, monkeypatch):
+    """Tensors larger than ``PIECE_BYTES`` are multiplied slice by slice (an LLM's embedding
+    would otherwise be copied whole to float32): the same permutations and sweeps, and the
+    objective up to float32 rounding of the sums' order."""
+    model, graph = _grouped()
+    pa, pb = _unrelated(model, seed)
+    whole = weight_matching(pa, pb, graph, seed=seed)
+    monkeypatch.setattr(wm, "PIECE_BYTES", 64)  # a few positions per piece
+    sliced = weight_matching(pa, pb, graph, seed=seed)
+    assert all(torch.equal(sliced.perms[g], whole.perms[g]) for g in whole.perms)
+    assert sliced.iterations == whole.iterations
+    assert sliced.objective == pytest.approx(whole.objective, rel=1e-6)
+
+
+def test_pieces_are_the_permuted_tensor_in_slices(monkeypatch):
+    """``_pieces`` cut A (every axis moved) and B along one axis, each at most ``PIECE_BYTES``
+    of float32 where a slice of one position fits."""
+    monkeypatch.setattr(wm, "PIECE_BYTES", 4 * 3 * 5 * 2)
+    a, b = torch.randn(7, 3, 5, dtype=torch.float64), torch.randn(7, 3, 5).bfloat16()
+    idxs = [torch.randperm(7), None, torch.randperm(5)]
+    pieces = list(wm._pieces(a, b, idxs, 0))
+    assert [p.shape[0] for p, _ in pieces] == [2, 2, 2, 1]
+    assert all(p.dtype == q.dtype == torch.float32 for p, q in pieces)
+    assert torch.equal(torch.cat([p for p, _ in pieces]), a[idxs[0]][:, :, idxs[2]].float())
+    assert torch.equal(torch.cat([q for _, q in pieces]), b.float())

@@ -86,15 +86,20 @@ def solve_lap(
     if solver == "lapx" and not _has_lapx():
         raise ImportError("solver='lapx' needs the lapx package (pip install lapx)")
     if isinstance(cost, torch.Tensor):  # one copy: contiguous float64 on the CPU (lapjv needs it)
-        cost = cost.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
-        cost = cost.numpy()
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
+        copy = cost.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
+        ours = copy.data_ptr() != cost.data_ptr()
+        cost = copy.numpy()
+    else:
+        given, cost = cost, np.ascontiguousarray(cost, dtype=np.float64)
+        ours = not np.may_share_memory(cost, given)
     if cost.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
     _check_finite(cost)
     if cost.size == 0:
         return torch.full((cost.shape[0],), -1, dtype=torch.long)
-    return torch.from_numpy(_SOLVERS[solver](cost, maximize))
+    if maximize:  # negated here, in place when the float64 copy is ours: no second n x n copy
+        cost = np.negative(cost, out=cost if ours else None)
+    return torch.from_numpy(_SOLVERS[solver](cost, False))
 
 
 def optima(blocks: np.ndarray) -> np.ndarray:

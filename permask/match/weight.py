@@ -42,8 +42,8 @@ Each LAP is solved in a background thread (scipy and lapx release the GIL) while
 groups in the visiting order are scored; a group first waits for the pending LAPs of the groups
 its scores depend on, so the result is exactly that of the sequential loop (tested).
 Parameters only (no BatchNorm running statistics), held in the models' own dtype (a bfloat16
-pair is not copied to float32) and multiplied in float32, one tensor at a time, on the given
-device.
+pair is not copied to float32) and multiplied in float32, one tensor at a time and a tensor
+larger than :data:`PIECE_BYTES` slice by slice, on the given device.
 
 >>> import torch, permask
 >>> from permask.match import weight_matching
@@ -62,7 +62,7 @@ docs/alignment.md, "Weight matching".
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -74,7 +74,6 @@ from ..graph.layout import (
     group_element_map,
     layout_groups,
     layout_index,
-    permute_axes,
 )
 from .assign import assign, margin, parents
 from .lap import solve_lap
@@ -527,8 +526,11 @@ def _objective(
     """``sum <W_B, P W_A>`` over the named tensors, summed in float64."""
     total = 0.0
     for n in names:
-        t = _f32(permute_axes(wa[n], layouts[n], perms))
-        total += float((t * _f32(wb[n])).sum(dtype=torch.float64))
+        t = wa[n]
+        idxs = [layout_index(lay, perms, t.device) if layout_groups(lay) else None
+                for lay in layouts[n]]  # fmt: skip
+        pieces = _pieces(t, wb[n], idxs, 0) if t.dim() else [(_f32(t), _f32(wb[n]))]
+        total += sum(float((a * b).sum(dtype=torch.float64)) for a, b in pieces)
     return total
 
 
@@ -545,6 +547,28 @@ def _indices(
     return out
 
 
+#: Products over tensors larger than this (in float32) go piece by piece along one axis, so the
+#: float32 copies they need stay this small (an embedding of 32000 x 2048: 250 MiB otherwise).
+PIECE_BYTES = 64 << 20
+
+
+def _piece(t: torch.Tensor, axis: int) -> int:
+    """How many positions of ``axis`` one piece of ``t`` takes (:data:`PIECE_BYTES`)."""
+    return max(1, PIECE_BYTES // max(1, 4 * t.numel() // max(1, t.shape[axis])))
+
+
+def _pieces(
+    a: torch.Tensor, b: torch.Tensor, idxs: list[torch.Tensor | None], axis: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A at ``idxs`` (every axis moved) and B, in float32, slice by slice along ``axis``."""
+    step, n = _piece(a, axis), a.shape[axis]
+    for start in range(0, n, step):
+        k = min(step, n - start)
+        rows = idxs[axis]
+        pa = a.narrow(axis, start, k) if rows is None else a.index_select(axis, rows[start:][:k])
+        yield _f32(_take(pa, idxs, skip=axis)), _f32(b.narrow(axis, start, k))
+
+
 def _take(t: torch.Tensor, idxs: list[torch.Tensor | None], skip: int = -1) -> torch.Tensor:
     for axis, idx in enumerate(idxs):
         if idx is not None and axis != skip:
@@ -557,9 +581,18 @@ def _contribution(
 ) -> torch.Tensor:
     """``[n_b, n_a]`` scores from one term with A's axes at ``idxs`` (B-major: the LAP reads it
     without a transposing copy)."""
-    a = _gather(_f32(_take(wa[term.tensor], idxs)), term.axis, term.rows)
-    with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
-        return term.b @ a.T
+    t = wa[term.tensor]
+    axis = max((x for x in range(t.dim()) if x != term.axis), key=t.size, default=None)
+    if axis is None or _piece(t, axis) >= t.shape[axis]:  # fits one piece: no slicing
+        a = _gather(_f32(_take(t, idxs)), term.axis, term.rows)
+        with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
+            return term.b @ a.T
+    total = None
+    for pa, pb in _pieces(t, term.source, idxs, axis):
+        a, b = (_gather(x, term.axis, term.rows) for x in (pa, pb))
+        with torch.autocast(a.device.type, enabled=False):
+            total = b @ a.T if total is None else total.addmm_(b, a.T)
+    return total
 
 
 def _accumulate(
