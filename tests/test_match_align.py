@@ -124,6 +124,46 @@ def test_models_untouched_and_info():
     assert info_w.iterations >= 1 and info_w.objective > 0
 
 
+def test_layers_after_the_last_observed_node_are_not_run():
+    """Activation matching stops each batch at its last observation (the output layer's group
+    is fixed): a language model's logits are never computed. The permutation is still found."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    graph = permask.trace(a, torch.randn(2, 6))
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(1))
+    b = permask.permute_model(a, pi, graph)
+    calls = []
+    for m in (a, b):
+        m[4].register_forward_hook(lambda *_: calls.append(1))
+    found = align(a, b, _batches((64, 6), 2), graph=graph)
+    assert found == pi
+    assert not calls
+    a(torch.randn(1, 6))
+    assert calls  # the hook itself works
+
+
+def test_a_pass_statistics_are_freed_as_soon_as_they_are_dropped():
+    """The paired module (an fx module: a reference cycle, freed only by the garbage collector)
+    does not keep a pass's statistics alive: under ``max_stats_memory`` each pass's would pile
+    up in memory until a collection."""
+    import gc
+    import weakref
+
+    from permask.match.by_activation import observe
+    from permask.match.points import plan_points
+
+    model, graph, batches = _case("mlp")
+    stats, _, _ = observe(model, model, graph, plan_points(graph), batches, torch.device("cpu"))
+    assert stats.scores()
+    ref = weakref.ref(stats)
+    gc.disable()
+    try:
+        del stats
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_traces_from_loader_or_example_inputs():
     model, graph, batches = _case("mlp")
     pi, b = _permuted_copy(model, graph, 3)

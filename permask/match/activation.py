@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -160,14 +161,18 @@ def _reshift(sums: list[torch.Tensor], count: int, da: torch.Tensor, db: torch.T
 
 
 class _Observer(nn.Module):
-    """Calls ``stats.observe`` from inside the paired graph (a module, so fx can call it)."""
+    """Calls ``stats.observe`` from inside the paired graph (a module, so fx can call it).
+
+    It holds the statistics by a weak reference: an fx module and its graph refer to each other,
+    so the paired module lives until the garbage collector runs, and a strong reference would
+    keep a pass's statistics (gigabytes for an LLM) alive into the next passes."""
 
     def __init__(self, stats: CorrelationStats):
         super().__init__()
-        self.stats = stats
+        self.stats = weakref.ref(stats)
 
     def forward(self, point: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.stats.observe(point, a, b)
+        self.stats().observe(point, a, b)
 
 
 def _own_copy(x: Any) -> Any:
@@ -179,7 +184,8 @@ def paired_module(
     model_a: nn.Module, model_b: nn.Module, fx_graph: fx.Graph, stats: CorrelationStats
 ) -> fx.GraphModule:
     """One module running ``model_a`` and ``model_b`` node by node through the traced graph,
-    feeding ``stats`` right after every observed node. Returns nothing.
+    feeding ``stats`` right after every observed node. Returns nothing, and stops at the last
+    observed node (an LLM's logits are never computed).
 
     It shares both models' submodules and parameters (nothing is copied).
     """
@@ -195,9 +201,11 @@ def paired_module(
     graph = fx.Graph()
     env_a: dict[fx.Node, fx.Node] = {}
     env_b: dict[fx.Node, fx.Node] = {}
+    left = len(at)  # observed nodes still to come: none, and the rest cannot reach the stats
     for node in fx_graph.nodes:
-        if node.op == "output":
+        if node.op == "output" or (left == 0 and node.op != "placeholder"):
             continue
+        left -= node.name in at
         if node.op == "placeholder":
             env_a[node] = graph.node_copy(node)
             env_b[node] = graph.call_function(_own_copy, (env_a[node],))
