@@ -148,3 +148,23 @@ def test_a_non_finite_cross_sum_is_named(bad):
     stats.sums[0][0][4][2, 1] = bad
     with pytest.raises(FloatingPointError, match="cross products at node 'x' \\(conv\\)"):
         stats.check_finite()
+
+
+def test_spent_statistics_give_the_same_correlations_in_their_own_buffers():
+    """``scores(spend=True)`` (activation matching's budget counts the statistics only) makes
+    the correlations in the cross-sum buffers, summed over two points into one key, equal to
+    the ones made in fresh matrices; then the statistics refuse to be read again."""
+    unit = Unit(("g",), torch.arange(5)[None])
+    plan = Plan((Point("x", 1, "x", 5, (unit,)), Point("y", 1, "y", 5, (unit,))), ())
+    stats = CorrelationStats(plan, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for point in (0, 1):
+            stats.observe(
+                point, torch.randn(16, 5, 3, generator=g), torch.randn(16, 5, 3, generator=g)
+            )
+    want = stats.scores()[("g",)]
+    got = stats.scores(spend=True)[("g",)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    with pytest.raises(RuntimeError, match="spent"):
+        stats.scores()

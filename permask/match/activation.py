@@ -283,6 +283,7 @@ class CorrelationStats:
             self.sums.append(per_unit)
         self.index = [[_gather_index(u, p, device) for u in p.units] for p in plan.points]
         self.shift: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.spent = False
 
     def observe(self, point: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
         """Add one batch of point ``point``: the observed outputs of A and B (left untouched)."""
@@ -362,6 +363,9 @@ class CorrelationStats:
     ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Count, means and standard deviations of A's and B's (shifted) values at unit j of
         point i."""
+        if self.spent:
+            raise RuntimeError("these statistics were spent by scores(spend=True); observe the "
+                               "data again for new ones")  # fmt: skip
         n = self.count[i][j]
         sa, sb, saa, sbb, _ = self.sums[i][j]
         ma, mb = sa / n, sb / n
@@ -369,31 +373,37 @@ class CorrelationStats:
         std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
         return n, ma, mb, std_a, std_b
 
-    def scores(self) -> dict[tuple[str, ...], torch.Tensor]:
+    def scores(self, spend: bool = False) -> dict[tuple[str, ...], torch.Tensor]:
         """Correlation matrices ``[n_a, n_b]`` per unit key, summed over observation points:
         ``cov / (std_a std_b)`` clamped to [-1, 1], 0 where either std is 0 (module
-        docstring)."""
-        return self._summed(correlation=True)
+        docstring). With ``spend=True`` they are made in the statistics' own cross-sum
+        buffers, so no second ``n x n`` matrix per unit is needed, and the statistics are
+        spent: reading them again raises."""
+        return self._summed(correlation=True, spend=spend)
 
     def covariances(self) -> dict[tuple[str, ...], torch.Tensor]:
         """Cross-covariance matrices ``[n_a, n_b]`` of A's and B's values per unit key, summed
         over observation points."""
         return self._summed(correlation=False)
 
-    def _summed(self, correlation: bool) -> dict[tuple[str, ...], torch.Tensor]:
+    def _summed(
+        self, correlation: bool, spend: bool = False
+    ) -> dict[tuple[str, ...], torch.Tensor]:
         out: dict[tuple[str, ...], torch.Tensor] = {}
         for i, p in enumerate(self.plan.points):
             for j, u in enumerate(p.units):
                 n, ma, mb, std_a, std_b = self._moments(i, j)
-                corr = torch.div(self.sums[i][j][4], n).addr_(ma, mb, alpha=-1)  # cov, in place
+                sab = self.sums[i][j][4]
+                corr = (sab.div_(n) if spend else torch.div(sab, n)).addr_(ma, mb, alpha=-1)
                 if correlation:
-                    denom = torch.outer(std_a, std_b)
-                    corr.div_(denom.clamp_min(_TINY)).clamp_(-1.0, 1.0)
-                    corr.masked_fill_(denom == 0, 0.0)
+                    _normalise(corr, std_a, std_b)
                 if u.groups in out:
                     out[u.groups] += corr
                 else:
                     out[u.groups] = corr
+                if spend:  # this unit's sums are gone; its buffer lives on in out, or is freed
+                    self.sums[i][j] = []
+        self.spent = spend
         return out
 
     def _varied(self, i: int, j: int, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +436,17 @@ class CorrelationStats:
                 else:
                     live[u.groups] = [f.cpu() for f in flags]
         return live
+
+
+def _normalise(corr: torch.Tensor, std_a: torch.Tensor, std_b: torch.Tensor) -> None:
+    """``corr / outer(std_a, std_b)`` in place, clamped to [-1, 1], 0 where either std is 0; in
+    blocks of rows, so no ``n x n`` denominator is made whole."""
+    step = max(1, (1 << 22) // max(1, corr.shape[1]))
+    for start in range(0, corr.shape[0], step):
+        block = corr[start : start + step]
+        denom = torch.outer(std_a[start : start + step], std_b)
+        block.div_(denom.clamp_min(_TINY)).clamp_(-1.0, 1.0)
+        block.masked_fill_(denom == 0, 0.0)
 
 
 def constant_counts(

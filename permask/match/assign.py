@@ -121,7 +121,10 @@ def _solve(
 
 def _pair_values(g: str, tensors: Scores, children: dict[str, list[str]]):
     """``[n_a, n_b]``: plain scores of ``g`` plus, per group inside it, the optimum of its
-    problem under each pair of ``g``'s elements."""
+    problem under each pair of ``g``'s elements (the one score itself, not a copy, when that is
+    all there is: an LLM's MLP group is 5632 x 5632)."""
+    if len(tensors) == 1 and len(tensors[0][0]) == 1 and not children.get(g):
+        return tensors[0][1]
     n = next(t.shape[0] for _, t in tensors)
     value = torch.zeros(n, n, dtype=torch.float64)
     for chain, t in tensors:

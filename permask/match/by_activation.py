@@ -125,7 +125,7 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
         raise ValueError("the loader yielded no batches")
     stats.check_finite()
     live = stats.live()
-    scores = stats.scores()
+    scores = stats.scores(spend=True)  # in the statistics' buffers: what the budget counts
     observed = min((c for row in stats.count for c in row), default=0)
     sizes = {g.name: g.size for g in graph}
     perms = assign(scores, sizes, req.solver)

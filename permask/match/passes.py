@@ -1,11 +1,11 @@
 """Activation matching under a memory budget: the observation plan split into passes.
 
 Activation matching keeps, per observed unit of ``n`` channels, an ``n x n`` float64 cross sum
-and four length-``n`` sums, then one ``n x n`` correlation matrix per chain of groups: for a
-large model more than memory holds (a 7B Llama's MLP units alone: about 31 GB). With
+and four length-``n`` sums, from which the correlations are made in place: for a large model
+more than memory holds (a 7B Llama's MLP units alone: about 31 GB). With
 ``align(..., max_stats_memory=...)`` the groups are packed, in graph order, into passes whose
-statistics and correlations fit the budget; each pass streams the data once more and solves
-its groups' assignments before the next one starts. Groups that share a unit (blocks x within)
+statistics fit the budget; each pass streams the data once more and solves its groups'
+assignments before the next one starts. Groups that share a unit (blocks x within)
 always share a pass. A pass observes the same values as a single pass would, so the
 permutation is the same (``tests/test_match_passes.py``); it costs one more pass over the data
 each.
@@ -17,7 +17,7 @@ each.
 >>> plan = plan_points(permask.trace(net, torch.randn(2, 4)))
 >>> [len(p.points) for p in split_plan(plan, None)]
 [2]
->>> [len(p.points) for p in split_plan(plan, 70_000)]
+>>> [len(p.points) for p in split_plan(plan, 40_000)]
 [1, 1]
 >>> parse_bytes("4GiB"), parse_bytes("512MB"), parse_bytes(1000)
 (4294967296, 512000000, 1000)
@@ -75,10 +75,10 @@ def components(plan: Plan) -> list[set[str]]:
 
 
 def plan_bytes(plan: Plan, itemsize: int = 8) -> int:
-    """What a pass over ``plan`` holds: its statistics and its correlation matrices (float64:
-    ``itemsize`` 8; float32: 4)."""
-    keys = {u.groups: u.size for p in plan.points for u in p.units}
-    return plan.stats_bytes(itemsize) + sum(itemsize * n * n for n in keys.values())
+    """What a pass over ``plan`` holds: its statistics (float64: ``itemsize`` 8; float32: 4).
+    Its correlation matrices are made in the statistics' buffers
+    (``CorrelationStats.scores(spend=True)``)."""
+    return plan.stats_bytes(itemsize)
 
 
 def split_plan(plan: Plan, budget: int | None, itemsize: int = 8) -> list[Plan]:
