@@ -6,8 +6,9 @@ source code of a few standard-library modules, and two timm ViTs (dim 64, depth 
 trained 3 epochs on Fashion-MNIST ($PERMASK_DATA); then, for each method (weight, activation, STE),
 the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
 ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps of the residual
-stream (RMSNorm/pre-LayerNorm models with untied output layers; permask.orthogonal_groups), each
-method is followed by folding the norms (``+fold``: the path between the folded models, no map)
+stream (RMSNorm/pre-LayerNorm models, permask.orthogonal_groups; a tied output layer is untied
+first, permask.untie_weights), each method is followed by folding the norms (``+fold``: the
+path between the folded models, no map)
 and by Procrustes on the weights (``+orthogonal``) or on the activations of the matching
 batches (``+orthogonal-act``); both also turn RoPE's frequency planes where the graph has RoPE
 sites (by the weights; permask.rope_sites). One JSON line per pair is appended to
@@ -103,10 +104,20 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             wrapped_graph = permask.trace(NextToken(moved), as_classification(match)[0][0])
         row[method] = {**_barriers(moved, b, test, match, wrapped_graph), "seconds": seconds}
         print(kind, method, row[method], flush=True)
-        for name, (x, y, extra) in _rotated(method, moved, b, graph, row, match).items():
-            row[name] = {**_barriers(x, y, test, match, wrapped_graph), **extra}
+        x, y, g, wrapped = moved, b, graph, wrapped_graph
+        if _tied(a):  # a tied head refuses the maps: untied copies (the same functions)
+            x, y = permask.untie_weights(moved), permask.untie_weights(b)
+            g = permask.trace(y, {"input_ids": match[0]["input_ids"]})
+            wrapped = permask.trace(NextToken(x), as_classification(match)[0][0])
+            row["untied"] = True
+        for name, (x2, y2, extra) in _rotated(method, x, y, g, row, match).items():
+            row[name] = {**_barriers(x2, y2, test, match, wrapped), **extra}
             print(kind, name, row[name], flush=True)
     return row
+
+
+def _tied(model: nn.Module) -> bool:
+    return len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
 
 
 def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:

@@ -25,7 +25,7 @@ from .graph import (
 from .match import align, match_rotations
 from .merging import merge
 from .permute import permute_mask, permute_model, permute_tensors
-from .rotate import fold_norms, random_rotation, rotate_model, rotate_tensors
+from .rotate import fold_norms, random_rotation, rotate_model, rotate_tensors, untie_weights
 from .sparse import transfer_signs
 from .testing import CheckResult, check
 
@@ -48,6 +48,7 @@ __all__ = [
     "rotate_model",
     "rotate_tensors",
     "random_rotation",
+    "untie_weights",
     "transfer_signs",
     "check",
     "CheckResult",

@@ -30,13 +30,36 @@ from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, ones_complement, turn_axis
 from .graph.rope import RopeSite, plane_rotations, rope_sites, turn_planes
 
-__all__ = ["fold_norms", "rotate_model", "rotate_tensors", "random_rotation"]
+__all__ = ["fold_norms", "rotate_model", "rotate_tensors", "random_rotation", "untie_weights"]
+
+
+def untie_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which a parameter registered under several names (an output layer
+    tied to the embedding) is, under every name past its first, a copy of its own: the same
+    function, with tensors a norm's gain can be folded into one at a time. A Hugging Face
+    model's ``config.tie_word_embeddings`` is set False, so ``save_pretrained`` keeps both."""
+    target = copy.deepcopy(unwrap(model))
+    first: dict[int, str] = {}
+    again = []
+    for name, p in target.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            again.append((name, p))
+    for name, p in again:
+        owner, _, attr = name.rpartition(".")
+        copy_ = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        setattr(target.get_submodule(owner), attr, copy_)
+    config = getattr(target, "config", None)
+    if again and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return target
 
 
 def fold_norms(model: nn.Module, graph: PermutationGraph, groups=None) -> nn.Module:
     """A copy of ``model`` computing the same function with the gains (and LayerNorm biases) of
     the admitted groups folded into the linear layers they feed: each gain becomes ones and
-    each norm bias zeros, ``W`` becomes ``W diag(g)`` and its bias ``c + W b``."""
+    each norm bias zeros, ``W`` becomes ``W diag(g)`` and its bias ``c + W b``. Where one of
+    those layers has no bias (``Fold.kept``), the norm keeps ``b / g`` instead (a gain with a
+    zero then cannot be folded: ``ValueError``)."""
     target = copy.deepcopy(unwrap(model))
     named = named_tensors(target)
     with torch.no_grad():
@@ -44,6 +67,15 @@ def fold_norms(model: nn.Module, graph: PermutationGraph, groups=None) -> nn.Mod
             for fold in adm.folds:
                 g = named[fold.gain]
                 b = named[fold.bias] if fold.bias is not None else None
+                if fold.kept:
+                    if not bool(g.ne(0).all()):
+                        raise ValueError(
+                            f"the gain {fold.gain} has zeros, so its norm's bias cannot be kept "
+                            f"as bias / gain (a layer it feeds has no bias to take it); leave "
+                            f"group {adm.group!r} out of the orthogonal maps"
+                        )
+                    b.copy_((b.double() / g.double()).to(b.dtype))
+                    b = None  # stays in the norm and turns with the group
                 for w_name, axis, c_name in fold.into:
                     w = named[w_name]
                     if b is not None:
@@ -165,6 +197,8 @@ def _check_rotation(name: str, o: torch.Tensor, n: int, adm: Admission, tensors)
     for fold in adm.folds:
         g = tensors.get(fold.gain)
         b = tensors.get(fold.bias) if fold.bias is not None else None
+        if fold.kept:
+            b = None  # b / g, turned with the group
         if (g is not None and not bool((g == 1).all())) or (b is not None and bool(b.any())):
             raise ValueError(f"the gain {fold.gain} of group {name!r} is not folded; rotate "
                              "permask.fold_norms(model, graph) instead of the model")  # fmt: skip

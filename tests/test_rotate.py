@@ -152,20 +152,64 @@ def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():
 @pytest.mark.parametrize(
     "kind, extra, why",
     [
-        ("gpt2", {}, "used elsewhere (tied)"),
-        ("gpt2", {"tie_word_embeddings": False}, "that layer has no bias"),
+        ("gpt2", {}, "used elsewhere (tied); untie it: permask.untie_weights"),
         ("bert", {"num_labels": 3}, "reaches add"),
     ],
 )
 def test_refusals_name_the_op_that_stops_the_map(kind, extra, why):
-    """GPT-2's final LayerNorm feeds the tied LM head (or, untied, a head without a bias for
-    the norm's bias); BERT is post-norm, so its gains reach the residual additions."""
+    """GPT-2's final LayerNorm feeds the LM head tied to the embedding; BERT is post-norm, so
+    its gains reach the residual additions."""
     _, graph, _ = _hf(kind, **extra)
     residual = max(graph, key=lambda g: len(g.members))
     adm = permask.orthogonal_groups(graph)[residual.name]
     assert not adm.admitted and why in adm.reason
     with pytest.raises(ValueError, match="admits no orthogonal map"):
         permask.random_rotation(graph, groups=[residual.name])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_untied_models_rotate_exactly_and_save_untied(kind, tmp_path):
+    """A tied LM head refuses the map; untied (``untie_weights``: the same function, its own
+    copy of the head) it admits it. GPT-2's head has no bias for ln_f's bias, so the norm keeps
+    ``b / g`` and that turns with the stream. The untied model saves and loads untied."""
+    extra = {"tie_word_embeddings": True, "num_key_value_heads": 2} if kind == "llama" else {}
+    model, graph, ids = _hf(kind, **extra)
+    residual = max(graph, key=lambda g: len(g.members)).name
+    assert not permask.orthogonal_groups(graph)[residual].admitted
+    untied = permask.untie_weights(model)
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+    assert not untied.config.tie_word_embeddings and model.config.tie_word_embeddings
+    graph = permask.trace(untied, {"input_ids": ids})
+    adm = permask.orthogonal_groups(graph)[residual]
+    assert adm.admitted, adm.reason
+    assert [f.kept for f in adm.folds][-1] == (kind == "gpt2")  # ln_f -> lm_head, no bias
+    folded, turned, rotation = _turned(untied, graph, 2)
+    tol = 1e-12 if kind == "gpt2" else 1e-6  # HF RMSNorm computes in float32
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert rel_err(want, untied(input_ids=ids).logits) == 0
+        assert rel_err(want, folded(input_ids=ids).logits) < tol
+        assert rel_err(want, turned(input_ids=ids).logits) < tol
+    turned.save_pretrained(tmp_path)
+    loaded = type(turned).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert rel_err(want, loaded(input_ids=ids).logits) < tol
+
+
+def test_a_kept_norm_bias_turns_and_is_recovered_by_procrustes():
+    """GPT-2 untied: Procrustes on the weights finds a planted map of the residual stream (its
+    members include ln_f's kept bias); a zero in a gain whose bias must be kept is refused."""
+    model, _, ids = _hf("gpt2")
+    untied = permask.untie_weights(model)
+    graph = permask.trace(untied, {"input_ids": ids})
+    folded, turned, rotation = _turned(untied, graph, 4)
+    found = permask.match_rotations(folded, turned, graph, groups=list(rotation))
+    for name, o in found.items():
+        assert (o - rotation[name].T).abs().max() < 1e-8, name
+    with torch.no_grad():
+        untied.transformer.ln_f.weight[3] = 0
+    with pytest.raises(ValueError, match="transformer.ln_f.weight has zeros"):
+        permask.fold_norms(untied, graph)
 
 
 @pytest.mark.parametrize("by", ["weights", "activations"])

@@ -15,9 +15,10 @@ traced fx graph, and says why where it cannot:
   input) or as the sum of its squares (RMSNorm's and LayerNorm's statistics are invariant);
 * an elementwise gain on the group (RMSNorm's or LayerNorm's weight, with LayerNorm's bias) does
   not commute with ``O``: it is *folded* into the linear layers it feeds (``W diag(g)``, and
-  ``W b`` into their biases; :func:`permask.rotate.fold_norms`), which needs the gain read by
-  that one norm and every path from it to end in a linear layer whose weight is used nowhere
-  else (not tied);
+  ``W b`` into their biases, or the norm keeps ``b / g`` and turns it where a layer has no
+  bias; :func:`permask.rotate.fold_norms`), which needs the gain read by that one norm and every
+  path from it to end in a linear layer whose weight is used nowhere else (not tied:
+  :func:`permask.rotate.untie_weights` unties);
 * LayerNorm also subtracts the mean, so there ``O`` must keep the all-ones direction
   (``keeps_ones``).
 
@@ -61,11 +62,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Fold:
     """Gain ``gain`` (and LayerNorm bias ``bias``) folded into the linear layers ``into``:
-    (weight, its input axis, its bias or None) for each layer the gain's output feeds."""
+    (weight, its input axis, its bias or None) for each layer the gain's output feeds.
+    ``kept``: one of those layers has no bias (GPT-2's output layer), so the norm keeps its
+    bias, divided by the gain (``g * (x + b / g)``), and it turns with the group."""
 
     gain: str
     bias: str | None
     into: tuple[tuple[str, int, str | None], ...]
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,9 @@ class Admission:
 
     @property
     def folded(self) -> set[str]:
-        """The gains and norm biases, which stay as they are (ones, zeros) once folded."""
-        return {t for f in self.folds for t in (f.gain, f.bias) if t is not None}
+        """The gains and norm biases, which stay as they are (ones, zeros) once folded; a
+        ``kept`` bias is not among them: it turns with the group."""
+        return {f.gain for f in self.folds} | {f.bias for f in self.folds if f.bias and not f.kept}
 
 
 def orthogonal_groups(graph: PermutationGraph) -> dict[str, Admission]:
@@ -300,10 +305,11 @@ class _Check:
             if kind not in {"linear", "addmm"}:
                 raise _Refused(f"the gain {gain} reaches {kind} at node {user.name}; it can "
                                "only be folded into linear layers")  # fmt: skip
-            into.append(self.consumer(user, gain, bias))
-        self.folds.append(Fold(gain, bias, tuple(into)))
+            into.append(self.consumer(user, gain))
+        kept = bias is not None and any(c is None for _, _, c in into)
+        self.folds.append(Fold(gain, bias, tuple(into), kept))
 
-    def consumer(self, user: fx.Node, gain: str, bias: str | None) -> tuple[str, int, str | None]:
+    def consumer(self, user: fx.Node, gain: str) -> tuple[str, int, str | None]:
         if user.op == "call_module":
             m = user.graph.owning_module.get_submodule(user.target)
             w = _canonical(user, "weight")
@@ -314,11 +320,9 @@ class _Check:
             b = next((p for p in params if p != w), None)
         if self.uses.get(w, 0) > 1:
             raise _Refused(f"the gain {gain} cannot be folded into {w}: that weight is also "
-                           "used elsewhere (tied)")  # fmt: skip
+                           "used elsewhere (tied); untie it: permask.untie_weights")  # fmt: skip
         if w is None or len(self.graph.shapes.get(w, ())) != 2:
             raise _Refused(f"the gain {gain} feeds node {user.name}, which has no 2-D weight")
-        if bias is not None and b is None:
-            raise _Refused(f"the bias {bias} cannot be folded into {w}: that layer has no bias")
         return w, 0 if kind_of(user) == "addmm" else 1, b  # addmm: x @ w (HF Conv1D)
 
     def linear(self, node: fx.Node, kind: str, leaving: bool = False) -> None:

@@ -85,7 +85,7 @@ def align(
     the models' own: run ``align`` under ``torch.autocast`` for mixed precision.
 
     ``max_stats_memory`` (activation; bytes, or a string such as ``"4GiB"``): where the
-    statistics and correlations of all groups need more, the groups are split into several
+    statistics of all groups need more, the groups are split into several
     passes over the data, each within it, giving the same permutation
     (:mod:`permask.match.passes`); ``AlignInfo.passes`` says how many. The loader must then be
     readable more than once (a list, a DataLoader), and yield the same batches each time for the
