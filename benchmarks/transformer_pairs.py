@@ -43,6 +43,7 @@ from hf_align import NextToken, as_classification, batches, corpus, train  # noq
 import permask  # noqa: E402
 from permask.merging import turned_onto  # noqa: E402
 from permask.metrics import interpolate  # noqa: E402
+from permask.rotate import tied_parameters  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "transformer_pairs.jsonl"
 
@@ -105,7 +106,7 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
         row[method] = {**_barriers(moved, b, test, match, wrapped_graph), "seconds": seconds}
         print(kind, method, row[method], flush=True)
         x, y, g, wrapped = moved, b, graph, wrapped_graph
-        if _tied(a):  # a tied head refuses the maps: untied copies (the same functions)
+        if tied_parameters(a):  # a tied head refuses the maps: untied copies (same functions)
             x, y = permask.untie_weights(moved), permask.untie_weights(b)
             g = permask.trace(y, {"input_ids": match[0]["input_ids"]})
             wrapped = permask.trace(NextToken(x), as_classification(match)[0][0])
@@ -114,10 +115,6 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             row[name] = {**_barriers(x2, y2, test, match, wrapped), **extra}
             print(kind, name, row[name], flush=True)
     return row
-
-
-def _tied(model: nn.Module) -> bool:
-    return len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
 
 
 def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:

@@ -171,7 +171,8 @@ def save_pretrained(
 ) -> None:
     """Write ``model`` as a ``save_pretrained`` folder at ``out``: its weights as sharded
     safetensors, and every file of ``like`` that is not a weight file (config, tokenizer,
-    generation config) copied unchanged. Built in a temporary folder beside ``out`` that then
+    generation config) copied unchanged, except that an untied model's config says
+    ``tie_word_embeddings: false``. Built in a temporary folder beside ``out`` that then
     replaces it: a crash leaves the old folder or the new one."""
     out, like = Path(out), Path(like)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -182,12 +183,23 @@ def save_pretrained(
         for path in like.iterdir():
             if path.is_file() and not _is_weights(path.name):
                 shutil.copy2(path, tmp / path.name)
+        _keep_untied(model, tmp / "config.json")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _keep_untied(model: nn.Module, config: Path) -> None:
+    """A model untied from ``like``'s tied head (:func:`permask.untie_weights`) says so in the
+    copied config; else ``from_pretrained`` would tie its head to the embedding again."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is not False:
+        return
+    found = json.loads(config.read_text()) if config.is_file() else None
+    if found is not None and found.get("tie_word_embeddings") is not False:
+        config.write_text(json.dumps({**found, "tie_word_embeddings": False}, indent=2) + "\n")
 
 
 def _is_weights(name: str) -> bool:

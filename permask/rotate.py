@@ -30,7 +30,21 @@ from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, ones_complement, turn_axis
 from .graph.rope import RopeSite, plane_rotations, rope_sites, turn_planes
 
-__all__ = ["fold_norms", "rotate_model", "rotate_tensors", "random_rotation", "untie_weights"]
+__all__ = [
+    "fold_norms", "rotate_model", "rotate_tensors", "random_rotation", "tied_parameters",
+    "untie_weights",
+]  # fmt: skip
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, first name)`` for every name under which ``model`` registers a parameter it
+    already registered (an output layer tied to the embedding)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            out.append((name, first[id(p)]))
+    return out
 
 
 def untie_weights(model: nn.Module) -> nn.Module:
@@ -39,17 +53,15 @@ def untie_weights(model: nn.Module) -> nn.Module:
     function, with tensors a norm's gain can be folded into one at a time. A Hugging Face
     model's ``config.tie_word_embeddings`` is set False, so ``save_pretrained`` keeps both."""
     target = copy.deepcopy(unwrap(model))
-    first: dict[int, str] = {}
-    again = []
-    for name, p in target.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(p), name) != name:
-            again.append((name, p))
-    for name, p in again:
+    tied = tied_parameters(target)
+    for name, _ in tied:
         owner, _, attr = name.rpartition(".")
-        copy_ = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        setattr(target.get_submodule(owner), attr, copy_)
+        p = target.get_parameter(name)
+        setattr(
+            target.get_submodule(owner), attr, nn.Parameter(p.detach().clone(), p.requires_grad)
+        )
     config = getattr(target, "config", None)
-    if again and getattr(config, "tie_word_embeddings", False):
+    if tied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
     return target
 

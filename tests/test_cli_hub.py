@@ -153,6 +153,30 @@ def test_orthogonal_maps_from_the_shell(folders, text, tmp_path, capsys):
     assert torch.isfinite(_logits(model, IDS)).all()
 
 
+def test_orthogonal_maps_untie_a_tied_head_from_the_shell(folders, text, tmp_path, capsys):
+    """GPT-2 folders (LM head tied to the embedding, which refuses the maps): --orthogonal
+    unties the heads first. The path's end points stay A's and B's losses, and the merged
+    folder's config says the head is untied, so from_pretrained does not tie it again."""
+    a, b = f"hf:{folders['gpt21']}", f"hf:{folders['gpt22']}"
+    data = ["--data", f"text:{text}", "--seq-len", "16", "--batches", "3"]
+    out = tmp_path / "interp"
+    assert main(["interpolate", a, b, "--orthogonal", "weight", "--points", "3",
+                 "--out", str(out), *data]) == 0  # fmt: skip
+    result = json.loads((out / "interpolation.json").read_text())
+    _, test = text_batches(text, 16, 8)
+    ends = [evaluate(_load(folders[k]), test)[0] for k in ("gpt21", "gpt22")]
+    assert result["losses"][0] == pytest.approx(ends[0], rel=1e-6)
+    assert result["losses"][2] == pytest.approx(ends[1], rel=1e-6)
+    merged = tmp_path / "merged"
+    assert main(["merge", a, b, "--method", "weight", "--orthogonal", "weight",
+                 "--out", str(merged), *data]) == 0  # fmt: skip
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    model = _load(merged)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert bool((model.transformer.ln_f.weight == 1).all())
+    assert torch.isfinite(_logits(model, IDS)).all()
+
+
 def test_model_folder_with_checkpoint_files_and_trace(folders, tmp_path, capsys):
     """MODEL hf:FOLDER with weights from files; trace and permute-mask on a folder."""
     from safetensors.torch import save_file

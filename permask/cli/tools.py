@@ -34,6 +34,7 @@ from permask.match.matchers import get_matcher, matcher_names
 from permask.merging import average, turned_onto
 from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.models import build_model
+from permask.rotate import tied_parameters
 from permask.sparse import save_mask
 from permask.weights import load_weights, read_mask
 
@@ -297,6 +298,12 @@ def _save_weights(args: argparse.Namespace, model: nn.Module, path: str) -> None
                   str(tmp))  # fmt: skip
 
 
+def _untied(models: list[nn.Module]) -> list[nn.Module]:
+    """For --orthogonal: models with a tied output layer untied (a tie refuses the maps;
+    :func:`permask.untie_weights`, the same function); a merged model keeps its own head."""
+    return [permask.untie_weights(m) if tied_parameters(m) else m for m in models]
+
+
 def _loaders(args: argparse.Namespace, model: nn.Module):
     """The unaugmented training batches and the test batches of ``--data`` for ``model``."""
     if not args.data:
@@ -356,6 +363,8 @@ def interpolate_command(args: argparse.Namespace) -> str:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a file; give a folder")
     model_a, model_b = _loaded(args, paths)
+    if args.orthogonal:
+        model_a, model_b = _untied([model_a, model_b])
     needs_graph = args.perm or args.repair or args.orthogonal
     graph = _trace(model_a, _example(args, model_a)) if needs_graph else None
     if args.perm:
@@ -431,6 +440,8 @@ def merge_command(args: argparse.Namespace) -> str:
     _writable(args.out)
     device = _device(args.device, "merge")
     models = [model.to(device) for model in _loaded(args, paths)]
+    if args.orthogonal:
+        models = _untied(models)
     needs_data = args.data or get_matcher(args.method).needs_data
     train, test = _loaders(args, models[0]) if needs_data else (None, None)
     graph = _trace(models[args.reference], _example(args, models[0], device))
