@@ -307,6 +307,9 @@ class _Check:
                                "only be folded into linear layers")  # fmt: skip
             into.append(self.consumer(user, gain))
         kept = bias is not None and any(c is None for _, _, c in into)
+        if kept and not self.member(bias):
+            raise _Refused(f"the bias {bias} stays in its norm and must turn with the group, "
+                           "but the group does not hold it")  # fmt: skip
         self.folds.append(Fold(gain, bias, tuple(into), kept))
 
     def consumer(self, user: fx.Node, gain: str) -> tuple[str, int, str | None]:
