@@ -9,7 +9,8 @@ Each step runs in its own process, so its peak resident memory (``ru_maxrss``) i
    ``max_iter=1``) after tracing;
 3. ``weight``: ``permask align hf:A hf:B --method weight`` to convergence;
 4. ``activation``: ``permask align hf:A hf:B --data text:FILE`` on ``--tokens`` tokens of Python
-   source (bytes) with ``--max-stats-memory``.
+   source (bytes) with ``--max-stats-memory``, in one batch (``activation-W`` with
+   ``--windows W``: batches of W windows).
 
 ``--size sd15-unet``: the same weight-matching steps for two Stable Diffusion 1.5-sized UNets
 (diffusers ``UNet2DConditionModel`` from its published config, random init; ``diffusers:``
@@ -107,6 +108,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="the folders' dtype")
     p.add_argument("--tokens", type=int, default=4096, help="tokens for activation matching")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, help="windows per batch for activation matching "
+                   "(default: all in one batch); the step is then activation-WINDOWS")  # fmt: skip
     p.add_argument("--budget", default="4GiB", help="--max-stats-memory for activation matching")
     p.add_argument("--steps", default="weight-1,weight,activation")
     p.add_argument("--no-save", action="store_true")
@@ -146,17 +149,19 @@ def main() -> None:
         text.write_text("\n".join(inspect.getsource(m) for m in mods))
     cli = [sys.executable, "-m", "permask", "align", f"{prefix}:{a}", f"{prefix}:{b}",
            "--device", "cpu"]  # fmt: skip
-    batch = max(1, args.tokens // args.seq_len)
+    windows = max(1, args.tokens // args.seq_len)
+    batch = args.windows or windows
+    act = "activation" if batch == windows else f"activation-{batch}"
     steps = {
         "weight-1": [*me, "--child", "weight-1", str(a), str(b)],
         "weight": [*cli, "--method", "weight", "--out", str(root / "pi-weight.safetensors")],
-        "activation": [*cli, "--data", f"text:{text}", "--seq-len", str(args.seq_len),
-                       "--batch-size", str(batch), "--batches", "1",
+        act: [*cli, "--data", f"text:{text}", "--seq-len", str(args.seq_len),
+                       "--batch-size", str(batch), "--batches", str(max(1, windows // batch)),
                        "--max-stats-memory", args.budget,
                        "--out", str(root / "pi-activation.safetensors")],
     }  # fmt: skip
-    for step in args.steps.split(","):
-        if step == "activation" and args.size in UNETS:
+    for step in args.steps.replace("activation", act).split(","):
+        if step.startswith("activation") and args.size in UNETS:
             continue  # no data for a UNet on the command line
         seconds, peak, last = run_step(steps[step])
         row[step] = {"seconds": round(seconds, 1), "peak_bytes": peak,
@@ -165,7 +170,7 @@ def main() -> None:
             f"{step:10s} {seconds:7.1f} s  peak {peak / 2**30:6.2f} GiB = "
             f"{peak / models:.2f} x the two models ({models / 2**30:.2f} GiB)  {last}"
         )
-    row["budget"], row["tokens"] = args.budget, batch * args.seq_len
+    row["budget"], row["tokens"] = args.budget, windows * args.seq_len
     row["date"] = time.strftime("%Y-%m-%d")
     if not args.no_save:
         with RESULTS.open("a") as f:

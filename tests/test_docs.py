@@ -58,17 +58,16 @@ def test_docstring_examples_run():
 
 
 def hub_memory_rows() -> list[str]:
-    """docs/benchmarks.md's table rows of benchmarks/hub_memory.py, from its latest run per size
-    and dtype."""
-    latest = {(r["size"], r["dtype"]): r for r in _rows("hub_memory.jsonl")}
-    out = []
-    for (size, dtype), row in latest.items():
-        for step in ("weight-1", "weight", "activation"):
-            if step in row:
-                r = row[step]
-                out.append(f"| {size} | {dtype} | {step} | {r['seconds']:.0f} | "
-                           f"{r['peak_bytes'] / 2**30:.2f} | {r['ratio']:.2f} |")  # fmt: skip
-    return out
+    """docs/benchmarks.md's table rows of benchmarks/hub_memory.py, from its latest run per size,
+    dtype and step."""
+    latest = {}
+    for row in _rows("hub_memory.jsonl"):
+        for step, r in row.items():
+            if step.startswith(("weight", "activation")):
+                latest[(row["size"], row["dtype"], step)] = r
+    return [f"| {size} | {dtype} | {step} | {r['seconds']:.0f} | "
+            f"{r['peak_bytes'] / 2**30:.2f} | {r['ratio']:.2f} |"
+            for (size, dtype, step), r in latest.items()]  # fmt: skip
 
 
 def test_hub_memory_table_is_the_results_file():
