@@ -25,7 +25,7 @@ from torch import nn
 from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import Permutation, PermutationGraph, rope_sites, trace
-from .graph.orthogonal import admitted
+from .graph.orthogonal import orthogonal_groups
 from .match import align, match_rotations
 from .match.matchers import get_matcher
 from .metrics import _reset_bn
@@ -123,10 +123,13 @@ def turned_onto(
     ``loader`` if it needs data) and the maps are found again in turn until the permutation
     is the identity, at most ``rounds`` times. At most ``max_batches`` batches are read each
     time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
-    turned = set(admitted(graph))  # their maps already include every permutation
+    found = orthogonal_groups(graph)
+    turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     if not turned and not rope_sites(graph):
+        widest = max(graph, key=lambda g: len(g.members), default=None)
+        why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
         warnings.warn("the graph admits no orthogonal map (no group passes "
-                      "permask.orthogonal_groups, no RoPE site): permutations only",
+                      f"permask.orthogonal_groups, no RoPE site): permutations only{why}",
                       UserWarning, stacklevel=3)  # fmt: skip
         return list(models)
     folded = [fold_norms(m, graph) for m in models]

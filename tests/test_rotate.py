@@ -4,6 +4,7 @@ in float64 under random maps, and Procrustes recovering a planted map."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -340,3 +341,14 @@ def test_quirks_refuse_the_map(kind, why):
     graph = permask.trace(model, torch.randn(2, 3))
     adm = permask.orthogonal_groups(graph)["inp.weight:0"]
     assert not adm.admitted and why in adm.reason, adm.reason
+
+
+def test_merging_a_tied_model_with_maps_warns_with_the_fix():
+    """``merge(..., orthogonal=...)`` on tied GPT-2s (which admit no map) merges by
+    permutations only and says why, naming the fix."""
+    model, graph, ids = _hf("gpt2")
+    with pytest.warns(UserWarning, match=r"permutations only; .*untie it: permask.untie_weights"):
+        merged = permask.merge([model, copy.deepcopy(model)], method="weight", graph=graph,
+                               orthogonal="weight")  # fmt: skip
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, merged(input_ids=ids).logits) < 1e-12
