@@ -78,16 +78,16 @@ def fold_norms(model: nn.Module, graph: PermutationGraph, groups=None) -> nn.Mod
         for adm in admitted(graph, groups).values():
             for fold in adm.folds:
                 g = named[fold.gain]
-                b = named[fold.bias] if fold.bias is not None else None
-                if fold.kept:
+                if fold.kept:  # b / g stays in the norm and turns with the group
                     if not bool(g.ne(0).all()):
                         raise ValueError(
                             f"the gain {fold.gain} has zeros, so its norm's bias cannot be kept "
                             f"as bias / gain (a layer it feeds has no bias to take it); leave "
                             f"group {adm.group!r} out of the orthogonal maps"
                         )
-                    b.copy_((b.double() / g.double()).to(b.dtype))
-                    b = None  # stays in the norm and turns with the group
+                    kept = named[fold.bias]
+                    kept.copy_((kept.double() / g.double()).to(kept.dtype))
+                b = named[fold.bias] if fold.bias is not None and not fold.kept else None
                 for w_name, axis, c_name in fold.into:
                     w = named[w_name]
                     if b is not None:
@@ -208,9 +208,7 @@ def _check_rotation(name: str, o: torch.Tensor, n: int, adm: Admission, tensors)
                          "centres that group")  # fmt: skip
     for fold in adm.folds:
         g = tensors.get(fold.gain)
-        b = tensors.get(fold.bias) if fold.bias is not None else None
-        if fold.kept:
-            b = None  # b / g, turned with the group
+        b = tensors.get(fold.bias) if fold.bias is not None and not fold.kept else None
         if (g is not None and not bool((g == 1).all())) or (b is not None and bool(b.any())):
             raise ValueError(f"the gain {fold.gain} of group {name!r} is not folded; rotate "
                              "permask.fold_norms(model, graph) instead of the model")  # fmt: skip

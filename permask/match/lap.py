@@ -21,17 +21,18 @@ import torch
 __all__ = ["solve_lap", "available_solvers", "optima"]
 
 
-def _scipy(cost: np.ndarray, maximize: bool) -> np.ndarray:
+def _scipy(cost: np.ndarray) -> np.ndarray:
+    """The minimal assignment (:func:`solve_lap` negates a score it maximises)."""
     from scipy.optimize import linear_sum_assignment
 
-    return _column_per_row(cost.shape[0], *linear_sum_assignment(cost, maximize=maximize))
+    return _column_per_row(cost.shape[0], *linear_sum_assignment(cost))
 
 
-def _lapx(cost: np.ndarray, maximize: bool) -> np.ndarray:
+def _lapx(cost: np.ndarray) -> np.ndarray:
+    """The minimal assignment (:func:`solve_lap` negates a score it maximises)."""
     import lap
 
     square = cost.shape[0] == cost.shape[1]
-    cost = -cost if maximize else cost
     if not hasattr(lap, "lapjvh"):  # lapx before 0.11
         _, x, _ = lap.lapjv(cost, extend_cost=not square)
         return np.asarray(x, dtype=np.int64)
@@ -46,7 +47,7 @@ def _column_per_row(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return out
 
 
-_SOLVERS: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {"scipy": _scipy, "lapx": _lapx}
+_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"scipy": _scipy, "lapx": _lapx}
 
 
 @cache
@@ -99,7 +100,7 @@ def solve_lap(
         return torch.full((cost.shape[0],), -1, dtype=torch.long)
     if maximize:  # negated here, in place when the float64 copy is ours: no second n x n copy
         cost = np.negative(cost, out=cost if ours else None)
-    return torch.from_numpy(_SOLVERS[solver](cost, False))
+    return torch.from_numpy(_SOLVERS[solver](cost))
 
 
 def optima(blocks: np.ndarray) -> np.ndarray:

@@ -529,7 +529,7 @@ def _objective(
         t = wa[n]
         idxs = [layout_index(lay, perms, t.device) if layout_groups(lay) else None
                 for lay in layouts[n]]  # fmt: skip
-        pieces = _pieces(t, wb[n], idxs, 0) if t.dim() else [(_f32(t), _f32(wb[n]))]
+        pieces = _pieces(t, wb[n], idxs, 0 if t.dim() else None)
         total += sum(float((a * b).sum(dtype=torch.float64)) for a, b in pieces)
     return total
 
@@ -558,9 +558,13 @@ def _piece(t: torch.Tensor, axis: int) -> int:
 
 
 def _pieces(
-    a: torch.Tensor, b: torch.Tensor, idxs: list[torch.Tensor | None], axis: int
+    a: torch.Tensor, b: torch.Tensor, idxs: list[torch.Tensor | None], axis: int | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A at ``idxs`` (every axis moved) and B, in float32, slice by slice along ``axis``."""
+    """A at ``idxs`` (every axis moved) and B, in float32, slice by slice along ``axis`` (whole
+    when ``axis`` is ``None``)."""
+    if axis is None:
+        yield _f32(_take(a, idxs)), _f32(b)
+        return
     step, n = _piece(a, axis), a.shape[axis]
     for start in range(0, n, step):
         k = min(step, n - start)
@@ -583,14 +587,10 @@ def _contribution(
     without a transposing copy)."""
     t = wa[term.tensor]
     axis = max((x for x in range(t.dim()) if x != term.axis), key=t.size, default=None)
-    if axis is None or _piece(t, axis) >= t.shape[axis]:  # fits one piece: no slicing
-        a = _gather(_f32(_take(t, idxs)), term.axis, term.rows)
-        with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
-            return term.b @ a.T
     total = None
-    for pa, pb in _pieces(t, term.source, idxs, axis):
+    for pa, pb in _pieces(t, term.source, idxs, axis):  # sums over slices of the other axes
         a, b = (_gather(x, term.axis, term.rows) for x in (pa, pb))
-        with torch.autocast(a.device.type, enabled=False):
+        with torch.autocast(a.device.type, enabled=False):  # float32 scores under AMP too
             total = b @ a.T if total is None else total.addmm_(b, a.T)
     return total
 
