@@ -5,14 +5,24 @@ budget too small for one group, or a loader that can be read once, is refused by
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import permask
-from permask.match.passes import components, parse_bytes, plan_bytes, split_plan
+from permask.match.passes import (
+    balanced,
+    components,
+    parse_bytes,
+    plan_bytes,
+    restricted,
+    split_plan,
+)
 from permask.match.points import plan_points
 
 
@@ -76,6 +86,35 @@ def test_passes_give_the_permutation_of_one_pass_llama():
         many = permask.align(*models, data, graph=graph, max_stats_memory=budget,
                              return_info=True)  # fmt: skip
     _same(one, many)
+
+
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=8), st.integers(0, 30))
+def test_passes_are_as_few_as_fit_and_even(sizes, extra):
+    """Against every way of cutting the sizes in order: no cut under the cap has fewer runs,
+    and none with as few runs has a smaller largest run (the peak memory of the passes)."""
+    cap = max(sizes) + extra
+    runs = balanced(sizes, cap)
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    peak = max(sum(sizes[i] for i in run) for run in runs)
+    assert peak <= cap
+    for k in range(len(sizes)):
+        for cuts in itertools.combinations(range(1, len(sizes)), k):
+            bounds = (0, *cuts, len(sizes))
+            most = max(sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:]))
+            if most <= cap:
+                assert len(runs) <= k + 1
+                assert len(runs) < k + 1 or peak <= most
+
+
+def test_passes_are_even_on_a_plan():
+    """An MLP's groups under a budget just below the whole plan: two passes, each group in one,
+    the larger pass the smallest any cut of the groups in order into two gives."""
+    plan = plan_points(permask.trace(_mlp(0), torch.randn(2, 6)))
+    sizes = [plan_bytes(restricted(plan, c)) for c in components(plan)]
+    passes = split_plan(plan, plan_bytes(plan) - 1)
+    assert len(passes) == 2 and sum(plan_bytes(p) for p in passes) == plan_bytes(plan)
+    best = min(max(sum(sizes[:k]), sum(sizes[k:])) for k in range(1, len(sizes)))
+    assert max(plan_bytes(p) for p in passes) == best < plan_bytes(plan) - 1
 
 
 def test_components_keep_nested_groups_together():

@@ -3,12 +3,12 @@
 Activation matching keeps, per observed unit of ``n`` channels, an ``n x n`` float64 cross sum
 and four length-``n`` sums, from which the correlations are made in place: for a large model
 more than memory holds (a 7B Llama's MLP units alone: about 31 GB). With
-``align(..., max_stats_memory=...)`` the groups are packed, in graph order, into passes whose
-statistics fit the budget; each pass streams the data once more and solves its groups'
-assignments before the next one starts. Groups that share a unit (blocks x within)
-always share a pass. A pass observes the same values as a single pass would, so the
-permutation is the same (``tests/test_match_passes.py``); it costs one more pass over the data
-each.
+``align(..., max_stats_memory=...)`` the groups are packed, in graph order, into as few passes
+as fit the budget, evened out so that the largest pass (the peak) is as small as that number
+allows; each pass streams the data once more and solves its groups' assignments before the
+next one starts. Groups that share a unit (blocks x within) always share a pass. A pass
+observes the same values as a single pass would, so the permutation is the same
+(``tests/test_match_passes.py``); it costs one more pass over the data each.
 
 >>> import torch, permask
 >>> from permask.match.points import plan_points
@@ -29,7 +29,7 @@ import re
 
 from .points import Plan, Point
 
-__all__ = ["components", "human_bytes", "parse_bytes", "plan_bytes", "split_plan"]
+__all__ = ["balanced", "components", "human_bytes", "parse_bytes", "plan_bytes", "split_plan"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -82,15 +82,16 @@ def plan_bytes(plan: Plan, itemsize: int = 8) -> int:
 
 
 def split_plan(plan: Plan, budget: int | None, itemsize: int = 8) -> list[Plan]:
-    """``plan`` as passes of whole components that each fit ``budget`` bytes (one pass when
-    ``budget`` is ``None`` or everything fits); ``ValueError`` naming a component that alone
-    does not fit, and the budget it needs."""
+    """``plan`` as passes of whole components, in plan order, that each fit ``budget`` bytes
+    (one pass when ``budget`` is ``None`` or everything fits): as few passes as the budget
+    allows, and among those the split whose largest pass is smallest, so a pass holds about
+    an even share rather than all the budget takes (the peak is the largest pass).
+    ``ValueError`` naming a component that alone does not fit, and the budget it needs."""
     if budget is None or plan_bytes(plan, itemsize) <= budget:
         return [plan]
-    passes: list[list[set[str]]] = []
-    used = 0
-    for comp in components(plan):
-        size = plan_bytes(restricted(plan, comp), itemsize)
+    comps = components(plan)
+    sizes = [plan_bytes(restricted(plan, comp), itemsize) for comp in comps]
+    for comp, size in zip(comps, sizes):
         if size > budget:
             names = sorted(comp)
             more = f" and {len(names) - 2} more" if len(names) > 2 else ""
@@ -99,12 +100,37 @@ def split_plan(plan: Plan, budget: int | None, itemsize: int = 8) -> list[Plan]:
                 f"{', '.join(names[:2])}{more} alone, more than max_stats_memory "
                 f"({human_bytes(budget)}); raise it to at least that, or use method='weight'"
             )
-        if not passes or used + size > budget:
-            passes.append([])
+    runs = balanced(sizes, budget)
+    return [restricted(plan, set().union(*(comps[i] for i in run))) for run in runs]
+
+
+def balanced(sizes: list[int], cap: int) -> list[list[int]]:
+    """Indices of ``sizes`` (each at most ``cap``) cut in order into the fewest runs whose sums
+    are at most ``cap``, and among those cuts the one whose largest sum is smallest.
+
+    >>> balanced([4, 1, 1, 1, 1], 6)
+    [[0], [1, 2, 3, 4]]
+    """
+    fewest = len(_packed(sizes, cap))
+    low, high = max(sizes), cap  # the smallest cap that still packs into `fewest` runs
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(_packed(sizes, mid)) <= fewest else (mid + 1, high)
+    return _packed(sizes, low)
+
+
+def _packed(sizes: list[int], cap: int) -> list[list[int]]:
+    """Indices of ``sizes`` packed in order into the fewest runs of at most ``cap`` each
+    (greedy: a run closes when the next would not fit)."""
+    runs: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if not runs or used + size > cap:
+            runs.append([])
             used = 0
-        passes[-1].append(comp)
+        runs[-1].append(i)
         used += size
-    return [restricted(plan, set().union(*comps)) for comps in passes]
+    return runs
 
 
 def restricted(plan: Plan, groups: set[str]) -> Plan:
