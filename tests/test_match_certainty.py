@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import permask
 from permask.match import align
-from permask.match.assign import conditional, margin
+from permask.match.assign import OpenMargin, conditional, margin
+from permask.match.by_activation import observe
+from permask.match.points import plan_points
 
 
 def test_margin_certifies_a_strict_favourite_and_counts_ties():
@@ -93,3 +97,35 @@ def test_activation_matching_certifies_the_groups_of_blocks_x_within():
     got, info = align(model, b, data, graph=graph, return_info=True)
     assert got == pi and set(info.margins) == set(pi) and len(pi) == 3  # blocks, two withins
     assert all(m > 0 for m in info.margins.values()), info.margins
+
+
+@given(st.integers(2, 7), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_open_margin_is_the_margin_of_the_whole_score(n, seed, share):
+    """Kept only for its open columns, a score gives the margin and ties of the whole matrix
+    for any assignment that differs from the first only there (ties drawn in by rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    score = (torch.randn(n, n, generator=g, dtype=torch.float64) * 4).round() / 4
+    p = torch.randperm(n, generator=g)
+    open_ = (torch.rand(n, generator=g) < share).nonzero().flatten()
+    kept = OpenMargin(score, p, open_)
+    for _ in range(3):
+        q = p.clone()
+        q[open_] = p[open_][torch.randperm(len(open_), generator=g)]
+        assert kept.margin(q) == margin(score, q)
+
+
+def test_final_margins_after_the_weights_reorder_dead_units():
+    """Dead units re-matched by the weights after the data's assignment: the margins reported
+    are those of the correlations at the final permutation."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 5)) for _ in range(2)]
+    for net in nets:
+        with torch.no_grad():
+            net[0].bias[:6] = -100.0  # six units that never fire
+    data = [torch.randn(32, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    graph = permask.trace(nets[0], data[0])
+    pi, info = align(*nets, data, graph=graph, return_info=True)
+    stats, _, _ = observe(*nets, graph, plan_points(graph), data, torch.device("cpu"))
+    (group,) = pi.keys()
+    fresh = margin(stats.scores()[(group,)], pi[group])
+    assert info.constant and info.margins[group] == fresh[0] and info.ties.get(group, 0) == fresh[1]

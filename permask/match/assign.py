@@ -33,7 +33,16 @@ import torch
 
 from .lap import optima, solve_lap
 
-__all__ = ["assign", "column_gaps", "conditional", "margin", "nesting", "parents", "tangled"]
+__all__ = [
+    "OpenMargin",
+    "assign",
+    "column_gaps",
+    "conditional",
+    "margin",
+    "nesting",
+    "parents",
+    "tangled",
+]
 
 Chain = tuple[str, ...]
 Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] per chain
@@ -200,9 +209,43 @@ def margin(score: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     s = score.detach()
     if s.shape[0] < 2:
         return torch.inf, 0
-    gap = column_gaps(s, p)
-    scale = s.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)
+    return _margin(column_gaps(s, p), _scale(s))
+
+
+def _scale(s: torch.Tensor) -> torch.Tensor:
+    return s.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _margin(gap: torch.Tensor, scale: torch.Tensor) -> tuple[float, int]:
     return float(gap.min().double() / scale), int((gap == 0).sum())
+
+
+class OpenMargin:
+    """What :func:`margin` needs of ``score`` (``[n_a, n_b]``, at least 2 rows) for an
+    assignment that may still change only in the columns ``open``: those columns, the other
+    columns' gaps at ``p`` and the scale, not the whole matrix (an LLM's MLP group: 5632 x 5632
+    float64 kept while later passes run).
+
+    >>> s = torch.tensor([[3.0, 0.0, 1.0], [1.0, 2.0, 0.0], [0.0, 1.0, 2.5]])
+    >>> OpenMargin(s, torch.tensor([0, 1, 2]), torch.tensor([1, 2])).margin(torch.tensor([0, 2, 1]))
+    (-0.8333333333333334, 0)
+    >>> margin(s, torch.tensor([0, 2, 1]))
+    (-0.8333333333333334, 0)
+    """
+
+    def __init__(self, score: torch.Tensor, p: torch.Tensor, open: torch.Tensor):
+        s = score.detach()
+        self.open = open.to(s.device)
+        self.columns = s[:, self.open].clone()
+        self.gaps = column_gaps(s, p)
+        self.scale = _scale(s)
+
+    def margin(self, p: torch.Tensor) -> tuple[float, int]:
+        """:func:`margin` of the whole score at ``p``, which equals the ``p`` given when made
+        outside the open columns."""
+        gap = self.gaps.clone()
+        gap[self.open] = column_gaps(self.columns, p.to(self.open.device)[self.open])
+        return _margin(gap, self.scale)
 
 
 def column_gaps(score: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

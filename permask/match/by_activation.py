@@ -21,13 +21,13 @@ from .._batches import batch_size, call, split_batch, to_device
 from .._modules import model_device
 from ..graph import Permutation
 from .activation import CorrelationStats, constant_counts, paired_module
-from .assign import assign, conditional, margin
+from .assign import OpenMargin, assign, conditional, margin
 from .info import AlignInfo
 from .passes import components, split_plan
 from .points import Plan, plan_points
 from .replay import ShapeReplays
 from .request import MatchRequest
-from .ties import order_by_weights, unordered, warn_constant, warn_ties
+from .ties import open_columns, order_by_weights, unordered, warn_constant, warn_ties
 from .weight import weight_matching
 
 __all__ = ["activation_matching", "on_device", "observe"]
@@ -72,7 +72,10 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     sure = {g: m for s in seen for g, m in s.sure.items()}
     kept = {chain: t for s in seen for chain, t in s.kept.items()}  # what the weights changed
     sizes = {g.name: g.size for g in graph}
-    sure.update({g: margin(s, perms[g]) for g, s in conditional(kept, sizes, perms).items()})
+    whole = {chain: t for chain, t in kept.items() if isinstance(t, torch.Tensor)}
+    sure.update({g: margin(s, perms[g]) for g, s in conditional(whole, sizes, perms).items()})
+    opened = {chain[0]: t for chain, t in kept.items() if isinstance(t, OpenMargin)}
+    sure.update({g: t.margin(perms[g]) for g, t in opened.items()})
     margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
         res = weight_matching(sd_a, sd_b, graph, solver=req.solver, init=perms, only=plan.unmatched)
@@ -95,14 +98,15 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
 @dataclass
 class _Seen:
     """What one pass over the data leaves for its groups: assignments, live flags per unit,
-    pairs the data cannot order (``todo``), margins, and the scores of the groups whose
-    assignment the weights may still change (``kept``, for their final margins)."""
+    pairs the data cannot order (``todo``), margins, and what the final margins of the groups
+    whose assignment the weights may still change need (``kept``: their scores, or for a group
+    alone in its component only its open columns, :class:`~permask.match.assign.OpenMargin`)."""
 
     perms: dict[str, torch.Tensor]
     live: dict[tuple[str, ...], list[torch.Tensor]]
     todo: dict[str, tuple]
     sure: dict[str, tuple[float, int]]
-    kept: dict[tuple[str, ...], torch.Tensor]
+    kept: dict[tuple[str, ...], torch.Tensor | OpenMargin]
     batches: int
     samples: int
     seconds: float
@@ -131,8 +135,13 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
     perms = assign(scores, sizes, req.solver)
     todo = unordered(scores, live, perms, sizes)
     sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
-    changing = set().union(*(c for c in components(plan) if c & todo.keys()))
-    kept = {chain: s for chain, s in scores.items() if set(chain) <= changing}
+    kept: dict[tuple[str, ...], torch.Tensor | OpenMargin] = {}
+    for comp in (c for c in components(plan) if c & todo.keys()):
+        (g, *rest), chains = sorted(comp), [ch for ch in scores if set(ch) <= comp]
+        if not rest and scores[(g,)].shape[0] > 1:  # alone: only its open columns can change
+            kept[(g,)] = OpenMargin(scores[(g,)], perms[g], open_columns(todo[g], perms[g]))
+        else:  # others in its chains may change too: all of its scores
+            kept.update({ch: scores[ch] for ch in chains})
     return _Seen(perms, live, todo, sure, kept, n_batches, samples, seconds, observed)
 
 

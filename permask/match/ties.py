@@ -12,7 +12,7 @@ from .assign import column_gaps, conditional
 from .lap import solve_lap
 from .weight import weight_scores
 
-__all__ = ["order_by_weights", "unordered", "warn_constant", "warn_ties"]
+__all__ = ["open_columns", "order_by_weights", "unordered", "warn_constant", "warn_ties"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def order_by_weights(perms, todo: dict[str, tuple], params_a, params_b, graph, s
         before = dict(out)
         for g, (la, lb, free) in todo.items():
             p = perms[g].cpu()
-            pairs = (~lb | ~la[p] | free).nonzero().flatten()  # B's elements the data can't order
+            pairs = open_columns(todo[g], p)
             sub = scores[g][p[pairs]][:, pairs].double()  # [A's of those pairs, B's]
             both_live = la[p[pairs]][:, None] & lb[pairs][None, :]
             both_live &= ~(free[pairs][:, None] & free[pairs][None, :])
@@ -55,6 +55,13 @@ def order_by_weights(perms, todo: dict[str, tuple], params_a, params_b, graph, s
         if all(torch.equal(out[g], before[g].cpu()) for g in todo):
             break
     return out
+
+
+def open_columns(flags: tuple, p: torch.Tensor) -> torch.Tensor:
+    """B's elements whose pair the data cannot order (a group's :func:`unordered` flags at its
+    assignment ``p``): the only ones :func:`order_by_weights` may re-match."""
+    la, lb, free = flags
+    return (~lb | ~la[p.cpu()] | free).nonzero().flatten()
 
 
 _ROUNDS = 5  # re-matches of groups whose weights meet (a dead unit feeding another's input)
