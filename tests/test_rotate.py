@@ -133,6 +133,23 @@ def test_a_plane_reflection_is_refused():
         permask.rotate_model(model, {"rope:nope": flip}, graph)
 
 
+@pytest.mark.parametrize("keyword", [False, True])
+def test_rope_angles_are_read_with_the_dim_as_written(keyword):
+    """``cat(f, f, dim=-1)`` under cos/sin is found whether ``dim`` is positional (aten
+    graphs) or a keyword (torch.fx graphs of hand-written code); another dim is not."""
+    from permask.graph.rope import _angles
+
+    def angles(f, dim):
+        e = torch.cat((f, f), dim=dim) if keyword else torch.cat((f, f), dim)
+        return torch.cos(e)
+
+    for dim, found in ((-1, True), (0, False)):
+        gm = torch.fx.symbolic_trace(lambda f, d=dim: angles(f, d), concrete_args={"d": dim})
+        cos = next(n for n in gm.graph.nodes if n.target is torch.cos)
+        cat = next(n for n in gm.graph.nodes if n.target is torch.cat)
+        assert (_angles(cos, "cos") is cat) is found, dim
+
+
 def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,

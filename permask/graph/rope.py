@@ -140,9 +140,9 @@ def _rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
         return None
     x, cos = first.args
     half, sin = second.args
-    if kind_of(half) != "cat" or (half.args[1] if len(half.args) > 1 else 0) not in (-1, 3):
+    if kind_of(half) != "cat" or arg(half.args, half.kwargs, 1, "dim", 0) not in (-1, 3):
         return None
-    parts = half.args[0]
+    parts = arg(half.args, half.kwargs, 0, "tensors")
     if len(parts) != 2 or kind_of(parts[0]) != "neg":
         return None
     upper, lower = parts[0].args[0], parts[1]
@@ -169,11 +169,14 @@ def _angles(node, fn: str) -> fx.Node | None:
     if not isinstance(node, fx.Node) or kind_of(node) != fn:
         return None
     cat = node.args[0]
-    if kind_of(cat) != "cat" or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
+    if kind_of(cat) != "cat":
+        return None
+    parts = arg(cat.args, cat.kwargs, 0, "tensors")
+    if len(parts) != 2 or parts[0] is not parts[1]:
         return None
     val = cat.meta.get("val")
     last = (-1,) if val is None else (-1, val.ndim - 1)
-    return cat if (cat.args[1] if len(cat.args) > 1 else 0) in last else None
+    return cat if arg(cat.args, cat.kwargs, 1, "dim", 0) in last else None
 
 
 def _slice(node, x: fx.Node, start: int, end: int) -> bool:
