@@ -10,7 +10,7 @@ from torch import nn
 
 import permask
 from permask.match import align
-from permask.match.assign import OpenMargin, conditional, margin
+from permask.match.assign import OpenMargin, assign, conditional, margin
 from permask.match.by_activation import observe
 from permask.match.points import plan_points
 
@@ -129,3 +129,20 @@ def test_final_margins_after_the_weights_reorder_dead_units():
     (group,) = pi.keys()
     fresh = margin(stats.scores()[(group,)], pi[group])
     assert info.constant and info.margins[group] == fresh[0] and info.ties.get(group, 0) == fresh[1]
+
+
+@given(st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_assign_finds_the_optimum_and_leaves_the_scores_as_they_were(n, seed):
+    """A float64 score is solved in its own memory (negated and restored): the scores come back
+    bit for bit, and the assignment's total is scipy's optimum; float32 scores are copied."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float64, torch.float32):
+        score = torch.randn(n, n, generator=g, dtype=dtype)
+        before = score.clone()
+        p = assign({("g",): score}, {"g": n})["g"]
+        assert torch.equal(score, before) and sorted(p.tolist()) == list(range(n))
+        rows, cols = linear_sum_assignment(before.double().numpy(), maximize=True)
+        best = before.double().numpy()[rows, cols].sum()
+        assert float(before.double()[p, torch.arange(n)].sum()) == pytest.approx(best, abs=1e-9)

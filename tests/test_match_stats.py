@@ -40,12 +40,29 @@ def reference(xs_a, xs_b, axis, index):
 )
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "under-bf16-autocast"])
 @pytest.mark.parametrize("fused", [False, True], ids=["sums", "var_mean"])
-def test_correlations_match_float64_reference(shape, axis, index, amp, fused, monkeypatch):
-    """Also inside a caller's ``torch.autocast``: the products must stay float32; and with the
-    moments from one Welford pass (CUDA's default), forced here on the CPU."""
+@pytest.mark.parametrize("chunk", [None, 40], ids=["whole", "in-slices"])
+def test_correlations_match_float64_reference(shape, axis, index, amp, fused, chunk, monkeypatch):
+    """Also inside a caller's ``torch.autocast``: the products must stay float32; with the
+    moments from one Welford pass (CUDA's default), forced here on the CPU; and with each batch
+    observed in slices of rows and the cross sums made in blocks of rows (what bounds an LLM
+    batch's copies), forced here by a tiny bound."""
     monkeypatch.setitem(activation.FUSED_MOMENTS, "cpu", fused)
+    if chunk is not None:
+        monkeypatch.setattr(activation, "_CHUNK_ELEMENTS", chunk)
     got, want = _stats_and_reference(shape, axis, index, amp, torch.float32, "cpu", None)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 40], ids=["whole", "in-slices"])
+def test_float32_statistics_add_products_in_place(chunk, monkeypatch):
+    """float32 sums take the products straight into their buffer (no C x C temporary): the
+    correlations still match the float64 reference, to float32 sums' accuracy."""
+    if chunk is not None:
+        monkeypatch.setattr(activation, "_CHUNK_ELEMENTS", chunk)
+    for shape, axis in (((4, 7, 24), 2), ((4, 32, 2, 2), 1)):
+        got, want = _stats_and_reference(shape, axis, None, False, torch.float32, "cpu", None,
+                                         stats_dtype=torch.float32)  # fmt: skip
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
 
 
 def test_half_precision_activations_are_promoted_not_rounded():
@@ -55,11 +72,12 @@ def test_half_precision_activations_are_promoted_not_rounded():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
-def _stats_and_reference(shape, axis, index, amp, dtype, device, precision):
+def _stats_and_reference(shape, axis, index, amp, dtype, device, precision,
+                         stats_dtype=torch.float64):  # fmt: skip
     channels = shape[axis]
     index = torch.arange(channels)[None] if index is None else index.reshape(2, channels // 2)
     point = Point("x", axis, "x", channels, (Unit(("g",), index),))
-    stats = CorrelationStats(Plan((point,), ()), torch.device(device), precision)
+    stats = CorrelationStats(Plan((point,), ()), torch.device(device), precision, stats_dtype)
     g = torch.Generator().manual_seed(1)
     xs_a, xs_b = [], []
     for _ in range(3):

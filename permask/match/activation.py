@@ -6,7 +6,9 @@ once per layer). A and B run *in lockstep* through one ``torch.fx.GraphModule`` 
 traced graph: every node of A, then the same node of B, and right after an observed node the
 statistics of both outputs are taken, before any later (possibly in-place) op can change them.
 No activation is kept: extra memory is one observed activation pair at a time, not every
-observation point of a batch (tens of GB for an ImageNet ResNet50 batch of 256).
+observation point of a batch (tens of GB for an ImageNet ResNet50 batch of 256), and its copies
+are made in slices of rows of at most ``_CHUNK_ELEMENTS`` (an LLM batch of 4096 tokens x 5632
+MLP channels: six slices, not two 92 MB copies).
 
 Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b,
 a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b)``, the plain correlation:
@@ -65,6 +67,9 @@ __all__ = ["paired_module", "CorrelationStats"]
 
 
 _BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
+# bound on one copy of a unit's values and on one block of the cross product (16M float32
+# bytes): an LLM batch of 4096 tokens x 5632 channels is observed in six slices of rows
+_CHUNK_ELEMENTS = 2**22
 _PRODUCT_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) become float32
 PRECISIONS = (None, "highest", "high")
 _TINY = torch.finfo(torch.float64).tiny
@@ -87,15 +92,28 @@ def _product_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in _PRODUCT_DTYPES else torch.float32
 
 
-def _unit_values(
-    x: torch.Tensor, axis: int, idx: torch.Tensor | None, shift: torch.Tensor | None
-) -> torch.Tensor:
-    """A fresh floating-point ``[before, n, after]`` copy of a unit's channels of ``x`` (axis
-    ``axis``) minus ``shift`` (per unit element); a unit's replicas count as samples."""
+def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` viewed as ``[before, channels, after]`` around axis ``axis`` (detached)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"observed node returned {type(x).__name__}, not a tensor")
     x = x.detach()
-    x = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+    return x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+
+
+def _row_chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``x`` (``[before, C, after]``) in slices of leading rows of at most
+    :data:`_CHUNK_ELEMENTS` elements (at least one row each): what one unit copy holds."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
+    for start in range(0, x.shape[0], step):
+        yield x[start : start + step]
+
+
+def _unit_values(
+    x: torch.Tensor, idx: torch.Tensor | None, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """A fresh floating-point ``[before, n, after]`` copy of a unit's channels of ``x``
+    (``[before, C, after]``) minus ``shift`` (per unit element); a unit's replicas count as
+    samples."""
     if idx is not None:  # gathering copies: [before, k, n, after] -> [before * k, n, after]
         x = x[:, idx].reshape(-1, idx.shape[-1], x.shape[-1]).to(_product_dtype(x))
         return x if shift is None else x.sub_(shift)
@@ -104,20 +122,28 @@ def _unit_values(
     return x.clone() if x.dtype in _PRODUCT_DTYPES else x.float()
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor, precision: str | None = None) -> torch.Tensor:
-    """``[C, C]`` sums of ``a[., i, .] * b[., j, .]`` for ``[before, C, after]`` inputs,
-    products at ``precision`` (CUDA; see :class:`CorrelationStats`)."""
+def _add_cross(sab: torch.Tensor, a: torch.Tensor, b: torch.Tensor, precision: str | None) -> None:
+    """Add to ``sab`` the ``[C, C]`` sums of ``a[., i, .] * b[., j, .]`` for ``[before, C,
+    after]`` inputs, products at ``precision`` (CUDA; see :class:`CorrelationStats`). Made in
+    blocks of ``sab``'s rows of at most :data:`_CHUNK_ELEMENTS`, and straight into ``sab`` when
+    it has the products' dtype: no ``C x C`` temporary (an LLM's MLP unit: 127 MB)."""
     before, c, after = a.shape
     with _matmul_precision(precision, a.device):
-        if after == 1:
-            return a.view(before, c).T @ b.view(before, c)
-        if after >= c:
+        if after > 1 and after >= c:  # many positions per channel, few channels (early convs)
             chunk = max(1, _BMM_ELEMENTS // (c * c))
-            out = torch.bmm(a[:chunk], b[:chunk].transpose(1, 2)).sum(0)
-            for i in range(chunk, before, chunk):
-                out += torch.bmm(a[i : i + chunk], b[i : i + chunk].transpose(1, 2)).sum(0)
-            return out
-        return a.transpose(1, 2).reshape(-1, c).T @ b.transpose(1, 2).reshape(-1, c)
+            for i in range(0, before, chunk):
+                sab += torch.bmm(a[i : i + chunk], b[i : i + chunk].transpose(1, 2)).sum(0)
+            return
+        if after > 1:  # channels last: one GEMM beats a batched one on late, wide layers
+            a, b = (x.transpose(1, 2).reshape(-1, c) for x in (a, b))
+        else:
+            a, b = a.view(before, c), b.view(before, c)
+        step = max(1, _CHUNK_ELEMENTS // c)
+        for r in range(0, c, step):
+            if sab.dtype == a.dtype:
+                sab[r : r + step].addmm_(a[:, r : r + step].T, b)
+            else:
+                sab[r : r + step] += a[:, r : r + step].T @ b
 
 
 def _add_moments(x: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> None:
@@ -295,19 +321,22 @@ class CorrelationStats:
         axis, mixed = self.plan.points[point].axis, self.plan.points[point].mixed
         if mixed:  # other axes in different orders in A and B: averaged out (points.py)
             xa, xb = (x.mean(mixed, keepdim=True, dtype=_product_dtype(x)) for x in (xa, xb))
+        xa, xb = _as_3d(xa, axis), _as_3d(xb, axis)
         for j, idx in enumerate(self.index[point]):
-            shift = self.shift.get((point, j))
-            a = _unit_values(xa, axis, idx, None if shift is None else shift[0])
-            b = _unit_values(xb, axis, idx, None if shift is None else shift[1])
-            if shift is None:  # first batch: its mean is the shift from now on
-                shift = self.shift[(point, j)] = (a.mean((0, 2))[:, None], b.mean((0, 2))[:, None])
-                a.sub_(shift[0])
-                b.sub_(shift[1])
             sa, sb, saa, sbb, sab = self.sums[point][j]
-            _add_moments(a, sa, saa)
-            _add_moments(b, sb, sbb)
-            sab += _cross(a, b, self.precision)
-            self.count[point][j] += a.shape[0] * a.shape[2]
+            for ca, cb in zip(_row_chunks(xa), _row_chunks(xb)):  # bounded copies
+                shift = self.shift.get((point, j))
+                a = _unit_values(ca, idx, None if shift is None else shift[0])
+                b = _unit_values(cb, idx, None if shift is None else shift[1])
+                if shift is None:  # the first chunk's mean is the shift from now on
+                    shift = (a.mean((0, 2))[:, None], b.mean((0, 2))[:, None])
+                    self.shift[(point, j)] = shift
+                    a.sub_(shift[0])
+                    b.sub_(shift[1])
+                _add_moments(a, sa, saa)
+                _add_moments(b, sb, sbb)
+                _add_cross(sab, a, b, self.precision)
+                self.count[point][j] += a.shape[0] * a.shape[2]
 
     def all_reduce(self) -> None:
         """Sum every process's statistics in place (``torch.distributed``; each rank streamed its

@@ -49,8 +49,17 @@ Scores = list[tuple[Chain, torch.Tensor]]  # tensors [*A elements, *B elements] 
 
 
 def _match(score: torch.Tensor, solver: str) -> torch.Tensor:
-    """``p`` maximising ``sum_i score[p[i], i]``."""
-    return solve_lap(score.T, maximize=True, solver=solver)
+    """``p`` maximising ``sum_i score[p[i], i]`` (square ``score``), solved row by row (A's
+    element for each of B's is the inverse). A contiguous float64 CPU score is negated in place
+    for the minimising solver and restored (negation is exact), so an LLM's 5632 x 5632 group
+    needs no copy; any other score is copied once."""
+    if score.dtype != torch.float64 or score.device.type != "cpu" or not score.is_contiguous():
+        return torch.argsort(solve_lap(score, maximize=True, solver=solver))
+    score.neg_()
+    try:
+        return torch.argsort(solve_lap(score, maximize=False, solver=solver))
+    finally:
+        score.neg_()
 
 
 def parents(chains: list[Chain]) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
