@@ -7,8 +7,8 @@ traced graph: every node of A, then the same node of B, and right after an obser
 statistics of both outputs are taken, before any later (possibly in-place) op can change them.
 No activation is kept: extra memory is one observed activation pair at a time, not every
 observation point of a batch (tens of GB for an ImageNet ResNet50 batch of 256), and its copies
-are made in slices of rows of at most ``_CHUNK_ELEMENTS`` (an LLM batch of 4096 tokens x 5632
-MLP channels: six slices, not two 92 MB copies).
+are made in equal slices of rows of at most ``_CHUNK_ELEMENTS`` (an LLM batch of 4096 tokens x
+5632 MLP channels: two slices).
 
 Per unit we accumulate, in float64 on the models' device, the sample count and sums of a, b,
 a^2, b^2 and the cross sum a^T b; then ``corr = cov / (std_a std_b)``, the plain correlation:
@@ -67,9 +67,10 @@ __all__ = ["paired_module", "CorrelationStats"]
 
 
 _BMM_ELEMENTS = 2**24  # bound on a batched cross product's [chunk, C, C] intermediate
-# bound on one copy of a unit's values and on one block of the cross product (16M float32
-# bytes): an LLM batch of 4096 tokens x 5632 channels is observed in six slices of rows
-_CHUNK_ELEMENTS = 2**22
+# bound on one copy of a unit's values and on one block of the cross product (64 MiB of
+# float32), cut into equal slices: an LLM batch of 4096 tokens x 5632 channels is observed in
+# two slices of rows. Smaller slices peaked higher on a 1.1B Llama (the allocator keeps them)
+_CHUNK_ELEMENTS = 2**24
 _PRODUCT_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) become float32
 PRECISIONS = (None, "highest", "high")
 _TINY = torch.finfo(torch.float64).tiny
@@ -103,9 +104,15 @@ def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
 def _row_chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:
     """``x`` (``[before, C, after]``) in slices of leading rows of at most
     :data:`_CHUNK_ELEMENTS` elements (at least one row each): what one unit copy holds."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
+    step = _even(x.shape[0], _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
     for start in range(0, x.shape[0], step):
         yield x[start : start + step]
+
+
+def _even(n: int, most: int) -> int:
+    """The length of the fewest equal slices of ``n`` items of at most ``most`` (at least 1)."""
+    slices = -(-n // max(1, most))
+    return -(-n // slices)
 
 
 def _unit_values(
@@ -138,7 +145,7 @@ def _add_cross(sab: torch.Tensor, a: torch.Tensor, b: torch.Tensor, precision: s
             a, b = (x.transpose(1, 2).reshape(-1, c) for x in (a, b))
         else:
             a, b = a.view(before, c), b.view(before, c)
-        step = max(1, _CHUNK_ELEMENTS // c)
+        step = _even(c, _CHUNK_ELEMENTS // c)
         for r in range(0, c, step):
             if sab.dtype == a.dtype:
                 sab[r : r + step].addmm_(a[:, r : r + step].T, b)
