@@ -102,7 +102,7 @@ def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _row_chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``x`` (``[before, C, after]``) in slices of leading rows of at most
+    """``x`` (``[before, C, after]``) in the fewest equal slices of leading rows of at most
     :data:`_CHUNK_ELEMENTS` elements (at least one row each): what one unit copy holds."""
     step = _even(x.shape[0], _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
     for start in range(0, x.shape[0], step):

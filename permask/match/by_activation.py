@@ -71,10 +71,9 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     perms = order_by_weights(perms, todo, sd_a, sd_b, graph, req.solver)
     sure = {g: m for s in seen for g, m in s.sure.items()}
     kept = {chain: t for s in seen for chain, t in s.kept.items()}  # what the weights changed
+    opened = {g: t for s in seen for g, t in s.opened.items()}
     sizes = {g.name: g.size for g in graph}
-    whole = {chain: t for chain, t in kept.items() if isinstance(t, torch.Tensor)}
-    sure.update({g: margin(s, perms[g]) for g, s in conditional(whole, sizes, perms).items()})
-    opened = {chain[0]: t for chain, t in kept.items() if isinstance(t, OpenMargin)}
+    sure.update({g: margin(s, perms[g]) for g, s in conditional(kept, sizes, perms).items()})
     sure.update({g: t.margin(perms[g]) for g, t in opened.items()})
     margins, ties = {g: m for g, (m, _) in sure.items()}, {g: t for g, (_, t) in sure.items() if t}
     if plan.unmatched:  # groups no activation shows: weight matching, the others held fixed
@@ -99,14 +98,16 @@ def activation_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
 class _Seen:
     """What one pass over the data leaves for its groups: assignments, live flags per unit,
     pairs the data cannot order (``todo``), margins, and what the final margins of the groups
-    whose assignment the weights may still change need (``kept``: their scores, or for a group
-    alone in its component only its open columns, :class:`~permask.match.assign.OpenMargin`)."""
+    whose assignment the weights may still change need: their scores (``kept``), or for a group
+    alone in its component only its open columns (``opened``,
+    :class:`~permask.match.assign.OpenMargin`)."""
 
     perms: dict[str, torch.Tensor]
     live: dict[tuple[str, ...], list[torch.Tensor]]
     todo: dict[str, tuple]
     sure: dict[str, tuple[float, int]]
-    kept: dict[tuple[str, ...], torch.Tensor | OpenMargin]
+    kept: dict[tuple[str, ...], torch.Tensor]
+    opened: dict[str, OpenMargin]
     batches: int
     samples: int
     seconds: float
@@ -135,14 +136,15 @@ def _one_pass(a: nn.Module, b: nn.Module, plan: Plan, data: Iterable, req: Match
     perms = assign(scores, sizes, req.solver)
     todo = unordered(scores, live, perms, sizes)
     sure = {g: margin(s, perms[g]) for g, s in conditional(scores, sizes, perms).items()}
-    kept: dict[tuple[str, ...], torch.Tensor | OpenMargin] = {}
+    kept: dict[tuple[str, ...], torch.Tensor] = {}
+    opened: dict[str, OpenMargin] = {}
     for comp in (c for c in components(plan) if c & todo.keys()):
         (g, *rest), chains = sorted(comp), [ch for ch in scores if set(ch) <= comp]
         if not rest and scores[(g,)].shape[0] > 1:  # alone: only its open columns can change
-            kept[(g,)] = OpenMargin(scores[(g,)], perms[g], open_columns(todo[g], perms[g]))
+            opened[g] = OpenMargin(scores[(g,)], perms[g], open_columns(todo[g], perms[g]))
         else:  # others in its chains may change too: all of its scores
             kept.update({ch: scores[ch] for ch in chains})
-    return _Seen(perms, live, todo, sure, kept, n_batches, samples, seconds, observed)
+    return _Seen(perms, live, todo, sure, kept, opened, n_batches, samples, seconds, observed)
 
 
 def observe(
