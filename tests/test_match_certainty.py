@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import permask
@@ -135,8 +136,6 @@ def test_final_margins_after_the_weights_reorder_dead_units():
 def test_assign_finds_the_optimum_and_leaves_the_scores_as_they_were(n, seed):
     """A float64 score is solved in its own memory (negated and restored): the scores come back
     bit for bit, and the assignment's total is scipy's optimum; float32 scores are copied."""
-    from scipy.optimize import linear_sum_assignment
-
     g = torch.Generator().manual_seed(seed)
     for dtype in (torch.float64, torch.float32):
         score = torch.randn(n, n, generator=g, dtype=dtype)
