@@ -119,7 +119,9 @@ def embedding_module(ctx: RuleContext, x: TracedTensor):
     return _embedding(ctx, x, ctx.tensor("weight"))
 
 
-@register_rule(F.scaled_dot_product_attention)
+# role "nonlinear": attention's output is its heads' hidden units, what the output projection
+# reads, as an activation's output is an MLP's (permask.match.points)
+@register_rule(F.scaled_dot_product_attention, role="nonlinear")
 def scaled_dot_product_attention(ctx: RuleContext, query: TracedTensor, key: TracedTensor,
                                  value: TracedTensor, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):  # fmt: skip
