@@ -3,7 +3,10 @@
 Two byte-level language models per architecture (Hugging Face GPT-2: fused ``Conv1D``
 projections; Llama: grouped-query attention, RoPE, gated MLP) trained here from two seeds on the
 source code of a few standard-library modules, and two timm ViTs (dim 64, depth 4, 4x4 patches)
-trained 3 epochs on Fashion-MNIST ($PERMASK_DATA); then, for each method (weight, activation, STE),
+trained 3 epochs on Fashion-MNIST ($PERMASK_DATA), all by AdamW with the usual schedule (linear
+warmup over 5% of the steps, cosine decay to zero; weight decay 0.1 for the language models,
+0.05 for the ViT; ``--schedule constant --weight-decay 0`` for the constant rate the first rows
+used); then, for each method (weight, activation, STE),
 the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
 ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps of the residual
 stream (RMSNorm/pre-LayerNorm models, permask.orthogonal_groups; a tied output layer is untied
@@ -38,7 +41,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from hf_align import NextToken, as_classification, batches, corpus, train  # noqa: E402
+from hf_align import (  # noqa: E402
+    NextToken,
+    as_classification,
+    batches,
+    corpus,
+    train,
+    warmup_cosine,
+)
 
 import permask  # noqa: E402
 from permask.merging import turned_onto  # noqa: E402
@@ -74,10 +84,11 @@ def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
     train_data = batches(data[:split], args.steps, 16, args.seq, seed=0)
     test = as_classification(batches(data[split:], 8, 16, args.seq, seed=1))
     t0 = time.perf_counter()
+    recipe = dict(weight_decay=args.weight_decay, cosine=args.schedule == "cosine")
     a, b = (
-        _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}", seed,
+        _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}{_recipe(args)}", seed,
                  lambda s: model(kind, args.hidden, args.layers, s),
-                 lambda m, s: train(m, train_data, args.steps))
+                 lambda m, s: train(m, train_data, args.steps, **recipe))
         for seed in (1, 2)
     )  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -88,6 +99,7 @@ def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
 def pair(kind: str, args: argparse.Namespace) -> dict:
     a, b, match, graph, test, seconds = trained_pair(kind, args)
     row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+                 "schedule": args.schedule, "weight_decay": args.weight_decay,
                  "train_seconds": seconds}  # fmt: skip
     wrapped_graph = None
     row["naive"] = _barriers(a, b, test, match, None)
@@ -170,6 +182,9 @@ def _vit_trained(args: argparse.Namespace) -> tuple:
 
     def fit(net: nn.Module, seed: int) -> nn.Module:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        steps = args.vit_epochs * len(train_loader)
+        factor = warmup_cosine(steps) if args.schedule == "cosine" else (lambda s: 1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         loader = train_loader.replace(seed=seed)
         for epoch in range(args.vit_epochs):
             loader.set_epoch(epoch)
@@ -177,11 +192,13 @@ def _vit_trained(args: argparse.Namespace) -> tuple:
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x), y).backward()
                 opt.step()
+                schedule.step()
         return net.eval()
 
     t0 = time.perf_counter()
     a, b = (
-        _trained(args, f"vit_{args.vit_epochs}_{args.vit_subset}", seed, build, fit)
+        _trained(args, f"vit_{args.vit_epochs}_{args.vit_subset}{_recipe(args, lm=False)}", seed,
+                 build, fit)
         for seed in (1, 2)
     )  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -194,7 +211,7 @@ def vit_pair(args: argparse.Namespace) -> dict:
     """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
     a, b, match, graph, test_loader, seconds = trained_pair("vit", args)
     row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
-                 "train_seconds": seconds}  # fmt: skip
+                 "schedule": args.schedule, "train_seconds": seconds}  # fmt: skip
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
@@ -217,6 +234,14 @@ def vit_pair(args: argparse.Namespace) -> dict:
             row[name] = {**barriers(x, y), **extra}
             print("vit", name, row[name], flush=True)
     return row
+
+
+def _recipe(args: argparse.Namespace, lm: bool = True) -> str:
+    """The training recipe's part of a cached model's name ("" for the constant rate without
+    weight decay the first cached language models had; the ViT's decay is its own)."""
+    if args.schedule == "constant" and (args.weight_decay == 0 or not lm):
+        return ""
+    return f"_{args.schedule}" + (f"_wd{args.weight_decay:g}" if lm else "")
 
 
 def _lm_batches(data: list[dict]) -> list[dict]:
@@ -242,6 +267,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-subset", type=int, default=20000, help="ViT training images")
     p.add_argument("--vit-test-batches", type=int, default=2, help="test batches of 1000")
     p.add_argument("--steps", type=int, default=600, help="training steps per model")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "constant"],
+        default="cosine",
+        help="learning rate: warmup then cosine decay to zero, or constant",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's, language models")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)

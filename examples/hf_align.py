@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import warnings
 
 import torch
@@ -79,8 +80,19 @@ def as_classification(data: list[dict]) -> list[tuple]:
     return [(b["input_ids"], b["input_ids"][:, 1:].reshape(-1)) for b in data]
 
 
-def train(model: nn.Module, data: list[dict], steps: int, mask=None, lr: float = 3e-3):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def warmup_cosine(steps: int, warmup: float = 0.05):
+    """The usual language-model learning-rate factor per step: linear warmup over the first
+    ``warmup`` of ``steps``, then cosine decay to zero (for ``LambdaLR``)."""
+    ramp = max(1, round(warmup * steps))
+    return lambda s: min(1.0, (s + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))
+
+
+def train(model: nn.Module, data: list[dict], steps: int, mask=None, lr: float = 3e-3,
+          weight_decay: float = 0.0, cosine: bool = False):  # fmt: skip
+    """AdamW for ``steps`` steps at a constant ``lr``, or with ``cosine`` on the
+    :func:`warmup_cosine` schedule; ``mask``: pruned weights kept at zero."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps)) if cosine else None
     if mask is not None:
         opt = MaskedOptimizer(opt, mask, model)
     net = NextToken(model).train()
@@ -90,6 +102,8 @@ def train(model: nn.Module, data: list[dict], steps: int, mask=None, lr: float =
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     return model.eval()
 
 
