@@ -29,7 +29,6 @@ such groups use only their structured units.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -81,44 +80,20 @@ class Plan:
 
 
 def select_observations(
-    observations: list[Observation],
-    permuted: dict[str, set[int]] | None = None,
-    user: dict[str, str] | None = None,
+    observations: list[Observation], permuted: dict[str, set[int]] | None = None
 ) -> list[Observation]:
     """The observation points activation matching uses for one group (rules in module doc):
     by the role each op's rule registered (:func:`permask.graph.registry.register_role`).
     ``permuted``: node -> the axes of its output that groups move; observations with another
-    moved axis are used only where a group has no other (module doc), but a nonlinear output
-    with another moved axis is seen where pass-through ops have merged those axes into one
-    (``user``: node -> its only user; :func:`_merged`)."""
+    moved axis are used only where a group has no other (module doc)."""
     usable = [o for o in observations if o.op != "get_attr" and o.item is None]  # single outputs
     if permuted:
-        usable = [_merged(o, usable, permuted, user or {}) for o in usable]
         usable = [o for o in usable if not permuted.get(o.node, set()) - {o.axis}] or usable
     for wanted in ("nonlinear", "residual"):
         chosen = [o for o in usable if o.role == wanted]
         if chosen:
             return chosen
     return [o for o in usable if o.role != "pass_through"]
-
-
-def _merged(
-    o: Observation, usable: list[Observation], permuted: dict[str, set[int]], user: dict[str, str]
-) -> Observation:
-    """``o``, or for a nonlinear output whose node has other moved axes (attention's
-    ``[batch, heads, tokens, value dims]``) the first pass-through view of its values where
-    the group is the only moved axis (``[batch, tokens, heads x value dims]``, what the output
-    projection reads): there the nested groups form one unit, solved jointly. ``o`` itself if
-    the chain of only users leaves the pass-through ops first."""
-    if o.role != "nonlinear" or not permuted.get(o.node, set()) - {o.axis}:
-        return o
-    at = {v.node: v for v in usable}
-    node = user.get(o.node)
-    while node in at and at[node].role == "pass_through":
-        if not permuted.get(node, set()) - {at[node].axis}:
-            return dataclasses.replace(at[node], role="nonlinear")
-        node = user.get(node)
-    return o
 
 
 def axis_units(layout: Layout, sizes: dict[str, int]) -> list[Unit]:
@@ -159,9 +134,8 @@ def plan_points(graph: PermutationGraph) -> Plan:
             if o.item is None:
                 permuted.setdefault(o.node, set()).add(o.axis)
     chosen: dict[tuple[str, int], tuple[Observation, set[str]]] = {}
-    user = {n.name: next(iter(n.users)).name for n in graph.fx_graph.nodes if len(n.users) == 1}
     for g in graph:
-        for o in select_observations(g.observations, permuted, user):
+        for o in select_observations(g.observations, permuted):
             chosen.setdefault((o.node, o.axis), (o, set()))[1].add(g.name)
     found: list[tuple[Observation, list[Unit]]] = []
     for key in sorted(chosen, key=lambda k: (order[k[0]], k[1])):

@@ -119,9 +119,7 @@ def embedding_module(ctx: RuleContext, x: TracedTensor):
     return _embedding(ctx, x, ctx.tensor("weight"))
 
 
-# role "nonlinear": attention's output is its heads' hidden units, what the output projection
-# reads, as an activation's output is an MLP's (permask.match.points)
-@register_rule(F.scaled_dot_product_attention, role="nonlinear")
+@register_rule(F.scaled_dot_product_attention)
 def scaled_dot_product_attention(ctx: RuleContext, query: TracedTensor, key: TracedTensor,
                                  value: TracedTensor, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):  # fmt: skip
