@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(2)
     for kind in cli.kinds:
         a, b, match, graph, *_ = tp.trained_pair(kind, args)
-        row = {"kind": kind, **compare(a, b, match, graph)}
+        row = {"kind": kind, "schedule": args.schedule, **compare(a, b, match, graph)}
         print(json.dumps(row), flush=True)
         if not cli.no_save:
             with RESULTS.open("a") as f:
