@@ -74,3 +74,28 @@ def test_hub_memory_table_is_the_results_file():
     benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
     rows = hub_memory_rows()
     assert rows and all(r in benchmarks for r in rows), rows
+
+
+def test_transformer_pairs_tables_are_the_results_file():
+    """docs/results.md's trained-pair tables show the latest 600-step cosine-schedule row of each
+    pair: every barrier with its ratio to the naive one (STE with the maps, and REPAIR after
+    folding alone, are left out)."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text[text.index("## Trained transformer pairs") :]
+    section = section[: section.index("\n## ")]
+    rows = [r for r in _rows("transformer_pairs.jsonl") if r.get("schedule") == "cosine"]
+    latest = _latest([r for r in rows if r.get("steps", 600) == 600], "kind")
+    assert set(latest) == {"vit", "gpt2", "llama"}
+    for kind, row in latest.items():
+        naive = row["naive"]["barrier"]
+        assert f"| {naive:.3f} |" in section, kind
+        for method, cell in row.items():
+            if not isinstance(cell, dict) or method == "naive" or method.startswith("ste+"):
+                continue
+            shown_keys = ("barrier",) if method.endswith("+fold") else ("barrier", "repair")
+            for value in (cell[k] for k in shown_keys):
+                shown = (
+                    f"{value:.3f} ({value / naive:.2f})",
+                    f"{value:.3f} (**{value / naive:.2f}**)",
+                )
+                assert any(s in section for s in shown), (kind, method, value)
