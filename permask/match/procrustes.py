@@ -70,10 +70,19 @@ def match_rotations(
     if loader is not None:  # activations of the groups do not depend on the planes
         out = _by_activation(model_a, model_b, graph, adms, loader)
         return {**out, **_planes(a, b, graph, out, sites)}
+    # the q/k projections turn with the planes each round; every other single-axis term of a
+    # group is the same in every round, so it is summed once (``base``)
+    moving = {t for s in sites for t, _ in s.projections}
+    axes = {name: _member_axes(graph, adm, a) for name, adm in adms.items()}
+    base = {name: _terms(a, b, _single(ax, moving), None) for name, ax in axes.items()}
+    rest = {name: {t: x for t, x in ax.items() if t in moving or len(x) > 1}
+            for name, ax in axes.items()}  # fmt: skip
     planes: dict[str, torch.Tensor] = {}
     for _ in range(max_iter):  # q/k rows turn by the planes, their columns by the groups
         b_now = _turned_planes(b, planes, sites)
-        out = {name: _by_weights(a, b_now, graph, adm, max_iter) for name, adm in adms.items()}
+        out = {name: _by_weights(a, b_now, rest[name], adm.keeps_ones, max_iter, base[name],
+                                 axes[name])
+               for name, adm in adms.items()}  # fmt: skip
         new = _planes(a, b, graph, out, sites)
         done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-10 for k in planes)
         planes = new
@@ -117,15 +126,27 @@ def _turned_planes(b: dict, planes: dict, sites: list[RopeSite]) -> dict:
     return out
 
 
-def _by_weights(a: dict, b: dict, graph, adm, max_iter: int) -> torch.Tensor:
+def _member_axes(graph, adm, a: dict) -> dict[str, list[int]]:
+    """The group's member axes per tensor (folded gains and norm biases left out)."""
     axes: dict[str, list[int]] = {}
     for m in graph.groups[adm.group].members:
         if m.tensor not in adm.folded and m.tensor in a:
             axes.setdefault(m.tensor, []).append(m.axis)
-    o = _solve(a, b, axes, adm.keeps_ones, None)
+    return axes
+
+
+def _single(axes: dict[str, list[int]], moving: set[str]) -> dict[str, list[int]]:
+    return {t: x for t, x in axes.items() if t not in moving and len(x) == 1}
+
+
+def _by_weights(a: dict, b: dict, axes: dict, keeps_ones: bool, max_iter: int, base,
+                every: dict) -> torch.Tensor:  # fmt: skip
+    """Procrustes on ``base`` (the terms summed already) plus ``axes``' terms; iterated while
+    some tensor holds the group on two axes (``every``: all the group's member axes)."""
+    o = _solve(a, b, axes, keeps_ones, None, base, every)
     if any(len(v) > 1 for v in axes.values()):
         for _ in range(max_iter):
-            new = _solve(a, b, axes, adm.keeps_ones, o)
+            new = _solve(a, b, axes, keeps_ones, o, base, every)
             done = bool((new - o).abs().max() < 1e-10)
             o = new
             if done:
@@ -133,10 +154,10 @@ def _by_weights(a: dict, b: dict, graph, adm, max_iter: int) -> torch.Tensor:
     return o
 
 
-def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o) -> torch.Tensor:
-    """One Procrustes step: each (tensor, axis) term with B's other axes of the group turned
-    by ``o`` (or, without ``o``, only tensors holding the group on one axis)."""
-    n = None
+def _terms(a, b, axes: dict[str, list[int]], o):
+    """The sum of each (tensor, axis) term ``A_axis B_axis^T``, B's other axes of the group
+    turned by ``o`` (or, without ``o``, only tensors holding the group on one axis); 0 if
+    there is none."""
     m = 0
     for tensor, those in axes.items():
         if o is None and len(those) > 1:
@@ -149,8 +170,14 @@ def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o) -> torch.Tenso
             n = tb.shape[axis]
             ta = a[tensor].detach().double().cpu().movedim(axis, 0).reshape(n, -1)
             m = m + ta @ tb.movedim(axis, 0).reshape(n, -1).T
-    if n is None:  # only two-axis members: start from the identity
-        (tensor, those), *_ = axes.items()
+    return m
+
+
+def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o, base, every) -> torch.Tensor:
+    """One Procrustes step on ``base`` plus ``axes``' terms (:func:`_terms`)."""
+    m = base + _terms(a, b, axes, o)
+    if not isinstance(m, torch.Tensor):  # only two-axis members: start from the identity
+        (tensor, those), *_ = every.items()
         return torch.eye(b[tensor].shape[those[0]], dtype=torch.float64)
     return procrustes(m, keeps_ones)
 
