@@ -6,9 +6,9 @@ source code of a few standard-library modules, and two timm ViTs (dim 64, depth 
 trained 3 epochs on Fashion-MNIST ($PERMASK_DATA), all by AdamW with the usual schedule (linear
 warmup over 5% of the steps, cosine decay to zero; weight decay 0.1 for the language models,
 0.05 for the ViT; ``--schedule constant --weight-decay 0`` for the constant rate the first rows
-used); then, for each method (weight, activation, STE),
-the loss barrier of the straight path pi(A) -> B on held-out text, without and with REPAIR, as a
-ratio to the naive path's barrier A -> B. Where the graph admits orthogonal maps of the residual
+used); then, for each method (weight, activation, STE), the loss barrier of the straight path
+pi(A) -> B on held-out text, without and with REPAIR, as a ratio to the naive path's barrier
+A -> B. Where the graph admits orthogonal maps of the residual
 stream (RMSNorm/pre-LayerNorm models, permask.orthogonal_groups; a tied output layer is untied
 first, permask.untie_weights), each method is followed by folding the norms (``+fold``: the
 path between the folded models, no map)

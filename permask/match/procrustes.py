@@ -73,15 +73,13 @@ def match_rotations(
     # the q/k projections turn with the planes each round; every other single-axis term of a
     # group is the same in every round, so it is summed once (``base``)
     moving = {t for s in sites for t, _ in s.projections}
-    axes = {name: _member_axes(graph, adm, a) for name, adm in adms.items()}
-    base = {name: _terms(a, b, _single(ax, moving), None) for name, ax in axes.items()}
-    rest = {name: {t: x for t, x in ax.items() if t in moving or len(x) > 1}
-            for name, ax in axes.items()}  # fmt: skip
+    parts = {name: _split(_member_axes(graph, adm, a), moving) for name, adm in adms.items()}
+    base = {name: _terms(a, b, fixed, None) for name, (fixed, _) in parts.items()}
     planes: dict[str, torch.Tensor] = {}
     for _ in range(max_iter):  # q/k rows turn by the planes, their columns by the groups
         b_now = _turned_planes(b, planes, sites)
-        out = {name: _by_weights(a, b_now, rest[name], adm.keeps_ones, max_iter, base[name],
-                                 axes[name])
+        out = {name: _by_weights(a, b_now, parts[name][1], adm.keeps_ones, max_iter, base[name],
+                                 graph.groups[adm.group].size)
                for name, adm in adms.items()}  # fmt: skip
         new = _planes(a, b, graph, out, sites)
         done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-10 for k in planes)
@@ -135,18 +133,20 @@ def _member_axes(graph, adm, a: dict) -> dict[str, list[int]]:
     return axes
 
 
-def _single(axes: dict[str, list[int]], moving: set[str]) -> dict[str, list[int]]:
-    return {t: x for t, x in axes.items() if t not in moving and len(x) == 1}
+def _split(axes: dict[str, list[int]], moving: set[str]) -> tuple[dict, dict]:
+    """``axes`` as (the tensors holding the group on one axis that no plane turns, the rest)."""
+    fixed = {t: x for t, x in axes.items() if t not in moving and len(x) == 1}
+    return fixed, {t: x for t, x in axes.items() if t not in fixed}
 
 
 def _by_weights(a: dict, b: dict, axes: dict, keeps_ones: bool, max_iter: int, base,
-                every: dict) -> torch.Tensor:  # fmt: skip
-    """Procrustes on ``base`` (the terms summed already) plus ``axes``' terms; iterated while
-    some tensor holds the group on two axes (``every``: all the group's member axes)."""
-    o = _solve(a, b, axes, keeps_ones, None, base, every)
+                size: int) -> torch.Tensor:  # fmt: skip
+    """Procrustes on ``base`` (the terms summed already) plus ``axes``' terms, for a group of
+    ``size``; iterated while some tensor holds the group on two axes."""
+    o = _solve(a, b, axes, keeps_ones, None, base, size)
     if any(len(v) > 1 for v in axes.values()):
         for _ in range(max_iter):
-            new = _solve(a, b, axes, keeps_ones, o, base, every)
+            new = _solve(a, b, axes, keeps_ones, o, base, size)
             done = bool((new - o).abs().max() < 1e-10)
             o = new
             if done:
@@ -173,12 +173,11 @@ def _terms(a, b, axes: dict[str, list[int]], o):
     return m
 
 
-def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o, base, every) -> torch.Tensor:
+def _solve(a, b, axes: dict[str, list[int]], keeps_ones: bool, o, base, size: int) -> torch.Tensor:
     """One Procrustes step on ``base`` plus ``axes``' terms (:func:`_terms`)."""
     m = base + _terms(a, b, axes, o)
     if not isinstance(m, torch.Tensor):  # only two-axis members: start from the identity
-        (tensor, those), *_ = every.items()
-        return torch.eye(b[tensor].shape[those[0]], dtype=torch.float64)
+        return torch.eye(size, dtype=torch.float64)
     return procrustes(m, keeps_ones)
 
 
