@@ -45,7 +45,8 @@ def _digits_mlp(seed: int, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
 @pytest.mark.outcome
 def test_ste_lowers_the_midpoint_loss_of_a_trained_pair():
     """A narrow MLP pair on synthetic digits, where weight matching leaves a barrier: 3 passes
-    of STE lower the midpoint's test loss (measured 0.349 -> 0.287, barrier 0.243 -> 0.181)."""
+    of STE lower the midpoint's test loss (measured 0.349 -> 0.218, barrier 0.243 -> 0.112).
+    Free weights started at weight matching's pi(A) instead of B's reach only 0.287."""
     with torch_threads(1):
         x, y = synthetic_digits(3000, 0)
         x = x.float().div(255).flatten(1)
@@ -62,4 +63,4 @@ def test_ste_lowers_the_midpoint_loss_of_a_trained_pair():
             moved = permask.permute_model(a, pi, graph)
             mid[method] = interpolate(moved, b, test, alphas=[0.5])["losses"][0]
     assert mid["weight"] > 0.25  # the pair leaves weight matching a barrier to remove
-    assert mid["ste"] < mid["weight"] - 0.03
+    assert mid["ste"] < mid["weight"] - 0.09

@@ -2,13 +2,17 @@
 ICLR 2023, Algorithm 3), on any traced graph.
 
 Weight matching maximises the weights' agreement; STE matching minimises what interpolation
-cares about, the loss of the midpoint. It learns free weights ``W~`` (started at weight
-matching's pi(A)): every step projects them onto A's permutations, pi = the weight matching of
-A to ``W~`` (warm-started from the last pi), evaluates the midpoint ``(pi(A) + B) / 2`` on one
-batch, and moves ``W~`` by the gradient of that loss taken at pi(A) (the straight-through
-estimate: the projection counts as the identity). One pass over the loader is one step per
-batch; for more steps pass a loader of several epochs (``list(loader) * 10``). The pi of the
-last projection is returned.
+cares about, the loss of the midpoint. It learns free weights ``W~``, started at the fixed
+model B's weights, as Git Re-Basin's ports do (the first projection is weight matching's pi):
+every step projects them onto A's permutations, pi = the weight matching of A to ``W~``
+(warm-started from the last pi), evaluates the midpoint ``(pi(A) + B) / 2`` on one batch, and
+moves ``W~`` by the gradient of that loss taken at pi(A) (the straight-through estimate: the
+projection counts as the identity). One pass over the loader is one step per batch; for more
+steps pass a loader of several epochs (``list(loader) * 10``). The pi of the last projection is
+returned.
+
+Started at pi(A) instead, ``W~`` would project onto pi by A's agreement with itself, a margin
+that steps of this size do not overcome: pi would stay weight matching's.
 
 Choices where the paper leaves them open:
 
@@ -70,7 +74,7 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     params_b = {n: p.detach() for n, p in b.named_parameters()}
     res = weight_matching(params_a, params_b, req.graph, seed=req.seed, solver=req.solver)
     perms = res.perms
-    free = {n: t.clone().requires_grad_(True) for n, t in _moved(params_a, perms, req).items()}
+    free = {n: t.clone().requires_grad_(True) for n, t in params_b.items()}
     scale = {n: float(t.square().mean().sqrt()) for n, t in params_a.items()}
     opt = torch.optim.Adam([{"params": [t], "lr": LR * scale[n]} for n, t in free.items()])
     buffers = {n: t.detach().clone() for n, t in b.named_buffers()}
