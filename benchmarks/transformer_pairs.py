@@ -21,7 +21,8 @@ published ratios (Theus et al., NeurIPS 2025).
     python benchmarks/transformer_pairs.py                 # the three pairs, ~20 min on 2 cores
     python benchmarks/transformer_pairs.py --kinds llama --steps 100 --no-save   # a quick look
 
-``--cache DIR`` keeps the trained models there and reuses them on the next run.
+``--cache DIR`` keeps the trained models there and reuses them on the next run; ``--seeds 3 4``
+trains another pair, for the spread between pairs (rows record their seeds).
 
 Needs the ``hf`` extra.
 """
@@ -89,7 +90,7 @@ def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
         _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}{_recipe(args)}", seed,
                  lambda s: model(kind, args.hidden, args.layers, s),
                  lambda m, s: train(m, train_data, args.steps, **recipe))
-        for seed in (1, 2)
+        for seed in args.seeds
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     graph = permask.trace(a, {"input_ids": train_data[0]["input_ids"]})
@@ -100,7 +101,7 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
     a, b, match, graph, test, seconds = trained_pair(kind, args)
     row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
                  "schedule": args.schedule, "weight_decay": args.weight_decay,
-                 "train_seconds": seconds}  # fmt: skip
+                 "seeds": args.seeds, "train_seconds": seconds}  # fmt: skip
     wrapped_graph = None
     row["naive"] = _barriers(a, b, test, match, None)
     for method in ("weight", "activation", "ste"):
@@ -199,7 +200,7 @@ def _vit_trained(args: argparse.Namespace) -> tuple:
     a, b = (
         _trained(args, f"vit_{args.vit_epochs}_{args.vit_subset}{_recipe(args, lm=False)}", seed,
                  build, fit)
-        for seed in (1, 2)
+        for seed in args.seeds
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     stats = train_loader.replace(seed=0, augment=False)
@@ -211,7 +212,8 @@ def vit_pair(args: argparse.Namespace) -> dict:
     """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
     a, b, match, graph, test_loader, seconds = trained_pair("vit", args)
     row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
-                 "schedule": args.schedule, "train_seconds": seconds}  # fmt: skip
+                 "schedule": args.schedule, "seeds": args.seeds,
+                 "train_seconds": seconds}  # fmt: skip
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
@@ -267,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-subset", type=int, default=20000, help="ViT training images")
     p.add_argument("--vit-test-batches", type=int, default=2, help="test batches of 1000")
     p.add_argument("--steps", type=int, default=600, help="training steps per model")
+    p.add_argument("--seeds", type=int, nargs=2, default=[1, 2], help="the two models' seeds")
     p.add_argument(
         "--schedule",
         choices=["cosine", "constant"],

@@ -78,12 +78,16 @@ def test_hub_memory_table_is_the_results_file():
 
 def test_transformer_pairs_tables_are_the_results_file():
     """docs/results.md's trained-pair tables show the latest 600-step cosine-schedule row of each
-    pair: every barrier with its ratio to the naive one (STE with the maps, and REPAIR after
-    folding alone, are left out)."""
+    pair of seeds 1 and 2: every barrier with its ratio to the naive one (STE with the maps, and
+    REPAIR after folding alone, are left out)."""
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("## Trained transformer pairs") :]
     section = section[: section.index("\n## ")]
-    rows = [r for r in _rows("transformer_pairs.jsonl") if r.get("schedule") == "cosine"]
+    rows = [
+        r
+        for r in _rows("transformer_pairs.jsonl")
+        if r.get("schedule") == "cosine" and r.get("seeds", [1, 2]) == [1, 2]
+    ]
     latest = _latest([r for r in rows if r.get("steps", 600) == 600], "kind")
     assert set(latest) == {"vit", "gpt2", "llama"}
     for kind, row in latest.items():
@@ -99,3 +103,27 @@ def test_transformer_pairs_tables_are_the_results_file():
                     f"{value:.3f} (**{value / naive:.2f}**)",
                 )
                 assert any(s in section for s in shown), (kind, method, value)
+
+
+def test_second_pair_of_seeds_table_is_the_results_file():
+    """The trained pairs' table of two pairs of seeds shows the latest seeds-3-and-4 row of each
+    pair: its naive barrier, and each method's barrier with its ratio, on the row of its seeds."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text[text.index("**A second pair of seeds**") :]
+    lines = section[: section.index("\n\n", section.index("| pair | seeds |"))].splitlines()
+    rows = [
+        r
+        for r in _rows("transformer_pairs.jsonl")
+        if r.get("schedule") == "cosine" and r.get("steps", 600) == 600
+    ]
+    names = {"vit": "ViT", "gpt2": "GPT-2", "llama": "Llama"}
+    for seeds in ([1, 2], [3, 4]):
+        latest = _latest([r for r in rows if r.get("seeds", [1, 2]) == seeds], "kind")
+        assert set(latest) == set(names)
+        for kind, row in latest.items():
+            line = next(x for x in lines if x.startswith(f"| {names[kind]} | {seeds[0]}, "))
+            naive = row["naive"]["barrier"]
+            assert f"| {naive:.3f} |" in line, (kind, seeds)
+            for method in ("weight", "activation", "ste"):
+                value = row[method]["barrier"]
+                assert f"| {value:.3f} ({value / naive:.2f}) |" in line, (kind, seeds, method)
