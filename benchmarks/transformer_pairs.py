@@ -124,7 +124,8 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             g = permask.trace(y, {"input_ids": match[0]["input_ids"]})
             wrapped = permask.trace(NextToken(x), as_classification(match)[0][0])
             row["untied"] = True
-        for name, (x2, y2, extra) in _rotated(method, x, y, g, row, match).items():
+        turns = _rotated(method, x, y, g, row, data_for[method] or match)
+        for name, (x2, y2, extra) in turns.items():
             row[name] = {**_barriers(x2, y2, test, match, wrapped), **extra}
             print(kind, name, row[name], flush=True)
     return row
@@ -133,9 +134,9 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
 def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:
     """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
     turned onto B by :func:`permask.merging.turned_onto` (Procrustes on the weights, and the
-    permutation found again, in turn), ``{method}+orthogonal-act`` on the activations of
-    ``data``. Empty (and the reason in ``row``) when no group admits an orthogonal map and
-    the graph has no RoPE site."""
+    permutation found again, in turn; STE runs once on ``data`` after the maps),
+    ``{method}+orthogonal-act`` on the activations of ``data``. Empty (and the reason in
+    ``row``) when no group admits an orthogonal map and the graph has no RoPE site."""
     found = permask.orthogonal_groups(graph)
     if not any(a.admitted for a in found.values()) and not permask.rope_sites(graph):
         widest = max(graph, key=lambda g: len(g.members)).name
@@ -143,10 +144,9 @@ def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data
         return {}
     a_folded, b_folded = permask.fold_norms(moved, graph), permask.fold_norms(b, graph)
     out = {f"{method}+fold": (a_folded, b_folded, {})}
-    matcher = "weight" if method == "ste" else method  # the rounds' permutations
     for name, by in (("orthogonal", "weight"), ("orthogonal-act", "activation")):
         t0 = time.perf_counter()
-        b_turned, turned = turned_onto([b, moved], 0, graph, data, orthogonal=by, method=matcher)
+        b_turned, turned = turned_onto([b, moved], 0, graph, data, orthogonal=by, method=method)
         out[f"{method}+{name}"] = (turned, b_turned, {"seconds": time.perf_counter() - t0})
     return out
 
@@ -232,7 +232,8 @@ def vit_pair(args: argparse.Namespace) -> dict:
         moved = permask.permute_model(a, pi, graph)
         row[method] = {**barriers(moved, b), "seconds": seconds}
         print("vit", method, row[method], flush=True)
-        for name, (x, y, extra) in _rotated(method, moved, b, graph, row, match).items():
+        turns = _rotated(method, moved, b, graph, row, data_for[method] or match)
+        for name, (x, y, extra) in turns.items():
             row[name] = {**barriers(x, y), **extra}
             print("vit", name, row[name], flush=True)
     return row

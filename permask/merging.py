@@ -71,7 +71,9 @@ def merge(
     stream of pre-norm models, RoPE's frequency planes; docs/alignment.md, "Beyond
     permutations"): every model's norms are folded (:func:`permask.fold_norms`, so the result's
     norm gains are ones) and :func:`permask.match_rotations` finds the maps by the weights or
-    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none.
+    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none. With a
+    matcher that learns from the loss (``"ste"``), the models are first aligned by weight
+    matching and the matcher runs once, after the maps (:func:`turned_onto`).
     The result is on ``device`` (default: the reference's), in eval mode when its statistics
     were re-estimated. The models are never modified. ``ValueError`` for fewer than two models,
     a reference out of range, models of different architectures, or missing data.
@@ -86,12 +88,14 @@ def merge(
     ref = models[reference]
     if graph is None:
         graph = _trace_reference(ref, loader)
+    # a matcher that learns runs once, after the maps (turned_onto): weight matching first
+    first = "weight" if orthogonal is not None and get_matcher(method).learns else method
     moved = []
     for i, m in enumerate(models):
         if i == reference:
             moved.append(ref)
             continue
-        pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
+        pi = align(m, ref, loader, method=first, graph=graph, max_batches=max_batches,
                    device=device, max_stats_memory=max_stats_memory,
                    stats_dtype=stats_dtype)  # fmt: skip
         moved.append(permute_model(m, pi, graph))
@@ -121,8 +125,11 @@ def turned_onto(
     permutation found before the maps may be wrong where the groups it moves meet a rotated
     one (the q/k/MLP inputs of a turned residual stream), so the permutation (``method``, on
     ``loader`` if it needs data) and the maps are found again in turn until the permutation
-    is the identity, at most ``rounds`` times. At most ``max_batches`` batches are read each
-    time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
+    is the identity, at most ``rounds`` times. A matcher that learns from the loss (``"ste"``)
+    would undo in each round what the maps did, and the maps what it learned: its rounds are
+    found by weight matching, and it runs once on ``loader`` after them, moving the turned
+    model by its permutation. At most ``max_batches`` batches are read each time;
+    ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     if not turned and not rope_sites(graph):
@@ -137,18 +144,23 @@ def turned_onto(
     data = None
     if orthogonal == "activation" and loader is not None:
         data = loader if max_batches is None else list(itertools.islice(loader, max_batches))
+    learns = get_matcher(method).learns
+    each_round = dict(method="weight" if learns else method, graph=graph, max_batches=max_batches)
     out = []
     for i, m in enumerate(folded):
         if i != reference:
             m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
             for _ in range(rounds):
-                pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
-                           **align_options)  # fmt: skip
+                pi = align(m, ref, loader, **each_round, **align_options)
                 pi = Permutation({g: p for g, p in pi.items() if g not in turned})
                 if pi.is_identity():
                     break
                 m = permute_model(m, pi, graph)
                 m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
+            if learns:
+                pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
+                           **align_options)  # fmt: skip
+                m = permute_model(m, pi, graph)
         out.append(m)
     return out
 

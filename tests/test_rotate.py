@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import permask
+from permask.merging import turned_onto
 
 
 class PreNorm(nn.Module):
@@ -270,8 +271,8 @@ def test_bad_maps_are_refused_with_the_fix():
 @pytest.mark.parametrize("orthogonal", ["weight", "activation"])
 def test_merging_a_model_with_its_turned_copy_gives_it_back(orthogonal):
     """B is A permuted and turned (same function): merged with orthogonal maps, the average
-    is A's function again (the permutation and the maps found in turn); with permutations
-    alone it is not."""
+    is A's function again (the permutation and the maps found in turn, also with STE after
+    them); with permutations alone it is not."""
     torch.manual_seed(0)
     model = _randomise_norms(PreNorm(), 0).double()
     x = torch.randn(64, 3, dtype=torch.float64)
@@ -287,6 +288,23 @@ def test_merging_a_model_with_its_turned_copy_gives_it_back(orthogonal):
     assert rel_err(model(x), merged(x)) < 1e-12
     with pytest.raises(ValueError, match="needs a loader"):
         permask.merge([model, b], method="weight", graph=graph, orthogonal="activation")
+    data = [(x, model(x).argmax(-1))]  # STE after the maps finds nothing left to move
+    merged = permask.merge([model, b], data, method="ste", graph=graph, orthogonal=orthogonal)
+    assert rel_err(model(x), merged(x)) < 1e-12
+
+
+def test_turned_onto_with_ste_keeps_each_function():
+    """STE after the maps (its rounds by weight matching, then its own steps once): the turned
+    model computes what it did, in float64, for two independently drawn models."""
+    torch.manual_seed(0)
+    a = _randomise_norms(PreNorm(), 0).double()
+    b = _randomise_norms(PreNorm(), 1).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    data = [(x[i : i + 16], a(x[i : i + 16]).argmax(-1)) for i in range(0, 64, 16)] * 3
+    graph = permask.trace(a, x)
+    b_turned, a_turned = turned_onto([b, a], 0, graph, data, method="ste")
+    assert rel_err(a(x), a_turned(x)) < 1e-12
+    assert rel_err(b(x), b_turned(x)) < 1e-12
 
 
 class ConvChain(nn.Module):

@@ -33,12 +33,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Matcher:
     """A matching method: its ``name``, whether it reads data (``needs_data``), a one-line
-    ``summary`` for help texts, and the function that ``run``\\ s it."""
+    ``summary`` for help texts, the function that ``run``\\ s it, and whether it ``learns``
+    from the loss, starting at weight matching's permutation (then
+    :func:`permask.merging.turned_onto` finds its rounds by weight matching and runs this
+    matcher once, after the maps)."""
 
     name: str
     needs_data: bool
     summary: str
     run: Callable[[MatchRequest], tuple[Permutation, AlignInfo]]
+    learns: bool = False
 
 
 _MATCHERS: dict[str, Matcher] = {}
@@ -80,5 +84,6 @@ register_matcher(Matcher(
 ))  # fmt: skip
 register_matcher(Matcher("weight", False, "Git Re-Basin weight matching, no data", _weight))
 register_matcher(Matcher(
-    "ste", True, "Git Re-Basin straight-through: learn the midpoint's loss", ste_matching
+    "ste", True, "Git Re-Basin straight-through: learn the midpoint's loss", ste_matching,
+    learns=True,
 ))  # fmt: skip
