@@ -128,41 +128,53 @@ def turned_onto(
     is the identity, at most ``rounds`` times. A matcher that learns from the loss (``"ste"``)
     would undo in each round what the maps did, and the maps what it learned: its rounds are
     found by weight matching, and it runs once on ``loader`` after them, moving the turned
-    model by its permutation. At most ``max_batches`` batches are read each time;
-    ``align_options`` (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
+    model by its permutation. A graph that admits no map gets a ``UserWarning`` and the models
+    back unchanged (moved by a learning matcher all the same). At most ``max_batches`` batches
+    are read each time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to
+    :func:`align`."""
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
-    if not turned and not rope_sites(graph):
+    learns = get_matcher(method).learns
+    maps = bool(turned or rope_sites(graph))
+    if not maps:
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
         warnings.warn("the graph admits no orthogonal map (no group passes "
                       f"permask.orthogonal_groups, no RoPE site): permutations only{why}",
                       UserWarning, stacklevel=3)  # fmt: skip
-        return list(models)
-    folded = [fold_norms(m, graph) for m in models]
+        if not learns:
+            return list(models)
+    folded = [fold_norms(m, graph) for m in models] if maps else list(models)
     ref = folded[reference]
     data = None
     if orthogonal == "activation" and loader is not None:
         data = loader if max_batches is None else list(itertools.islice(loader, max_batches))
-    learns = get_matcher(method).learns
-    each_round = dict(method="weight" if learns else method, graph=graph, max_batches=max_batches)
+    options = dict(max_batches=max_batches, **align_options)
     out = []
     for i, m in enumerate(folded):
-        if i != reference:
-            m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
-            for _ in range(rounds):
-                pi = align(m, ref, loader, **each_round, **align_options)
-                pi = Permutation({g: p for g, p in pi.items() if g not in turned})
-                if pi.is_identity():
-                    break
-                m = permute_model(m, pi, graph)
-                m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
-            if learns:
-                pi = align(m, ref, loader, method=method, graph=graph, max_batches=max_batches,
-                           **align_options)  # fmt: skip
-                m = permute_model(m, pi, graph)
+        if i != reference and maps:
+            m = _turned(m, ref, graph, data, loader, turned, rounds,
+                        method="weight" if learns else method, **options)  # fmt: skip
+        if i != reference and learns:
+            m = permute_model(m, align(m, ref, loader, method=method, graph=graph, **options),
+                              graph)  # fmt: skip
         out.append(m)
     return out
+
+
+def _turned(m: nn.Module, ref: nn.Module, graph, data, loader, turned: set, rounds: int,
+            **align_options) -> nn.Module:  # fmt: skip
+    """``m`` turned onto ``ref`` by the maps (on ``data``'s activations, or the weights), then
+    the permutation of the groups outside ``turned`` and the maps found again in turn."""
+    m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
+    for _ in range(rounds):
+        pi = align(m, ref, loader, graph=graph, **align_options)
+        pi = Permutation({g: p for g, p in pi.items() if g not in turned})
+        if pi.is_identity():
+            break
+        m = permute_model(m, pi, graph)
+        m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
+    return m
 
 
 def average(

@@ -9,6 +9,7 @@ from shared_data import synthetic_digits, torch_threads
 from test_match_align import _case, _permuted_copy
 
 import permask
+from permask.merging import turned_onto
 from permask.metrics import interpolate
 
 
@@ -42,21 +43,40 @@ def _digits_mlp(seed: int, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
     return model
 
 
+def _trained_pair() -> tuple:
+    """(A, B, A's graph, 30 training batches, the test batch) of the narrow MLP pair."""
+    x, y = synthetic_digits(3000, 0)
+    x = x.float().div(255).flatten(1)
+    mu, sd = x.mean(0), x.std(0) + 1e-3
+    x = (x - mu) / sd
+    xt, yt = synthetic_digits(1000, 1)
+    test = [((xt.float().div(255).flatten(1) - mu) / sd, yt)]
+    a, b = _digits_mlp(1, x, y), _digits_mlp(2, x, y)
+    train = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 3000, 100)]
+    return a, b, permask.trace(a, x[:2]), train, test
+
+
+def test_ste_runs_after_maps_the_graph_does_not_admit():
+    """``turned_onto`` with STE on an MLP (no orthogonal map): the warning, and STE still
+    moves A from weight matching's permutation, keeping its function."""
+    with torch_threads(1):
+        a, b, graph, train, test = _trained_pair()
+        pi = permask.align(a, b, method="weight", graph=graph)
+        moved = permask.permute_model(a, pi, graph)
+        with pytest.warns(UserWarning, match="permutations only"):
+            _, got = turned_onto([b, moved], 0, graph, train, method="ste")
+        x = test[0][0]
+        assert torch.allclose(a(x), got(x), atol=1e-5)
+        assert not torch.equal(got[0].weight, moved[0].weight)
+
+
 @pytest.mark.outcome
 def test_ste_lowers_the_midpoint_loss_of_a_trained_pair():
     """A narrow MLP pair on synthetic digits, where weight matching leaves a barrier: 3 passes
     of STE lower the midpoint's test loss (measured 0.349 -> 0.218, barrier 0.243 -> 0.112).
     Free weights started at weight matching's pi(A) instead of B's reach only 0.287."""
     with torch_threads(1):
-        x, y = synthetic_digits(3000, 0)
-        x = x.float().div(255).flatten(1)
-        mu, sd = x.mean(0), x.std(0) + 1e-3
-        x = (x - mu) / sd
-        xt, yt = synthetic_digits(1000, 1)
-        test = [((xt.float().div(255).flatten(1) - mu) / sd, yt)]
-        a, b = _digits_mlp(1, x, y), _digits_mlp(2, x, y)
-        graph = permask.trace(a, x[:2])
-        train = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 3000, 100)]
+        a, b, graph, train, test = _trained_pair()
         mid = {}
         for method, data in (("weight", None), ("ste", train * 3)):
             pi = permask.align(a, b, data, method=method, graph=graph)
