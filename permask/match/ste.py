@@ -72,8 +72,7 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     a, b = on_device(req.model_a, req.device), on_device(req.model_b, req.device)
     params_a = {n: p.detach() for n, p in a.named_parameters()}
     params_b = {n: p.detach() for n, p in b.named_parameters()}
-    res = weight_matching(params_a, params_b, req.graph, seed=req.seed, solver=req.solver)
-    perms = res.perms
+    perms = None  # the first step's projection (of A onto B's weights) is weight matching
     free = {n: t.clone().requires_grad_(True) for n, t in params_b.items()}
     scale = {n: float(t.square().mean().sqrt()) for n, t in params_a.items()}
     opt = torch.optim.Adam([{"params": [t], "lr": LR * scale[n]} for n, t in free.items()])
