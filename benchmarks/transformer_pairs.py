@@ -13,8 +13,9 @@ stream (RMSNorm/pre-LayerNorm models, permask.orthogonal_groups; a tied output l
 first, permask.untie_weights), each method is followed by folding the norms (``+fold``: the
 path between the folded models, no map)
 and by Procrustes on the weights (``+orthogonal``) or on the activations of the matching
-batches (``+orthogonal-act``); both also turn RoPE's frequency planes where the graph has RoPE
-sites (by the weights; permask.rope_sites). One JSON line per pair is appended to
+batches (``+orthogonal-act``), or on the weights and then learned on the midpoint's loss over
+STE's batches (``+orthogonal-learned``); all turn RoPE's frequency planes too where the graph has
+RoPE sites (permask.rope_sites). One JSON line per pair is appended to
 ``benchmarks/results/transformer_pairs.jsonl``; docs/results.md shows the latest rows beside the
 published ratios (Theus et al., NeurIPS 2025).
 
@@ -124,19 +125,22 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
             g = permask.trace(y, {"input_ids": match[0]["input_ids"]})
             wrapped = permask.trace(NextToken(x), as_classification(match)[0][0])
             row["untied"] = True
-        turns = _rotated(method, x, y, g, row, data_for[method] or match)
+        turns = _rotated(method, x, y, g, row, data_for[method] or match, data_for["ste"])
         for name, (x2, y2, extra) in turns.items():
             row[name] = {**_barriers(x2, y2, test, match, wrapped), **extra}
             print(kind, name, row[name], flush=True)
     return row
 
 
-def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data) -> dict:
+def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data,
+             learn) -> dict:  # fmt: skip
     """``{method}+fold``: both models with their norms folded; ``{method}+orthogonal``: then A
     turned onto B by :func:`permask.merging.turned_onto` (Procrustes on the weights, and the
     permutation found again, in turn; STE runs once on ``data`` after the maps),
-    ``{method}+orthogonal-act`` on the activations of ``data``. Empty (and the reason in
-    ``row``) when no group admits an orthogonal map and the graph has no RoPE site."""
+    ``{method}+orthogonal-act`` on the activations of ``data``, ``{method}+orthogonal-learned``
+    by the weights and then learned on the midpoint's loss over ``learn`` (STE's batches).
+    Empty (and the reason in ``row``) when no group admits an orthogonal map and the graph has
+    no RoPE site."""
     found = permask.orthogonal_groups(graph)
     if not any(a.admitted for a in found.values()) and not permask.rope_sites(graph):
         widest = max(graph, key=lambda g: len(g.members)).name
@@ -144,9 +148,12 @@ def _rotated(method: str, moved: nn.Module, b: nn.Module, graph, row: dict, data
         return {}
     a_folded, b_folded = permask.fold_norms(moved, graph), permask.fold_norms(b, graph)
     out = {f"{method}+fold": (a_folded, b_folded, {})}
-    for name, by in (("orthogonal", "weight"), ("orthogonal-act", "activation")):
+    for name, by, loader in (("orthogonal", "weight", data),
+                             ("orthogonal-act", "activation", data),
+                             ("orthogonal-learned", "learned", learn)):  # fmt: skip
         t0 = time.perf_counter()
-        b_turned, turned = turned_onto([b, moved], 0, graph, data, orthogonal=by, method=method)
+        b_turned, turned = turned_onto([b, moved], 0, graph, loader, orthogonal=by,
+                                       method=method)  # fmt: skip
         out[f"{method}+{name}"] = (turned, b_turned, {"seconds": time.perf_counter() - t0})
     return out
 
@@ -232,7 +239,8 @@ def vit_pair(args: argparse.Namespace) -> dict:
         moved = permask.permute_model(a, pi, graph)
         row[method] = {**barriers(moved, b), "seconds": seconds}
         print("vit", method, row[method], flush=True)
-        turns = _rotated(method, moved, b, graph, row, data_for[method] or match)
+        turns = _rotated(method, moved, b, graph, row, data_for[method] or match,
+                         data_for["ste"])  # fmt: skip
         for name, (x, y, extra) in turns.items():
             row[name] = {**barriers(x, y), **extra}
             print("vit", name, row[name], flush=True)

@@ -27,13 +27,18 @@ from ._modules import check_same_architecture, model_device, unwrap, usable_devi
 from .graph import Permutation, PermutationGraph, rope_sites, trace
 from .graph.orthogonal import orthogonal_groups
 from .match import align, match_rotations
+from .match.learned_maps import learn_rotations
 from .match.matchers import get_matcher
 from .metrics import _reset_bn
 from .permute import permute_model
 from .repair import Repair
 from .rotate import fold_norms, rotate_model
 
-__all__ = ["merge", "average", "turned_onto"]
+__all__ = ["merge", "average", "turned_onto", "ORTHOGONAL"]
+
+#: How the maps beyond permutations are found: by the weights, the activations, or by the
+#: weights and then learned on the midpoint's loss (None: permutations only)
+ORTHOGONAL = (None, "weight", "activation", "learned")
 
 
 def merge(
@@ -71,8 +76,10 @@ def merge(
     stream of pre-norm models, RoPE's frequency planes; docs/alignment.md, "Beyond
     permutations"): every model's norms are folded (:func:`permask.fold_norms`, so the result's
     norm gains are ones) and :func:`permask.match_rotations` finds the maps by the weights or
-    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none. With a
-    matcher that learns from the loss (``"ste"``), the models are first aligned by weight
+    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none.
+    ``orthogonal="learned"`` finds them by the weights and then learns them further on the
+    midpoint's loss over ``loader`` (:func:`permask.match.learned_maps.learn_rotations`). With
+    a matcher that learns from the loss (``"ste"``), the models are first aligned by weight
     matching and the matcher runs once, after the maps (:func:`turned_onto`).
     The result is on ``device`` (default: the reference's), in eval mode when its statistics
     were re-estimated. The models are never modified. ``ValueError`` for fewer than two models,
@@ -81,10 +88,11 @@ def merge(
     models = _checked(models, reference)
     if get_matcher(method).needs_data and loader is None:
         raise ValueError(f"merge with method={method!r} needs a loader; or method='weight'")
-    if orthogonal not in (None, "weight", "activation"):
-        raise ValueError(f"orthogonal must be None, 'weight' or 'activation', got {orthogonal!r}")
-    if orthogonal == "activation" and loader is None:
-        raise ValueError("merge with orthogonal='activation' needs a loader; or 'weight'")
+    if orthogonal not in ORTHOGONAL:
+        raise ValueError(f"orthogonal must be None, 'weight', 'activation' or 'learned', got "
+                         f"{orthogonal!r}")  # fmt: skip
+    if orthogonal in ("activation", "learned") and loader is None:
+        raise ValueError(f"merge with orthogonal={orthogonal!r} needs a loader; or 'weight'")
     ref = models[reference]
     if graph is None:
         graph = _trace_reference(ref, loader)
@@ -128,8 +136,11 @@ def turned_onto(
     is the identity, at most ``rounds`` times. A matcher that learns from the loss (``"ste"``)
     would undo in each round what the maps did, and the maps what it learned: its rounds are
     found by weight matching, and it runs once on ``loader`` after them, moving the turned
-    model by its permutation. A graph that admits no map gets a ``UserWarning`` and the models
-    back unchanged (moved by a learning matcher all the same). At most ``max_batches`` batches
+    model by its permutation. ``orthogonal="learned"`` finds the rounds' maps by the weights,
+    and last (after the learning matcher) learns them further on the midpoint's loss over
+    ``loader`` (:func:`permask.match.learned_maps.learn_rotations`). A graph that admits no
+    map gets a ``UserWarning`` and the models back unchanged (moved by a learning matcher all
+    the same). At most ``max_batches`` batches
     are read each time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to
     :func:`align`."""
     found = orthogonal_groups(graph)
@@ -146,9 +157,12 @@ def turned_onto(
             return list(models)
     folded = [fold_norms(m, graph) for m in models] if maps else list(models)
     ref = folded[reference]
-    data = None
-    if orthogonal == "activation" and loader is not None:
-        data = loader if max_batches is None else list(itertools.islice(loader, max_batches))
+    if orthogonal in ("activation", "learned") and loader is None:
+        raise ValueError(f"turned_onto with orthogonal={orthogonal!r} needs a loader")
+    batches = None
+    if loader is not None:
+        batches = loader if max_batches is None else list(itertools.islice(loader, max_batches))
+    data = batches if orthogonal == "activation" else None
     options = dict(max_batches=max_batches, **align_options)
     out = []
     for i, m in enumerate(folded):
@@ -158,6 +172,9 @@ def turned_onto(
         if i != reference and learns:
             m = permute_model(m, align(m, ref, loader, method=method, graph=graph, **options),
                               graph)  # fmt: skip
+        if i != reference and maps and orthogonal == "learned":
+            device = align_options.get("device")
+            m = rotate_model(m, learn_rotations(ref, m, graph, batches, device=device), graph)
         out.append(m)
     return out
 

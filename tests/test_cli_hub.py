@@ -128,22 +128,23 @@ def test_activation_matching_interpolate_and_merge_on_text(folders, text, tmp_pa
 
 def test_orthogonal_maps_from_the_shell(folders, text, tmp_path, capsys):
     """interpolate and merge with --orthogonal on Llama folders: the path's end points are
-    still A's and B's losses (the folded, turned A computes A's function), and the merged
+    still A's and B's losses (the folded, turned A, its maps learned on the loss, computes A's
+    function), and the merged
     folder loads with its norms folded (gains all ones)."""
     a, b = f"hf:{folders['llama1']}", f"hf:{folders['llama2']}"
     data = ["--data", f"text:{text}", "--seq-len", "16", "--batches", "3"]
     pi = tmp_path / "pi.safetensors"
     assert main(["align", a, b, "--method", "weight", "--out", str(pi)]) == 0
     out = tmp_path / "interp"
-    assert main(["interpolate", a, b, "--perm", str(pi), "--orthogonal", "weight",
+    assert main(["interpolate", a, b, "--perm", str(pi), "--orthogonal", "learned",
                  "--points", "3", "--out", str(out), *data]) == 0  # fmt: skip
-    assert "turned onto B by orthogonal maps (weight)" in capsys.readouterr().out
+    assert "turned onto B by orthogonal maps (learned)" in capsys.readouterr().out
     result = json.loads((out / "interpolation.json").read_text())
     _, test = text_batches(text, 16, 8)
     ends = [evaluate(_load(folders[k]), test)[0] for k in ("llama1", "llama2")]
     assert result["losses"][0] == pytest.approx(ends[0], rel=1e-6)
     assert result["losses"][2] == pytest.approx(ends[1], rel=1e-6)
-    assert result["orthogonal"] == "weight"
+    assert result["orthogonal"] == "learned"
     merged = tmp_path / "merged"
     assert main(["merge", a, b, "--method", "weight", "--orthogonal", "activation",
                  "--out", str(merged), *data]) == 0  # fmt: skip

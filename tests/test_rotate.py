@@ -151,13 +151,18 @@ def test_rope_angles_are_read_with_the_dim_as_written(keyword):
         assert (_angles(cos, "cos") is cat) is found, dim
 
 
-def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():
+def _vit(batch: int = 2):
+    """A 2-block timm ViT in float64 with its norms randomised, its graph, and an input."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
                               num_classes=10).eval().double()  # fmt: skip
     _randomise_norms(model, 2)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    graph = permask.trace(model, x)
+    x = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+    return model, permask.trace(model, x), x
+
+
+def test_timm_vit_residual_stream_rotates_keeping_the_ones_direction():
+    model, graph, x = _vit()
     found = permask.orthogonal_groups(graph)
     adm = found["patch_embed.proj.weight:0"]
     assert adm.admitted and adm.keeps_ones and len(adm.folds) == 5  # 4 block norms + final

@@ -31,7 +31,7 @@ from permask.graph import Permutation, PermutationGraph
 from permask.hub import folder_of
 from permask.match.alignment import STATS_DTYPES
 from permask.match.matchers import get_matcher, matcher_names
-from permask.merging import average, turned_onto
+from permask.merging import ORTHOGONAL, average, turned_onto
 from permask.metrics import evaluate, interpolate, plot_interpolation
 from permask.models import build_model
 from permask.rotate import tied_parameters
@@ -106,10 +106,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _orthogonal_flag(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--orthogonal", choices=("weight", "activation"),
+    p.add_argument("--orthogonal", choices=ORTHOGONAL[1:],
                    help=f"also turn {what} by the orthogonal maps beyond permutations that the "
                    "graph admits (residual stream of pre-norm models, RoPE planes; norms "
-                   "folded first), found by the weights or on --data's activations")  # fmt: skip
+                   "folded first), found by the weights, on --data's activations, or by the "
+                   "weights and then learned on the midpoint's loss over --data")  # fmt: skip
 
 
 def _memory_flag(p: argparse.ArgumentParser) -> None:

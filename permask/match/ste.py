@@ -14,14 +14,8 @@ returned.
 Started at pi(A) instead, ``W~`` would project onto pi by A's agreement with itself, a margin
 that steps of this size do not overcome: pi would stay weight matching's.
 
-Choices where the paper leaves them open:
-
-- The loss is cross entropy on ``(inputs, targets)`` batches, or the model's own ``loss`` for
-  dict batches with ``labels`` (Hugging Face).
-- The midpoint runs with dropout off and BatchNorm on the batch's statistics (an average of two
-  models has no running statistics of its own; the paper's models had LayerNorm).
-- Buffers are B's; only parameters are interpolated.
-- Adam with a learning rate per tensor of :data:`LR` times the RMS of A's tensor, so one
+The midpoint's loss, modes and buffers (B's) are :mod:`permask.match.midpoint`'s. Its step is
+Adam with a learning rate per tensor of :data:`LR` times the RMS of A's tensor, so one
   setting fits weights of any scale (the paper's fixed 1e-3 was tuned for its MLPs; relative
   0.03, 0.1 and 0.3 were compared on a small MLP pair: docs/alignment.md).
 
@@ -46,15 +40,12 @@ import itertools
 import logging
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from .._batches import split_batch, to_device
 from ..graph import Permutation
 from ..graph.layout import permute_axes
 from .by_activation import on_device
 from .info import AlignInfo
+from .midpoint import batch_loss, midpoint_modes
 from .request import MatchRequest
 from .weight import weight_matching
 
@@ -77,29 +68,22 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
     scale = {n: float(t.square().mean().sqrt()) for n, t in params_a.items()}
     opt = torch.optim.Adam([{"params": [t], "lr": LR * scale[n]} for n, t in free.items()])
     buffers = {n: t.detach().clone() for n, t in b.named_buffers()}
-    modes = {m: m.training for m in b.modules()}
     steps, losses = 0, []
     first = [req.first] if req.first is not None else []
-    try:
-        _midpoint_modes(b)
+    with midpoint_modes(b):
         for batch in itertools.chain(first, req.batches):
-            inputs, targets = split_batch(batch, need_targets=True)
-            inputs, targets = to_device(inputs, req.device), targets.to(req.device)
             target = {n: t.detach() for n, t in free.items()}
             perms = weight_matching(
                 params_a, target, req.graph, seed=req.seed, solver=req.solver, init=perms
             ).perms
             moved = _moved(params_a, perms, req)
             mid = {n: (moved[n] + free[n] - free[n].detach() + params_b[n]) / 2 for n in free}
-            loss = _loss(b, {**buffers, **mid}, inputs, targets)
+            loss = batch_loss(b, {**buffers, **mid}, batch, req.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
             losses.append(float(loss.detach()))
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     if not steps:
         raise ValueError("the loader yielded no batches")
     target = {n: t.detach() for n, t in free.items()}
@@ -115,21 +99,3 @@ def ste_matching(req: MatchRequest) -> tuple[Permutation, AlignInfo]:
 def _moved(params: dict[str, torch.Tensor], perms, req: MatchRequest) -> dict[str, torch.Tensor]:
     """A's parameters moved by ``perms``."""
     return {n: permute_axes(t, req.graph.tensors.get(n, ()), perms) for n, t in params.items()}
-
-
-def _midpoint_modes(model: nn.Module) -> None:
-    """Eval mode (no dropout), BatchNorm on the batch's statistics."""
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-
-
-def _loss(model: nn.Module, tensors: dict, inputs, targets: torch.Tensor) -> torch.Tensor:
-    """Cross entropy of the model with ``tensors`` on one batch (or the model's own loss)."""
-    if isinstance(inputs, dict):
-        out = functional_call(model, tensors, (), {**inputs, "labels": targets})
-        return out.loss
-    out = functional_call(model, tensors, tuple(inputs))
-    logits = out if isinstance(out, torch.Tensor) else out[0]
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
