@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from ._modules import named_tensors, unwrap, write_tensors
 from .graph import PermutationGraph
-from .graph.orthogonal import Admission, admitted, ones_complement, turn_axis
-from .graph.rope import RopeSite, plane_rotations, rope_sites, turn_planes
+from .graph.orthogonal import Admission, admitted, ones_complement
+from .graph.rope import plane_rotations, rope_sites
+from .graph.turn import turn_tensors
 
 __all__ = [
     "fold_norms", "rotate_model", "rotate_tensors", "random_rotation", "tied_parameters",
@@ -107,30 +108,20 @@ def rotate_tensors(
     graph: PermutationGraph,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
-    the group's axis; folded gains and norm biases and other names pass through unchanged."""
+    the group's axis, and each RoPE site in it (``rope:...``) turned plane by plane, after
+    checking every map; folded gains and norm biases and other names pass through unchanged."""
     planes = {k: r for k, r in rotations.items() if k.startswith("rope:")}
     groups = {k: o for k, o in rotations.items() if k not in planes}
     adms = admitted(graph, list(groups))
     for name, o in groups.items():
         _check_rotation(name, o, graph.groups[name].size, adms[name], tensors)
-    sites = _sites(graph, planes)
-    out = dict(tensors)
-    for name, o in groups.items():
-        skip = adms[name].folded
-        for m in graph.groups[name].members:
-            if m.tensor in out and m.tensor not in skip:
-                out[m.tensor] = turn_axis(out[m.tensor], m.axis, o)
-    for name, r in planes.items():
-        site = sites[name]
-        for tensor, key in site.projections:
-            if tensor in out:
-                out[tensor] = turn_planes(out[tensor], r, site, key)
-    return out
+    _check_sites(graph, planes)
+    return turn_tensors(tensors, rotations, graph)
 
 
-def _sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> dict[str, RopeSite]:
-    """The RoPE sites ``planes`` names, each map checked: one proper 2-D rotation per key head
-    and frequency plane."""
+def _check_sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> None:
+    """Each map of ``planes`` is for a RoPE site of ``graph``, one proper 2-D rotation per key
+    head and frequency plane."""
     sites = {s.name: s for s in rope_sites(graph)}
     for name, r in planes.items():
         site = sites.get(name)
@@ -147,7 +138,6 @@ def _sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> dict[
         ).any():
             raise ValueError(f"the map for {name!r} must be rotations (R^T R = I, det +1): a "
                              "reflection would reverse the angle RoPE adds")  # fmt: skip
-    return {name: sites[name] for name in planes}
 
 
 def rotate_model(

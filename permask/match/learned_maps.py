@@ -50,7 +50,7 @@ from .._modules import model_device, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, ones_complement
 from ..graph.rope import plane_rotations, rope_sites
-from ..rotate import rotate_tensors
+from ..graph.turn import turn_tensors
 from .by_activation import on_device
 from .midpoint import batch_loss, midpoint_modes
 
@@ -91,7 +91,7 @@ def learn_rotations(
     losses = []
     with midpoint_modes(a):
         for batch in loader:
-            turned = rotate_tensors(params_b, _maps(free, adms, graph), graph)
+            turned = turn_tensors(params_b, _maps(free, adms, graph), graph)
             mid = {n: (params_a[n] + turned[n]) / 2 for n in params_a}
             loss = batch_loss(a, {**buffers, **mid}, batch, dev)
             opt.zero_grad(set_to_none=True)
