@@ -59,7 +59,7 @@ def _midpoint_loss(a: nn.Module, b: nn.Module, data: list) -> float:
 def test_learning_lowers_the_midpoint_loss_below_procrustes():
     """On two independently trained models, the maps learned on the batches leave a lower
     midpoint loss there than Procrustes' maps alone (orthogonal="weight"), which the learning
-    starts from."""
+    starts from; so does ``merge`` with them (its average is that midpoint)."""
     torch.manual_seed(0)
     data = _data(PreNorm(), 0, n=8)
     teacher = PreNorm().double()
@@ -82,6 +82,12 @@ def test_learning_lowers_the_midpoint_loss_below_procrustes():
     assert after < 0.7 * before, (before, after)
     x = torch.cat([x for x, _ in data])
     assert rel_err(models[0](x), a1(x)) < 1e-12
+    merged = [permask.merge(models[::-1], data * 5, method="activation", graph=graph,
+                            orthogonal=how) for how in ("weight", "learned")]  # fmt: skip
+    with torch.no_grad():
+        losses = [float(nn.functional.cross_entropy(m(x), torch.cat([y for _, y in data])))
+                  for m in merged]  # fmt: skip
+    assert losses[1] < 0.7 * losses[0], losses
 
 
 @pytest.mark.parametrize("kind", ["llama", "vit"])
