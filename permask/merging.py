@@ -4,6 +4,7 @@ then average their weights::
     merged = permask.merge([model_a, model_b, model_c], train_loader)   # activation matching
     merged = permask.merge(models, method="weight", graph=graph)        # no data needed
     merged = permask.merge(models, loader, orthogonal="weight")  # + residual/RoPE rotations
+    merged = permask.merge(models, loader, method="ste", orthogonal="learned")  # maps learned
 
     from permask.merging import average
     naive = average(models, bn_loader=train_loader)                     # not aligned
