@@ -12,7 +12,9 @@ attention, RoPE, gated MLP) built from a config with random weights.
    model (transformers 5 has no torch.fx tracer); ``permask.align`` matches activations on token
    batches (dicts, as a Hugging Face loader yields them).
 3. The loss along the straight path A -> B and pi(A) -> B (``permask.metrics.interpolate`` on a
-   wrapper that flattens next-token prediction into classification).
+   wrapper that flattens next-token prediction into classification), and, beyond permutations
+   (for interpolating and merging), after STE and the orthogonal maps learned on the midpoint's
+   loss (``permask.merging.turned_onto(..., orthogonal="learned", method="ste")``).
 4. A 90% magnitude mask of A, carried to B's coordinates with ``permask.permute_mask``, and B
    retrained from its init with the permuted mask against the unpermuted one
    (``MaskedOptimizer``): the paper's comparison, in miniature.
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 import permask
+from permask.merging import turned_onto
 from permask.metrics import interpolate
 from permask.sparse import MaskedOptimizer, magnitude_mask
 
@@ -136,13 +139,19 @@ def main() -> None:
     pi, info = permask.align(a, b, train_data[:20], graph=graph, return_info=True)
     print(f"activation matching on {info.samples} sequences: {info.pass_seconds:.1f} s pass")
     a_pi = permask.permute_model(a, pi, graph)
+    # beyond permutations, for interpolating and merging (a mask moves by permutations only):
+    # STE on the midpoint's loss, then the residual stream's and RoPE planes' maps learned on it
+    learn = [{**d, "labels": d["input_ids"]} for d in train_data[:20]] * 3
+    b_turned, a_turned = turned_onto([b, a_pi], 0, graph, learn, orthogonal="learned",
+                                     method="ste")  # fmt: skip
 
     curves = {}
-    for label, start in (("naive", a), ("aligned", a_pi)):
-        curves[label] = interpolate(NextToken(start), NextToken(b), as_classification(test_data),
+    for label, start, end in (("naive", a, b), ("aligned", a_pi, b),
+                              ("STE + maps", a_turned, b_turned)):  # fmt: skip
+        curves[label] = interpolate(NextToken(start), NextToken(end), as_classification(test_data),
                                     alphas=5)  # fmt: skip
         losses = ", ".join(f"{v:.3f}" for v in curves[label]["losses"])
-        print(f"{label:8s} path A -> B: losses {losses}; barrier {curves[label]['barrier']:.3f}")
+        print(f"{label:10s} path A -> B: losses {losses}; barrier {curves[label]['barrier']:.3f}")
 
     mask_a = magnitude_mask(a, args.sparsity)
     mask_b = permask.permute_mask(mask_a, pi, graph)
