@@ -141,9 +141,8 @@ def turned_onto(
     and last (after the learning matcher) learns them further on the midpoint's loss over
     ``loader`` (:func:`permask.match.learned_maps.learn_rotations`). A graph that admits no
     map gets a ``UserWarning`` and the models back unchanged (moved by a learning matcher all
-    the same). At most ``max_batches`` batches
-    are read each time; ``align_options`` (``device``, ``max_stats_memory``, ...) go to
-    :func:`align`."""
+    the same). At most ``max_batches`` batches are read each time; ``align_options``
+    (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     learns = get_matcher(method).learns
@@ -167,13 +166,16 @@ def turned_onto(
     options = dict(max_batches=max_batches, **align_options)
     out = []
     for i, m in enumerate(folded):
-        if i != reference and maps:
+        if i == reference:
+            out.append(m)
+            continue
+        if maps:
             m = _turned(m, ref, graph, data, loader, turned, rounds,
                         method="weight" if learns else method, **options)  # fmt: skip
-        if i != reference and learns:
+        if learns:
             m = permute_model(m, align(m, ref, loader, method=method, graph=graph, **options),
                               graph)  # fmt: skip
-        if i != reference and maps and orthogonal == "learned":
+        if maps and orthogonal == "learned":
             device = align_options.get("device")
             m = rotate_model(m, learn_rotations(ref, m, graph, batches, device=device), graph)
         out.append(m)

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._modules import named_tensors, unwrap, write_tensors
 from .graph import PermutationGraph
-from .graph.orthogonal import Admission, admitted, ones_complement
+from .graph.orthogonal import Admission, admitted, keeping_ones
 from .graph.rope import plane_rotations, rope_sites
 from .graph.turn import turn_tensors
 
@@ -168,12 +168,10 @@ def random_rotation(
             angle = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * torch.pi
             out[site.name] = plane_rotations(angle)
     for name, adm in admitted(graph, groups).items():
-        n = graph.groups[name].size
-        basis = ones_complement(n) if adm.keeps_ones else torch.eye(n, dtype=torch.float64)
-        k = basis.shape[1]
+        k = graph.groups[name].size - (1 if adm.keeps_ones else 0)
         q, r = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
         q = q * torch.sign(torch.diagonal(r))  # Haar measure
-        out[name] = basis @ q @ basis.T + (torch.eye(n, dtype=torch.float64) - basis @ basis.T)
+        out[name] = keeping_ones(q) if adm.keeps_ones else q
     return out
 
 

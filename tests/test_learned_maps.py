@@ -19,7 +19,7 @@ from permask.match.midpoint import batch_loss, midpoint_modes
 from permask.merging import turned_onto
 
 
-def _data(model: nn.Module, seed: int, n: int = 4) -> list:
+def _data(seed: int, n: int = 4) -> list:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(16 * n, 3, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 2, (16 * n,), generator=gen)
@@ -34,7 +34,7 @@ def test_learned_maps_keep_the_function(seed, layer_norm):
     norm = nn.LayerNorm if layer_norm else nn.RMSNorm
     torch.manual_seed(seed)
     a, b = (_randomise_norms(PreNorm(norm), seed + i).double() for i in range(2))
-    data = _data(a, seed)
+    data = _data(seed)
     graph = permask.trace(a, data[0][0])
     a, b = permask.fold_norms(a, graph), permask.fold_norms(b, graph)
     maps = learn_rotations(a, b, graph, data * 3)
@@ -61,7 +61,7 @@ def test_learning_lowers_the_midpoint_loss_below_procrustes():
     midpoint loss there than Procrustes' maps alone (orthogonal="weight"), which the learning
     starts from; so does ``merge`` with them (its average is that midpoint)."""
     torch.manual_seed(0)
-    data = _data(PreNorm(), 0, n=8)
+    data = _data(0, n=8)
     teacher = PreNorm().double()
     data = [(x, teacher(x).argmax(-1)) for x, _ in data]
     models = []
@@ -117,7 +117,7 @@ def test_learned_maps_keep_llama_and_vit_functions(kind):
 def test_bad_input_is_refused_with_the_fix():
     torch.manual_seed(0)
     model = PreNorm().double()
-    data = _data(model, 0)
+    data = _data(0)
     graph = permask.trace(model, data[0][0])
     folded = permask.fold_norms(model, graph)
     with pytest.raises(ValueError, match="yielded no batches"):

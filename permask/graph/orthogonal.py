@@ -54,7 +54,8 @@ from .registry import find_role
 from .rules._util import arg
 
 __all__ = [
-    "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "turn_axis", "kind_of",
+    "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "keeping_ones",
+    "turn_axis", "kind_of",
     "tensor_uses",
 ]  # fmt: skip
 
@@ -118,6 +119,16 @@ def ones_complement(n: int) -> torch.Tensor:
     ones = torch.ones(n, 1, dtype=torch.float64) / n**0.5
     q, _ = torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=torch.float64)[:, : n - 1]], 1))
     return q[:, 1:]
+
+
+def keeping_ones(inner: torch.Tensor) -> torch.Tensor:
+    """The ``n x n`` map (float64, on ``inner``'s device; ``n`` = ``inner``'s size + 1) that acts
+    as ``inner`` on :func:`ones_complement`'s basis ``C`` and keeps the all-ones direction:
+    ``C inner C^T + (I - C C^T)``; orthogonal when ``inner`` is."""
+    n = inner.shape[0] + 1
+    basis = ones_complement(n).to(inner.device)
+    eye = torch.eye(n, dtype=torch.float64, device=inner.device)
+    return basis @ inner @ basis.T + (eye - basis @ basis.T)
 
 
 def turn_axis(t: torch.Tensor, axis: int, o: torch.Tensor) -> torch.Tensor:

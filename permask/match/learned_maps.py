@@ -4,8 +4,8 @@ permutations.
 
 Procrustes (:func:`permask.match_rotations`) makes B's weights or activations agree with A's;
 interpolation cares about the loss of the midpoint ``(A + O(B)) / 2``. Here each map is a
-smooth function of free parameters, so that loss has an exact gradient in them (no straight
--through estimate is needed): a group's map is ``exp(K - K^T)`` (on the complement of the
+smooth function of free parameters, so that loss has an exact gradient in them (no
+straight-through estimate is needed): a group's map is ``exp(K - K^T)`` (on the complement of the
 all-ones direction where a LayerNorm centres the group), a RoPE plane's is the rotation by an
 angle. They start at the identity, so B should be turned by Procrustes first
 (:func:`permask.merging.turned_onto` does), and Adam takes one step of :data:`LR` per batch. Every
@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from .._modules import model_device, unwrap
 from ..graph import PermutationGraph
-from ..graph.orthogonal import admitted, ones_complement
+from ..graph.orthogonal import admitted, keeping_ones
 from ..graph.rope import plane_rotations, rope_sites
 from ..graph.turn import turn_tensors
 from .by_activation import on_device
@@ -91,7 +91,7 @@ def learn_rotations(
     losses = []
     with midpoint_modes(a):
         for batch in loader:
-            turned = turn_tensors(params_b, _maps(free, adms, graph), graph)
+            turned = turn_tensors(params_b, _maps(free, adms), graph)
             mid = {n: (params_a[n] + turned[n]) / 2 for n in params_a}
             loss = batch_loss(a, {**buffers, **mid}, batch, dev)
             opt.zero_grad(set_to_none=True)
@@ -103,10 +103,10 @@ def learn_rotations(
     log.info("learned maps: %d steps, midpoint loss %.4g -> %.4g", len(losses), losses[0],
              losses[-1])  # fmt: skip
     with torch.no_grad():
-        return {k: v.cpu() for k, v in _maps(free, adms, graph).items()}
+        return {k: v.cpu() for k, v in _maps(free, adms).items()}
 
 
-def _maps(free: dict, adms: dict, graph: PermutationGraph) -> dict[str, torch.Tensor]:
+def _maps(free: dict, adms: dict) -> dict[str, torch.Tensor]:
     """The maps of the free parameters: ``exp(K - K^T)`` per group, rotations per plane."""
     out = {}
     for name, x in free.items():
@@ -114,10 +114,5 @@ def _maps(free: dict, adms: dict, graph: PermutationGraph) -> dict[str, torch.Te
             out[name] = plane_rotations(x)
             continue
         o = torch.matrix_exp(x - x.T)
-        if adms[name].keeps_ones:
-            n = graph.groups[name].size
-            basis = ones_complement(n).to(x.device)
-            eye = torch.eye(n, dtype=torch.float64, device=x.device)
-            o = basis @ o @ basis.T + (eye - basis @ basis.T)
-        out[name] = o
+        out[name] = keeping_ones(o) if adms[name].keeps_ones else o
     return out

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .._modules import model_device, named_tensors, unwrap
 from ..graph import PermutationGraph
-from ..graph.orthogonal import admitted, ones_complement, turn_axis
+from ..graph.orthogonal import admitted, keeping_ones, ones_complement, turn_axis
 from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
 from .by_activation import observe, on_device
 from .passes import restricted
@@ -35,8 +35,7 @@ def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
     n = m.shape[0]
     if keeps_ones:
         basis = ones_complement(n)
-        inner = procrustes(basis.T @ m @ basis)
-        return basis @ inner @ basis.T + (torch.eye(n, dtype=torch.float64) - basis @ basis.T)
+        return keeping_ones(procrustes(basis.T @ m @ basis))
     u, _, vh = torch.linalg.svd(m)
     return u @ vh
 
