@@ -8,7 +8,9 @@ keyword inputs), checked under random permutations.
 Resumable: one JSON line per family in ``--out``; families already there are skipped (``--fresh``
 starts over). Per family: traced or the exporter's reason, groups, fraction of parameters in
 permuted tensors, the largest relative output change over 2 random permutations (float64 where
-the family runs in it), the first freeze reasons, trace seconds. Prints a markdown table.
+the family runs in it), the first freeze reasons, trace seconds; the RoPE and value sites the
+graph finds (maps inside attention, beyond permutations) and the largest relative output change
+over 2 random draws of their maps (these need no norm folded). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -180,9 +182,24 @@ def run_family(name: str) -> dict:
             y2 = _scores(permask.permute_model(model, pi, graph)(**inputs))
             changes.append(float((y - y2).abs().max() / y.abs().max()))
     row["change"] = max(changes)
+    row.update(_sites(model, graph, inputs, y))
     reasons = Counter(f.reasons[0].message for f in graph.frozen if f.kind == "tensor")
     row["frozen"] = dict(reasons.most_common(3))
     return row
+
+
+def _sites(model, graph, inputs, y) -> dict:
+    """The RoPE and value sites, and the output change under random maps of them alone."""
+    names = [s.name for s in (*permask.rope_sites(graph), *permask.value_sites(graph))]
+    changes = []
+    with torch.no_grad():
+        for seed in range(2) if names else ():
+            drawn = permask.random_rotation(graph, torch.Generator().manual_seed(seed))
+            turned = permask.rotate_model(model, {k: drawn[k] for k in names}, graph)
+            changes.append(float((y - _scores(turned(**inputs))).abs().max() / y.abs().max()))
+    rope = sum(k.startswith("rope:") for k in names)
+    return {"rope_sites": rope, "value_sites": len(names) - rope,
+            "site_change": max(changes, default=None)}  # fmt: skip
 
 
 def main() -> None:
@@ -213,23 +230,29 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(
         "\n| family | model | dtype | traced | groups | parameters moved | output change | "
-        "trace (s) | ops without a rule | first freeze reasons |"
+        "trace (s) | ops without a rule | first freeze reasons | RoPE / value sites | "
+        "change under their maps |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * 12 + "|")
     for line in out.read_text().splitlines():
         r = json.loads(line)
         if not r.get("traced"):
             print(
                 f"| {r['family']} | {r.get('model', '')} | {r.get('dtype', '')} | no: "
-                f"{r['reason'][:120]} | | | | | | |"
+                f"{r['reason'][:120]} | | | | | | | | |"
             )
             continue
         frozen = "; ".join(f"{n} x {m}" for m, n in r["frozen"].items())
         print(
             f"| {r['family']} | {r['model']} | {r['dtype']} | yes | {r['groups']} | "
             f"{r['moved']:.1%} | {r['change']:.1e} | {r['seconds']:.1f} | "
-            f"{', '.join(r['unruled']) or '-'} | {frozen} |"
+            f"{', '.join(r['unruled']) or '-'} | {frozen} | {r.get('rope_sites', '?')} / "
+            f"{r.get('value_sites', '?')} | {_change(r.get('site_change'))} |"
         )
+
+
+def _change(x) -> str:
+    return "-" if x is None else f"{x:.1e}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .graph import (
     register_rule,
     rope_sites,
     trace,
+    value_sites,
 )
 from .match import align, match_rotations
 from .merging import merge
@@ -43,6 +44,7 @@ __all__ = [
     "permute_tensors",
     "orthogonal_groups",
     "rope_sites",
+    "value_sites",
     "fold_norms",
     "match_rotations",
     "rotate_model",

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
-from .graph import Permutation, PermutationGraph, rope_sites, trace
+from .graph import Permutation, PermutationGraph, rope_sites, trace, value_sites
 from .graph.orthogonal import orthogonal_groups
 from .match import align, match_rotations
 from .match.learned_maps import learn_rotations
@@ -146,12 +146,12 @@ def turned_onto(
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     learns = get_matcher(method).learns
-    maps = bool(turned or rope_sites(graph))
+    maps = bool(turned or rope_sites(graph) or value_sites(graph))
     if not maps:
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
         warnings.warn("the graph admits no orthogonal map (no group passes "
-                      f"permask.orthogonal_groups, no RoPE site): permutations only{why}",
+                      f"permask.orthogonal_groups, no RoPE or value site): permutations only{why}",
                       UserWarning, stacklevel=3)  # fmt: skip
         if not learns:
             return list(models)

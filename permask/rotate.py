@@ -30,6 +30,7 @@ from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, keeping_ones
 from .graph.rope import plane_rotations, rope_sites
 from .graph.turn import turn_tensors
+from .graph.values import value_sites
 
 __all__ = [
     "fold_norms", "rotate_model", "rotate_tensors", "random_rotation", "tied_parameters",
@@ -108,15 +109,44 @@ def rotate_tensors(
     graph: PermutationGraph,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
-    the group's axis, and each RoPE site in it (``rope:...``) turned plane by plane, after
-    checking every map; folded gains and norm biases and other names pass through unchanged."""
+    the group's axis, each RoPE site in it (``rope:...``) turned plane by plane and each value
+    site (``value:...``) head by head, after checking every map; folded gains and norm biases
+    and other names pass through unchanged."""
     planes = {k: r for k, r in rotations.items() if k.startswith("rope:")}
-    groups = {k: o for k, o in rotations.items() if k not in planes}
+    values = {k: m for k, m in rotations.items() if k.startswith("value:")}
+    groups = {k: o for k, o in rotations.items() if k not in planes and k not in values}
     adms = admitted(graph, list(groups))
     for name, o in groups.items():
         _check_rotation(name, o, graph.groups[name].size, adms[name], tensors)
     _check_sites(graph, planes)
+    _check_values(graph, values)
     return turn_tensors(tensors, rotations, graph)
+
+
+def _check_values(graph: PermutationGraph, values: Mapping[str, torch.Tensor]) -> None:
+    """Each map of ``values`` is for a value site of ``graph``, one orthogonal map per value
+    head."""
+    sites = {s.name: s for s in value_sites(graph)}
+    for name, m in values.items():
+        site = _site_of(name, m, sites, "value", lambda s: (s.kv_heads, s.head_dim, s.head_dim))
+        m64 = m.double().cpu()
+        eye = torch.eye(site.head_dim, dtype=torch.float64)
+        if (m64.transpose(-1, -2) @ m64 - eye).abs().max() > _tolerance(m):
+            raise ValueError(f"the map for {name!r} is not orthogonal per head (M^T M != I)")
+
+
+def _site_of(name: str, m: torch.Tensor, sites: dict, kind: str, shape):
+    """The site of ``kind`` named ``name``, checked to exist and to take ``m``'s shape
+    (``shape(site)``)."""
+    site = sites.get(name)
+    if site is None:
+        listed = "rope_sites" if kind == "RoPE" else "value_sites"
+        raise ValueError(f"the graph has no {kind} site {name!r}; pass names from "
+                         f"permask.{listed}(graph) (site.name)")  # fmt: skip
+    if tuple(m.shape) != shape(site):
+        raise ValueError(f"the map for {name!r} has shape {tuple(m.shape)}; it needs "
+                         f"{shape(site)}")  # fmt: skip
+    return site
 
 
 def _check_sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) -> None:
@@ -124,13 +154,7 @@ def _check_sites(graph: PermutationGraph, planes: Mapping[str, torch.Tensor]) ->
     head and frequency plane."""
     sites = {s.name: s for s in rope_sites(graph)}
     for name, r in planes.items():
-        site = sites.get(name)
-        if site is None:
-            raise ValueError(f"the graph has no RoPE site {name!r}; pass names from "
-                             "permask.rope_sites(graph) (site.name)")  # fmt: skip
-        want = (site.kv_heads, site.head_dim // 2, 2, 2)
-        if tuple(r.shape) != want:
-            raise ValueError(f"the map for {name!r} has shape {tuple(r.shape)}; it needs {want}")
+        _site_of(name, r, sites, "RoPE", lambda s: (s.kv_heads, s.head_dim // 2, 2, 2))
         r64 = r.double().cpu()
         eye = torch.eye(2, dtype=torch.float64)
         if (r64.transpose(-1, -2) @ r64 - eye).abs().max() > _tolerance(r) or (
@@ -160,19 +184,29 @@ def random_rotation(
 ) -> dict[str, torch.Tensor]:
     """A Haar-random orthogonal map (float64) for every admitted group (or those named in
     ``groups``), keeping the all-ones direction where the group requires it; without ``groups``,
-    also a random rotation of every frequency plane of every RoPE site (``rope:...``)."""
+    also a random rotation of every frequency plane of every RoPE site (``rope:...``) and a
+    Haar-random map of every value head of every value site (``value:...``)."""
     out = {}
     if groups is None:
         for site in rope_sites(graph):
             shape = (site.kv_heads, site.head_dim // 2)
             angle = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * torch.pi
             out[site.name] = plane_rotations(angle)
+        for site in value_sites(graph):
+            out[site.name] = _haar((site.kv_heads, site.head_dim), generator)
     for name, adm in admitted(graph, groups).items():
         k = graph.groups[name].size - (1 if adm.keeps_ones else 0)
-        q, r = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))  # Haar measure
+        q = _haar((k,), generator)
         out[name] = keeping_ones(q) if adm.keeps_ones else q
     return out
+
+
+def _haar(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Haar-random orthogonal maps ``[*shape[:-1], n, n]`` (float64), ``n = shape[-1]``."""
+    n = shape[-1]
+    x = torch.randn(*shape[:-1], n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(x)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[..., None, :]
 
 
 def _tolerance(o: torch.Tensor) -> float:

@@ -69,7 +69,10 @@ def test_trace_prints_the_graph_and_json(capsys):
     assert _cli("trace", *MLP, "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["groups"]["fc1.weight:0"]["size"] == 32
-    assert doc["groups"]["fc1.weight:0"]["orthogonal"] is False and doc["rope_sites"] == []
+    assert (
+        doc["groups"]["fc1.weight:0"]["orthogonal"] is False
+        and doc["rope_sites"] == doc["value_sites"] == []
+    )
     assert "fc1.weight:0" in doc["groups"]["fc1.weight:0"]["members"]
 
 

@@ -92,9 +92,9 @@ def test_learning_lowers_the_midpoint_loss_below_procrustes():
 
 @pytest.mark.parametrize("kind", ["llama", "vit"])
 def test_learned_maps_keep_llama_and_vit_functions(kind):
-    """The residual stream and RoPE's planes (a GQA Llama), the all-ones-keeping stream (a timm
-    ViT): learned on a few batches, the maps keep the turned model's function. transformers'
-    RMSNorm normalises in float32 inside a float64 model, hence 1e-6 there."""
+    """The residual stream, RoPE's planes and the value heads (a GQA Llama), the all-ones-keeping
+    stream (a timm ViT): learned on a few batches, the maps keep the turned model's function.
+    transformers' RMSNorm normalises in float32 inside a float64 model, hence 1e-6 there."""
     if kind == "llama":
         model, graph, ids = _hf(kind, num_key_value_heads=2, tie_word_embeddings=False)
         data = [{"input_ids": ids, "labels": ids}] * 2
@@ -108,7 +108,7 @@ def test_learned_maps_keep_llama_and_vit_functions(kind):
         graph, torch.Generator().manual_seed(0)), graph)  # fmt: skip
     folded = permask.fold_norms(model, graph)
     maps = learn_rotations(folded, other, graph, data)
-    assert len(maps) == (3 if kind == "llama" else 1)  # the stream, and each RoPE site
+    assert len(maps) == (5 if kind == "llama" else 1)  # the stream, each RoPE and value site
     turned = permask.rotate_model(other, maps, graph)
     with torch.no_grad():
         assert rel_err(run(other), run(turned)) < tol

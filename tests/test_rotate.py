@@ -108,7 +108,7 @@ def test_llama_residual_stream_and_rope_planes_rotate_exactly(kind):
     assert all((s.query_bias is not None) == (kind == "qwen2") for s in sites)
     for seed in range(2):
         folded, turned, rotation = _turned(model, graph, seed)
-        assert len(rotation) == 3  # the residual stream and two RoPE sites
+        assert len(rotation) == 5  # the residual stream, two RoPE sites, two value sites
         with torch.no_grad():
             y = model(input_ids=ids).logits
             assert rel_err(y, folded(input_ids=ids).logits) < 1e-12

@@ -16,6 +16,7 @@ from .registry import Decline, Rule, TracedTensor, handles_indexes, handles_item
 from .rope import RopeSite, rope_sites
 from .trace import trace
 from .unify import AxisTerm
+from .values import ValueSite, value_sites
 
 __all__ = [
     "trace",
@@ -46,4 +47,6 @@ __all__ = [
     "Fold",
     "rope_sites",
     "RopeSite",
+    "value_sites",
+    "ValueSite",
 ]

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .attention import attention_sites, head_dim, head_projection, unrepeat
 from .graph import PermutationGraph
-from .orthogonal import kind_of, tensor_uses
+from .orthogonal import kind_of
 from .rules._util import arg
 
 __all__ = ["RopeSite", "rope_sites", "turn_planes", "planes_of", "plane_rotations"]
@@ -63,14 +64,7 @@ class RopeSite:
 
 def rope_sites(graph: PermutationGraph) -> list[RopeSite]:
     """Every attention call of ``graph`` whose q/k frequency planes may be rotated."""
-    out = []
-    uses = tensor_uses(graph)
-    for node in graph.fx_graph.nodes:
-        if kind_of(node) == "scaled_dot_product_attention":
-            site = _site(graph, node, uses)
-            if site is not None:
-                out.append(site)
-    return out
+    return attention_sites(graph, _site)
 
 
 def planes_of(t: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -103,32 +97,18 @@ def _site(graph: PermutationGraph, sdpa: fx.Node, uses: dict[str, int]) -> RopeS
     operands = [*sdpa.args, *sdpa.kwargs.values()]
     if operands.count(q) != 1 or operands.count(k) != 1 or len(k.users) != 1:
         return None  # q or k also the value, or read elsewhere
-    k = _unrepeat(k)
+    k = unrepeat(k)
     rq, rk = _rope(q), _rope(k) if k is not None else None
     if rq is None or rk is None or rq[1:] != rk[1:]:
         return None
     if len(q.users) != 1 or len(k.users) != 1:  # the key kept elsewhere (a cache)
         return None
-    pq, pk = _heads(graph, rq[0]), _heads(graph, rk[0])
+    pq, pk = head_projection(graph, rq[0]), head_projection(graph, rk[0])
     if pq is None or pk is None or pq[3] != pk[3] or pq[2] % pk[2]:
         return None
     if any(uses.get(t, 0) != 1 for t in (*pq[:2], *pk[:2]) if t is not None):
         return None  # a projection shared with another site or op
     return RopeSite(pq[0], pq[1], pk[0], pk[1], pq[2], pk[2], pq[3], sdpa.name)
-
-
-def _unrepeat(k: fx.Node) -> fx.Node | None:
-    """The key before grouped-query attention's repeat (``unsqueeze(2)``, ``expand``,
-    ``reshape``), or ``k`` when it is not repeated; None for another pattern."""
-    if kind_of(k) not in ("reshape", "view", "_unsafe_view"):
-        return k
-    e = k.args[0]
-    if kind_of(e) != "expand" or len(e.users) != 1:
-        return None
-    u = e.args[0]
-    if kind_of(u) != "unsqueeze" or u.args[1] != 2 or len(u.users) != 1:
-        return None
-    return u.args[0]
 
 
 def _rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
@@ -146,8 +126,8 @@ def _rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     if len(parts) != 2 or kind_of(parts[0]) != "neg":
         return None
     upper, lower = parts[0].args[0], parts[1]
-    d = _dim(x)
-    if d is None or not (_slice(upper, x, d // 2, d) and _slice(lower, x, 0, d // 2)):
+    d = head_dim(x)
+    if d is None or d % 2 or not (_slice(upper, x, d // 2, d) and _slice(lower, x, 0, d // 2)):
         return None
     if set(x.users) != {first, upper, lower}:
         return None
@@ -184,37 +164,3 @@ def _slice(node, x: fx.Node, start: int, end: int) -> bool:
         return False
     lo, hi = node.args[2] if len(node.args) > 2 else 0, node.args[3] if len(node.args) > 3 else None
     return lo == start and (hi is None or hi >= end) and (len(node.args) < 5 or node.args[4] == 1)
-
-
-def _dim(x: fx.Node) -> int | None:
-    """The head dim of ``x = transpose(view(linear, [B, T, H, d]), 1, 2)``, if it is that."""
-    if kind_of(x) != "transpose" or tuple(x.args[1:3]) not in ((1, 2), (2, 1)):
-        return None
-    view = x.args[0]
-    shape = view.args[1] if len(view.args) == 2 else view.args[1:]
-    if (
-        kind_of(view) not in ("view", "reshape", "_unsafe_view")
-        or not isinstance(shape, (list, tuple))
-        or len(shape) != 4
-    ):
-        return None
-    d = shape[3]
-    return d if isinstance(d, int) and d > 0 and d % 2 == 0 else None
-
-
-def _heads(graph: PermutationGraph, x: fx.Node) -> tuple[str, str | None, int, int] | None:
-    """(weight, bias, heads, head dim) of the linear layer under ``x`` (see :func:`_dim`)."""
-    d = _dim(x)
-    view = x.args[0]
-    linear = view.args[0]
-    if kind_of(linear) != "linear" or len(linear.users) != 1 or len(view.users) != 1:
-        return None
-    params = [a for a in linear.args[1:] if isinstance(a, fx.Node)]
-    if not params or any(p.op != "get_attr" for p in params):
-        return None
-    weight = params[0].target
-    bias = params[1].target if len(params) > 1 else None
-    rows = graph.shapes.get(weight, (0,))[0]
-    if d is None or rows % d:
-        return None
-    return weight, bias, rows // d, d

@@ -1,19 +1,20 @@
-"""Orthogonal maps learned from the loss: the maps beyond permutations (the residual stream,
-RoPE's frequency planes) moved by gradient descent on the midpoint's loss, as STE matching moves
-permutations.
+"""Orthogonal maps learned from the loss: the maps beyond permutations (the residual stream, RoPE's
+frequency planes, attention's value heads) moved by gradient descent on the midpoint's loss, as
+STE matching moves permutations.
 
 Procrustes (:func:`permask.match_rotations`) makes B's weights or activations agree with A's;
-interpolation cares about the loss of the midpoint ``(A + O(B)) / 2``. Here each map is a
-smooth function of free parameters, so that loss has an exact gradient in them (no
-straight-through estimate is needed): a group's map is ``exp(K - K^T)`` (on the complement of the
-all-ones direction where a LayerNorm centres the group), a RoPE plane's is the rotation by an
-angle. They start at the identity, so B should be turned by Procrustes first
-(:func:`permask.merging.turned_onto` does), and Adam takes one step of :data:`LR` per batch. Every
-map stays exactly orthogonal, so the turned B computes B's function, as with Procrustes' maps.
+interpolation cares about the loss of the midpoint ``(A + O(B)) / 2``. Here each map is a smooth
+function of free parameters, so that loss has an exact gradient in them (no straight-through
+estimate is needed): a group's map is ``exp(K - K^T)`` (on the complement of the all-ones
+direction where a LayerNorm centres the group), a RoPE plane's is the rotation by an angle, a
+value head's is ``exp(K - K^T)`` of its own. They start at the identity, so B should be turned
+by Procrustes first (:func:`permask.merging.turned_onto` does), and Adam takes one step of
+:data:`LR` per batch. Every map stays exactly orthogonal, so the turned B computes B's function,
+as with Procrustes' maps.
 
 The midpoint's loss, modes and buffers (A's, the fixed model's) are
 :mod:`permask.match.midpoint`'s. Cost per step: a forward and backward of the model and one
-matrix exponential per group.
+matrix exponential per group and value site.
 
 >>> import torch, permask
 >>> from permask.match.learned_maps import learn_rotations
@@ -51,6 +52,7 @@ from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, keeping_ones
 from ..graph.rope import plane_rotations, rope_sites
 from ..graph.turn import turn_tensors
+from ..graph.values import value_sites
 from .by_activation import on_device
 from .midpoint import batch_loss, midpoint_modes
 
@@ -66,15 +68,16 @@ def learn_rotations(
     groups=None, lr: float = LR, device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """For each admitted group (or each named in ``groups``) and, without ``groups``, each RoPE
-    site: the orthogonal map (float64, on the CPU) that brings B onto A, learned from the
-    identity on the midpoint's loss over ``loader``, one step per batch (module docstring).
-    Apply it with ``permask.rotate_model(model_b, maps, graph)``. Both models have their norms
-    folded (:func:`permask.fold_norms`). ``{}`` when the graph admits no map;
+    site and value site: the orthogonal map (float64, on the CPU) that brings B onto A, learned
+    from the identity on the midpoint's loss over ``loader``, one step per batch (module
+    docstring). Apply it with ``permask.rotate_model(model_b, maps, graph)``. Both models have
+    their norms folded (:func:`permask.fold_norms`). ``{}`` when the graph admits no map;
     ``ValueError`` for a loader that yields no batch."""
     dev = torch.device(device) if device is not None else model_device(model_a)
     adms = admitted(graph, groups)
     sites = rope_sites(graph) if groups is None else []
-    if not adms and not sites:
+    values = value_sites(graph) if groups is None else []
+    if not adms and not sites and not values:
         return {}
     a, b = on_device(unwrap(model_a), dev), on_device(unwrap(model_b), dev)
     params_a = {n: p.detach() for n, p in a.named_parameters()}
@@ -87,6 +90,9 @@ def learn_rotations(
     for s in sites:
         shape = (s.kv_heads, s.head_dim // 2)
         free[s.name] = torch.zeros(shape, dtype=torch.float64, device=dev, requires_grad=True)
+    for v in values:
+        shape = (v.kv_heads, v.head_dim, v.head_dim)
+        free[v.name] = torch.zeros(shape, dtype=torch.float64, device=dev, requires_grad=True)
     opt = torch.optim.Adam(list(free.values()), lr=lr)
     losses = []
     with midpoint_modes(a):
@@ -107,12 +113,13 @@ def learn_rotations(
 
 
 def _maps(free: dict, adms: dict) -> dict[str, torch.Tensor]:
-    """The maps of the free parameters: ``exp(K - K^T)`` per group, rotations per plane."""
+    """The maps of the free parameters: ``exp(K - K^T)`` per group and per value head,
+    rotations per plane."""
     out = {}
     for name, x in free.items():
-        if name not in adms:
+        if name.startswith("rope:"):
             out[name] = plane_rotations(x)
             continue
-        o = torch.matrix_exp(x - x.T)
-        out[name] = keeping_ones(o) if adms[name].keeps_ones else o
+        o = torch.matrix_exp(x - x.transpose(-1, -2))
+        out[name] = keeping_ones(o) if name in adms and adms[name].keeps_ones else o
     return out

@@ -1,5 +1,6 @@
 """Orthogonal maps that bring model B's groups onto model A's: Procrustes on the weights or
-the activations, and the rotations of RoPE's frequency planes.
+the activations, the rotations of RoPE's frequency planes and the maps of attention's value
+heads.
 
 For a group that admits orthogonal maps (:func:`permask.orthogonal_groups`), every member
 tensor moves as ``v -> O v`` along the group's axis, so ``sum <A_t, O B_t>`` over the members
@@ -7,7 +8,9 @@ is ``<O, M>`` with ``M = sum A_t B_t^T`` (each tensor unfolded with the group's 
 Its maximum over orthogonal ``O`` is ``U V^T`` from ``M = U S V^T`` (orthogonal Procrustes);
 where a LayerNorm requires ``O 1 = 1`` the same is solved on the complement of the all-ones
 direction. Both models must have their norms folded (:func:`permask.fold_norms`): the gains
-are then in the weights that are matched.
+are then in the weights that are matched. A value site's map of head ``j`` moves the value
+projection's rows ``V_j -> M V_j`` and the output projection's columns ``O_j -> O_j M^T``, so
+its Procrustes matrix is ``A_Vj B_Vj^T + sum A_Oj^T B_Oj`` (:func:`match_values`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from .._modules import model_device, named_tensors, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, keeping_ones, ones_complement, turn_axis
 from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
+from ..graph.values import ValueSite, turn_values, value_sites
 from .by_activation import observe, on_device
 from .passes import restricted
 from .points import plan_points
 
-__all__ = ["procrustes", "match_rotations", "match_planes"]
+__all__ = ["procrustes", "match_rotations", "match_planes", "match_values"]
 
 
 def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
@@ -58,34 +62,35 @@ def match_rotations(
     cross-covariance of A's and B's activations at the group's observation points, one pass
     over the data: the least-squares map of B's activations onto A's.
 
-    Without ``groups``, also every RoPE site's plane rotations (``rope:...``, by the weights
-    in either case: :func:`match_planes`). Their q/k rows and the groups' columns are coupled,
-    so by the weights the two alternate until both stop changing (at most ``max_iter`` times).
+    Without ``groups``, also every RoPE site's plane rotations (``rope:...``) and every value
+    site's head maps (``value:...``), by the weights in either case (:func:`match_planes`,
+    :func:`match_values`). Their head rows and the groups' columns are coupled, so by the
+    weights the two alternate until both stop changing (at most ``max_iter`` times).
     """
     adms = admitted(graph, groups)
     a = named_tensors(unwrap(model_a))
     b = named_tensors(unwrap(model_b))
-    sites = rope_sites(graph) if groups is None else []
-    if loader is not None:  # activations of the groups do not depend on the planes
+    sites = [*rope_sites(graph), *value_sites(graph)] if groups is None else []
+    if loader is not None:  # activations of the groups do not depend on the sites' maps
         out = _by_activation(model_a, model_b, graph, adms, loader)
-        return {**out, **_planes(a, b, graph, out, sites)}
-    # the q/k projections turn with the planes each round; every other single-axis term of a
-    # group is the same in every round, so it is summed once (``base``)
-    moving = {t for s in sites for t, _ in s.projections}
+        return {**out, **_site_maps(a, b, graph, out, sites)}
+    # the sites' projections turn with their maps each round; every other single-axis term of
+    # a group is the same in every round, so it is summed once (``base``)
+    moving = {t for s in sites for t in _tensors(s)}
     parts = {name: _split(_member_axes(graph, adm, a), moving) for name, adm in adms.items()}
     base = {name: _terms(a, b, fixed, None) for name, (fixed, _) in parts.items()}
-    planes: dict[str, torch.Tensor] = {}
-    for _ in range(max_iter):  # q/k rows turn by the planes, their columns by the groups
-        b_now = _turned_planes(b, planes, sites)
+    heads: dict[str, torch.Tensor] = {}
+    for _ in range(max_iter):  # head rows turn by the sites' maps, their columns by the groups
+        b_now = _turned_sites(b, heads, sites)
         out = {name: _by_weights(a, b_now, parts[name][1], adm.keeps_ones, max_iter, base[name],
                                  graph.groups[adm.group].size)
                for name, adm in adms.items()}  # fmt: skip
-        new = _planes(a, b, graph, out, sites)
-        done = bool(planes) and all((new[k] - planes[k]).abs().max() < 1e-10 for k in planes)
-        planes = new
+        new = _site_maps(a, b, graph, out, sites)
+        done = bool(heads) and all((new[k] - heads[k]).abs().max() < 1e-10 for k in heads)
+        heads = new
         if done or not sites:
             break
-    return {**out, **planes}
+    return {**out, **heads}
 
 
 def match_planes(a: dict, b: dict, site: RopeSite) -> torch.Tensor:
@@ -104,22 +109,55 @@ def match_planes(a: dict, b: dict, site: RopeSite) -> torch.Tensor:
     return (u * flip[..., None, :]) @ vh
 
 
-def _planes(a: dict, b: dict, graph, maps: dict, sites: list[RopeSite]) -> dict:
-    """Each site's plane rotations, from B's q/k with the group ``maps`` applied."""
+def match_values(a: dict, b: dict, site: ValueSite) -> torch.Tensor:
+    """The orthogonal map of each value head (``[kv_heads, d, d]``) that brings B's value and
+    output projections (A's and B's tensors by name in ``a`` and ``b``) closest to A's: one
+    Procrustes per head on ``A_V B_V^T + sum A_O^T B_O`` (module docstring)."""
+    kv, d = site.kv_heads, site.head_dim
+    ta, tb = ({t: x[t].detach().double().cpu() for t in site.tensors} for x in (a, b))
+    m = 0
+    for t in site.tensors:
+        if t == site.out:  # [out, kv, heads / kv, d]: sum over the rows and the query heads
+            oa, ob = (x[t].reshape(x[t].shape[0], kv, -1, d) for x in (ta, tb))
+            m = m + torch.einsum("okrp,okrq->kpq", oa, ob)
+        else:
+            va, vb = (x[t].reshape(kv, d, -1) for x in (ta, tb))
+            m = m + va @ vb.transpose(-1, -2)
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def _tensors(site: RopeSite | ValueSite) -> list[str]:
+    return site.tensors if isinstance(site, ValueSite) else [t for t, _ in site.projections]
+
+
+def _site_maps(a: dict, b: dict, graph, maps: dict, sites: list) -> dict:
+    """Each site's maps, from B's projections with the group ``maps`` applied."""
     turned = dict(b)
+    touched = {t for s in sites for t in _tensors(s)}
     for name, o in maps.items():
         for m in graph.groups[name].members:
-            if any(m.tensor in (s.query, s.key) for s in sites):
+            if m.tensor in touched:
                 turned[m.tensor] = turn_axis(turned[m.tensor].detach(), m.axis, o)
-    return {s.name: match_planes(a, turned, s) for s in sites}
+    return {
+        s.name: match_values(a, turned, s)
+        if isinstance(s, ValueSite)
+        else match_planes(a, turned, s)
+        for s in sites
+    }
 
 
-def _turned_planes(b: dict, planes: dict, sites: list[RopeSite]) -> dict:
+def _turned_sites(b: dict, maps: dict, sites: list) -> dict:
     out = dict(b)
     for s in sites:
-        if s.name in planes:
+        if s.name not in maps:
+            continue
+        if isinstance(s, ValueSite):
+            for t in s.tensors:
+                out[t] = turn_values(out[t].detach(), maps[s.name], s, t)
+        else:
             for t, key in s.projections:
-                out[t] = turn_planes(out[t].detach(), planes[s.name], s, key)
+                out[t] = turn_planes(out[t].detach(), maps[s.name], s, key)
     return out
 
 
