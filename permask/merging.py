@@ -146,15 +146,16 @@ def turned_onto(
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     learns = get_matcher(method).learns
-    maps = bool(turned or rope_sites(graph) or value_sites(graph))
-    if not maps:
+    sites = len(rope_sites(graph)) + len(value_sites(graph))
+    maps = bool(turned or sites)
+    if not turned:  # the residual stream is refused: say why, and what is left
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
-        warnings.warn("the graph admits no orthogonal map (no group passes "
-                      f"permask.orthogonal_groups, no RoPE or value site): permutations only{why}",
-                      UserWarning, stacklevel=3)  # fmt: skip
-        if not learns:
-            return list(models)
+        left = f"the {sites} maps inside attention only" if sites else "permutations only"
+        warnings.warn(f"no group admits an orthogonal map (permask.orthogonal_groups): {left}"
+                      f"{why}", UserWarning, stacklevel=3)  # fmt: skip
+    if not maps and not learns:
+        return list(models)
     folded = [fold_norms(m, graph) for m in models] if maps else list(models)
     ref = folded[reference]
     if orthogonal in ("activation", "learned") and loader is None:

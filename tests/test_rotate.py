@@ -221,15 +221,17 @@ def test_untied_models_rotate_exactly_and_save_untied(kind, tmp_path):
 
 
 def test_a_kept_norm_bias_turns_and_is_recovered_by_procrustes():
-    """GPT-2 untied: Procrustes on the weights finds a planted map of the residual stream (its
-    members include ln_f's kept bias); a zero in a gain whose bias must be kept is refused."""
+    """GPT-2 untied: Procrustes on the weights finds planted maps of the residual stream (its
+    members include ln_f's kept bias) and of the value heads (of the fused Conv1D qkv); a zero
+    in a gain whose bias must be kept is refused."""
     model, _, ids = _hf("gpt2")
     untied = permask.untie_weights(model)
     graph = permask.trace(untied, {"input_ids": ids})
     folded, turned, rotation = _turned(untied, graph, 4)
-    found = permask.match_rotations(folded, turned, graph, groups=list(rotation))
+    found = permask.match_rotations(folded, turned, graph)
+    assert sorted(found) == sorted(rotation) and sum(k.startswith("value:") for k in found) == 2
     for name, o in found.items():
-        assert (o - rotation[name].T).abs().max() < 1e-8, name
+        assert (o - rotation[name].transpose(-1, -2)).abs().max() < 1e-8, name
     with torch.no_grad():
         untied.transformer.ln_f.weight[3] = 0
     with pytest.raises(ValueError, match="transformer.ln_f.weight has zeros"):
@@ -384,10 +386,11 @@ def test_quirks_refuse_the_map(kind, why):
 
 
 def test_merging_a_tied_model_with_maps_warns_with_the_fix():
-    """``merge(..., orthogonal=...)`` on tied GPT-2s (which admit no map) merges by
-    permutations only and says why, naming the fix."""
+    """``merge(..., orthogonal=...)`` on tied GPT-2s (whose residual stream admits no map)
+    merges by permutations and the value heads' maps only and says why, naming the fix."""
     model, graph, ids = _hf("gpt2")
-    with pytest.warns(UserWarning, match=r"permutations only; .*untie it: permask.untie_weights"):
+    with pytest.warns(UserWarning, match=r"the 2 maps inside attention only; .*untie it: "
+                      r"permask.untie_weights"):  # fmt: skip
         merged = permask.merge([model, copy.deepcopy(model)], method="weight", graph=graph,
                                orthogonal="weight")  # fmt: skip
     with torch.no_grad():

@@ -4,6 +4,8 @@ the places that are not sites."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -101,3 +103,61 @@ def test_bad_value_maps_are_refused_with_the_fix():
         permask.rotate_model(model, {site.name: good[:1]}, graph)
     with pytest.raises(ValueError, match="no value site"):
         permask.rotate_model(model, {"value:nope": good}, graph)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = permask.trace(model, {"input_ids": ids})
+    return model, graph, lambda m: m(input_ids=ids).logits
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2
+    )
+    model = model.eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    return model, permask.trace(model, x), lambda m: m(x)
+
+
+@pytest.mark.parametrize(
+    "build, where",
+    [
+        (_gpt2, ("transformer.h.0.attn.c_attn.weight", 1, 64,
+                 "transformer.h.0.attn.c_proj.weight", 0)),
+        (_timm_vit, ("blocks.0.attn.qkv.weight", 0, 384, "blocks.0.attn.proj.weight", 1)),
+    ],
+    ids=["gpt2-conv1d-split", "timm-fused-qkv"],
+)  # fmt: skip
+def test_fused_qkv_value_heads_turn_exactly_and_are_recovered(build, where):
+    """A value that is one part of a fused projection: GPT-2's Conv1D split into q, k, v (the
+    rows are the weight's columns, from 2C on; the output is Conv1D too) and timm's qkv linear
+    reshaped to (3, heads, d). Random maps keep the function (float64), and Procrustes by the
+    weights recovers them."""
+    model, graph, run = build()
+    sites = permask.value_sites(graph)
+    assert len(sites) == 2
+    first = sites[0]
+    assert (first.value, first.value_axis, first.start, first.out, first.out_axis) == where
+    drawn = permask.random_rotation(graph, torch.Generator().manual_seed(1))
+    maps = {s.name: drawn[s.name] for s in sites}
+    turned = permask.rotate_model(model, maps, graph)
+    with torch.no_grad():
+        assert rel_err(run(model), run(turned)) < 1e-12
+    w, w2 = model.get_parameter(first.value), turned.get_parameter(first.value)
+    assert (w.narrow(first.value_axis, 0, first.start) == w2.narrow(first.value_axis, 0,
+            first.start)).all()  # fmt: skip
+    assert (w - w2).abs().max() > 1e-3  # q and k untouched, v moved
+    a, b = dict(model.named_parameters()), dict(turned.named_parameters())
+    for site in sites:
+        assert (match_values(a, b, site) - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10

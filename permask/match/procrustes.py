@@ -24,7 +24,7 @@ from .._modules import model_device, named_tensors, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, keeping_ones, ones_complement, turn_axis
 from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
-from ..graph.values import ValueSite, turn_values, value_sites
+from ..graph.values import ValueSite, turn_values, value_heads, value_sites
 from .by_activation import observe, on_device
 from .passes import restricted
 from .points import plan_points
@@ -113,16 +113,13 @@ def match_values(a: dict, b: dict, site: ValueSite) -> torch.Tensor:
     """The orthogonal map of each value head (``[kv_heads, d, d]``) that brings B's value and
     output projections (A's and B's tensors by name in ``a`` and ``b``) closest to A's: one
     Procrustes per head on ``A_V B_V^T + sum A_O^T B_O`` (module docstring)."""
-    kv, d = site.kv_heads, site.head_dim
-    ta, tb = ({t: x[t].detach().double().cpu() for t in site.tensors} for x in (a, b))
     m = 0
     for t in site.tensors:
-        if t == site.out:  # [out, kv, heads / kv, d]: sum over the rows and the query heads
-            oa, ob = (x[t].reshape(x[t].shape[0], kv, -1, d) for x in (ta, tb))
-            m = m + torch.einsum("okrp,okrq->kpq", oa, ob)
-        else:
-            va, vb = (x[t].reshape(kv, d, -1) for x in (ta, tb))
-            m = m + va @ vb.transpose(-1, -2)
+        ha, hb = (value_heads(x[t].detach().double().cpu(), site, t) for x in (a, b))
+        if t == site.out:  # [rest, kv, heads / kv, d]: sum over the rest and the query heads
+            m = m + torch.einsum("okrp,okrq->kpq", ha, hb)
+        else:  # [kv, d, rest]
+            m = m + ha @ hb.transpose(-1, -2)
     u, _, vh = torch.linalg.svd(m)
     return u @ vh
 
