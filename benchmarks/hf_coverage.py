@@ -8,9 +8,10 @@ keyword inputs), checked under random permutations.
 Resumable: one JSON line per family in ``--out``; families already there are skipped (``--fresh``
 starts over). Per family: traced or the exporter's reason, groups, fraction of parameters in
 permuted tensors, the largest relative output change over 2 random permutations (float64 where
-the family runs in it), the first freeze reasons, trace seconds; the RoPE and value sites the
-graph finds (maps inside attention, beyond permutations) and the largest relative output change
-over 2 random draws of their maps (these need no norm folded). Prints a markdown table.
+the family runs in it), the first freeze reasons, trace seconds; the RoPE, value and query/key
+sites the graph finds (maps inside attention, beyond permutations) and the largest relative
+output change over 2 random draws of their maps (these need no norm folded). Prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -189,17 +190,18 @@ def run_family(name: str) -> dict:
 
 
 def _sites(model, graph, inputs, y) -> dict:
-    """The RoPE and value sites, and the output change under random maps of them alone."""
-    names = [s.name for s in (*permask.rope_sites(graph), *permask.value_sites(graph))]
+    """The RoPE, value and query/key sites, and the output change under random maps of them
+    alone."""
+    names = [s.name for s in permask.graph.head_sites(graph)]
     changes = []
     with torch.no_grad():
         for seed in range(2) if names else ():
             drawn = permask.random_rotation(graph, torch.Generator().manual_seed(seed))
             turned = permask.rotate_model(model, {k: drawn[k] for k in names}, graph)
             changes.append(float((y - _scores(turned(**inputs))).abs().max() / y.abs().max()))
-    rope = sum(k.startswith("rope:") for k in names)
-    return {"rope_sites": rope, "value_sites": len(names) - rope,
-            "site_change": max(changes, default=None)}  # fmt: skip
+    count = {p: sum(k.startswith(p + ":") for k in names) for p in ("rope", "value", "qk")}
+    return {"rope_sites": count["rope"], "value_sites": count["value"],
+            "query_key_sites": count["qk"], "site_change": max(changes, default=None)}  # fmt: skip
 
 
 def main() -> None:
@@ -230,7 +232,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(
         "\n| family | model | dtype | traced | groups | parameters moved | output change | "
-        "trace (s) | ops without a rule | first freeze reasons | RoPE / value sites | "
+        "trace (s) | ops without a rule | first freeze reasons | RoPE / value / query-key sites | "
         "change under their maps |"
     )
     print("|---" * 12 + "|")
@@ -247,7 +249,8 @@ def main() -> None:
             f"| {r['family']} | {r['model']} | {r['dtype']} | yes | {r['groups']} | "
             f"{r['moved']:.1%} | {r['change']:.1e} | {r['seconds']:.1f} | "
             f"{', '.join(r['unruled']) or '-'} | {frozen} | {r.get('rope_sites', '?')} / "
-            f"{r.get('value_sites', '?')} | {_change(r.get('site_change'))} |"
+            f"{r.get('value_sites', '?')} / {r.get('query_key_sites', '?')} | "
+            f"{_change(r.get('site_change'))} |"
         )
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
-from .graph import Permutation, PermutationGraph, rope_sites, trace, value_sites
+from .graph import Permutation, PermutationGraph, head_sites, trace
 from .graph.orthogonal import orthogonal_groups
 from .match import align, match_rotations
 from .match.learned_maps import learn_rotations
@@ -146,12 +146,12 @@ def turned_onto(
     found = orthogonal_groups(graph)
     turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
     learns = get_matcher(method).learns
-    sites = len(rope_sites(graph)) + len(value_sites(graph))
+    sites = len(head_sites(graph))
     maps = bool(turned or sites)
     if not turned:  # the residual stream is refused: say why, and what is left
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
-        left = f"the {sites} maps inside attention only" if sites else "permutations only"
+        left = f"the maps of its {sites} attention sites only" if sites else "permutations only"
         warnings.warn(f"no group admits an orthogonal map (permask.orthogonal_groups): {left}"
                       f"{why}", UserWarning, stacklevel=3)  # fmt: skip
     if not maps and not learns:

@@ -28,8 +28,9 @@ import torch.nn as nn
 from ._modules import named_tensors, unwrap, write_tensors
 from .graph import PermutationGraph
 from .graph.orthogonal import Admission, admitted, keeping_ones
+from .graph.query_keys import query_key_sites
 from .graph.rope import plane_rotations, rope_sites
-from .graph.turn import turn_tensors
+from .graph.turn import SITE_PREFIXES, turn_tensors
 from .graph.values import value_sites
 
 __all__ = [
@@ -109,26 +110,27 @@ def rotate_tensors(
     graph: PermutationGraph,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
-    the group's axis, each RoPE site in it (``rope:...``) turned plane by plane and each value
-    site (``value:...``) head by head, after checking every map; folded gains and norm biases
-    and other names pass through unchanged."""
+    the group's axis and each site inside attention in it (``rope:...`` plane by plane,
+    ``value:...`` and ``qk:...`` head by head) turned, after checking every map; folded gains
+    and norm biases and other names pass through unchanged."""
     planes = {k: r for k, r in rotations.items() if k.startswith("rope:")}
-    values = {k: m for k, m in rotations.items() if k.startswith("value:")}
-    groups = {k: o for k, o in rotations.items() if k not in planes and k not in values}
+    heads = {k: m for k, m in rotations.items() if k.startswith(SITE_PREFIXES) and k not in planes}
+    groups = {k: o for k, o in rotations.items() if k not in planes and k not in heads}
     adms = admitted(graph, list(groups))
     for name, o in groups.items():
         _check_rotation(name, o, graph.groups[name].size, adms[name], tensors)
     _check_sites(graph, planes)
-    _check_values(graph, values)
+    _check_heads(graph, heads)
     return turn_tensors(tensors, rotations, graph)
 
 
-def _check_values(graph: PermutationGraph, values: Mapping[str, torch.Tensor]) -> None:
-    """Each map of ``values`` is for a value site of ``graph``, one orthogonal map per value
-    head."""
-    sites = {s.name: s for s in value_sites(graph)}
-    for name, m in values.items():
-        site = _site_of(name, m, sites, "value", lambda s: (s.kv_heads, s.head_dim, s.head_dim))
+def _check_heads(graph: PermutationGraph, maps: Mapping[str, torch.Tensor]) -> None:
+    """Each map of ``maps`` is for a value or query/key site of ``graph``, one orthogonal map
+    per (key or value) head."""
+    sites = {s.name: s for s in [*value_sites(graph), *query_key_sites(graph)]}
+    for name, m in maps.items():
+        site = _site_of(name, m, sites, "value or query/key",
+                        lambda s: (s.kv_heads, s.head_dim, s.head_dim))  # fmt: skip
         m64 = m.double().cpu()
         eye = torch.eye(site.head_dim, dtype=torch.float64)
         if (m64.transpose(-1, -2) @ m64 - eye).abs().max() > _tolerance(m):
@@ -140,9 +142,10 @@ def _site_of(name: str, m: torch.Tensor, sites: dict, kind: str, shape):
     (``shape(site)``)."""
     site = sites.get(name)
     if site is None:
-        listed = "rope_sites" if kind == "RoPE" else "value_sites"
-        raise ValueError(f"the graph has no {kind} site {name!r}; pass names from "
-                         f"permask.{listed}(graph) (site.name)")  # fmt: skip
+        listed = ("permask.rope_sites(graph)" if kind == "RoPE" else
+                  "permask.value_sites(graph) or permask.query_key_sites(graph)")  # fmt: skip
+        raise ValueError(f"the graph has no {kind} site {name!r}; pass names from {listed} "
+                         "(site.name)")  # fmt: skip
     if tuple(m.shape) != shape(site):
         raise ValueError(f"the map for {name!r} has shape {tuple(m.shape)}; it needs "
                          f"{shape(site)}")  # fmt: skip
@@ -185,14 +188,15 @@ def random_rotation(
     """A Haar-random orthogonal map (float64) for every admitted group (or those named in
     ``groups``), keeping the all-ones direction where the group requires it; without ``groups``,
     also a random rotation of every frequency plane of every RoPE site (``rope:...``) and a
-    Haar-random map of every value head of every value site (``value:...``)."""
+    Haar-random map of every head of every value and query/key site (``value:...``,
+    ``qk:...``)."""
     out = {}
     if groups is None:
         for site in rope_sites(graph):
             shape = (site.kv_heads, site.head_dim // 2)
             angle = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * torch.pi
             out[site.name] = plane_rotations(angle)
-        for site in value_sites(graph):
+        for site in [*value_sites(graph), *query_key_sites(graph)]:
             out[site.name] = _haar((site.kv_heads, site.head_dim), generator)
     for name, adm in admitted(graph, groups).items():
         k = graph.groups[name].size - (1 if adm.keeps_ones else 0)

@@ -71,7 +71,7 @@ def test_trace_prints_the_graph_and_json(capsys):
     assert doc["groups"]["fc1.weight:0"]["size"] == 32
     assert (
         doc["groups"]["fc1.weight:0"]["orthogonal"] is False
-        and doc["rope_sites"] == doc["value_sites"] == []
+        and doc["rope_sites"] == doc["value_sites"] == doc["query_key_sites"] == []
     )
     assert "fc1.weight:0" in doc["groups"]["fc1.weight:0"]["members"]
 

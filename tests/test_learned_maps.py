@@ -108,7 +108,7 @@ def test_learned_maps_keep_llama_and_vit_functions(kind):
         graph, torch.Generator().manual_seed(0)), graph)  # fmt: skip
     folded = permask.fold_norms(model, graph)
     maps = learn_rotations(folded, other, graph, data)
-    assert len(maps) == (5 if kind == "llama" else 3)  # the stream, each RoPE and value site
+    assert len(maps) == 5  # the stream, each RoPE and value site (Llama), value and q/k (ViT)
     turned = permask.rotate_model(other, maps, graph)
     with torch.no_grad():
         assert rel_err(run(other), run(turned)) < tol

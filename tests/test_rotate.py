@@ -387,9 +387,9 @@ def test_quirks_refuse_the_map(kind, why):
 
 def test_merging_a_tied_model_with_maps_warns_with_the_fix():
     """``merge(..., orthogonal=...)`` on tied GPT-2s (whose residual stream admits no map)
-    merges by permutations and the value heads' maps only and says why, naming the fix."""
+    merges by permutations and the attention heads' maps only and says why, naming the fix."""
     model, graph, ids = _hf("gpt2")
-    with pytest.warns(UserWarning, match=r"the 2 maps inside attention only; .*untie it: "
+    with pytest.warns(UserWarning, match=r"the maps of its 4 attention sites only; .*untie it: "
                       r"permask.untie_weights"):  # fmt: skip
         merged = permask.merge([model, copy.deepcopy(model)], method="weight", graph=graph,
                                orthogonal="weight")  # fmt: skip

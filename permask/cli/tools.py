@@ -233,8 +233,9 @@ def trace_command(args: argparse.Namespace) -> str:
     graph = _trace(model, x)
     admissions = permask.orthogonal_groups(graph)
     sites, values = permask.rope_sites(graph), permask.value_sites(graph)
+    keys = permask.query_key_sites(graph)
     if not args.json:
-        return f"{graph}\n{_beyond(graph, admissions, sites, values)}"
+        return f"{graph}\n{_beyond(graph, admissions, sites, values, keys)}"
     groups = {g.name: {"size": g.size, "members": [f"{m.tensor}:{m.axis}" for m in g.members],
                        "orthogonal": admissions[g.name].admitted,
                        "orthogonal_refused": admissions[g.name].reason} for g in graph}  # fmt: skip
@@ -242,15 +243,18 @@ def trace_command(args: argparse.Namespace) -> str:
                "reasons": [str(r) for r in f.reasons]} for f in graph.frozen]  # fmt: skip
     rope, value = [s.name for s in sites], [s.name for s in values]
     return json.dumps({"groups": groups, "frozen": frozen, "rope_sites": rope,
-                       "value_sites": value}, indent=1)  # fmt: skip
+                       "value_sites": value, "query_key_sites": [s.name for s in keys]},
+                      indent=1)  # fmt: skip
 
 
-def _beyond(graph: PermutationGraph, admissions: dict, sites: list, values: list) -> str:
-    """Which groups admit orthogonal maps (for merging; docs/alignment.md), the RoPE sites and
-    the value sites; for the widest refused group, why not."""
+def _beyond(graph: PermutationGraph, admissions: dict, sites: list, values: list,
+            keys: list) -> str:  # fmt: skip
+    """Which groups admit orthogonal maps (for merging; docs/alignment.md), the RoPE, value and
+    query/key sites; for the widest refused group, why not."""
     ok = [a for a in admissions.values() if a.admitted]
     lines = [f"beyond permutations (merge/interpolate --orthogonal): {len(ok)} groups admit "
-             f"orthogonal maps, {len(sites)} RoPE sites, {len(values)} value sites"]  # fmt: skip
+             f"orthogonal maps, {len(sites)} RoPE sites, {len(values)} value sites, {len(keys)} "
+             "query/key sites"]  # fmt: skip
     for a in ok:
         ones = ", keeping the all-ones direction" if a.keeps_ones else ""
         lines.append(f"  {a.group}: {len(a.folds)} norm gains folded{ones}")

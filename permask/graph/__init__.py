@@ -12,9 +12,11 @@ from .graph import FrozenAxis, Group, Member, Observation, PermutationGraph
 from .layout import Concat, Fixed, GroupAxis, Product, group_element_map, layout_index
 from .orthogonal import Admission, Fold, orthogonal_groups
 from .permutation import Permutation, random_permutation
+from .query_keys import QueryKeySite, query_key_sites
 from .registry import Decline, Rule, TracedTensor, handles_indexes, handles_items, register_rule
 from .rope import RopeSite, rope_sites
 from .trace import trace
+from .turn import head_sites
 from .unify import AxisTerm
 from .values import ValueSite, value_sites
 
@@ -48,5 +50,8 @@ __all__ = [
     "rope_sites",
     "RopeSite",
     "value_sites",
+    "query_key_sites",
+    "QueryKeySite",
+    "head_sites",
     "ValueSite",
 ]

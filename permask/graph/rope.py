@@ -61,6 +61,15 @@ class RopeSite:
         """The key of this site's rotations: ``rope:`` and the query weight's name."""
         return f"rope:{self.query}"
 
+    @property
+    def tensors(self) -> list[str]:
+        """The tensors its rotations move."""
+        return [t for t, _ in self.projections]
+
+    def turn(self, t: torch.Tensor, r: torch.Tensor, tensor: str) -> torch.Tensor:
+        """:func:`turn_planes` of ``tensor``."""
+        return turn_planes(t, r, self, tensor in (self.key, self.key_bias))
+
 
 def rope_sites(graph: PermutationGraph) -> list[RopeSite]:
     """Every attention call of ``graph`` whose q/k frequency planes may be rotated."""

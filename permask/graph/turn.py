@@ -1,9 +1,12 @@
 """How a model's tensors move under orthogonal maps: each member of an admitted group along
-its axis (:mod:`permask.graph.orthogonal`), each RoPE site's q and k projections plane by plane
-(:mod:`permask.graph.rope`), and each value site's value and output projections head by head
-(:mod:`permask.graph.values`). No checks: :func:`permask.rotate_tensors` checks the maps
-first; the learned maps (:mod:`permask.match.learned_maps`) are orthogonal by construction and
-call this with tensors that carry gradients.
+its axis (:mod:`permask.graph.orthogonal`), and the projections of each site inside attention
+head by head: RoPE's q/k frequency planes (:mod:`permask.graph.rope`), the value heads
+(:mod:`permask.graph.values`) and, without RoPE, the query/key heads
+(:mod:`permask.graph.query_keys`). Every site has a ``name`` (the key of its map), the
+``tensors`` its map moves and ``turn(t, map, tensor)``. No checks:
+:func:`permask.rotate_tensors` checks the maps first; the learned maps
+(:mod:`permask.match.learned_maps`) are orthogonal by construction and call this with tensors
+that carry gradients.
 """
 
 from __future__ import annotations
@@ -14,10 +17,19 @@ import torch
 
 from .graph import PermutationGraph
 from .orthogonal import admitted, turn_axis
-from .rope import rope_sites, turn_planes
-from .values import turn_values, value_sites
+from .query_keys import QueryKeySite, query_key_sites
+from .rope import RopeSite, rope_sites
+from .values import ValueSite, value_sites
 
-__all__ = ["turn_tensors"]
+__all__ = ["turn_tensors", "head_sites", "SITE_PREFIXES"]
+
+Site = RopeSite | ValueSite | QueryKeySite
+SITE_PREFIXES = ("rope:", "value:", "qk:")  #: the names of sites' maps start so
+
+
+def head_sites(graph: PermutationGraph) -> list[Site]:
+    """Every site of ``graph`` where maps act inside attention: RoPE, value and query/key."""
+    return [*rope_sites(graph), *value_sites(graph), *query_key_sites(graph)]
 
 
 def turn_tensors(
@@ -25,12 +37,11 @@ def turn_tensors(
     graph: PermutationGraph,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
-    the group's axis, each RoPE site in it (``rope:...``) turned plane by plane and each value
-    site (``value:...``) head by head; folded gains and norm biases and other names pass
-    through unchanged."""
-    groups = {k: o for k, o in rotations.items() if not k.startswith(("rope:", "value:"))}
-    sites = {s.name: s for s in rope_sites(graph) if s.name in rotations}
-    values = [s for s in value_sites(graph) if s.name in rotations]
+    the group's axis and each site's tensors (names in :data:`SITE_PREFIXES`) turned head by
+    head; folded gains and norm biases and other names pass through unchanged."""
+    groups = {k: o for k, o in rotations.items() if not k.startswith(SITE_PREFIXES)}
+    sites = [s for s in head_sites(graph) if s.name in rotations] if len(groups) < len(
+        rotations) else []  # fmt: skip
     adms = admitted(graph, list(groups))
     out = dict(tensors)
     for name, o in groups.items():
@@ -38,12 +49,8 @@ def turn_tensors(
         for m in graph.groups[name].members:
             if m.tensor in out and m.tensor not in skip:
                 out[m.tensor] = turn_axis(out[m.tensor], m.axis, o)
-    for name, site in sites.items():
-        for tensor, key in site.projections:
-            if tensor in out:
-                out[tensor] = turn_planes(out[tensor], rotations[name], site, key)
-    for site in values:
+    for site in sites:
         for tensor in site.tensors:
             if tensor in out:
-                out[tensor] = turn_values(out[tensor], rotations[site.name], site, tensor)
+                out[tensor] = site.turn(out[tensor], rotations[site.name], tensor)
     return out

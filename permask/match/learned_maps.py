@@ -1,6 +1,6 @@
 """Orthogonal maps learned from the loss: the maps beyond permutations (the residual stream, RoPE's
-frequency planes, attention's value heads) moved by gradient descent on the midpoint's loss, as
-STE matching moves permutations.
+frequency planes, attention's value and query/key heads) moved by gradient descent on the
+midpoint's loss, as STE matching moves permutations.
 
 Procrustes (:func:`permask.match_rotations`) makes B's weights or activations agree with A's;
 interpolation cares about the loss of the midpoint ``(A + O(B)) / 2``. Here each map is a smooth
@@ -14,7 +14,7 @@ as with Procrustes' maps.
 
 The midpoint's loss, modes and buffers (A's, the fixed model's) are
 :mod:`permask.match.midpoint`'s. Cost per step: a forward and backward of the model and one
-matrix exponential per group and value site.
+matrix exponential per group and site.
 
 >>> import torch, permask
 >>> from permask.match.learned_maps import learn_rotations
@@ -50,9 +50,8 @@ import torch.nn as nn
 from .._modules import model_device, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, keeping_ones
-from ..graph.rope import plane_rotations, rope_sites
-from ..graph.turn import turn_tensors
-from ..graph.values import value_sites
+from ..graph.rope import RopeSite, plane_rotations
+from ..graph.turn import head_sites, turn_tensors
 from .by_activation import on_device
 from .midpoint import batch_loss, midpoint_modes
 
@@ -67,17 +66,16 @@ def learn_rotations(
     model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph, loader: Iterable, *,
     groups=None, lr: float = LR, device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """For each admitted group (or each named in ``groups``) and, without ``groups``, each RoPE
-    site and value site: the orthogonal map (float64, on the CPU) that brings B onto A, learned
+    """For each admitted group (or each named in ``groups``) and, without ``groups``, each RoPE,
+    value and query/key site: the orthogonal map (float64, on the CPU) that brings B onto A, learned
     from the identity on the midpoint's loss over ``loader``, one step per batch (module
     docstring). Apply it with ``permask.rotate_model(model_b, maps, graph)``. Both models have
     their norms folded (:func:`permask.fold_norms`). ``{}`` when the graph admits no map;
     ``ValueError`` for a loader that yields no batch."""
     dev = torch.device(device) if device is not None else model_device(model_a)
     adms = admitted(graph, groups)
-    sites = rope_sites(graph) if groups is None else []
-    values = value_sites(graph) if groups is None else []
-    if not adms and not sites and not values:
+    sites = head_sites(graph) if groups is None else []
+    if not adms and not sites:
         return {}
     a, b = on_device(unwrap(model_a), dev), on_device(unwrap(model_b), dev)
     params_a = {n: p.detach() for n, p in a.named_parameters()}
@@ -87,12 +85,10 @@ def learn_rotations(
     for name, adm in adms.items():
         k = graph.groups[name].size - (1 if adm.keeps_ones else 0)
         free[name] = torch.zeros(k, k, dtype=torch.float64, device=dev, requires_grad=True)
-    for s in sites:
-        shape = (s.kv_heads, s.head_dim // 2)
+    for s in sites:  # an angle per RoPE plane, a generator per value or key head
+        d = s.head_dim
+        shape = (s.kv_heads, d // 2) if isinstance(s, RopeSite) else (s.kv_heads, d, d)
         free[s.name] = torch.zeros(shape, dtype=torch.float64, device=dev, requires_grad=True)
-    for v in values:
-        shape = (v.kv_heads, v.head_dim, v.head_dim)
-        free[v.name] = torch.zeros(shape, dtype=torch.float64, device=dev, requires_grad=True)
     opt = torch.optim.Adam(list(free.values()), lr=lr)
     losses = []
     with midpoint_modes(a):
@@ -113,7 +109,7 @@ def learn_rotations(
 
 
 def _maps(free: dict, adms: dict) -> dict[str, torch.Tensor]:
-    """The maps of the free parameters: ``exp(K - K^T)`` per group and per value head,
+    """The maps of the free parameters: ``exp(K - K^T)`` per group and per value or key head,
     rotations per plane."""
     out = {}
     for name, x in free.items():

@@ -1,6 +1,6 @@
 """Orthogonal maps that bring model B's groups onto model A's: Procrustes on the weights or
-the activations, the rotations of RoPE's frequency planes and the maps of attention's value
-heads.
+the activations, the rotations of RoPE's frequency planes and the maps of attention's value and
+query/key heads.
 
 For a group that admits orthogonal maps (:func:`permask.orthogonal_groups`), every member
 tensor moves as ``v -> O v`` along the group's axis, so ``sum <A_t, O B_t>`` over the members
@@ -10,7 +10,9 @@ where a LayerNorm requires ``O 1 = 1`` the same is solved on the complement of t
 direction. Both models must have their norms folded (:func:`permask.fold_norms`): the gains
 are then in the weights that are matched. A value site's map of head ``j`` moves the value
 projection's rows ``V_j -> M V_j`` and the output projection's columns ``O_j -> O_j M^T``, so
-its Procrustes matrix is ``A_Vj B_Vj^T + sum A_Oj^T B_Oj`` (:func:`match_values`).
+its Procrustes matrix is ``A_Vj B_Vj^T + sum A_Oj^T B_Oj`` (:func:`match_values`); a
+query/key site's, ``A_Kj B_Kj^T + sum A_Qh B_Qh^T`` over the query heads ``h`` reading key head
+``j`` (:func:`match_query_keys`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import torch.nn as nn
 from .._modules import model_device, named_tensors, unwrap
 from ..graph import PermutationGraph
 from ..graph.orthogonal import admitted, keeping_ones, ones_complement, turn_axis
-from ..graph.rope import RopeSite, planes_of, rope_sites, turn_planes
-from ..graph.values import ValueSite, turn_values, value_heads, value_sites
+from ..graph.query_keys import QueryKeySite
+from ..graph.rope import RopeSite, planes_of
+from ..graph.turn import head_sites
+from ..graph.values import ValueSite, value_heads
 from .by_activation import observe, on_device
 from .passes import restricted
 from .points import plan_points
 
-__all__ = ["procrustes", "match_rotations", "match_planes", "match_values"]
+__all__ = ["procrustes", "match_rotations", "match_planes", "match_values", "match_query_keys"]
 
 
 def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
@@ -63,20 +67,21 @@ def match_rotations(
     over the data: the least-squares map of B's activations onto A's.
 
     Without ``groups``, also every RoPE site's plane rotations (``rope:...``) and every value
-    site's head maps (``value:...``), by the weights in either case (:func:`match_planes`,
-    :func:`match_values`). Their head rows and the groups' columns are coupled, so by the
-    weights the two alternate until both stop changing (at most ``max_iter`` times).
+    site's and query/key site's head maps (``value:...``, ``qk:...``), by the weights in
+    either case (:func:`match_planes`, :func:`match_values`, :func:`match_query_keys`). Their
+    head rows and the groups' columns are coupled, so by the weights the two alternate until
+    both stop changing (at most ``max_iter`` times).
     """
     adms = admitted(graph, groups)
     a = named_tensors(unwrap(model_a))
     b = named_tensors(unwrap(model_b))
-    sites = [*rope_sites(graph), *value_sites(graph)] if groups is None else []
+    sites = head_sites(graph) if groups is None else []
     if loader is not None:  # activations of the groups do not depend on the sites' maps
         out = _by_activation(model_a, model_b, graph, adms, loader)
         return {**out, **_site_maps(a, b, graph, out, sites)}
     # the sites' projections turn with their maps each round; every other single-axis term of
     # a group is the same in every round, so it is summed once (``base``)
-    moving = {t for s in sites for t in _tensors(s)}
+    moving = {t for s in sites for t in s.tensors}
     parts = {name: _split(_member_axes(graph, adm, a), moving) for name, adm in adms.items()}
     base = {name: _terms(a, b, fixed, None) for name, (fixed, _) in parts.items()}
     heads: dict[str, torch.Tensor] = {}
@@ -124,37 +129,43 @@ def match_values(a: dict, b: dict, site: ValueSite) -> torch.Tensor:
     return u @ vh
 
 
-def _tensors(site: RopeSite | ValueSite) -> list[str]:
-    return site.tensors if isinstance(site, ValueSite) else [t for t, _ in site.projections]
+def match_query_keys(a: dict, b: dict, site: QueryKeySite) -> torch.Tensor:
+    """The orthogonal map of each key head (``[kv_heads, d, d]``), shared by the query heads
+    that read it, that brings B's query and key projections closest to A's: one Procrustes per
+    key head on ``sum A_Q B_Q^T + A_K B_K^T`` over its query heads and itself."""
+    m = 0
+    for t in site.tensors:
+        pairs = zip(*(site.heads_of(x[t].detach().double().cpu(), t) for x in (a, b)))
+        for (ha, is_key), (hb, _) in pairs:
+            c = ha @ hb.transpose(-1, -2)  # [heads, d, d]
+            m = m + (c if is_key else c.reshape(site.kv_heads, -1, *c.shape[1:]).sum(1))
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def _match(a: dict, b: dict, site) -> torch.Tensor:
+    if isinstance(site, ValueSite):
+        return match_values(a, b, site)
+    return match_query_keys(a, b, site) if isinstance(site, QueryKeySite) else match_planes(
+        a, b, site)  # fmt: skip
 
 
 def _site_maps(a: dict, b: dict, graph, maps: dict, sites: list) -> dict:
     """Each site's maps, from B's projections with the group ``maps`` applied."""
     turned = dict(b)
-    touched = {t for s in sites for t in _tensors(s)}
+    touched = {t for s in sites for t in s.tensors}
     for name, o in maps.items():
         for m in graph.groups[name].members:
             if m.tensor in touched:
                 turned[m.tensor] = turn_axis(turned[m.tensor].detach(), m.axis, o)
-    return {
-        s.name: match_values(a, turned, s)
-        if isinstance(s, ValueSite)
-        else match_planes(a, turned, s)
-        for s in sites
-    }
+    return {s.name: _match(a, turned, s) for s in sites}
 
 
 def _turned_sites(b: dict, maps: dict, sites: list) -> dict:
     out = dict(b)
     for s in sites:
-        if s.name not in maps:
-            continue
-        if isinstance(s, ValueSite):
-            for t in s.tensors:
-                out[t] = turn_values(out[t].detach(), maps[s.name], s, t)
-        else:
-            for t, key in s.projections:
-                out[t] = turn_planes(out[t].detach(), maps[s.name], s, key)
+        for t in s.tensors if s.name in maps else ():
+            out[t] = s.turn(out[t].detach(), maps[s.name], t)
     return out
 
 

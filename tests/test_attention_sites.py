@@ -1,6 +1,7 @@
-"""Attention's value heads (graph/values.py): where an orthogonal map per value head is found,
-the function kept exactly in float64 under random maps, Procrustes recovering planted maps, and
-the places that are not sites."""
+"""The maps inside attention beyond permutations: value heads (graph/values.py) and, without
+RoPE, query/key heads (graph/query_keys.py), in own and fused projections (graph/heads.py):
+where the sites are found, the function kept exactly in float64 under random maps, Procrustes
+recovering planted maps, and the places that are not sites."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import permask
-from permask.match.procrustes import match_values
+from permask.match.procrustes import match_query_keys, match_values
 
 
 class Attention(nn.Module):
@@ -40,6 +41,8 @@ class Attention(nn.Module):
         out = x + self.o(y)
         if self.leak == "value":
             out = out + v.sum()
+        elif self.leak == "query":
+            out = out + q.sum()
         elif self.leak == "output":
             out = out + y.sum(-1, keepdim=True)
         return out
@@ -62,38 +65,43 @@ def _net(heads, kv_heads, d, leak=None, seed=0):
     kv_heads=st.sampled_from([1, 2]), repeat=st.sampled_from([1, 2]),
     d=st.integers(1, 4), seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_random_value_maps_keep_the_function(kv_heads, repeat, d, seed):
+def test_random_value_and_query_key_maps_keep_the_function(kv_heads, repeat, d, seed):
     model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
     (site,) = permask.value_sites(graph)
-    assert (site.heads, site.kv_heads, site.head_dim) == (kv_heads * repeat, kv_heads, d)
+    (keys,) = permask.query_key_sites(graph)
+    for s in (site, keys):
+        assert (s.heads, s.kv_heads, s.head_dim) == (kv_heads * repeat, kv_heads, d)
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed))
-    only = {site.name: maps[site.name]}
-    turned = permask.rotate_model(model, only, graph)
-    assert rel_err(model(x), turned(x)) < 1e-12
-    if d > 1:  # a 1-dim head's only orthogonal maps are +-1
-        assert (turned.v.weight - model.v.weight).abs().max() > 1e-3
+    for name, moved in ((site.name, "v"), (keys.name, "q")):
+        turned = permask.rotate_model(model, {name: maps[name]}, graph)
+        assert rel_err(model(x), turned(x)) < 1e-12
+        if d > 1:  # a 1-dim head's only orthogonal maps are +-1
+            w = getattr(model, moved).weight
+            assert (getattr(turned, moved).weight - w).abs().max() > 1e-3
 
 
-def test_procrustes_recovers_planted_value_maps():
+@pytest.mark.parametrize("kind", ["value", "qk"])
+def test_procrustes_recovers_planted_head_maps(kind):
     model, x, graph = _net(4, 2, 3)
-    (site,) = permask.value_sites(graph)
+    (site,) = permask.value_sites(graph) if kind == "value" else permask.query_key_sites(graph)
     planted = permask.random_rotation(graph, torch.Generator().manual_seed(3))[site.name]
     turned = permask.rotate_model(model, {site.name: planted}, graph)
     a, b = dict(model.named_parameters()), dict(turned.named_parameters())
-    found = match_values(a, b, site)
+    found = (match_values if kind == "value" else match_query_keys)(a, b, site)
     assert (found - planted.transpose(-1, -2)).abs().max() < 1e-10
     back = permask.rotate_model(turned, {site.name: found}, graph)
     for k, v in model.state_dict().items():
         assert (back.state_dict()[k] - v).abs().max() < 1e-12, k
 
 
-@pytest.mark.parametrize("leak", ["value", "output"])
-def test_a_value_or_output_read_elsewhere_is_not_a_site(leak):
+@pytest.mark.parametrize("leak", ["value", "output", "query"])
+def test_a_value_query_or_output_read_elsewhere_is_not_a_site(leak):
     model, x, graph = _net(4, 2, 3, leak)
-    assert permask.value_sites(graph) == []
+    assert bool(permask.value_sites(graph)) == (leak == "query")
+    assert bool(permask.query_key_sites(graph)) == (leak != "query")
 
 
-def test_bad_value_maps_are_refused_with_the_fix():
+def test_bad_head_maps_are_refused_with_the_fix():
     model, x, graph = _net(4, 2, 3)
     (site,) = permask.value_sites(graph)
     good = permask.random_rotation(graph, torch.Generator().manual_seed(0))[site.name]
@@ -101,7 +109,7 @@ def test_bad_value_maps_are_refused_with_the_fix():
         permask.rotate_model(model, {site.name: 2 * good}, graph)
     with pytest.raises(ValueError, match=r"needs \(2, 3, 3\)"):
         permask.rotate_model(model, {site.name: good[:1]}, graph)
-    with pytest.raises(ValueError, match="no value site"):
+    with pytest.raises(ValueError, match="no value or query/key site"):
         permask.rotate_model(model, {"value:nope": good}, graph)
 
 
@@ -139,25 +147,35 @@ def _timm_vit():
     ],
     ids=["gpt2-conv1d-split", "timm-fused-qkv"],
 )  # fmt: skip
-def test_fused_qkv_value_heads_turn_exactly_and_are_recovered(build, where):
-    """A value that is one part of a fused projection: GPT-2's Conv1D split into q, k, v (the
-    rows are the weight's columns, from 2C on; the output is Conv1D too) and timm's qkv linear
-    reshaped to (3, heads, d). Random maps keep the function (float64), and Procrustes by the
-    weights recovers them."""
+def test_fused_qkv_heads_turn_exactly_and_are_recovered(build, where):
+    """Values, queries and keys that are parts of a fused projection: GPT-2's Conv1D split into
+    q, k, v (the rows are the weight's columns; the output is Conv1D too) and timm's qkv linear
+    reshaped to (3, heads, d). Random maps keep the function (float64); each site moves only its
+    own rows; Procrustes by the weights recovers the maps."""
     model, graph, run = build()
-    sites = permask.value_sites(graph)
-    assert len(sites) == 2
-    first = sites[0]
-    assert (first.value, first.value_axis, first.start, first.out, first.out_axis) == where
+    values, keys = permask.value_sites(graph), permask.query_key_sites(graph)
+    assert len(values) == len(keys) == 2
+    first = values[0]
+    assert (first.value, first.rows.axis, first.rows.start, first.out, first.out_axis) == where
+    width = first.rows.heads * first.rows.head_dim
+    assert (keys[0].query.weight, keys[0].query.start, keys[0].key.start) == (first.value, 0, width)
     drawn = permask.random_rotation(graph, torch.Generator().manual_seed(1))
-    maps = {s.name: drawn[s.name] for s in sites}
+    a = dict(model.named_parameters())
+    for site, moved in ((first, 2), (keys[0], 0)):  # the third of the rows each site moves
+        turned = permask.rotate_model(model, {site.name: drawn[site.name]}, graph)
+        with torch.no_grad():
+            assert rel_err(run(model), run(turned)) < 1e-12
+        w = a[first.value].movedim(first.rows.axis, 0).reshape(3, width, -1)
+        w2 = turned.get_parameter(first.value).movedim(first.rows.axis, 0).reshape(3, width, -1)
+        changed = [bool((w[i] - w2[i]).abs().max() > 1e-3) for i in range(3)]
+        assert changed == [i == moved or (moved == 0 and i == 1) for i in range(3)]
+    maps = {s.name: drawn[s.name] for s in [*values, *keys]}
     turned = permask.rotate_model(model, maps, graph)
     with torch.no_grad():
         assert rel_err(run(model), run(turned)) < 1e-12
-    w, w2 = model.get_parameter(first.value), turned.get_parameter(first.value)
-    assert (w.narrow(first.value_axis, 0, first.start) == w2.narrow(first.value_axis, 0,
-            first.start)).all()  # fmt: skip
-    assert (w - w2).abs().max() > 1e-3  # q and k untouched, v moved
-    a, b = dict(model.named_parameters()), dict(turned.named_parameters())
-    for site in sites:
+    b = dict(turned.named_parameters())
+    for site in values:
         assert (match_values(a, b, site) - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10
+    for site in keys:
+        found = match_query_keys(a, b, site)
+        assert (found - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10
