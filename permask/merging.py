@@ -27,6 +27,7 @@ from ._batches import first_inputs, to_device
 from ._modules import check_same_architecture, model_device, unwrap, usable_device
 from .graph import Permutation, PermutationGraph, head_sites, trace
 from .graph.orthogonal import orthogonal_groups
+from .graph.turn import within_heads
 from .match import align, match_rotations
 from .match.learned_maps import learn_rotations
 from .match.matchers import get_matcher
@@ -144,11 +145,13 @@ def turned_onto(
     the same). At most ``max_batches`` batches are read each time; ``align_options``
     (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
     found = orthogonal_groups(graph)
-    turned = {g for g, a in found.items() if a.admitted}  # their maps include every permutation
+    # the maps of these groups and sites include every permutation of them
+    turned = {g for g, a in found.items() if a.admitted} | within_heads(graph)
     learns = get_matcher(method).learns
     sites = len(head_sites(graph))
-    maps = bool(turned or sites)
-    if not turned:  # the residual stream is refused: say why, and what is left
+    admits = any(a.admitted for a in found.values())
+    maps = bool(admits or sites)
+    if not admits:  # the residual stream is refused: say why, and what is left
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
         left = f"the maps of its {sites} attention sites only" if sites else "permutations only"

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import permask
+from permask.graph.turn import within_heads
 from permask.match.procrustes import match_query_keys, match_values
 
 
@@ -179,3 +180,21 @@ def test_fused_qkv_heads_turn_exactly_and_are_recovered(build, where):
     for site in keys:
         found = match_query_keys(a, b, site)
         assert (found - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10
+
+
+def test_within_head_groups_are_left_to_the_maps_when_merging():
+    """The permutation groups inside each head (q/k dims, v dims) are included in the per-head
+    maps, so merging's rounds leave them out; the groups of whole heads are not. Merging the
+    model with a copy turned at its heads gives the model's function back."""
+    model, x, graph = _net(4, 2, 3)
+    within = within_heads(graph)
+    assert within and all(graph.groups[g].size == 3 for g in within)
+    assert {g.name for g in graph if g.size == 2}.isdisjoint(within)  # kv heads, query repeats
+    maps = permask.random_rotation(graph, torch.Generator().manual_seed(1))
+    b = permask.rotate_model(model, maps, graph)
+    assert rel_err(model(x), b(x)) < 1e-12
+    plain = permask.merge([model, b], method="weight", graph=graph)
+    assert rel_err(model(x), plain(x)) > 0.05
+    with pytest.warns(UserWarning, match="the maps of its 2 attention sites only"):
+        merged = permask.merge([model, b], method="weight", graph=graph, orthogonal="weight")
+    assert rel_err(model(x), merged(x)) < 1e-12

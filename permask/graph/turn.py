@@ -16,12 +16,13 @@ from collections.abc import Mapping
 import torch
 
 from .graph import PermutationGraph
+from .layout import Concat, GroupAxis, Layout, Product
 from .orthogonal import admitted, turn_axis
 from .query_keys import QueryKeySite, query_key_sites
 from .rope import RopeSite, rope_sites
 from .values import ValueSite, value_sites
 
-__all__ = ["turn_tensors", "head_sites", "SITE_PREFIXES"]
+__all__ = ["turn_tensors", "head_sites", "within_heads", "SITE_PREFIXES"]
 
 Site = RopeSite | ValueSite | QueryKeySite
 SITE_PREFIXES = ("rope:", "value:", "qk:")  #: the names of sites' maps start so
@@ -30,6 +31,39 @@ SITE_PREFIXES = ("rope:", "value:", "qk:")  #: the names of sites' maps start so
 def head_sites(graph: PermutationGraph) -> list[Site]:
     """Every site of ``graph`` where maps act inside attention: RoPE, value and query/key."""
     return [*rope_sites(graph), *value_sites(graph), *query_key_sites(graph)]
+
+
+def within_heads(graph: PermutationGraph, sites: list[Site] | None = None) -> set[str]:
+    """The permutation groups that a value or query/key site's maps already include: groups
+    whose every member is a tensor those maps turn, where the group is only ever the inner
+    factor of a ``(heads, d)`` product (it permutes the dims within each head, a block-diagonal
+    permutation and so one of the per-head maps). RoPE sites' planes include none."""
+    sites = head_sites(graph) if sites is None else sites
+    tensors = {t for s in sites if not isinstance(s, RopeSite) for t in s.tensors}
+    return {
+        g.name
+        for g in graph
+        if g.members and all(m.tensor in tensors and _inner(m.layout, g.name) for m in g.members)
+    }
+
+
+def _inner(layout: Layout, group: str) -> bool | None:
+    """Whether ``group`` appears in ``layout`` only as the last factor of products (None: it does
+    not appear)."""
+    if isinstance(layout, GroupAxis):
+        return False if layout.group == group else None
+    if isinstance(layout, Product):
+        found = [
+            i == len(layout.factors) - 1 if isinstance(f, GroupAxis) and f.group == group
+            else _inner(f, group)
+            for i, f in enumerate(layout.factors)
+        ]  # fmt: skip
+    elif isinstance(layout, Concat):
+        found = [_inner(p, group) for p in layout.parts]
+    else:
+        return None
+    found = [x for x in found if x is not None]
+    return all(found) if found else None
 
 
 def turn_tensors(
