@@ -140,7 +140,7 @@ def main() -> None:
     print(f"activation matching on {info.samples} sequences: {info.pass_seconds:.1f} s pass")
     a_pi = permask.permute_model(a, pi, graph)
     # beyond permutations, for interpolating and merging (a mask moves by permutations only):
-    # STE on the midpoint's loss, then the residual stream's and RoPE planes' maps learned on it
+    # STE on the midpoint's loss, then the maps (residual stream, RoPE planes, value heads) learned
     learn = [{**d, "labels": d["input_ids"]} for d in train_data[:20]] * 3
     b_turned, a_turned = turned_onto([b, a_pi], 0, graph, learn, orthogonal="learned",
                                      method="ste")  # fmt: skip
