@@ -198,3 +198,101 @@ def test_within_head_groups_are_left_to_the_maps_when_merging():
     with pytest.warns(UserWarning, match="the maps of its 2 attention sites only"):
         merged = permask.merge([model, b], method="weight", graph=graph, orthogonal="weight")
     assert rel_err(model(x), merged(x)) < 1e-12
+
+
+class Leaky(nn.Module):
+    """Attention written in ways that read a query, key or value (or the output) a second time,
+    or reshape it other than by (heads, d): none of these may be a site that the leak touches."""
+
+    def __init__(self, mode, heads=2, d=3):
+        super().__init__()
+        self.mode, self.heads, self.d, c = mode, heads, d, heads * d
+        self.qkv, self.o, self.w = nn.Linear(c, 3 * c), nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        c, extra = self.heads * self.d, 0
+        if self.mode.startswith("unbind"):
+            u = self.qkv(x).reshape(b, t, 3, self.heads, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = u[0], u[1], u[2]
+            if self.mode == "unbind_twice":
+                extra = u[2].sum((1, 3)).mean(-1)[:, None, None]
+        else:
+            parts = self.qkv(x).split(c, -1)
+            q, k, v = (p.view(b, -1 if self.mode == "minus_one" else t, self.heads, self.d)
+                       .transpose(1, 2) for p in parts)  # fmt: skip
+            if self.mode == "split_twice":
+                extra = parts[2].sum(-1, keepdim=True)
+            elif self.mode == "split_whole":
+                extra = torch.cat(parts, -1)[..., :1]
+            elif self.mode == "value_mT":
+                extra = v.mT.sum((1, 2))[:, None, :1]
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        y = y.reshape(b, -1, c // 2) if self.mode == "minus_one" else y.reshape(b, t, c)
+        if self.mode == "type_as":
+            y = self.w(x).type_as(y)
+        if self.mode == "minus_one":
+            return self.o(torch.cat([y, y], -1)).sum(1, keepdim=True) + x
+        return self.o(y) + extra
+
+
+@pytest.mark.parametrize(
+    "mode, sites",
+    [
+        ("split", ["value", "qk"]),  # the fused split, read once: both sites
+        ("unbind", ["value", "qk"]),
+        ("split_twice", ["qk"]),  # the value part indexed twice
+        ("split_whole", []),  # every part read as a whole
+        ("unbind_twice", ["qk"]),
+        ("value_mT", ["qk"]),  # the value read through .mT
+        ("type_as", ["qk"]),  # the output projection reads other.type_as(y)
+        ("minus_one", ["qk"]),  # the output reshaped with -1 into no (heads, d) merge
+    ],
+)  # fmt: skip
+def test_reads_elsewhere_and_unproved_reshapes_are_not_sites(mode, sites):
+    torch.manual_seed(0)
+    model = Leaky(mode).double().eval()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    found = [s.name.split(":")[0] for s in permask.graph.head_sites(graph)]
+    assert found == sites
+    drawn = permask.random_rotation(graph, torch.Generator().manual_seed(1))
+    for name in [s.name for s in permask.graph.head_sites(graph)]:
+        turned = permask.rotate_model(model, {name: drawn[name]}, graph)
+        assert rel_err(model(x), turned(x)) < 1e-12
+
+
+def test_within_heads_counts_only_the_rows_a_site_turns():
+    """A fused qkv whose query is also read elsewhere: only the value site stays, so the groups
+    inside the q/k heads are not the maps' (merging keeps permuting them); the v ones are."""
+    torch.manual_seed(0)
+    model = Leaky("split").double().eval()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    graph = permask.trace(model, x)
+    both = within_heads(graph)
+    only_values = within_heads(graph, permask.value_sites(graph))
+    assert len(both) == 2 and len(only_values) == 1 and only_values < both
+
+
+class Unmerged(nn.Module):
+    """Sizes written as -1 under torch.fx (no traced shapes): the output reshape makes
+    [B, 2T, 4] rows of half a position's heads, so the value site cannot be proved."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.o = nn.Linear(4, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, -1, 4, 2).transpose(1, 2)
+        k = self.k(x).view(b, -1, 2, 2).transpose(1, 2)
+        v = self.v(x).view(b, -1, 2, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, -1, 4)).reshape(b, t, 16)
+
+
+def test_a_merge_written_with_minus_one_is_not_a_value_site_under_fx():
+    model = Unmerged().double().eval()
+    graph = permask.trace(model, torch.randn(2, 3, 8, dtype=torch.float64))
+    assert graph.frontend == "fx" and permask.value_sites(graph) == []

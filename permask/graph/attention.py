@@ -13,8 +13,19 @@ import torch.fx as fx
 
 from .graph import PermutationGraph
 from .orthogonal import _NO_VALUE, kind_of, tensor_uses
+from .rules._util import arg
 
-__all__ = ["attention_sites", "head_dim", "head_projection", "linear_params", "readers", "unrepeat"]
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
+
+__all__ = [
+    "attention_sites",
+    "head_dim",
+    "head_projection",
+    "linear_params",
+    "readers",
+    "same_size",
+    "unrepeat",
+]
 
 
 def attention_sites(graph: PermutationGraph, site_of) -> list:
@@ -31,8 +42,16 @@ def attention_sites(graph: PermutationGraph, site_of) -> list:
 
 
 def readers(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its values (not only its shape)."""
-    return [u for u in node.users if kind_of(u) not in _NO_VALUE]
+    """The users of ``node`` that read its values, not only its shape (``x.shape``, ``x.size()``,
+    export's metadata asserts); ``x.mT`` or ``x.data`` read values."""
+    return [u for u in node.users if not _shape_only(u)]
+
+
+def _shape_only(user: fx.Node) -> bool:
+    kind = kind_of(user)
+    if kind == "getattr":
+        return len(user.args) > 1 and user.args[1] in _SHAPE_ATTRIBUTES
+    return kind in _NO_VALUE
 
 
 def linear_params(linear: fx.Node) -> tuple[str, str | None] | None:
@@ -86,15 +105,47 @@ def head_projection(graph: PermutationGraph, x: fx.Node) -> tuple[str, str | Non
 
 
 def unrepeat(x: fx.Node) -> fx.Node | None:
-    """A key or value before grouped-query attention's repeat (``unsqueeze(2)``, ``expand``,
-    ``reshape``: query head ``h`` reads head ``h // (heads / kv_heads)``), or ``x`` when it is
-    not repeated; None for another pattern."""
+    """A key or value before grouped-query attention's repeat (``unsqueeze(2)`` ->
+    ``expand(B, kv, r, T, d)`` -> ``reshape(B, kv * r, T, d)``: query head ``h`` reads head
+    ``h // r``), or ``x`` when it is not repeated; None for another pattern."""
     if kind_of(x) not in ("reshape", "view", "_unsafe_view"):
         return x
-    e = x.args[0]
-    if kind_of(e) != "expand" or len(e.users) != 1:
+    e = x.args[0] if x.args else None
+    if not isinstance(e, fx.Node) or kind_of(e) != "expand" or len(readers(e)) != 1:
         return None
-    u = e.args[0]
-    if kind_of(u) != "unsqueeze" or u.args[1] != 2 or len(u.users) != 1:
+    u = e.args[0] if e.args else None
+    if not isinstance(u, fx.Node) or kind_of(u) != "unsqueeze" or len(readers(u)) != 1:
         return None
-    return u.args[0]
+    if arg(u.args, u.kwargs, 1, "dim") != 2:
+        return None
+    return u.args[0] if _merges_kv_and_repeats(e, x) else None
+
+
+def _merges_kv_and_repeats(expand: fx.Node, reshape: fx.Node) -> bool:
+    """Whether ``reshape`` merges exactly axes 1 and 2 of ``expand``'s 5-D output: checked on
+    the traced shapes, or on the sizes as written (the same batch, positions and head dim)."""
+    a, b = _shape(expand), _shape(reshape)
+    if a is not None and b is not None:
+        return len(a) == 5 and b == (a[0], a[1] * a[2], a[3], a[4])
+    sizes_e, sizes_r = _sizes(expand), _sizes(reshape)
+    if len(sizes_e) != 5 or len(sizes_r) != 4:
+        return False
+    return all(same_size(sizes_r[i], sizes_e[j]) for i, j in ((0, 0), (2, 3), (3, 4)))
+
+
+def same_size(a, b) -> bool:
+    """Whether two sizes as written are one: the same fx node, or the same positive int (a -1
+    is never known to be anything)."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b
+    return isinstance(a, int) and isinstance(b, int) and a == b > 0
+
+
+def _sizes(node: fx.Node) -> tuple:
+    sizes = node.args[1] if len(node.args) == 2 else node.args[1:]
+    return tuple(sizes) if isinstance(sizes, (list, tuple)) else ()
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if hasattr(val, "shape") else None

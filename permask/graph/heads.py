@@ -29,7 +29,7 @@ from .graph import PermutationGraph
 from .orthogonal import kind_of
 from .rules._util import arg
 
-__all__ = ["HeadRows", "head_rows", "sizes_of", "shape_of", "RESHAPE"]
+__all__ = ["HeadRows", "head_rows", "only_part", "sizes_of", "shape_of", "RESHAPE"]
 
 RESHAPE = {"view", "reshape", "_unsafe_view"}
 
@@ -119,15 +119,29 @@ def _split_part(item: fx.Node) -> tuple[fx.Node | None, int, int]:
     if dim != -1 and (ndim is None or dim != ndim - 1):
         return None, 0, 0
     i = item.args[1]
-    if isinstance(sizes, int):
+    if isinstance(sizes, int) and sizes > 0:
         start, width = i * sizes, sizes
     elif isinstance(sizes, (list, tuple)) and all(isinstance(n, int) for n in sizes):
+        if i >= len(sizes):
+            return None, 0, 0
         start, width = sum(sizes[:i]), sizes[i]
     else:
         return None, 0, 0
-    if len(readers(x)) != 1 or len(readers(item)) != 1:
+    if len(readers(x)) != 1 or len(readers(item)) != 1 or not only_part(split, item):
         return None, 0, 0
     return x, start, width
+
+
+def only_part(parts: fx.Node, item: fx.Node) -> bool:
+    """Whether ``item`` is the one reader of its part of ``parts`` (a ``split`` or ``unbind``):
+    every reader is a ``getitem`` of an index >= 0, and only ``item`` has its index."""
+    users = readers(parts)
+    index = [u.args[1] if kind_of(u) == "getitem" and len(u.args) > 1 else None for u in users]
+    return (
+        item in users
+        and all(isinstance(i, int) and i >= 0 for i in index)
+        and index.count(item.args[1]) == 1
+    )
 
 
 def _projection(graph: PermutationGraph, x: fx.Node) -> tuple[str, int, str | None] | None:
@@ -140,10 +154,16 @@ def _projection(graph: PermutationGraph, x: fx.Node) -> tuple[str, int, str | No
         if len(readers(mm)) != 1 or not all(isinstance(a, fx.Node) and a.op == "get_attr"
                                             for a in (mm.args[0], mm.args[2])):  # fmt: skip
             return None
-        columns = graph.shapes.get(mm.args[2].target, (0, 0))[1]
-        return (mm.args[2].target, 1, mm.args[0].target) if sizes_of(x)[-1:] == (columns,) else None
+        weight, bias = mm.args[2].target, mm.args[0].target
+        columns = graph.shapes.get(weight, (0, 0))[1]
+        ok = sizes_of(x)[-1:] == (columns,) and graph.shapes.get(bias) == (columns,)
+        return (weight, 1, bias) if ok else None
     params = linear_params(x)
-    return None if params is None else (params[0], 0, params[1])
+    if params is None:
+        return None
+    weight, bias = params
+    rows = graph.shapes.get(weight, (0,))[0]
+    return (weight, 0, bias) if bias is None or graph.shapes.get(bias) == (rows,) else None
 
 
 def _fused_heads(graph: PermutationGraph, item: fx.Node) -> tuple[HeadRows, tuple] | None:
@@ -162,6 +182,8 @@ def _fused_heads(graph: PermutationGraph, item: fx.Node) -> tuple[HeadRows, tupl
         return None
     parts, heads, d = sizes[2:]
     if not all(isinstance(n, int) and n > 0 for n in (parts, heads, d)):
+        return None
+    if not 0 <= item.args[1] < parts or not only_part(unbind, item):
         return None
     if any(len(readers(n)) != 1 for n in (reshape, permute)):
         return None

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from .graph import PermutationGraph
-from .layout import Concat, GroupAxis, Layout, Product
+from .layout import group_element_map
 from .orthogonal import admitted, turn_axis
 from .query_keys import QueryKeySite, query_key_sites
 from .rope import RopeSite, rope_sites
@@ -34,36 +34,42 @@ def head_sites(graph: PermutationGraph) -> list[Site]:
 
 
 def within_heads(graph: PermutationGraph, sites: list[Site] | None = None) -> set[str]:
-    """The permutation groups that a value or query/key site's maps already include: groups
-    whose every member is a tensor those maps turn, where the group is only ever the inner
-    factor of a ``(heads, d)`` product (it permutes the dims within each head, a block-diagonal
-    permutation and so one of the per-head maps). RoPE sites' planes include none."""
+    """The permutation groups that the value and query/key sites' maps already include: groups
+    whose every member is an axis those maps turn, where the group's elements lie inside the
+    turned heads' rows and each head's block of ``d`` holds all of them or none (a permutation
+    of them stays inside each head: a block-diagonal permutation, one of the per-head maps).
+    RoPE sites' planes include none."""
     sites = head_sites(graph) if sites is None else sites
-    tensors = {t for s in sites if not isinstance(s, RopeSite) for t in s.tensors}
+    spans: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+    for s in sites:
+        rows = [s.rows] if isinstance(s, ValueSite) else [] if isinstance(s, RopeSite) else [
+            s.query, s.key]  # fmt: skip
+        for r in rows:
+            block = (r.start, r.heads * r.head_dim, r.head_dim)
+            spans.setdefault((r.weight, r.axis), []).append(block)
+            if r.bias is not None:
+                spans.setdefault((r.bias, 0), []).append(block)
+        if isinstance(s, ValueSite):
+            spans.setdefault((s.out, s.out_axis), []).append((0, s.heads * s.head_dim, s.head_dim))
     return {
         g.name
         for g in graph
-        if g.members and all(m.tensor in tensors and _inner(m.layout, g.name) for m in g.members)
+        if g.members and all(_inside(m, g, spans.get((m.tensor, m.axis), ())) for m in g.members)
     }
 
 
-def _inner(layout: Layout, group: str) -> bool | None:
-    """Whether ``group`` appears in ``layout`` only as the last factor of products (None: it does
-    not appear)."""
-    if isinstance(layout, GroupAxis):
-        return False if layout.group == group else None
-    if isinstance(layout, Product):
-        found = [
-            i == len(layout.factors) - 1 if isinstance(f, GroupAxis) and f.group == group
-            else _inner(f, group)
-            for i, f in enumerate(layout.factors)
-        ]  # fmt: skip
-    elif isinstance(layout, Concat):
-        found = [_inner(p, group) for p in layout.parts]
-    else:
-        return None
-    found = [x for x in found if x is not None]
-    return all(found) if found else None
+def _inside(member, group, blocks) -> bool:
+    """Whether every position of ``group`` on ``member``'s axis lies in one of ``blocks``
+    (start, width, d), each ``d``-block of those holding all of the group's elements or none."""
+    elements = group_element_map(member.layout, group.name)
+    covered = torch.zeros(len(elements), dtype=torch.bool)
+    every = set(range(group.size))
+    for start, width, d in blocks:
+        heads = elements[start : start + width].reshape(-1, d)
+        if any(set(h[h >= 0].tolist()) not in (set(), every) for h in heads):
+            return False
+        covered[start : start + width] = True
+    return bool((elements >= 0).any()) and not bool(((elements >= 0) & ~covered).any())
 
 
 def turn_tensors(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .attention import attention_sites, linear_params, readers, unrepeat
+from .attention import attention_sites, linear_params, readers, same_size, unrepeat
 from .graph import PermutationGraph
 from .heads import RESHAPE, HeadRows, head_rows, shape_of, sizes_of
 from .orthogonal import kind_of
@@ -134,7 +134,7 @@ def _output(sdpa: fx.Node, batch_and_time: tuple) -> tuple[str, int, int] | None
     node, moved = sdpa, False
     while True:
         users = readers(node)
-        if len(users) != 1 or users[0].args[0] is not node:
+        if len(users) != 1 or users[0].args[:1] != (node,):
             return None
         user, kind = users[0], kind_of(users[0])
         if kind in _PASS or (kind in RESHAPE and shape_of(user) is not None and
@@ -148,6 +148,8 @@ def _output(sdpa: fx.Node, batch_and_time: tuple) -> tuple[str, int, int] | None
             return None
     merged = _merged_width(node, user, batch_and_time)
     while merged is not None and len(readers(user)) == 1 and kind_of(readers(user)[0]) in _PASS:
+        if readers(user)[0].args[:1] != (user,):  # other.type_as(y) holds other's values
+            return None
         user = readers(user)[0]  # an identity module (timm's attention norm), a cast
     if merged is None or len(readers(user)) != 1:
         return None
@@ -155,12 +157,12 @@ def _output(sdpa: fx.Node, batch_and_time: tuple) -> tuple[str, int, int] | None
     if kind_of(linear) in RESHAPE and sizes_of(linear)[-1:] == (merged,):  # view(-1, C), addmm
         flat = linear
         (mm,) = readers(flat) if len(readers(flat)) == 1 else (None,)
-        if mm is None or kind_of(mm) != "addmm" or mm.args[1] is not flat or flat in mm.args[2:]:
+        if mm is None or kind_of(mm) != "addmm" or mm.args[1:2] != (flat,) or flat in mm.args[2:]:
             return None
         w = mm.args[2]
         return (w.target, 0, merged) if isinstance(w, fx.Node) and w.op == "get_attr" else None
     params = linear_params(linear)
-    if params is None or linear.args[0] is not user:
+    if params is None or linear.args[:1] != (user,):
         return None
     return params[0], 1, merged
 
@@ -173,6 +175,8 @@ def _merged_width(before: fx.Node, reshape: fx.Node, batch_and_time: tuple) -> i
     if a is not None and b is not None:
         return b[-1] if len(a) == 4 and b == (*a[:2], a[2] * a[3]) else None
     shape = sizes_of(reshape)
-    if len(shape) != 3 or tuple(shape[:2]) != tuple(batch_and_time):
+    if len(shape) != 3 or len(batch_and_time) != 2:
+        return None
+    if not all(same_size(a, b) for a, b in zip(shape[:2], batch_and_time)):
         return None
     return shape[2] if isinstance(shape[2], int) and shape[2] > 0 else None
