@@ -145,16 +145,18 @@ def turned_onto(
     the same). At most ``max_batches`` batches are read each time; ``align_options``
     (``device``, ``max_stats_memory``, ...) go to :func:`align`."""
     found = orthogonal_groups(graph)
+    sites = head_sites(graph)
     # the maps of these groups and sites include every permutation of them
-    turned = {g for g, a in found.items() if a.admitted} | within_heads(graph)
+    turned = {g for g, a in found.items() if a.admitted} | within_heads(graph, sites)
     learns = get_matcher(method).learns
-    sites = len(head_sites(graph))
     admits = any(a.admitted for a in found.values())
     maps = bool(admits or sites)
     if not admits:  # the residual stream is refused: say why, and what is left
         widest = max(graph, key=lambda g: len(g.members), default=None)
         why = f"; its widest group {widest.name}: {found[widest.name].reason}" if widest else ""
-        left = f"the maps of its {sites} attention sites only" if sites else "permutations only"
+        left = (
+            f"the maps of its {len(sites)} attention sites only" if sites else "permutations only"
+        )
         warnings.warn(f"no group admits an orthogonal map (permask.orthogonal_groups): {left}"
                       f"{why}", UserWarning, stacklevel=3)  # fmt: skip
     if not maps and not learns:

@@ -9,6 +9,7 @@ dims stay as permutations leave them.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .graph import PermutationGraph
@@ -16,6 +17,7 @@ from .orthogonal import _NO_VALUE, kind_of, tensor_uses
 from .rules._util import arg
 
 _SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
+RESHAPE = {"view", "reshape", "_unsafe_view"}  #: the ops that reshape without moving values
 
 __all__ = [
     "attention_sites",
@@ -24,7 +26,10 @@ __all__ = [
     "linear_params",
     "readers",
     "same_size",
+    "sizes_of",
+    "shape_of",
     "unrepeat",
+    "RESHAPE",
 ]
 
 
@@ -75,12 +80,8 @@ def head_dim(x: fx.Node) -> int | None:
     if kind_of(x) != "transpose" or tuple(x.args[1:3]) not in ((1, 2), (2, 1)):
         return None
     view = x.args[0]
-    shape = view.args[1] if len(view.args) == 2 else view.args[1:]
-    if (
-        kind_of(view) not in ("view", "reshape", "_unsafe_view")
-        or not isinstance(shape, (list, tuple))
-        or len(shape) != 4
-    ):
+    shape = sizes_of(view)
+    if kind_of(view) not in RESHAPE or len(shape) != 4:
         return None
     d = shape[3]
     return d if isinstance(d, int) and d > 0 else None
@@ -108,7 +109,7 @@ def unrepeat(x: fx.Node) -> fx.Node | None:
     """A key or value before grouped-query attention's repeat (``unsqueeze(2)`` ->
     ``expand(B, kv, r, T, d)`` -> ``reshape(B, kv * r, T, d)``: query head ``h`` reads head
     ``h // r``), or ``x`` when it is not repeated; None for another pattern."""
-    if kind_of(x) not in ("reshape", "view", "_unsafe_view"):
+    if kind_of(x) not in RESHAPE:
         return x
     e = x.args[0] if x.args else None
     if not isinstance(e, fx.Node) or kind_of(e) != "expand" or len(readers(e)) != 1:
@@ -124,10 +125,10 @@ def unrepeat(x: fx.Node) -> fx.Node | None:
 def _merges_kv_and_repeats(expand: fx.Node, reshape: fx.Node) -> bool:
     """Whether ``reshape`` merges exactly axes 1 and 2 of ``expand``'s 5-D output: checked on
     the traced shapes, or on the sizes as written (the same batch, positions and head dim)."""
-    a, b = _shape(expand), _shape(reshape)
+    a, b = shape_of(expand), shape_of(reshape)
     if a is not None and b is not None:
         return len(a) == 5 and b == (a[0], a[1] * a[2], a[3], a[4])
-    sizes_e, sizes_r = _sizes(expand), _sizes(reshape)
+    sizes_e, sizes_r = sizes_of(expand), sizes_of(reshape)
     if len(sizes_e) != 5 or len(sizes_r) != 4:
         return False
     return all(same_size(sizes_r[i], sizes_e[j]) for i, j in ((0, 0), (2, 3), (3, 4)))
@@ -141,11 +142,13 @@ def same_size(a, b) -> bool:
     return isinstance(a, int) and isinstance(b, int) and a == b > 0
 
 
-def _sizes(node: fx.Node) -> tuple:
-    sizes = node.args[1] if len(node.args) == 2 else node.args[1:]
+def sizes_of(view: fx.Node) -> tuple:
+    """The sizes a view, reshape or expand was called with (one list or several arguments)."""
+    sizes = view.args[1] if len(view.args) == 2 else view.args[1:]
     return tuple(sizes) if isinstance(sizes, (list, tuple)) else ()
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The traced shape of ``node`` (``torch.export`` records it), or None."""
     val = node.meta.get("val")
-    return tuple(val.shape) if hasattr(val, "shape") else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None

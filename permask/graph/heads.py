@@ -24,14 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .attention import linear_params, readers
+from .attention import RESHAPE, linear_params, readers, shape_of, sizes_of
 from .graph import PermutationGraph
-from .orthogonal import kind_of
+from .orthogonal import kind_of, work_dtype
 from .rules._util import arg
 
-__all__ = ["HeadRows", "head_rows", "only_part", "sizes_of", "shape_of", "RESHAPE"]
-
-RESHAPE = {"view", "reshape", "_unsafe_view"}
+__all__ = ["HeadRows", "head_rows", "only_part"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class HeadRows:
     def turn(self, t: torch.Tensor, m: torch.Tensor, tensor: str) -> torch.Tensor:
         """``tensor`` with head ``h``'s rows mapped ``v -> m[h] v`` (``m``: ``[heads, d, d]``),
         the other rows unchanged; in ``t``'s dtype, differentiable in ``t`` and ``m``."""
-        work = torch.float64 if t.dtype == torch.float64 else torch.float32
+        work = work_dtype(t)
         axis = self.axis if tensor == self.weight else 0
         width = self.heads * self.head_dim
         block = t.narrow(axis, self.start, width).movedim(axis, 0)
@@ -75,12 +73,11 @@ class HeadRows:
 def head_rows(graph: PermutationGraph, x: fx.Node) -> tuple[HeadRows, tuple] | None:
     """The rows making the heads ``x`` (``[B, heads, T, d]``) in their projection, and the first
     two sizes ``x`` was made with as written (module docstring); None for another pattern."""
-    v = x
-    if kind_of(v) == "getitem":  # timm: unbind(permute(reshape(linear, [B, T, 3, H, d])))[i]
-        return _fused_heads(graph, v)
-    if kind_of(v) != "transpose" or tuple(v.args[1:3]) not in ((1, 2), (2, 1)):
+    if kind_of(x) == "getitem":  # timm: unbind(permute(reshape(linear, [B, T, 3, H, d])))[i]
+        return _fused_heads(graph, x)
+    if kind_of(x) != "transpose" or tuple(x.args[1:3]) not in ((1, 2), (2, 1)):
         return None
-    view = v.args[0]
+    view = x.args[0]
     sizes = sizes_of(view)
     if kind_of(view) not in RESHAPE or len(sizes) != 4 or len(readers(view)) != 1:
         return None
@@ -194,15 +191,3 @@ def _fused_heads(graph: PermutationGraph, item: fx.Node) -> tuple[HeadRows, tupl
     if graph.shapes.get(weight, (0,))[0] != parts * heads * d:
         return None
     return HeadRows(weight, bias, 0, item.args[1] * heads * d, heads, d), tuple(sizes[:2])
-
-
-def sizes_of(view: fx.Node) -> tuple:
-    """The sizes a view or reshape was called with (one list or several arguments)."""
-    sizes = view.args[1] if len(view.args) == 2 else view.args[1:]
-    return tuple(sizes) if isinstance(sizes, (list, tuple)) else ()
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    """The traced shape of ``node`` (``torch.export`` records it), or None."""
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None

@@ -55,7 +55,7 @@ from .rules._util import arg
 
 __all__ = [
     "Fold", "Admission", "orthogonal_groups", "admitted", "ones_complement", "keeping_ones",
-    "turn_axis", "kind_of",
+    "turn_axis", "work_dtype", "kind_of",
     "tensor_uses",
 ]  # fmt: skip
 
@@ -131,10 +131,15 @@ def keeping_ones(inner: torch.Tensor) -> torch.Tensor:
     return basis @ inner @ basis.T + (eye - basis @ basis.T)
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a map is applied to ``t`` in: float64 for float64 ``t``, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def turn_axis(t: torch.Tensor, axis: int, o: torch.Tensor) -> torch.Tensor:
-    """``t`` with each vector along ``axis`` mapped to ``o @ v`` (in float64 for float64 ``t``,
-    else float32), in ``t``'s dtype."""
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    """``t`` with each vector along ``axis`` mapped to ``o @ v`` (in :func:`work_dtype`), in
+    ``t``'s dtype."""
+    work = work_dtype(t)
     moved = t.to(work).movedim(axis, 0)
     flat = o.to(device=t.device, dtype=work) @ moved.reshape(moved.shape[0], -1)
     return flat.reshape(moved.shape).movedim(0, axis).to(t.dtype)

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .attention import attention_sites, head_dim, head_projection, unrepeat
 from .graph import PermutationGraph
-from .orthogonal import kind_of
+from .orthogonal import kind_of, work_dtype
 from .rules._util import arg
 
 __all__ = ["RopeSite", "rope_sites", "turn_planes", "planes_of", "plane_rotations"]
@@ -87,7 +87,7 @@ def turn_planes(t: torch.Tensor, r: torch.Tensor, site: RopeSite, key: bool) -> 
     """The q (or, with ``key``, k) projection tensor ``t`` with plane ``i`` of every head read by
     key head ``j`` turned by ``r[j, i]`` (2 x 2), in ``t``'s dtype."""
     heads = site.kv_heads if key else site.heads
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    work = work_dtype(t)
     planes = planes_of(t.to(work), heads, site.kv_heads, site.head_dim)
     turned = torch.einsum("kipq,krqiz->krpiz", r.to(device=t.device, dtype=work), planes)
     return turned.reshape(t.shape).to(t.dtype)

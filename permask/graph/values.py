@@ -27,10 +27,19 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .attention import attention_sites, linear_params, readers, same_size, unrepeat
+from .attention import (
+    RESHAPE,
+    attention_sites,
+    linear_params,
+    readers,
+    same_size,
+    shape_of,
+    sizes_of,
+    unrepeat,
+)  # fmt: skip
 from .graph import PermutationGraph
-from .heads import RESHAPE, HeadRows, head_rows, shape_of, sizes_of
-from .orthogonal import kind_of
+from .heads import HeadRows, head_rows
+from .orthogonal import kind_of, work_dtype
 from .rules._util import arg
 
 __all__ = ["ValueSite", "value_sites", "value_heads", "turn_values"]
@@ -92,7 +101,7 @@ def turn_values(t: torch.Tensor, m: torch.Tensor, site: ValueSite, tensor: str) 
     dtype, differentiable in ``t`` and ``m``."""
     if tensor != site.out:
         return site.rows.turn(t, m, tensor)
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    work = work_dtype(t)
     heads = value_heads(t.to(work), site, tensor)  # query head h reads value head h // (H / kv)
     turned = torch.einsum("okrq,kpq->okrp", heads, m.to(device=t.device, dtype=work))
     moved = t.movedim(site.out_axis, 1)

@@ -37,8 +37,8 @@ __all__ = ["procrustes", "match_rotations", "match_planes", "match_values", "mat
 
 
 def procrustes(m: torch.Tensor, keeps_ones: bool = False) -> torch.Tensor:
-    """The orthogonal ``O`` (float64) maximising ``<O, m>``; with ``keeps_ones``, among those
-    with ``O 1 = 1``."""
+    """The orthogonal ``O`` (float64) maximising ``<O, m>``, for each matrix of a batch ``m``;
+    with ``keeps_ones`` (one matrix), among those with ``O 1 = 1``."""
     m = m.double().cpu()
     n = m.shape[0]
     if keeps_ones:
@@ -125,8 +125,7 @@ def match_values(a: dict, b: dict, site: ValueSite) -> torch.Tensor:
             m = m + torch.einsum("okrp,okrq->kpq", ha, hb)
         else:  # [kv, d, rest]
             m = m + ha @ hb.transpose(-1, -2)
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
+    return procrustes(m)
 
 
 def match_query_keys(a: dict, b: dict, site: QueryKeySite) -> torch.Tensor:
@@ -139,8 +138,7 @@ def match_query_keys(a: dict, b: dict, site: QueryKeySite) -> torch.Tensor:
         for (ha, is_key), (hb, _) in pairs:
             c = ha @ hb.transpose(-1, -2)  # [heads, d, d]
             m = m + (c if is_key else c.reshape(site.kv_heads, -1, *c.shape[1:]).sum(1))
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
+    return procrustes(m)
 
 
 def _match(a: dict, b: dict, site) -> torch.Tensor:
