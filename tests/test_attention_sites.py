@@ -23,17 +23,26 @@ from permask.match.procrustes import match_query_keys, match_values
 class Attention(nn.Module):
     """Self-attention with separate q/k/v projections written as Hugging Face writes them
     (GQA by ``unsqueeze``/``expand``/``reshape``); ``leak`` reads the value or the attention's
-    output a second time, which must refuse the site."""
+    output a second time, which must refuse the site; ``scale`` multiplies the query after its
+    projection (a number, ``"div"``: divided by 2, ``"gain"``: by a learned gain per channel)."""
 
-    def __init__(self, dim=8, heads=4, kv_heads=2, d=3, leak=None):
+    def __init__(self, dim=8, heads=4, kv_heads=2, d=3, leak=None, scale=None):
         super().__init__()
-        self.heads, self.kv_heads, self.d, self.leak = heads, kv_heads, d, leak
+        self.heads, self.kv_heads, self.d, self.leak, self.scale = heads, kv_heads, d, leak, scale
         self.q, self.k = nn.Linear(dim, heads * d), nn.Linear(dim, kv_heads * d)
         self.v, self.o = nn.Linear(dim, kv_heads * d), nn.Linear(heads * d, dim)
+        self.gain = nn.Parameter(torch.rand(heads * d) + 0.5) if scale == "gain" else None
 
     def forward(self, x):
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        q = self.q(x)
+        if self.scale == "gain":
+            q = q * self.gain
+        elif self.scale == "div":
+            q = q / 2.0
+        elif self.scale is not None:
+            q = self.scale * q
+        q = q.view(b, t, self.heads, self.d).transpose(1, 2)
         k = self.k(x).view(b, t, self.kv_heads, self.d).transpose(1, 2)
         v = self.v(x).view(b, t, self.kv_heads, self.d).transpose(1, 2)
         k, v = self._repeat(k), self._repeat(v)
@@ -54,9 +63,9 @@ class Attention(nn.Module):
         return x.unsqueeze(2).expand(b, kv, r, t, d).reshape(b, kv * r, t, d)
 
 
-def _net(heads, kv_heads, d, leak=None, seed=0):
+def _net(heads, kv_heads, d, leak=None, seed=0, scale=None):
     torch.manual_seed(seed)
-    model = Attention(8, heads, kv_heads, d, leak).double().eval()
+    model = Attention(8, heads, kv_heads, d, leak, scale).double().eval()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     return model, x, permask.trace(model, x)
 
@@ -95,6 +104,25 @@ def test_procrustes_recovers_planted_head_maps(kind):
         assert (back.state_dict()[k] - v).abs().max() < 1e-12, k
 
 
+@pytest.mark.parametrize("scale, sites", [(0.5, 1), ("div", 1), ("gain", 0)])
+def test_a_query_scaled_by_a_number_keeps_its_site_and_by_a_gain_does_not(scale, sites):
+    """OPT scales its query after the projection: a number commutes with every head's map, so
+    the query/key site stands and a random map keeps the function; a gain per channel does not
+    commute, so there is no site (the value site stays)."""
+    model, x, graph = _net(4, 2, 3, scale=scale)
+    assert len(permask.query_key_sites(graph)) == sites
+    assert len(permask.value_sites(graph)) == 1
+    maps = permask.random_rotation(graph, torch.Generator().manual_seed(2))
+    turned = permask.rotate_model(model, maps, graph)
+    assert rel_err(model(x), turned(x)) < 1e-12
+    if sites:
+        (site,) = permask.query_key_sites(graph)
+        assert (turned.q.weight - model.q.weight).abs().max() > 1e-3
+        a, b = dict(model.named_parameters()), dict(turned.named_parameters())
+        found = match_query_keys(a, b, site)
+        assert (found - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("leak", ["value", "output", "query"])
 def test_a_value_query_or_output_read_elsewhere_is_not_a_site(leak):
     model, x, graph = _net(4, 2, 3, leak)
@@ -114,18 +142,21 @@ def test_bad_head_maps_are_refused_with_the_fix():
         permask.rotate_model(model, {"value:nope": good}, graph)
 
 
-def _gpt2():
+def _causal_lm(family, **config):
+    """A tiny Hugging Face causal LM of ``family`` (float64, eval), its graph and its logits."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(
-        "gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64
-    )
+    config = transformers.AutoConfig.for_model(family, vocab_size=100, **config)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = permask.trace(model, {"input_ids": ids})
     return model, graph, lambda m: m(input_ids=ids).logits
+
+
+def _gpt2():
+    return _causal_lm("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
 
 def _timm_vit():
@@ -180,6 +211,25 @@ def test_fused_qkv_heads_turn_exactly_and_are_recovered(build, where):
     for site in keys:
         found = match_query_keys(a, b, site)
         assert (found - maps[site.name].transpose(-1, -2)).abs().max() < 1e-10
+
+
+def test_opt_scaled_queries_are_query_key_sites():
+    """Hugging Face's OPT multiplies the query by a number after q_proj: each layer is a
+    query/key site, and random maps of those sites keep the logits (float64)."""
+    model, graph, run = _causal_lm(
+        "opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    sites = permask.query_key_sites(graph)
+    assert [s.query.weight for s in sites] == [
+        f"model.decoder.layers.{i}.self_attn.q_proj.weight" for i in range(2)
+    ]
+    drawn = permask.random_rotation(graph, torch.Generator().manual_seed(1))
+    turned = permask.rotate_model(model, {s.name: drawn[s.name] for s in sites}, graph)
+    q = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert (turned.get_parameter(q) - model.get_parameter(q)).abs().max() > 1e-3
+    with torch.no_grad():
+        assert rel_err(run(model), run(turned)) < 1e-12
 
 
 def test_within_head_groups_are_left_to_the_maps_when_merging():

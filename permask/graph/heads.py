@@ -81,7 +81,7 @@ def head_rows(graph: PermutationGraph, x: fx.Node) -> tuple[HeadRows, tuple] | N
     sizes = sizes_of(view)
     if kind_of(view) not in RESHAPE or len(sizes) != 4 or len(readers(view)) != 1:
         return None
-    d, x, start = sizes[3], view.args[0], 0
+    d, x, start = sizes[3], _unscaled(view.args[0]), 0
     if not isinstance(d, int) or d <= 0:
         return None
     if kind_of(x) == "getitem":  # one part of a split fused projection
@@ -102,6 +102,20 @@ def head_rows(graph: PermutationGraph, x: fx.Node) -> tuple[HeadRows, tuple] | N
     if (shape is not None and shape[2:] != (kv, d)) or (shape is None and sizes[2] != kv):
         return None
     return HeadRows(weight, bias, axis, start, kv, d), tuple(sizes[:2])
+
+
+def _unscaled(x: fx.Node) -> fx.Node:
+    """``y`` for ``x = y * c``, ``c * y`` or ``y / c`` (``c`` a Python number, not 0; ``x`` read
+    by nothing else: OPT's scaled query), else ``x``. A scalar commutes with every head's map,
+    so the rows that make ``x`` are ``y``'s."""
+    simple = len(x.args) == 2 and not x.kwargs and len(readers(x)) == 1
+    if kind_of(x) not in ("mul", "div", "truediv") or not simple:
+        return x
+    y, c = x.args
+    if kind_of(x) == "mul" and not isinstance(y, fx.Node):
+        y, c = c, y
+    number = isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0
+    return y if isinstance(y, fx.Node) and number else x
 
 
 def _split_part(item: fx.Node) -> tuple[fx.Node | None, int, int]:
