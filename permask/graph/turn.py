@@ -74,14 +74,17 @@ def _inside(member, group, blocks) -> bool:
 
 def turn_tensors(
     tensors: Mapping[str, torch.Tensor], rotations: Mapping[str, torch.Tensor],
-    graph: PermutationGraph,
+    graph: PermutationGraph, sites: list[Site] | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """A new dict with every member of each group in ``rotations`` moved as ``v -> O v`` along
     the group's axis and each site's tensors (names in :data:`SITE_PREFIXES`) turned head by
-    head; folded gains and norm biases and other names pass through unchanged."""
+    head; folded gains and norm biases and other names pass through unchanged. ``sites``: the
+    graph's :func:`head_sites`, when the caller has them already."""
     groups = {k: o for k, o in rotations.items() if not k.startswith(SITE_PREFIXES)}
-    sites = [s for s in head_sites(graph) if s.name in rotations] if len(groups) < len(
-        rotations) else []  # fmt: skip
+    if len(groups) < len(rotations):
+        sites = [s for s in (head_sites(graph) if sites is None else sites) if s.name in rotations]
+    else:
+        sites = []
     adms = admitted(graph, list(groups))
     out = dict(tensors)
     for name, o in groups.items():

@@ -93,7 +93,7 @@ def learn_rotations(
     losses = []
     with midpoint_modes(a):
         for batch in loader:
-            turned = turn_tensors(params_b, _maps(free, adms), graph)
+            turned = turn_tensors(params_b, _maps(free, adms), graph, sites)
             mid = {n: (params_a[n] + turned[n]) / 2 for n in params_a}
             loss = batch_loss(a, {**buffers, **mid}, batch, dev)
             opt.zero_grad(set_to_none=True)
