@@ -29,6 +29,7 @@ from .graph import Permutation, PermutationGraph, head_sites, trace
 from .graph.orthogonal import orthogonal_groups
 from .graph.turn import within_heads
 from .match import align, match_rotations
+from .match.heads import match_heads
 from .match.learned_maps import learn_rotations
 from .match.matchers import get_matcher
 from .metrics import _reset_bn
@@ -75,10 +76,11 @@ def merge(
     models' per-channel means and standard deviations.
     ``orthogonal="weight"`` or ``"activation"`` then also turns each aligned model onto the
     reference by the orthogonal maps beyond permutations that the graph admits (the residual
-    stream of pre-norm models, RoPE's frequency planes; docs/alignment.md, "Beyond
-    permutations"): every model's norms are folded (:func:`permask.fold_norms`, so the result's
-    norm gains are ones) and :func:`permask.match_rotations` finds the maps by the weights or
-    on ``loader``'s activations; a ``UserWarning`` says when the graph admits none.
+    stream of pre-norm models, RoPE's frequency planes, attention's value and query/key heads;
+    docs/alignment.md, "Beyond permutations"): every model's norms are folded
+    (:func:`permask.fold_norms`, so the result's norm gains are ones) and
+    :func:`permask.match_rotations` finds the maps by the weights or on ``loader``'s
+    activations; a ``UserWarning`` says when the graph admits none.
     ``orthogonal="learned"`` finds them by the weights and then learns them further on the
     midpoint's loss over ``loader`` (:func:`permask.match.learned_maps.learn_rotations`). With
     a matcher that learns from the loss (``"ste"``), the models are first aligned by weight
@@ -176,7 +178,7 @@ def turned_onto(
             out.append(m)
             continue
         if maps:
-            m = _turned(m, ref, graph, data, loader, turned, rounds,
+            m = _turned(m, ref, graph, data, loader, turned, rounds, sites,
                         method="weight" if learns else method, **options)  # fmt: skip
         if learns:
             m = permute_model(m, align(m, ref, loader, method=method, graph=graph, **options),
@@ -189,13 +191,16 @@ def turned_onto(
 
 
 def _turned(m: nn.Module, ref: nn.Module, graph, data, loader, turned: set, rounds: int,
-            **align_options) -> nn.Module:  # fmt: skip
+            sites: list, **align_options) -> nn.Module:  # fmt: skip
     """``m`` turned onto ``ref`` by the maps (on ``data``'s activations, or the weights), then
-    the permutation of the groups outside ``turned`` and the maps found again in turn."""
+    the permutation of the groups outside ``turned`` and the maps found again in turn. In the
+    rounds, whole heads that the sites' maps turn are matched up to those maps
+    (:func:`match_heads`), not by the method: their entries are what the maps scramble."""
     m = rotate_model(m, match_rotations(ref, m, graph, data), graph)
     for _ in range(rounds):
         pi = align(m, ref, loader, graph=graph, **align_options)
-        pi = Permutation({g: p for g, p in pi.items() if g not in turned})
+        heads = match_heads(m, ref, graph, sites)
+        pi = Permutation({**{g: p for g, p in pi.items() if g not in turned}, **heads})
         if pi.is_identity():
             break
         m = permute_model(m, pi, graph)

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from equivariance import rel_err
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import permask
 from permask.graph.turn import within_heads
+from permask.match.heads import match_heads
 from permask.match.procrustes import match_query_keys, match_values
 
 
@@ -70,11 +71,15 @@ def _net(heads, kv_heads, d, leak=None, seed=0, scale=None):
     return model, x, permask.trace(model, x)
 
 
-@settings(max_examples=20, deadline=None)
-@given(
-    kv_heads=st.sampled_from([1, 2]), repeat=st.sampled_from([1, 2]),
+#: heads drawn for the property tests: key/value heads, query heads per key head, head dims
+HEADS = dict(
+    kv_heads=st.sampled_from([1, 2, 3]), repeat=st.sampled_from([1, 2]),
     d=st.integers(1, 4), seed=st.integers(0, 2**16),
 )  # fmt: skip
+
+
+@settings(max_examples=20, deadline=None)
+@given(**HEADS)
 def test_random_value_and_query_key_maps_keep_the_function(kv_heads, repeat, d, seed):
     model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
     (site,) = permask.value_sites(graph)
@@ -232,16 +237,58 @@ def test_opt_scaled_queries_are_query_key_sites():
         assert rel_err(run(model), run(turned)) < 1e-12
 
 
+@settings(max_examples=15, deadline=None)
+@given(**HEADS)
+def test_whole_heads_are_matched_whatever_their_maps(kv_heads, repeat, d, seed):
+    """A planted permutation of whole key/value heads is found under random maps of every
+    head (value and query/key): the heads' scores do not depend on the maps."""
+    assume(kv_heads > 1)
+    model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+    maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))
+    b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
+    found = match_heads(model, b, graph)
+    assert [graph.groups[g].size for g in found] == [kv_heads]
+    assert all(torch.equal(found[g], pi[g]) for g in found)
+
+
+def test_whole_heads_under_rope_are_matched_whatever_their_planes():
+    """The same on a Hugging Face Llama (GQA, RoPE; 4 key/value heads): its key/value heads
+    permuted, their frequency planes and values turned at random, the rest in place (the
+    scores read it aligned, as merging's rounds have it)."""
+    model, graph, _ = _causal_lm(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    assert len(permask.rope_sites(graph)) == len(permask.value_sites(graph)) == 2
+    for seed in range(3):
+        drawn = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+        heads = [g for g in drawn if g.endswith("q_proj.weight:0.0")]  # key/value heads
+        pi = permask.Permutation({g: drawn[g] for g in heads})
+        maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 10))
+        maps = {k: m for k, m in maps.items() if k.startswith(("rope:", "value:"))}
+        b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
+        found = match_heads(model, b, graph)
+        assert sorted(found) == sorted(pi) and len(pi) == 2
+        assert all(torch.equal(found[g], pi[g]) for g in found)
+
+
 def test_within_head_groups_are_left_to_the_maps_when_merging():
     """The permutation groups inside each head (q/k dims, v dims) are included in the per-head
     maps, so merging's rounds leave them out; the groups of whole heads are not. Merging the
-    model with a copy turned at its heads gives the model's function back."""
+    model with a copy whose heads are permuted and turned gives the model's function back (the
+    heads matched up to their maps: weight matching, reading the scrambled entries, pairs
+    these wrongly)."""
     model, x, graph = _net(4, 2, 3)
     within = within_heads(graph)
     assert within and all(graph.groups[g].size == 3 for g in within)
     assert {g.name for g in graph if g.size == 2}.isdisjoint(within)  # kv heads, query repeats
+    heads = {g.name for g in graph if g.size == 2 and g.name.startswith("q.")}
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(3))
+    pi = permask.Permutation({g: pi[g] for g in heads})
+    assert not pi.is_identity()
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(1))
-    b = permask.rotate_model(model, maps, graph)
+    b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
     assert rel_err(model(x), b(x)) < 1e-12
     plain = permask.merge([model, b], method="weight", graph=graph)
     assert rel_err(model(x), plain(x)) > 0.05

@@ -1,0 +1,138 @@
+"""Whole attention heads matched up to their maps.
+
+Where a head's dims turn by a map (a value site's orthogonal map, a query/key site's, RoPE's
+plane rotations), which head of B is which head of A cannot be read from their entries: the map
+scrambles them. Weight matching, comparing entries, then often pairs the wrong heads. Here a
+pair of heads scores the most their tensors can agree under the site's map: for a value or
+query/key site the nuclear norm of the pair's Procrustes matrix (the sum of its singular values:
+the maximum of ``<O, M>`` over orthogonal ``O``), for a RoPE site, per frequency plane, the most
+a 2-D rotation can reach (``|M|`` of the plane's matrix read as a complex number). The scores of
+a pair add over the sites that share its heads, and one LAP per group of whole key/value heads
+gives the permutation. A group is matched so only where every tensor it moves is one of those
+sites' tensors (else part of its cost would be missing): weight matching keeps the others.
+
+>>> import torch, permask
+>>> from permask.match.heads import match_heads
+>>> class Attention(torch.nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.q, self.k, self.v = (torch.nn.Linear(8, 12) for _ in range(3))
+...         self.o = torch.nn.Linear(12, 8)
+...     def forward(self, x):
+...         q, k, v = (p(x).view(2, 5, 4, 3).transpose(1, 2) for p in (self.q, self.k, self.v))
+...         y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+...         return x + self.o(y.transpose(1, 2).reshape(2, 5, 12))
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<...>
+>>> a, x = Attention().double(), torch.randn(2, 5, 8, dtype=torch.float64)
+>>> graph = permask.trace(a, x)
+>>> pi = permask.random_permutation(graph, torch.Generator().manual_seed(1))
+>>> maps = permask.random_rotation(graph, torch.Generator().manual_seed(2))
+>>> b = permask.rotate_model(permask.permute_model(a, pi, graph), maps, graph)
+>>> found = match_heads(a, b, graph)
+>>> all(torch.equal(found[g], pi[g]) for g in found)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._modules import named_tensors, unwrap
+from ..graph import Permutation, PermutationGraph
+from ..graph.layout import group_element_map
+from ..graph.query_keys import QueryKeySite
+from ..graph.rope import RopeSite, planes_of
+from ..graph.turn import Site, head_sites
+from ..graph.values import ValueSite, value_heads
+from .lap import solve_lap
+
+__all__ = ["match_heads", "head_scores"]
+
+
+def match_heads(
+    model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph,
+    sites: list[Site] | None = None,
+) -> Permutation:  # fmt: skip
+    """The permutation of whole key/value heads that brings A's heads onto B's whatever the
+    sites' maps (module docstring), for each group of heads that the sites cover; other groups
+    are absent. ``permask.permute_model(model_a, pi, graph)`` then has its heads where B has
+    them, each up to its map."""
+    a = {k: v.detach() for k, v in named_tensors(unwrap(model_a)).items()}
+    b = {k: v.detach() for k, v in named_tensors(unwrap(model_b)).items()}
+    scores: dict[str, torch.Tensor] = {}
+    covered: dict[str, set[str]] = {}
+    for s in head_sites(graph) if sites is None else sites:
+        pair = head_scores(b, a, s)  # [B's head, A's head]
+        for group, elements in _head_groups(graph, *_kv_rows(s)).items():
+            n = graph.groups[group].size
+            score = scores.setdefault(group, torch.zeros(n, n, dtype=torch.float64))
+            score[elements[:, None], elements[None, :]] += pair
+            covered.setdefault(group, set()).update(s.tensors)
+    return Permutation({
+        g: solve_lap(score, maximize=True)
+        for g, score in scores.items()
+        if all(m.tensor in covered[g] for m in graph.groups[g].members)
+    })  # fmt: skip
+
+
+def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
+    """``[kv_heads, kv_heads]``: how far A's key/value head ``i`` and B's head ``j`` (tensors by
+    name in ``a`` and ``b``) can agree under ``site``'s map (module docstring)."""
+    if isinstance(site, RopeSite):
+        m = 0
+        for tensor, key in site.projections:
+            heads = site.kv_heads if key else site.heads
+            ta, tb = (planes_of(x[tensor].double().cpu(), heads, site.kv_heads, site.head_dim)
+                      for x in (a, b))  # fmt: skip
+            m = m + torch.einsum("krpiz,lrqiz->klipq", ta, tb)  # [i, j, plane, 2, 2]
+        same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
+        return torch.hypot(same, turn).sum(-1)
+    m = 0
+    for t in site.tensors:
+        for ha, hb, grouped in _by_head(a[t].double().cpu(), b[t].double().cpu(), site, t):
+            eq = "oirp,ojrq->ijpq" if grouped else "irpz,jrqz->ijpq"
+            m = m + torch.einsum(eq, ha, hb)
+    return torch.linalg.svdvals(m).sum(-1)
+
+
+def _by_head(ta: torch.Tensor, tb: torch.Tensor, site, tensor: str):
+    """``tensor``'s heads in A and B, grouped by key/value head: ``(A's, B's, is the output
+    projection)``, each ``[kv, r, d, rest]`` (or ``[rest, kv, r, d]`` for the output)."""
+    if isinstance(site, ValueSite):
+        ha, hb = value_heads(ta, site, tensor), value_heads(tb, site, tensor)
+        if tensor == site.out:
+            return [(ha, hb, True)]
+        return [(ha[:, None], hb[:, None], False)]
+    assert isinstance(site, QueryKeySite)
+    out = []
+    for (ha, _), (hb, _) in zip(site.heads_of(ta, tensor), site.heads_of(tb, tensor)):
+        kv = site.kv_heads
+        out.append((ha.reshape(kv, -1, *ha.shape[1:]), hb.reshape(kv, -1, *hb.shape[1:]), False))
+    return out
+
+
+def _kv_rows(site: Site) -> tuple[str, int, int, int, int]:
+    """(weight, axis, start, kv_heads, d): the rows of ``site``'s key or value heads."""
+    if isinstance(site, RopeSite):
+        return site.key, 0, 0, site.kv_heads, site.head_dim
+    rows = site.rows if isinstance(site, ValueSite) else site.key
+    return rows.weight, rows.axis, rows.start, rows.heads, rows.head_dim
+
+
+def _head_groups(graph: PermutationGraph, weight: str, axis: int, start: int, heads: int,
+                 d: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The groups that permute whole heads of these rows, each with its element per head:
+    constant over each head's ``d`` rows, one head per element."""
+    out = {}
+    for g in graph:
+        for m in g.members:
+            if (m.tensor, m.axis) != (weight, axis):
+                continue
+            block = group_element_map(m.layout, g.name)[start : start + heads * d]
+            block = block.reshape(heads, d)
+            first = block[:, 0]
+            if (block == first[:, None]).all() and sorted(first.tolist()) == list(range(g.size)):
+                out[g.name] = first
+    return out
