@@ -108,9 +108,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 def _orthogonal_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--orthogonal", choices=ORTHOGONAL[1:],
                    help=f"also turn {what} by the orthogonal maps beyond permutations that the "
-                   "graph admits (residual stream of pre-norm models, RoPE planes; norms "
-                   "folded first), found by the weights, on --data's activations, or by the "
-                   "weights and then learned on the midpoint's loss over --data")  # fmt: skip
+                   "graph admits (residual stream of pre-norm models, RoPE planes, value "
+                   "and query/key heads; norms folded first), found by the weights, on "
+                   "--data's activations, or by the weights and then learned on the "
+                   "midpoint's loss over --data")  # fmt: skip
 
 
 def _memory_flag(p: argparse.ArgumentParser) -> None:
