@@ -76,9 +76,10 @@ def model(kind: str, hidden: int, layers: int, seed: int) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
+def trained_pair(kind: str, args: argparse.Namespace, build=None) -> tuple:
     """(A, B, the matching batches, A's graph, the test data, seconds to train or load) of the
-    ``kind`` pair (module doc); trained models are kept under ``args.cache``."""
+    ``kind`` pair (module doc), or of the language models ``build(seed)`` makes, kept as
+    ``kind``; trained models are kept under ``args.cache``."""
     if kind == "vit":
         return _vit_trained(args)
     data = corpus()
@@ -89,7 +90,7 @@ def trained_pair(kind: str, args: argparse.Namespace) -> tuple:
     recipe = dict(weight_decay=args.weight_decay, cosine=args.schedule == "cosine")
     a, b = (
         _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}{_recipe(args)}", seed,
-                 lambda s: model(kind, args.hidden, args.layers, s),
+                 build or (lambda s: model(kind, args.hidden, args.layers, s)),
                  lambda m, s: train(m, train_data, args.steps, **recipe))
         for seed in args.seeds
     )  # fmt: skip

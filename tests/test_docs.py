@@ -127,3 +127,25 @@ def test_second_pair_of_seeds_table_is_the_results_file():
             for method in ("weight", "activation", "ste"):
                 value = row[method]["barrier"]
                 assert f"| {value:.3f} ({value / naive:.2f}) |" in line, (kind, seeds, method)
+
+
+def test_llama_variants_table_is_the_results_file():
+    """The table of the Llama's variants shows, for every variant, the latest rows of both
+    pairs of seeds: naive barrier, weight matching's ratio and the learned maps' ratio."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text[text.index("| variant | changed |") :]
+    lines = section[: section.index("\n\n")].splitlines()
+    rows = _rows("llama_variants.jsonl")
+    latest = {seeds: _latest([r for r in rows if r["seeds"] == list(seeds)], "variant")
+              for seeds in ((1, 2), (3, 4))}  # fmt: skip
+    assert set(latest[(1, 2)]) == set(latest[(3, 4)])
+    for variant, first in latest[(1, 2)].items():
+        second = latest[(3, 4)][variant]
+        line = next(x for x in lines if x.startswith(f"| `{variant}` |"))
+        cells = (
+            f"| {first['naive']:.3f} / {second['naive']:.3f} |",
+            f"| {first['weight']:.2f} / {second['weight']:.2f} |",
+            f"| {first['learned']:.3f} / {second['learned']:.3f} |",
+        )
+        for cell in cells:
+            assert cell in line, (variant, cell)

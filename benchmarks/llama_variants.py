@@ -1,0 +1,156 @@
+"""What keeps the Llama pair above GPT-2's ratio: the benchmark's Llama changed a way at a time.
+
+``benchmarks/transformer_pairs.py``'s Llama (GQA, RoPE, a gated MLP twice the hidden width,
+RMSNorm) keeps about twice the share of its naive barrier that its GPT-2 (4 heads, learned
+positions, a GELU MLP four times as wide, LayerNorm) keeps after the learned maps
+(docs/results.md). Each variant here is that Llama (or that GPT-2) with one or two of those
+changed, trained here from two seeds with the benchmark's recipe (same corpus, steps, schedule
+and weight decay); for each: the naive barrier, what weight matching leaves, and what weight
+matching then the learned maps
+(``turned_onto(..., orthogonal="learned")`` on STE's 60 batches, the benchmark's
+``weight+orthogonal-learned`` row) leave. A tied output layer is untied first, as there.
+
+- ``llama``: the benchmark's pair (same cache names: pass its ``--cache`` to reuse them);
+- ``llama-mha``: 4 key/value heads, no GQA;
+- ``llama-ff512``: the MLP four times the hidden width, as GPT-2's;
+- ``llama-nope``: no RoPE (q and k enter attention as projected), so the graph has query/key
+  sites where RoPE's planes were;
+- ``starcoder2``: Hugging Face Starcoder2 at the Llama's sizes: RoPE and GQA kept, LayerNorm and
+  a GELU MLP (no gate) with biases, a tied output layer;
+- ``starcoder2-mha-ff512``: that with 4 key/value heads and the MLP four times as wide: GPT-2
+  with RoPE in place of learned positions, up to details;
+- ``starcoder2-mha-ff512-nope``: that without RoPE;
+- ``gpt2``: the benchmark's GPT-2 pair (its cache names too);
+- ``gpt2-nope``: GPT-2 with its learned positions held at zero (no position but the causal
+  mask's).
+
+One JSON line per variant and pair of seeds is appended to
+``benchmarks/results/llama_variants.jsonl``; docs/results.md discusses them.
+
+    python benchmarks/llama_variants.py --cache /tmp/pairs   # ~1 min a variant, + training
+    python benchmarks/llama_variants.py --variants llama-mha --seeds 3 4 --cache /tmp/pairs
+
+Needs the ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformer_pairs as tp
+from torch import nn
+
+import permask
+from permask.graph.turn import head_sites
+from permask.merging import turned_onto
+
+RESULTS = Path(__file__).resolve().parent / "results" / "llama_variants.jsonl"
+
+# name -> (model_type, key/value heads, MLP width per hidden unit, positions)
+VARIANTS = {
+    "llama": ("llama", 2, 2, "rope"),
+    "llama-mha": ("llama", 4, 2, "rope"),
+    "llama-ff512": ("llama", 2, 4, "rope"),
+    "llama-nope": ("llama", 2, 2, None),
+    "starcoder2": ("starcoder2", 2, 2, "rope"),
+    "starcoder2-mha-ff512": ("starcoder2", 4, 4, "rope"),
+    "starcoder2-mha-ff512-nope": ("starcoder2", 4, 4, None),
+    "gpt2": ("gpt2", 4, 4, "learned"),
+    "gpt2-nope": ("gpt2", 4, 4, None),
+}
+
+
+def build(variant: str, hidden: int, layers: int, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, kv, width, positions = VARIANTS[variant]
+    if kind == "gpt2":
+        net = tp.model("gpt2", hidden, layers, seed)
+        if positions is None:  # learned positions held at zero
+            net.transformer.wpe.weight.data.zero_()
+            net.transformer.wpe.weight.requires_grad_(False)
+        return net
+    special = dict(vocab_size=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = AutoConfig.for_model(
+        kind, hidden_size=hidden, intermediate_size=width * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=128, **special,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@contextlib.contextmanager
+def without_rope(variant: str):
+    """Within it, the variant's Hugging Face attention applies no rotary embedding (for the
+    ``-nope`` variants of RoPE families)."""
+    kind, _, _, positions = VARIANTS[variant]
+    if kind == "gpt2" or positions is not None:
+        yield
+        return
+    family = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    kept = family.apply_rotary_pos_emb
+    family.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    try:
+        yield
+    finally:
+        family.apply_rotary_pos_emb = kept
+
+
+def run(variant: str, args: argparse.Namespace) -> dict:
+    pair_args = tp.defaults(seeds=args.seeds, cache=args.cache, hidden=args.hidden,
+                            layers=args.layers)  # fmt: skip
+    a, b, match, graph, test, seconds = tp.trained_pair(
+        variant, pair_args, build=lambda s: build(variant, args.hidden, args.layers, s)
+    )
+
+    def barrier(x: nn.Module, y: nn.Module) -> float:
+        return tp._barriers(x, y, test, match, None)["barrier"]
+
+    naive = barrier(a, b)
+    moved = permask.permute_model(a, permask.align(a, b, method="weight", graph=graph), graph)
+    weight = barrier(moved, b)
+    if tp.tied_parameters(a):  # as the benchmark: matched tied, untied for the maps
+        moved, b = permask.untie_weights(moved), permask.untie_weights(b)
+        graph = permask.trace(b, {"input_ids": match[0]["input_ids"]})
+    t0 = time.perf_counter()
+    b_turned, turned = turned_onto([b, moved], 0, graph, tp._lm_batches(match) * 3,
+                                   orthogonal="learned", method="weight")  # fmt: skip
+    learned_seconds = time.perf_counter() - t0
+    sites = sorted({s.name.split(":")[0] for s in head_sites(graph)})
+    return {
+        "variant": variant, "seeds": args.seeds, "hidden": args.hidden, "layers": args.layers,
+        "sites": sites, "train_seconds": seconds, "naive": naive, "weight": weight / naive,
+        "learned": barrier(turned, b_turned) / naive, "learned_seconds": learned_seconds,
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--cache", help="folder to keep the trained models in and reuse them from")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    for variant in args.variants:
+        with without_rope(variant):
+            row = run(variant, args)
+        print(json.dumps(row), flush=True)
+        if not args.no_save:
+            with RESULTS.open("a") as f:
+                stamp = {"torch": torch.__version__, "date": time.strftime("%F")}
+                f.write(json.dumps({**row, **stamp}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
