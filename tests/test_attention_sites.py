@@ -248,8 +248,29 @@ def test_whole_heads_are_matched_whatever_their_maps(kv_heads, repeat, d, seed):
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))
     b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
     found = match_heads(model, b, graph)
-    assert [graph.groups[g].size for g in found] == [kv_heads]
-    assert all(torch.equal(found[g], pi[g]) for g in found)
+    (kv,) = [g for g in found if any(m.tensor == "k.weight" for m in graph.groups[g].members)]
+    assert graph.groups[kv].size == kv_heads and torch.equal(found[kv], pi[kv])
+    # the query heads sharing a key head: matched too where the key heads stay in place
+    others = set(found) - {kv}
+    assert all(graph.groups[g].size == repeat for g in others)
+    assert len(others) == (repeat > 1 and torch.equal(pi[kv], torch.arange(kv_heads)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(kv_heads=st.sampled_from([1, 2, 3]), repeat=st.sampled_from([1, 2, 3]),
+       d=st.integers(2, 4), seed=st.integers(0, 2**16))  # fmt: skip
+def test_merging_finds_every_head_group_whatever_their_maps(kv_heads, repeat, d, seed):
+    """Merging the model with a copy permuted in every group (key/value heads, the query heads
+    sharing each, the dims inside heads) and turned by random maps gives its function back.
+    With one-dim heads (maps that are signs) it can still fail: docs/alignment.md."""
+    model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
+    pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
+    maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))
+    b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no residual map: the sites' maps only
+        merged = permask.merge([model, b], method="weight", graph=graph, orthogonal="weight")
+    assert rel_err(model(x), merged(x)) < 1e-9
 
 
 def test_whole_heads_under_rope_are_matched_whatever_their_planes():
@@ -269,8 +290,12 @@ def test_whole_heads_under_rope_are_matched_whatever_their_planes():
         maps = {k: m for k, m in maps.items() if k.startswith(("rope:", "value:"))}
         b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
         found = match_heads(model, b, graph)
-        assert sorted(found) == sorted(pi) and len(pi) == 2
-        assert all(torch.equal(found[g], pi[g]) for g in found)
+        assert set(pi) <= set(found) and len(pi) == 2
+        assert all(torch.equal(found[g], pi[g]) for g in pi)
+        for g in set(found) - set(pi):  # query heads: only beside key/value heads in place
+            layer = g.rsplit(":", 1)[0]
+            assert torch.equal(pi[f"{layer}:0.0"], torch.arange(4))
+            assert torch.equal(found[g], torch.arange(2))
 
 
 def test_within_head_groups_are_left_to_the_maps_when_merging():
@@ -292,6 +317,25 @@ def test_within_head_groups_are_left_to_the_maps_when_merging():
     assert rel_err(model(x), b(x)) < 1e-12
     plain = permask.merge([model, b], method="weight", graph=graph)
     assert rel_err(model(x), plain(x)) > 0.05
+    with pytest.warns(UserWarning, match="the maps of its 2 attention sites only"):
+        merged = permask.merge([model, b], method="weight", graph=graph, orthogonal="weight")
+    assert rel_err(model(x), merged(x)) < 1e-12
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("seed", range(7))
+def test_query_heads_sharing_a_key_head_are_matched_up_to_its_map(swap, seed):
+    """GQA's query heads that read one key/value head are matched up to that head's maps, as
+    whole heads are. With one-dim heads the maps are signs: merging the model with a copy whose
+    key/value head is negated (its two query heads swapped or not) gave it back for 8 of these
+    14 draws when weight matching paired the query heads."""
+    model, x, graph = _net(2, 1, 1, seed=seed)
+    (repeats,) = [g.name for g in graph if g.size == 2]
+    pi = permask.Permutation({repeats: torch.tensor([1, 0] if swap else [0, 1])})
+    sites = [*permask.value_sites(graph), *permask.query_key_sites(graph)]
+    maps = {s.name: -torch.ones(1, 1, 1, dtype=torch.float64) for s in sites}
+    b = permask.rotate_model(permask.permute_model(model, pi, graph), maps, graph)
+    assert rel_err(model(x), b(x)) < 1e-12
     with pytest.warns(UserWarning, match="the maps of its 2 attention sites only"):
         merged = permask.merge([model, b], method="weight", graph=graph, orthogonal="weight")
     assert rel_err(model(x), merged(x)) < 1e-12

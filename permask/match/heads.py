@@ -8,8 +8,12 @@ query/key site the nuclear norm of the pair's Procrustes matrix (the sum of its 
 the maximum of ``<O, M>`` over orthogonal ``O``), for a RoPE site, per frequency plane, the most
 a 2-D rotation can reach (``|M|`` of the plane's matrix read as a complex number). The scores of
 a pair add over the sites that share its heads, and one LAP per group of whole key/value heads
-gives the permutation. A group is matched so only where every tensor it moves is one of those
-sites' tensors (else part of its cost would be missing): weight matching keeps the others.
+gives the permutation. The query heads that share a key/value head (GQA's repeats) are matched
+likewise, each pair of them scored by its own best map (the head's map is shared by its query
+heads, so this is an upper bound), summed over the key/value heads in their present order: so
+only where those stay in place (else they are left out, for a later round). A
+group is matched so only where every tensor it moves is one of those sites' tensors (else part
+of its cost would be missing): weight matching keeps the others.
 
 >>> import torch, permask
 >>> from permask.match.heads import match_heads
@@ -55,26 +59,43 @@ def match_heads(
     model_a: nn.Module, model_b: nn.Module, graph: PermutationGraph,
     sites: list[Site] | None = None,
 ) -> Permutation:  # fmt: skip
-    """The permutation of whole key/value heads that brings A's heads onto B's whatever the
-    sites' maps (module docstring), for each group of heads that the sites cover; other groups
-    are absent. ``permask.permute_model(model_a, pi, graph)`` then has its heads where B has
-    them, each up to its map."""
+    """The permutation of whole key/value heads, and of the query heads that share one (GQA's
+    repeats; only where the key/value heads stay in place), that brings A's heads onto B's
+    whatever the sites' maps (module docstring), for each group of heads that the sites cover;
+    other groups are absent.
+    ``permask.permute_model(model_a, pi, graph)`` then has its heads where B has them, each up
+    to its map."""
     a = {k: v.detach() for k, v in named_tensors(unwrap(model_a)).items()}
     b = {k: v.detach() for k, v in named_tensors(unwrap(model_b)).items()}
     scores: dict[str, torch.Tensor] = {}
     covered: dict[str, set[str]] = {}
+    read_with: dict[str, set[str]] = {}  # a repeat group -> the key/value groups it was read by
     for s in head_sites(graph) if sites is None else sites:
-        pair = head_scores(b, a, s)  # [B's head, A's head]
-        for group, elements in _head_groups(graph, *_kv_rows(s)).items():
-            n = graph.groups[group].size
-            score = scores.setdefault(group, torch.zeros(n, n, dtype=torch.float64))
-            score[elements[:, None], elements[None, :]] += pair
-            covered.setdefault(group, set()).update(s.tensors)
-    return Permutation({
+        kv_groups = _head_groups(graph, *_kv_rows(s))
+        parts = [(head_scores(b, a, s), s.tensors, kv_groups)]  # [B's head, A's head]
+        if s.heads > s.kv_heads:
+            parts += [(pair, [rows[0]], _head_groups(graph, *rows))
+                      for pair, rows in _repeat_scores(b, a, s)]  # fmt: skip
+        for i, (pair, tensors, groups) in enumerate(parts):
+            for group, elements in groups.items():
+                n = graph.groups[group].size
+                score = scores.setdefault(group, torch.zeros(n, n, dtype=torch.float64))
+                score[elements[:, None], elements[None, :]] += pair
+                covered.setdefault(group, set()).update(tensors)
+                if i:
+                    read_with.setdefault(group, set()).update(kv_groups)
+    found = {
         g: solve_lap(score, maximize=True)
         for g, score in scores.items()
         if all(m.tensor in covered[g] for m in graph.groups[g].members)
-    })  # fmt: skip
+    }
+    # query heads are read in the key/value heads' present order: only once those stay in place
+    moved = {g for g, p in found.items() if g not in read_with and not _identity(p)}
+    return Permutation({g: p for g, p in found.items() if not read_with.get(g, set()) & moved})
+
+
+def _identity(p: torch.Tensor) -> bool:
+    return bool((p == torch.arange(len(p))).all())
 
 
 def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
@@ -113,26 +134,58 @@ def _by_head(ta: torch.Tensor, tb: torch.Tensor, site, tensor: str):
     return out
 
 
-def _kv_rows(site: Site) -> tuple[str, int, int, int, int]:
-    """(weight, axis, start, kv_heads, d): the rows of ``site``'s key or value heads."""
+def _repeat_scores(a: dict, b: dict, site: Site) -> list[tuple[torch.Tensor, tuple]]:
+    """``[r, r]`` per query-side tensor of ``site`` (the query projection's, or the value
+    site's output projection), with its rows for :func:`_head_groups`: how far A's query heads
+    of repeat ``i`` and B's of repeat ``j`` can agree under their key/value head's map, each
+    pair by its own best map, summed over the key/value heads in their present order."""
+    kv, r, d = site.kv_heads, site.heads // site.kv_heads, site.head_dim
+    out = []
     if isinstance(site, RopeSite):
-        return site.key, 0, 0, site.kv_heads, site.head_dim
+        for tensor, key in site.projections:
+            if not key:
+                ta, tb = (planes_of(x[tensor].double().cpu(), site.heads, kv, d) for x in (a, b))
+                m = torch.einsum("krpiz,ksqiz->krsipq", ta, tb)
+                same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
+                rows = (tensor, 0, 0, kv, r, d)
+                out.append((torch.hypot(same, turn).sum((0, -1)), rows))
+        return out
+    if isinstance(site, ValueSite):
+        ta, tb = (value_heads(x[site.out].double().cpu(), site, site.out) for x in (a, b))
+        m = torch.einsum("okrp,oksq->krspq", ta, tb)
+        return [(torch.linalg.svdvals(m).sum((0, -1)), (site.out, site.out_axis, 0, kv, r, d))]
+    q = site.query
+    for tensor in q.tensors:
+        ta, tb = (q.view(x[tensor].double().cpu(), tensor).reshape(kv, r, d, -1) for x in (a, b))
+        m = torch.einsum("krpz,ksqz->krspq", ta, tb)
+        axis = q.axis if tensor == q.weight else 0
+        out.append((torch.linalg.svdvals(m).sum((0, -1)), (tensor, axis, q.start, kv, r, d)))
+    return out
+
+
+def _kv_rows(site: Site) -> tuple[str, int, int, int, int, int]:
+    """(weight, axis, start, 1, kv_heads, d): the rows of ``site``'s key or value heads."""
+    if isinstance(site, RopeSite):
+        return site.key, 0, 0, 1, site.kv_heads, site.head_dim
     rows = site.rows if isinstance(site, ValueSite) else site.key
-    return rows.weight, rows.axis, rows.start, rows.heads, rows.head_dim
+    return rows.weight, rows.axis, rows.start, 1, rows.heads, rows.head_dim
 
 
-def _head_groups(graph: PermutationGraph, weight: str, axis: int, start: int, heads: int,
-                 d: int) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The groups that permute whole heads of these rows, each with its element per head:
-    constant over each head's ``d`` rows, one head per element."""
+def _head_groups(graph: PermutationGraph, tensor: str, axis: int, start: int, outer: int,
+                 heads: int, d: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The groups that permute whole heads of these rows (``[outer, heads, d]`` from
+    ``start``), each with its element per head: constant over ``outer`` and each head's ``d``
+    rows, one head per element."""
     out = {}
     for g in graph:
         for m in g.members:
-            if (m.tensor, m.axis) != (weight, axis):
+            if (m.tensor, m.axis) != (tensor, axis):
                 continue
-            block = group_element_map(m.layout, g.name)[start : start + heads * d]
-            block = block.reshape(heads, d)
-            first = block[:, 0]
-            if (block == first[:, None]).all() and sorted(first.tolist()) == list(range(g.size)):
+            block = group_element_map(m.layout, g.name)[start : start + outer * heads * d]
+            block = block.reshape(outer, heads, d)
+            first = block[0, :, 0]
+            if (block == first[None, :, None]).all() and sorted(first.tolist()) == list(
+                range(g.size)
+            ):
                 out[g.name] = first
     return out
