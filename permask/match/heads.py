@@ -9,9 +9,8 @@ the maximum of ``<O, M>`` over orthogonal ``O``), for a RoPE site, per frequency
 a 2-D rotation can reach (``|M|`` of the plane's matrix read as a complex number). The scores of
 a pair add over the sites that share its heads, and one LAP per group of whole key/value heads
 gives the permutation. The query heads that share a key/value head (GQA's repeats) are matched
-likewise, each pair of them scored by its own best map (the head's map is shared by its query
-heads, so this is an upper bound), summed over the key/value heads in their present order: so
-only where those stay in place (else they are left out, for a later round). A
+likewise, after them: each pair scored by its own best map (the head's map is shared by its
+query heads, so this is an upper bound), summed over the key/value heads as just matched. A
 group is matched so only where every tensor it moves is one of those sites' tensors (else part
 of its cost would be missing): weight matching keeps the others.
 
@@ -60,42 +59,52 @@ def match_heads(
     sites: list[Site] | None = None,
 ) -> Permutation:  # fmt: skip
     """The permutation of whole key/value heads, and of the query heads that share one (GQA's
-    repeats; only where the key/value heads stay in place), that brings A's heads onto B's
-    whatever the sites' maps (module docstring), for each group of heads that the sites cover;
-    other groups are absent.
+    repeats), that brings A's heads onto B's whatever the sites' maps (module docstring), for
+    each group of heads that the sites cover; other groups are absent.
     ``permask.permute_model(model_a, pi, graph)`` then has its heads where B has them, each up
     to its map."""
     a = {k: v.detach() for k, v in named_tensors(unwrap(model_a)).items()}
     b = {k: v.detach() for k, v in named_tensors(unwrap(model_b)).items()}
+    sites = head_sites(graph) if sites is None else sites
+    kv = _solved(graph, [(head_scores(b, a, s), s.tensors, _head_groups(graph, *_kv_rows(s)))
+                         for s in sites])  # fmt: skip  # [B's head, A's head]
+    repeats = []
+    for s in sites:
+        if s.heads > s.kv_heads:  # read beside the key/value heads just matched
+            order = _kv_order(kv, _head_groups(graph, *_kv_rows(s)), s.kv_heads)
+            repeats += [(pair, [rows[0]], _head_groups(graph, *rows))
+                        for pair, rows in _repeat_scores(b, a, s, order)]  # fmt: skip
+    return Permutation({**kv, **_solved(graph, repeats)})
+
+
+def _solved(graph: PermutationGraph, parts: list) -> dict[str, torch.Tensor]:
+    """One LAP per group over the scores of ``parts`` (``[B's head, A's head]`` scores, the
+    tensors they read, the groups with their elements per head), for each group whose every
+    member is one of the tensors read."""
     scores: dict[str, torch.Tensor] = {}
     covered: dict[str, set[str]] = {}
-    read_with: dict[str, set[str]] = {}  # a repeat group -> the key/value groups it was read by
-    for s in head_sites(graph) if sites is None else sites:
-        kv_groups = _head_groups(graph, *_kv_rows(s))
-        parts = [(head_scores(b, a, s), s.tensors, kv_groups)]  # [B's head, A's head]
-        if s.heads > s.kv_heads:
-            parts += [(pair, [rows[0]], _head_groups(graph, *rows))
-                      for pair, rows in _repeat_scores(b, a, s)]  # fmt: skip
-        for i, (pair, tensors, groups) in enumerate(parts):
-            for group, elements in groups.items():
-                n = graph.groups[group].size
-                score = scores.setdefault(group, torch.zeros(n, n, dtype=torch.float64))
-                score[elements[:, None], elements[None, :]] += pair
-                covered.setdefault(group, set()).update(tensors)
-                if i:
-                    read_with.setdefault(group, set()).update(kv_groups)
-    found = {
+    for pair, tensors, groups in parts:
+        for group, elements in groups.items():
+            n = graph.groups[group].size
+            score = scores.setdefault(group, torch.zeros(n, n, dtype=torch.float64))
+            score[elements[:, None], elements[None, :]] += pair
+            covered.setdefault(group, set()).update(tensors)
+    return {
         g: solve_lap(score, maximize=True)
         for g, score in scores.items()
         if all(m.tensor in covered[g] for m in graph.groups[g].members)
     }
-    # query heads are read in the key/value heads' present order: only once those stay in place
-    moved = {g for g, p in found.items() if g not in read_with and not _identity(p)}
-    return Permutation({g: p for g, p in found.items() if not read_with.get(g, set()) & moved})
 
 
-def _identity(p: torch.Tensor) -> bool:
-    return bool((p == torch.arange(len(p))).all())
+def _kv_order(found: dict, groups: dict, kv: int) -> torch.Tensor:
+    """For each of B's key/value heads, A's head matched to it: by the permutation ``found``
+    for their group, else the one in its place."""
+    for g, elements in groups.items():
+        if g in found:
+            head_of = torch.empty_like(elements)
+            head_of[elements] = torch.arange(len(elements))
+            return head_of[found[g][elements]]
+    return torch.arange(kv)
 
 
 def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
@@ -134,30 +143,30 @@ def _by_head(ta: torch.Tensor, tb: torch.Tensor, site, tensor: str):
     return out
 
 
-def _repeat_scores(a: dict, b: dict, site: Site) -> list[tuple[torch.Tensor, tuple]]:
+def _repeat_scores(a: dict, b: dict, site: Site, order: torch.Tensor) -> list[tuple]:
     """``[r, r]`` per query-side tensor of ``site`` (the query projection's, or the value
     site's output projection), with its rows for :func:`_head_groups`: how far A's query heads
     of repeat ``i`` and B's of repeat ``j`` can agree under their key/value head's map, each
-    pair by its own best map, summed over the key/value heads in their present order."""
+    pair by its own best map, summed over A's key/value heads ``k`` beside B's ``order[k]``."""
     kv, r, d = site.kv_heads, site.heads // site.kv_heads, site.head_dim
     out = []
     if isinstance(site, RopeSite):
         for tensor, key in site.projections:
             if not key:
                 ta, tb = (planes_of(x[tensor].double().cpu(), site.heads, kv, d) for x in (a, b))
-                m = torch.einsum("krpiz,ksqiz->krsipq", ta, tb)
+                m = torch.einsum("krpiz,ksqiz->krsipq", ta, tb[order])
                 same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
                 rows = (tensor, 0, 0, kv, r, d)
                 out.append((torch.hypot(same, turn).sum((0, -1)), rows))
         return out
     if isinstance(site, ValueSite):
         ta, tb = (value_heads(x[site.out].double().cpu(), site, site.out) for x in (a, b))
-        m = torch.einsum("okrp,oksq->krspq", ta, tb)
+        m = torch.einsum("okrp,oksq->krspq", ta, tb[:, order])
         return [(torch.linalg.svdvals(m).sum((0, -1)), (site.out, site.out_axis, 0, kv, r, d))]
     q = site.query
     for tensor in q.tensors:
         ta, tb = (q.view(x[tensor].double().cpu(), tensor).reshape(kv, r, d, -1) for x in (a, b))
-        m = torch.einsum("krpz,ksqz->krspq", ta, tb)
+        m = torch.einsum("krpz,ksqz->krspq", ta, tb[order])
         axis = q.axis if tensor == q.weight else 0
         out.append((torch.linalg.svdvals(m).sum((0, -1)), (tensor, axis, q.start, kv, r, d)))
     return out
