@@ -147,9 +147,7 @@ def main() -> None:
             row = run(variant, args)
         print(json.dumps(row), flush=True)
         if not args.no_save:
-            with RESULTS.open("a") as f:
-                stamp = {"torch": torch.__version__, "date": time.strftime("%F")}
-                f.write(json.dumps({**row, **stamp}) + "\n")
+            tp.append_row(RESULTS, row)
 
 
 if __name__ == "__main__":

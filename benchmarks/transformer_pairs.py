@@ -297,6 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def append_row(path: Path, row: dict) -> None:
+    """``row`` with torch's version and the date, as one more JSON line of ``path``."""
+    with path.open("a") as f:
+        f.write(json.dumps({**row, "torch": torch.__version__, "date": time.strftime("%F")}) + "\n")
+
+
 def defaults(**override) -> argparse.Namespace:
     """This benchmark's settings (its defaults, with ``override``), for other benchmarks."""
     return argparse.Namespace(**{**vars(_parser().parse_args([])), **override})
@@ -316,11 +322,7 @@ def main() -> None:
                     cell[f"{key}_ratio"] = cell[key] / naive
         print(json.dumps(row), flush=True)
         if not args.no_save:
-            with RESULTS.open("a") as f:
-                f.write(
-                    json.dumps({**row, "torch": torch.__version__, "date": time.strftime("%F")})
-                    + "\n"
-                )
+            append_row(RESULTS, row)
 
 
 if __name__ == "__main__":

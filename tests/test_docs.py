@@ -149,3 +149,24 @@ def test_llama_variants_table_is_the_results_file():
         )
         for cell in cells:
             assert cell in line, (variant, cell)
+
+
+def test_beyond_orthogonal_table_is_the_results_file():
+    """The table of maps beyond orthogonal shows the latest row of each pair of seeds and
+    number of batches: every kind of maps' ratio."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text[text.index("| learned maps | STE's 60 batches") :]
+    lines = section[: section.index("\n\n")].splitlines()
+    latest = {(tuple(r["seeds"]), r["steps"]): r for r in _rows("beyond_orthogonal.jsonl")}
+    names = {
+        "orthogonal": "orthogonal (permask's)",
+        "orthogonal+values": "+ value heads' `G`",
+        "orthogonal+planes": "+ RoPE planes' scales",
+        "orthogonal+units": "+ gated units' scales",
+        "orthogonal+values+planes+units": "all three",
+    }
+    for key, label in names.items():
+        line = next(x for x in lines if x.startswith(f"| {label} |"))
+        for steps in (60, 300):
+            first, second = (latest[(seeds, steps)][key]["ratio"] for seeds in ((1, 2), (3, 4)))
+            assert f"| {first:.3f} / {second:.3f} |" in line, (key, steps)
