@@ -242,8 +242,10 @@ def test_opt_scaled_queries_are_query_key_sites():
 def test_whole_heads_are_matched_whatever_their_maps(kv_heads, repeat, d, seed):
     """A planted permutation of whole key/value heads, and of the query heads sharing each, is
     found under random maps of every head (value and query/key): the heads' scores do not
-    depend on the maps."""
-    assume(kv_heads > 1)
+    depend on the maps. Not with one-dim heads that several query heads share: their maps
+    are signs, and a key/value head's score reads its query heads in their present order
+    (docs/alignment.md)."""
+    assume(kv_heads > 1 and (d > 1 or repeat == 1))
     model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))
