@@ -66,12 +66,13 @@ def match_heads(
     a = {k: v.detach() for k, v in named_tensors(unwrap(model_a)).items()}
     b = {k: v.detach() for k, v in named_tensors(unwrap(model_b)).items()}
     sites = head_sites(graph) if sites is None else sites
-    kv = _solved(graph, [(head_scores(b, a, s), s.tensors, _head_groups(graph, *_kv_rows(s)))
-                         for s in sites])  # fmt: skip  # [B's head, A's head]
+    kv_groups = [_head_groups(graph, *_kv_rows(s)) for s in sites]
+    kv = _solved(graph, [(head_scores(b, a, s), s.tensors, groups)
+                         for s, groups in zip(sites, kv_groups)])  # fmt: skip  # [B's, A's]
     repeats = []
-    for s in sites:
+    for s, groups in zip(sites, kv_groups):
         if s.heads > s.kv_heads:  # read beside the key/value heads just matched
-            order = _kv_order(kv, _head_groups(graph, *_kv_rows(s)), s.kv_heads)
+            order = _kv_order(kv, groups, s.kv_heads)
             repeats += [(pair, [rows[0]], _head_groups(graph, *rows))
                         for pair, rows in _repeat_scores(b, a, s, order)]  # fmt: skip
     return Permutation({**kv, **_solved(graph, repeats)})
@@ -117,14 +118,20 @@ def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
             ta, tb = (planes_of(x[tensor].double().cpu(), heads, site.kv_heads, site.head_dim)
                       for x in (a, b))  # fmt: skip
             m = m + torch.einsum("krpiz,lrqiz->klipq", ta, tb)  # [i, j, plane, 2, 2]
-        same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
-        return torch.hypot(same, turn).sum(-1)
+        return _best_rotation(m).sum(-1)
     m = 0
     for t in site.tensors:
         for ha, hb, grouped in _by_head(a[t].double().cpu(), b[t].double().cpu(), site, t):
             eq = "oirp,ojrq->ijpq" if grouped else "irpz,jrqz->ijpq"
             m = m + torch.einsum(eq, ha, hb)
     return torch.linalg.svdvals(m).sum(-1)
+
+
+def _best_rotation(m: torch.Tensor) -> torch.Tensor:
+    """The most ``<R, m>`` reaches over 2-D rotations ``R``, for each ``[..., 2, 2]`` plane
+    matrix of ``m`` (its ``|m|`` read as a complex number)."""
+    same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
+    return torch.hypot(same, turn)
 
 
 def _by_head(ta: torch.Tensor, tb: torch.Tensor, site, tensor: str):
@@ -155,9 +162,7 @@ def _repeat_scores(a: dict, b: dict, site: Site, order: torch.Tensor) -> list[tu
             if not key:
                 ta, tb = (planes_of(x[tensor].double().cpu(), site.heads, kv, d) for x in (a, b))
                 m = torch.einsum("krpiz,ksqiz->krsipq", ta, tb[order])
-                same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
-                rows = (tensor, 0, 0, kv, r, d)
-                out.append((torch.hypot(same, turn).sum((0, -1)), rows))
+                out.append((_best_rotation(m).sum((0, -1)), (tensor, 0, 0, kv, r, d)))
         return out
     if isinstance(site, ValueSite):
         ta, tb = (value_heads(x[site.out].double().cpu(), site, site.out) for x in (a, b))
