@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from equivariance import rel_err
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import permask
@@ -239,13 +239,12 @@ def test_opt_scaled_queries_are_query_key_sites():
 
 @settings(max_examples=15, deadline=None)
 @given(**HEADS)
+@example(kv_heads=3, repeat=2, d=1, seed=138)  # one-dim heads: their maps are signs
 def test_whole_heads_are_matched_whatever_their_maps(kv_heads, repeat, d, seed):
     """A planted permutation of whole key/value heads, and of the query heads sharing each, is
     found under random maps of every head (value and query/key): the heads' scores do not
-    depend on the maps. Not with one-dim heads that several query heads share: their maps
-    are signs, and a key/value head's score reads its query heads in their present order
-    (docs/alignment.md)."""
-    assume(kv_heads > 1 and (d > 1 or repeat == 1))
+    depend on the maps, nor on the order of the query heads sharing a key/value head."""
+    assume(kv_heads > 1)
     model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))
@@ -261,11 +260,10 @@ def test_whole_heads_are_matched_whatever_their_maps(kv_heads, repeat, d, seed):
 
 @settings(max_examples=15, deadline=None)
 @given(kv_heads=st.sampled_from([1, 2, 3]), repeat=st.sampled_from([1, 2, 3]),
-       d=st.integers(2, 4), seed=st.integers(0, 2**16))  # fmt: skip
+       d=st.integers(1, 4), seed=st.integers(0, 2**16))  # fmt: skip
 def test_merging_finds_every_head_group_whatever_their_maps(kv_heads, repeat, d, seed):
     """Merging the model with a copy permuted in every group (key/value heads, the query heads
-    sharing each, the dims inside heads) and turned by random maps gives its function back.
-    With one-dim heads (maps that are signs) it can still fail: docs/alignment.md."""
+    sharing each, the dims inside heads) and turned by random maps gives its function back."""
     model, x, graph = _net(kv_heads * repeat, kv_heads, d, seed=seed % 7)
     pi = permask.random_permutation(graph, torch.Generator().manual_seed(seed))
     maps = permask.random_rotation(graph, torch.Generator().manual_seed(seed + 1))

@@ -7,10 +7,11 @@ pair of heads scores the most their tensors can agree under the site's map: for 
 query/key site the nuclear norm of the pair's Procrustes matrix (the sum of its singular values:
 the maximum of ``<O, M>`` over orthogonal ``O``), for a RoPE site, per frequency plane, the most
 a 2-D rotation can reach (``|M|`` of the plane's matrix read as a complex number). The scores of
-a pair add over the sites that share its heads, and one LAP per group of whole key/value heads
-gives the permutation. The query heads that share a key/value head (GQA's repeats) are matched
-likewise, after them: each pair scored by its own best map (the head's map is shared by its
-query heads, so this is an upper bound), summed over the key/value heads as just matched. A
+a pair add over the sites that share its heads (with the query heads that share them, GQA's
+repeats, paired inside the pair by a small LAP first), and one LAP per group of whole key/value
+heads gives the permutation. The query heads are then matched likewise across the model:
+each pair scored by its own best map (the head's map is shared by its query heads, so this is
+an upper bound), summed over the key/value heads as just matched. A
 group is matched so only where every tensor it moves is one of those sites' tensors (else part
 of its cost would be missing): weight matching keeps the others.
 
@@ -110,21 +111,60 @@ def _kv_order(found: dict, groups: dict, kv: int) -> torch.Tensor:
 
 def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
     """``[kv_heads, kv_heads]``: how far A's key/value head ``i`` and B's head ``j`` (tensors by
-    name in ``a`` and ``b``) can agree under ``site``'s map (module docstring)."""
+    name in ``a`` and ``b``) can agree under ``site``'s map (module docstring), with the query
+    heads that share them (GQA's repeats) paired by a small LAP inside each pair of heads."""
+    score = _rotation_score if isinstance(site, RopeSite) else _procrustes_score
+    kv, repeats = 0, 0  # [i, j, *map], [i, j, r, s, *map]
+    for m in _head_products(a, b, site):
+        if m.shape[2] == 1:
+            kv = kv + m[:, :, 0, 0]
+        else:
+            repeats = repeats + m
+    if isinstance(repeats, torch.Tensor):
+        kv = kv + _paired_repeats(repeats, score)
+    return score(kv)
+
+
+def _head_products(a: dict, b: dict, site: Site) -> list[torch.Tensor]:
+    """Per tensor of ``site``, the products of A's and B's heads whose best map scores them:
+    ``[kv, kv, r, s, *map]`` for A's query head ``(i, r)`` and B's ``(j, s)``, where ``r`` and
+    ``s`` run over one (key/value-head tensors) or the query heads sharing a key/value head."""
     if isinstance(site, RopeSite):
-        m = 0
+        out = []
         for tensor, key in site.projections:
             heads = site.kv_heads if key else site.heads
             ta, tb = (planes_of(x[tensor].double().cpu(), heads, site.kv_heads, site.head_dim)
                       for x in (a, b))  # fmt: skip
-            m = m + torch.einsum("krpiz,lrqiz->klipq", ta, tb)  # [i, j, plane, 2, 2]
-        return _best_rotation(m).sum(-1)
-    m = 0
+            out.append(torch.einsum("krpiz,lsqiz->klrsipq", ta, tb))  # [.., plane, 2, 2]
+        return out
+    out = []
     for t in site.tensors:
         for ha, hb, grouped in _by_head(a[t].double().cpu(), b[t].double().cpu(), site, t):
-            eq = "oirp,ojrq->ijpq" if grouped else "irpz,jrqz->ijpq"
-            m = m + torch.einsum(eq, ha, hb)
+            eq = "okrp,olsq->klrspq" if grouped else "krpz,lsqz->klrspq"
+            out.append(torch.einsum(eq, ha, hb))
+    return out
+
+
+def _paired_repeats(m: torch.Tensor, score) -> torch.Tensor:
+    """``[kv, kv, *map]``: for each pair of key/value heads, ``m``'s products of their query
+    heads (``[kv, kv, r, s, *map]``) summed over the pairing of query heads that scores best,
+    each pair of query heads by its own best map."""
+    kv, r = m.shape[0], m.shape[2]
+    pairs = score(m).reshape(kv * kv, r, r)
+    cols = torch.stack([solve_lap(p, maximize=True) for p in pairs]).reshape(kv, kv, r)
+    picked = torch.take_along_dim(m, cols.reshape(kv, kv, r, 1, *[1] * (m.ndim - 4)), dim=3)
+    return picked.sum((2, 3))
+
+
+def _procrustes_score(m: torch.Tensor) -> torch.Tensor:
+    """The most ``<O, m>`` reaches over orthogonal ``O``, for each ``[..., d, d]`` matrix."""
     return torch.linalg.svdvals(m).sum(-1)
+
+
+def _rotation_score(m: torch.Tensor) -> torch.Tensor:
+    """The most RoPE's plane rotations reach, for each ``[..., planes, 2, 2]``: summed over
+    the planes."""
+    return _best_rotation(m).sum(-1)
 
 
 def _best_rotation(m: torch.Tensor) -> torch.Tensor:
