@@ -37,7 +37,7 @@ from permask.graph.orthogonal import admitted
 from permask.graph.rope import RopeSite, turn_planes
 from permask.graph.turn import head_sites, turn_tensors
 from permask.graph.values import ValueSite, turn_values
-from permask.match.learned_maps import LR, _maps
+from permask.match.learned_maps import LR, maps_of
 from permask.match.midpoint import batch_loss, midpoint_modes
 from permask.merging import turned_onto
 
@@ -73,7 +73,7 @@ def free_maps(graph, params: dict, extras: set) -> tuple[dict, dict]:
 def turned(graph, params: dict, free: dict, extra: dict) -> dict:
     """``params`` turned by the orthogonal maps, then by the extras."""
     sites = {s.name: s for s in head_sites(graph)}
-    out = turn_tensors(params, _maps(free, admitted(graph, None)), graph, list(sites.values()))
+    out = turn_tensors(params, maps_of(free, admitted(graph, None)), graph, list(sites.values()))
     for key, x in extra.items():
         kind, name = key.split(":", 1)
         if kind == "values":

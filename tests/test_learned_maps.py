@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_rotate import PreNorm, _hf, _randomise_norms, _vit
 
 import permask
-from permask.match.learned_maps import learn_rotations
+from permask.match.learned_maps import learn_rotations, maps_of
 from permask.match.midpoint import batch_loss, midpoint_modes
 from permask.merging import turned_onto
 
@@ -130,3 +130,22 @@ def test_bad_input_is_refused_with_the_fix():
         permask.merge([model, model], data, graph=graph, orthogonal="learnt")
     mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
     assert learn_rotations(mlp, mlp, permask.trace(mlp, data[0][0]), data) == {}
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 6))
+def test_maps_of_free_parameters_are_orthogonal_and_zeros_the_identity(seed, k):
+    """``maps_of``, the parametrisation the learning steps (and benchmarks/beyond_orthogonal.py
+    reuses): any generator gives an orthogonal map, any angle a plane rotation, zeros give the
+    identity."""
+    gen = torch.Generator().manual_seed(seed)
+    free = {"g": torch.randn(2, k, k, generator=gen, dtype=torch.float64),
+            "rope:s": torch.randn(2, k, generator=gen, dtype=torch.float64)}  # fmt: skip
+    for params in (free, {n: torch.zeros_like(x) for n, x in free.items()}):
+        maps = maps_of(params, {})
+        assert maps["g"].shape == (2, k, k) and maps["rope:s"].shape == (2, k, 2, 2)
+        for m in maps.values():
+            eye = torch.eye(m.shape[-1], dtype=torch.float64)
+            assert (m @ m.transpose(-1, -2) - eye).abs().max() < 1e-12
+    assert (maps["g"] - torch.eye(k, dtype=torch.float64)).abs().max() == 0
+    assert torch.equal(maps["rope:s"], torch.eye(2, dtype=torch.float64).expand(2, k, 2, 2))

@@ -55,7 +55,7 @@ from ..graph.turn import head_sites, turn_tensors
 from .by_activation import on_device
 from .midpoint import batch_loss, midpoint_modes
 
-__all__ = ["LR", "learn_rotations"]
+__all__ = ["LR", "learn_rotations", "maps_of"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def learn_rotations(
     losses = []
     with midpoint_modes(a):
         for batch in loader:
-            turned = turn_tensors(params_b, _maps(free, adms), graph, sites)
+            turned = turn_tensors(params_b, maps_of(free, adms), graph, sites)
             mid = {n: (params_a[n] + turned[n]) / 2 for n in params_a}
             loss = batch_loss(a, {**buffers, **mid}, batch, dev)
             opt.zero_grad(set_to_none=True)
@@ -105,12 +105,14 @@ def learn_rotations(
     log.info("learned maps: %d steps, midpoint loss %.4g -> %.4g", len(losses), losses[0],
              losses[-1])  # fmt: skip
     with torch.no_grad():
-        return {k: v.cpu() for k, v in _maps(free, adms).items()}
+        return {k: v.cpu() for k, v in maps_of(free, adms).items()}
 
 
-def _maps(free: dict, adms: dict) -> dict[str, torch.Tensor]:
-    """The maps of the free parameters: ``exp(K - K^T)`` per group and per value or key head,
-    rotations per plane."""
+def maps_of(free: dict, adms: dict) -> dict[str, torch.Tensor]:
+    """The maps of the free parameters (name -> tensor, as :func:`learn_rotations` learns
+    them): ``exp(K - K^T)`` per group and per value or key head (kept on the all-ones direction
+    where ``adms[name]`` says so), a 2-D rotation by each angle of a ``"rope:"`` site's planes.
+    All zeros give the identity maps, and the maps are differentiable in the parameters."""
     out = {}
     for name, x in free.items():
         if name.startswith("rope:"):
