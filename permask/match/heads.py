@@ -40,6 +40,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -61,15 +63,16 @@ def match_heads(
 ) -> Permutation:  # fmt: skip
     """The permutation of whole key/value heads, and of the query heads that share one (GQA's
     repeats), that brings A's heads onto B's whatever the sites' maps (module docstring), for
-    each group of heads that the sites cover; other groups are absent.
+    each group of heads that the sites cover; other groups (and a site's single key/value
+    head) are absent.
     ``permask.permute_model(model_a, pi, graph)`` then has its heads where B has them, each up
     to its map."""
     a = {k: v.detach() for k, v in named_tensors(unwrap(model_a)).items()}
     b = {k: v.detach() for k, v in named_tensors(unwrap(model_b)).items()}
     sites = head_sites(graph) if sites is None else sites
     kv_groups = [_head_groups(graph, *_kv_rows(s)) for s in sites]
-    kv = _solved(graph, [(head_scores(b, a, s), s.tensors, groups)
-                         for s, groups in zip(sites, kv_groups)])  # fmt: skip  # [B's, A's]
+    kv = _solved(graph, [(head_scores(b, a, s), s.tensors, groups)  # [B's, A's]
+                         for s, groups in zip(sites, kv_groups) if s.kv_heads > 1])  # fmt: skip
     repeats = []
     for s, groups in zip(sites, kv_groups):
         if s.heads > s.kv_heads:  # read beside the key/value heads just matched
@@ -114,35 +117,36 @@ def head_scores(a: dict, b: dict, site: Site) -> torch.Tensor:
     name in ``a`` and ``b``) can agree under ``site``'s map (module docstring), with the query
     heads that share them (GQA's repeats) paired by a small LAP inside each pair of heads."""
     score = _rotation_score if isinstance(site, RopeSite) else _procrustes_score
-    kv, repeats = 0, 0  # [i, j, *map], [i, j, r, s, *map]
+    kv, repeats = 0, None  # [i, j, *map], [i, j, r, s, *map]
     for m in _head_products(a, b, site):
         if m.shape[2] == 1:
             kv = kv + m[:, :, 0, 0]
+        elif repeats is None:
+            repeats = m
         else:
-            repeats = repeats + m
-    if isinstance(repeats, torch.Tensor):
+            repeats += m
+        del m  # freed before the next product is made
+    if repeats is not None:
         kv = kv + _paired_repeats(repeats, score)
     return score(kv)
 
 
-def _head_products(a: dict, b: dict, site: Site) -> list[torch.Tensor]:
+def _head_products(a: dict, b: dict, site: Site) -> Iterator[torch.Tensor]:
     """Per tensor of ``site``, the products of A's and B's heads whose best map scores them:
     ``[kv, kv, r, s, *map]`` for A's query head ``(i, r)`` and B's ``(j, s)``, where ``r`` and
-    ``s`` run over one (key/value-head tensors) or the query heads sharing a key/value head."""
+    ``s`` run over one (key/value-head tensors) or the query heads sharing a key/value head;
+    one at a time (a large GQA model's are hundreds of MB each)."""
     if isinstance(site, RopeSite):
-        out = []
         for tensor, key in site.projections:
             heads = site.kv_heads if key else site.heads
             ta, tb = (planes_of(x[tensor].double().cpu(), heads, site.kv_heads, site.head_dim)
                       for x in (a, b))  # fmt: skip
-            out.append(torch.einsum("krpiz,lsqiz->klrsipq", ta, tb))  # [.., plane, 2, 2]
-        return out
-    out = []
+            yield torch.einsum("krpiz,lsqiz->klrsipq", ta, tb)  # [.., plane, 2, 2]
+        return
     for t in site.tensors:
         for ha, hb, grouped in _by_head(a[t].double().cpu(), b[t].double().cpu(), site, t):
             eq = "okrp,olsq->klrspq" if grouped else "krpz,lsqz->klrspq"
-            out.append(torch.einsum(eq, ha, hb))
-    return out
+            yield torch.einsum(eq, ha, hb)
 
 
 def _paired_repeats(m: torch.Tensor, score) -> torch.Tensor:
