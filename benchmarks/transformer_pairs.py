@@ -23,7 +23,18 @@ published ratios (Theus et al., NeurIPS 2025).
     python benchmarks/transformer_pairs.py --kinds llama --steps 100 --no-save   # a quick look
 
 ``--cache DIR`` keeps the trained models there and reuses them on the next run; ``--seeds 3 4``
-trains another pair, for the spread between pairs (rows record their seeds).
+trains another pair, for the spread between pairs (rows record their seeds). Larger language
+models: ``--hidden``, ``--layers``, ``--heads``, ``--kv-heads``, and ``--corpus stdlib`` for the
+whole standard library's source (tests left out, about 12 MB) in place of four modules';
+``--device cuda`` trains on a GPU (matching and the barriers stay on the CPU, ``--threads``
+of it), e.g. on a GPU machine::
+
+    python benchmarks/transformer_pairs.py --kinds llama gpt2 --device cuda --threads 16 \
+        --hidden 512 --layers 8 --heads 8 --kv-heads 2 --corpus stdlib --steps 5000 \
+        --cache runs/pairs
+
+Rows of a shape other than the defaults record it (``heads``, ``corpus``, ``device``), and
+docs/results.md's tables show only the default shape's rows.
 
 Needs the ``hf`` extra.
 """
@@ -60,17 +71,19 @@ from permask.rotate import tied_parameters  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "transformer_pairs.jsonl"
 
 
-def model(kind: str, hidden: int, layers: int, seed: int) -> nn.Module:
+def model(kind: str, hidden: int, layers: int, seed: int, heads: int = 4,
+          kv_heads: int = 2) -> nn.Module:  # fmt: skip
     from transformers import AutoConfig, AutoModelForCausalLM
 
     special = dict(vocab_size=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if kind == "gpt2":
-        config = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4,
+        config = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads,
                                       n_positions=128, **special)  # fmt: skip
     else:
         config = AutoConfig.for_model(
             "llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **special,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+            **special,
         )  # fmt: skip
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
@@ -82,15 +95,18 @@ def trained_pair(kind: str, args: argparse.Namespace, build=None) -> tuple:
     ``kind``; trained models are kept under ``args.cache``."""
     if kind == "vit":
         return _vit_trained(args)
-    data = corpus()
+    data = corpus() if args.corpus == "modules" else stdlib_corpus(args.corpus_mb)
     split = int(0.9 * len(data))
     train_data = batches(data[:split], args.steps, 16, args.seq, seed=0)
     test = as_classification(batches(data[split:], 8, 16, args.seq, seed=1))
     t0 = time.perf_counter()
-    recipe = dict(weight_decay=args.weight_decay, cosine=args.schedule == "cosine")
+    recipe = dict(weight_decay=args.weight_decay, cosine=args.schedule == "cosine",
+                  device=args.device)  # fmt: skip
+    name = f"{kind}{args.hidden}x{args.layers}_{args.steps}{_recipe(args)}{_shape(kind, args)}"
     a, b = (
-        _trained(args, f"{kind}{args.hidden}x{args.layers}_{args.steps}{_recipe(args)}", seed,
-                 build or (lambda s: model(kind, args.hidden, args.layers, s)),
+        _trained(args, name, seed,
+                 build or (lambda s: model(kind, args.hidden, args.layers, s, args.heads,
+                                           args.kv_heads)),
                  lambda m, s: train(m, train_data, args.steps, **recipe))
         for seed in args.seeds
     )  # fmt: skip
@@ -103,7 +119,7 @@ def pair(kind: str, args: argparse.Namespace) -> dict:
     a, b, match, graph, test, seconds = trained_pair(kind, args)
     row: dict = {"kind": kind, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
                  "schedule": args.schedule, "weight_decay": args.weight_decay,
-                 "seeds": args.seeds, "train_seconds": seconds}  # fmt: skip
+                 "seeds": args.seeds, "train_seconds": seconds, **_extras(kind, args)}  # fmt: skip
     wrapped_graph = None
     row["naive"] = _barriers(a, b, test, match, None)
     for method in ("weight", "activation", "ste"):
@@ -190,6 +206,7 @@ def _vit_trained(args: argparse.Namespace) -> tuple:
                                  embed_dim=64, depth=4, num_heads=4, num_classes=10)  # fmt: skip
 
     def fit(net: nn.Module, seed: int) -> nn.Module:
+        net = net.to(args.device)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
         steps = args.vit_epochs * len(train_loader)
         factor = warmup_cosine(steps) if args.schedule == "cosine" else (lambda s: 1.0)
@@ -199,10 +216,10 @@ def _vit_trained(args: argparse.Namespace) -> tuple:
             loader.set_epoch(epoch)
             for x, y in loader:
                 opt.zero_grad()
-                nn.functional.cross_entropy(net(x), y).backward()
+                nn.functional.cross_entropy(net(x.to(args.device)), y.to(args.device)).backward()
                 opt.step()
                 schedule.step()
-        return net.eval()
+        return net.cpu().eval()
 
     t0 = time.perf_counter()
     a, b = (
@@ -220,8 +237,8 @@ def vit_pair(args: argparse.Namespace) -> dict:
     """Two timm ViTs on Fashion-MNIST: the same measurements as :func:`pair`."""
     a, b, match, graph, test_loader, seconds = trained_pair("vit", args)
     row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
-                 "schedule": args.schedule, "seeds": args.seeds,
-                 "train_seconds": seconds}  # fmt: skip
+                 "schedule": args.schedule, "seeds": args.seeds, "train_seconds": seconds,
+                 **({"device": args.device} if args.device != "cpu" else {})}  # fmt: skip
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
@@ -254,6 +271,39 @@ def _recipe(args: argparse.Namespace, lm: bool = True) -> str:
     if args.schedule == "constant" and (args.weight_decay == 0 or not lm):
         return ""
     return f"_{args.schedule}" + (f"_wd{args.weight_decay:g}" if lm else "")
+
+
+def stdlib_corpus(megabytes: float) -> torch.Tensor:
+    """The first ``megabytes`` of the standard library's Python source (its files in sorted
+    order, tests left out): text enough for larger language models."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests", "idle_test", "site-packages"} & set(path.relative_to(root).parts):
+            continue
+        text = path.read_bytes()
+        out.append(text)
+        size += len(text)
+        if size >= megabytes * 2**20:
+            break
+    return torch.tensor(list(b"\n".join(out)[: int(megabytes * 2**20)]), dtype=torch.long)
+
+
+def _shape(kind: str, args: argparse.Namespace) -> str:
+    """The heads' and corpus' part of a cached language model's name ("" for the defaults)."""
+    default = args.heads == 4 and (kind == "gpt2" or args.kv_heads == 2)
+    heads = "" if default else f"_h{args.heads}" + ("" if kind == "gpt2" else f"kv{args.kv_heads}")
+    return heads + ("" if args.corpus == "modules" else f"_stdlib{args.corpus_mb:g}")
+
+
+def _extras(kind: str, args: argparse.Namespace) -> dict:
+    """The settings a row records where they are not the defaults its first rows had."""
+    out = {"heads": args.heads, "kv_heads": args.kv_heads} if _shape(kind, args) else {}
+    if args.corpus != "modules":
+        out.update(corpus=args.corpus, corpus_mb=args.corpus_mb)
+    return out if args.device == "cpu" else {**out, "device": args.device}
 
 
 def _lm_batches(data: list[dict]) -> list[dict]:
@@ -294,6 +344,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ste-passes", type=int, default=3, help="passes of STE over them")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--cache", help="folder to keep the trained models in and reuse them from")
+    p.add_argument("--heads", type=int, default=4, help="attention heads, language models")
+    p.add_argument("--kv-heads", type=int, default=2, help="the Llama's key/value heads")
+    p.add_argument("--corpus", choices=["modules", "stdlib"], default="modules",
+                   help="four stdlib modules' source, or the whole library's")  # fmt: skip
+    p.add_argument("--corpus-mb", type=float, default=16, help="megabytes of --corpus stdlib")
+    p.add_argument("--device", default="cpu", help="where the models train (cuda on a GPU); "
+                   "matching and the barriers run on the CPU")  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
     return p
 
 
@@ -312,7 +370,7 @@ def main() -> None:
     p = _parser()
     args = p.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for kind in args.kinds:
         row = vit_pair(args) if kind == "vit" else pair(kind, args)
         naive = row["naive"]["barrier"]

@@ -91,9 +91,11 @@ def warmup_cosine(steps: int, warmup: float = 0.05):
 
 
 def train(model: nn.Module, data: list[dict], steps: int, mask=None, lr: float = 3e-3,
-          weight_decay: float = 0.0, cosine: bool = False):  # fmt: skip
+          weight_decay: float = 0.0, cosine: bool = False, device: str = "cpu"):  # fmt: skip
     """AdamW for ``steps`` steps at a constant ``lr``, or with ``cosine`` on the
-    :func:`warmup_cosine` schedule; ``mask``: pruned weights kept at zero."""
+    :func:`warmup_cosine` schedule; ``mask``: pruned weights kept at zero. Trained on
+    ``device``, returned on the CPU."""
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps)) if cosine else None
     if mask is not None:
@@ -101,13 +103,13 @@ def train(model: nn.Module, data: list[dict], steps: int, mask=None, lr: float =
     net = NextToken(model).train()
     for step in range(steps):
         x, y = as_classification([data[step % len(data)]])[0]
-        loss = nn.functional.cross_entropy(net(x), y)
+        loss = nn.functional.cross_entropy(net(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if schedule is not None:
             schedule.step()
-    return model.eval()
+    return model.cpu().eval()
 
 
 def test_loss(model: nn.Module, data: list[dict]) -> float:
