@@ -30,6 +30,9 @@ One JSON line per variant and pair of seeds is appended to
     python benchmarks/llama_variants.py --cache /tmp/pairs   # ~1 min a variant, + training
     python benchmarks/llama_variants.py --variants llama-mha --seeds 3 4 --cache /tmp/pairs
 
+``--corpus stdlib`` trains on the whole standard library's source instead (no text read twice;
+its rows record ``"corpus"``).
+
 Needs the ``hf`` extra.
 """
 
@@ -105,7 +108,7 @@ def without_rope(variant: str):
 
 def run(variant: str, args: argparse.Namespace) -> dict:
     pair_args = tp.defaults(seeds=args.seeds, cache=args.cache, hidden=args.hidden,
-                            layers=args.layers)  # fmt: skip
+                            layers=args.layers, corpus=args.corpus)  # fmt: skip
     a, b, match, graph, test, seconds = tp.trained_pair(
         variant, pair_args, build=lambda s: build(variant, args.hidden, args.layers, s)
     )
@@ -128,6 +131,7 @@ def run(variant: str, args: argparse.Namespace) -> dict:
         "variant": variant, "seeds": args.seeds, "hidden": args.hidden, "layers": args.layers,
         "sites": sites, "train_seconds": seconds, "naive": naive, "weight": weight / naive,
         "learned": barrier(turned, b_turned) / naive, "learned_seconds": learned_seconds,
+        **({"corpus": args.corpus} if args.corpus != "modules" else {}),
     }  # fmt: skip
 
 
@@ -139,6 +143,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--cache", help="folder to keep the trained models in and reuse them from")
+    p.add_argument("--corpus", choices=["modules", "stdlib"], default="modules",
+                   help="the benchmark's text, or the whole standard library's source")  # fmt: skip
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
