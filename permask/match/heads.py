@@ -166,16 +166,11 @@ def _procrustes_score(m: torch.Tensor) -> torch.Tensor:
 
 
 def _rotation_score(m: torch.Tensor) -> torch.Tensor:
-    """The most RoPE's plane rotations reach, for each ``[..., planes, 2, 2]``: summed over
-    the planes."""
-    return _best_rotation(m).sum(-1)
-
-
-def _best_rotation(m: torch.Tensor) -> torch.Tensor:
-    """The most ``<R, m>`` reaches over 2-D rotations ``R``, for each ``[..., 2, 2]`` plane
-    matrix of ``m`` (its ``|m|`` read as a complex number)."""
+    """The most RoPE's plane rotations reach, for each ``[..., planes, 2, 2]``: the most
+    ``<R, m>`` reaches over 2-D rotations ``R`` (a plane matrix's ``|m|`` read as a complex
+    number), summed over the planes."""
     same, turn = m[..., 0, 0] + m[..., 1, 1], m[..., 1, 0] - m[..., 0, 1]
-    return torch.hypot(same, turn)
+    return torch.hypot(same, turn).sum(-1)
 
 
 def _by_head(ta: torch.Tensor, tb: torch.Tensor, site, tensor: str):
@@ -206,18 +201,18 @@ def _repeat_scores(a: dict, b: dict, site: Site, order: torch.Tensor) -> list[tu
             if not key:
                 ta, tb = (planes_of(x[tensor].double().cpu(), site.heads, kv, d) for x in (a, b))
                 m = torch.einsum("krpiz,ksqiz->krsipq", ta, tb[order])
-                out.append((_best_rotation(m).sum((0, -1)), (tensor, 0, 0, kv, r, d)))
+                out.append((_rotation_score(m).sum(0), (tensor, 0, 0, kv, r, d)))
         return out
     if isinstance(site, ValueSite):
         ta, tb = (value_heads(x[site.out].double().cpu(), site, site.out) for x in (a, b))
         m = torch.einsum("okrp,oksq->krspq", ta, tb[:, order])
-        return [(torch.linalg.svdvals(m).sum((0, -1)), (site.out, site.out_axis, 0, kv, r, d))]
+        return [(_procrustes_score(m).sum(0), (site.out, site.out_axis, 0, kv, r, d))]
     q = site.query
     for tensor in q.tensors:
         ta, tb = (q.view(x[tensor].double().cpu(), tensor).reshape(kv, r, d, -1) for x in (a, b))
         m = torch.einsum("krpz,ksqz->krspq", ta, tb[order])
         axis = q.axis if tensor == q.weight else 0
-        out.append((torch.linalg.svdvals(m).sum((0, -1)), (tensor, axis, q.start, kv, r, d)))
+        out.append((_procrustes_score(m).sum(0), (tensor, axis, q.start, kv, r, d)))
     return out
 
 
