@@ -293,14 +293,20 @@ def stdlib_corpus(megabytes: float) -> torch.Tensor:
 
 def _shape(kind: str, args: argparse.Namespace) -> str:
     """The heads' and corpus' part of a cached language model's name ("" for the defaults)."""
-    default = args.heads == 4 and (kind == "gpt2" or args.kv_heads == 2)
-    heads = "" if default else f"_h{args.heads}" + ("" if kind == "gpt2" else f"kv{args.kv_heads}")
-    return heads + ("" if args.corpus == "modules" else f"_stdlib{args.corpus_mb:g}")
+    corpus = "" if args.corpus == "modules" else f"_stdlib{args.corpus_mb:g}"
+    return _heads(kind, args) + corpus
+
+
+def _heads(kind: str, args: argparse.Namespace) -> str:
+    """The heads' part of :func:`_shape` ("" for the default 4 heads, 2 of them key/value)."""
+    if args.heads == 4 and (kind == "gpt2" or args.kv_heads == 2):
+        return ""
+    return f"_h{args.heads}" + ("" if kind == "gpt2" else f"kv{args.kv_heads}")
 
 
 def _extras(kind: str, args: argparse.Namespace) -> dict:
     """The settings a row records where they are not the defaults its first rows had."""
-    out = {"heads": args.heads, "kv_heads": args.kv_heads} if _shape(kind, args) else {}
+    out = {"heads": args.heads, "kv_heads": args.kv_heads} if _heads(kind, args) else {}
     if args.corpus != "modules":
         out.update(corpus=args.corpus, corpus_mb=args.corpus_mb)
     return out if args.device == "cpu" else {**out, "device": args.device}
