@@ -22,7 +22,12 @@ matching then the learned maps
 - ``starcoder2-mha-ff512-nope``: that without RoPE;
 - ``gpt2``: the benchmark's GPT-2 pair (its cache names too);
 - ``gpt2-nope``: GPT-2 with its learned positions held at zero (no position but the causal
-  mask's).
+  mask's);
+- one part of the Llama swapped for Starcoder2's, or the other way, all else kept:
+  ``llama-bias`` (biases in attention and the MLP), ``llama-tied`` (the output layer tied to
+  the embedding), ``llama-layernorm`` (``nn.LayerNorm`` in place of each RMSNorm),
+  ``llama-gelu`` (a GELU MLP of the same width in place of the gated one: up, GELU, down);
+  ``starcoder2-nobias`` and ``starcoder2-untied``.
 
 One JSON line per variant and pair of seeds is appended to
 ``benchmarks/results/llama_variants.jsonl``; docs/results.md discusses them.
@@ -67,7 +72,50 @@ VARIANTS = {
     "starcoder2-mha-ff512-nope": ("starcoder2", 4, 4, None),
     "gpt2": ("gpt2", 4, 4, "learned"),
     "gpt2-nope": ("gpt2", 4, 4, None),
+    "llama-bias": ("llama", 2, 2, "rope"),
+    "llama-tied": ("llama", 2, 2, "rope"),
+    "llama-layernorm": ("llama", 2, 2, "rope"),
+    "llama-gelu": ("llama", 2, 2, "rope"),
+    "starcoder2-nobias": ("starcoder2", 2, 2, "rope"),
+    "starcoder2-untied": ("starcoder2", 2, 2, "rope"),
 }
+
+# name -> the config's settings that make the variant (beside its sizes)
+SETTINGS = {
+    "llama-bias": dict(attention_bias=True, mlp_bias=True),
+    "llama-tied": dict(tie_word_embeddings=True),
+    "starcoder2-nobias": dict(use_bias=False),
+    "starcoder2-untied": dict(tie_word_embeddings=False),
+}
+
+
+class GeluMLP(nn.Module):
+    """Starcoder2's kind of MLP in a Llama layer: ``down(gelu(up(x)))``, no gate, no biases (the
+    Llama's), initialised as the model's other linear layers (normal, std 0.02)."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+        for w in (self.up_proj.weight, self.down_proj.weight):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.gelu(self.up_proj(x)))
+
+
+def _swapped(variant: str, net: nn.Module, hidden: int, width: int) -> nn.Module:
+    """``net`` (a Llama) with the variant's modules swapped in: LayerNorms or GELU MLPs."""
+    layers = net.model.layers
+    if variant == "llama-layernorm":
+        net.model.norm = nn.LayerNorm(hidden)
+        for layer in layers:
+            layer.input_layernorm = nn.LayerNorm(hidden)
+            layer.post_attention_layernorm = nn.LayerNorm(hidden)
+    elif variant == "llama-gelu":
+        for layer in layers:
+            layer.mlp = GeluMLP(hidden, width)
+    return net
 
 
 def build(variant: str, hidden: int, layers: int, seed: int) -> nn.Module:
@@ -84,9 +132,10 @@ def build(variant: str, hidden: int, layers: int, seed: int) -> nn.Module:
     config = AutoConfig.for_model(
         kind, hidden_size=hidden, intermediate_size=width * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=128, **special,
+        **SETTINGS.get(variant, {}),
     )  # fmt: skip
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return _swapped(variant, AutoModelForCausalLM.from_config(config), hidden, width * hidden)
 
 
 @contextlib.contextmanager

@@ -136,7 +136,8 @@ def test_second_pair_of_seeds_table_is_the_results_file():
 
 def test_llama_variants_table_is_the_results_file():
     """The table of the Llama's variants shows, for every variant, the latest rows of both
-    pairs of seeds: naive barrier, weight matching's ratio and the learned maps' ratio."""
+    pairs of seeds: naive barrier, weight matching's ratio, the learned maps' ratio and the
+    barrier they leave."""
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("| variant | changed |") :]
     lines = section[: section.index("\n\n")].splitlines()
@@ -147,29 +148,34 @@ def test_llama_variants_table_is_the_results_file():
     for variant, first in latest[(1, 2)].items():
         second = latest[(3, 4)][variant]
         line = next(x for x in lines if x.startswith(f"| `{variant}` |"))
-        cells = (
-            f"| {first['naive']:.3f} / {second['naive']:.3f} |",
-            f"| {first['weight']:.2f} / {second['weight']:.2f} |",
-            f"| {first['learned']:.3f} / {second['learned']:.3f} |",
-        )
-        for cell in cells:
-            assert cell in line, (variant, cell)
+        for one, other in zip(_variant_cells(first), _variant_cells(second)):
+            assert f"| {one} / {other} |" in line, (variant, one, other)
 
 
 def test_llama_variants_on_more_text_table_is_the_results_file():
     """The table of the variants trained on the whole standard library's source shows each
-    variant's latest such row: naive barrier, weight matching's and the learned maps' ratio."""
+    variant's latest such rows, seeds 1, 2 and (where run) 3, 4: naive barrier, weight matching's
+    and the learned maps' ratio, and the barrier the learned maps leave (ratio x naive)."""
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("| variant | whole standard library") :]
     lines = section[: section.index("\n\n")].splitlines()
     rows = [r for r in _rows("llama_variants.jsonl") if r.get("corpus") == "stdlib"]
-    latest = _latest(rows, "variant")
-    assert len(latest) >= 4
-    for variant, row in latest.items():
+    latest = {seeds: _latest([r for r in rows if r["seeds"] == list(seeds)], "variant")
+              for seeds in ((1, 2), (3, 4))}  # fmt: skip
+    assert len(latest[(1, 2)]) >= 4 and set(latest[(3, 4)]) <= set(latest[(1, 2)])
+    for variant, first in latest[(1, 2)].items():
+        second = latest[(3, 4)].get(variant)
         line = next(x for x in lines if x.startswith(f"| `{variant}` |"))
-        cells = (f"| {row['naive']:.3f} |", f"| {row['weight']:.2f} |", f"| {row['learned']:.3f} |")
-        for cell in cells:
-            assert cell in line, (variant, cell)
+        for one, other in zip(_variant_cells(first), _variant_cells(second)):
+            assert f"| {one} / {other} |" in line, (variant, one, other)
+
+
+def _variant_cells(row: dict | None) -> tuple[str, ...]:
+    """A variant row's naive barrier, ratios and the barrier left, as the table prints them."""
+    if row is None:
+        return ("-",) * 4
+    left = row["learned"] * row["naive"]
+    return f"{row['naive']:.3f}", f"{row['weight']:.2f}", f"{row['learned']:.3f}", f"{left:.3f}"
 
 
 def test_beyond_orthogonal_table_is_the_results_file():
