@@ -3,8 +3,8 @@
 ``benchmarks/transformer_pairs.py``'s Llama (GQA, RoPE, a gated MLP twice the hidden width,
 RMSNorm) keeps about twice the share of its naive barrier that its GPT-2 (4 heads, learned
 positions, a GELU MLP four times as wide, LayerNorm) keeps after the learned maps
-(docs/results.md). Each variant here is that Llama (or that GPT-2) with one or two of those
-changed, trained here from two seeds with the benchmark's recipe (same corpus, steps, schedule
+(docs/results.md). Each variant here is that Llama (or that GPT-2, or Starcoder2) with one or
+two of those changed, trained here from two seeds with the benchmark's recipe (same corpus, steps, schedule
 and weight decay); for each: the naive barrier, what weight matching leaves, and what weight
 matching then the learned maps
 (``turned_onto(..., orthogonal="learned")`` on STE's 60 batches, the benchmark's
@@ -90,8 +90,9 @@ SETTINGS = {
 
 
 class GeluMLP(nn.Module):
-    """Starcoder2's kind of MLP in a Llama layer: ``down(gelu(up(x)))``, no gate, no biases (the
-    Llama's), initialised as the model's other linear layers (normal, std 0.02)."""
+    """An MLP without a gate in a Llama layer: ``down(gelu(up(x)))`` (exact GELU, where
+    Starcoder2's is the tanh approximation; no biases, as the Llama's), initialised as the
+    model's other linear layers (normal, std 0.02)."""
 
     def __init__(self, hidden: int, width: int):
         super().__init__()

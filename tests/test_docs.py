@@ -168,6 +168,24 @@ def test_llama_variants_on_more_text_table_is_the_results_file():
         line = next(x for x in lines if x.startswith(f"| `{variant}` |"))
         for one, other in zip(_variant_cells(first), _variant_cells(second)):
             assert f"| {one} / {other} |" in line, (variant, one, other)
+        assert f"| {'yes' if 'rope' in first['sites'] else 'no'} |" in line, variant
+
+
+def test_llama_variants_ranges_with_and_without_rope_are_the_results_file():
+    """The loss the learned maps leave, as docs/results.md sums it up per corpus: the range over
+    the variants with RoPE and over those without (latest row per variant and seeds)."""
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    rows = _rows("llama_variants.jsonl")
+    for corpus in (None, "stdlib"):
+        latest = {(r["variant"], tuple(r["seeds"])): r for r in rows if r.get("corpus") == corpus}
+        for rope, phrase in ((True, "with RoPE leaves"), (False, "every one without")):
+            left = [r["learned"] * r["naive"] for r in latest.values()
+                    if ("rope" in r["sites"]) == rope]  # fmt: skip
+            shown = f"{phrase} {min(left):.3f}-{max(left):.3f}"
+            if corpus == "stdlib":
+                shown += f" of loss after the learned maps ({len(left)} pairs)" if rope else (
+                    f" ({len(left)} pairs)")  # fmt: skip
+            assert shown in text, (corpus, shown)
 
 
 def _variant_cells(row: dict | None) -> tuple[str, ...]:
