@@ -4,9 +4,9 @@
 RMSNorm) keeps about twice the share of its naive barrier that its GPT-2 (4 heads, learned
 positions, a GELU MLP four times as wide, LayerNorm) keeps after the learned maps
 (docs/results.md). Each variant here is that Llama (or that GPT-2, or Starcoder2) with one or
-two of those changed, trained here from two seeds with the benchmark's recipe (same corpus, steps, schedule
-and weight decay); for each: the naive barrier, what weight matching leaves, and what weight
-matching then the learned maps
+two of those changed, trained here from two seeds with the benchmark's recipe (same corpus,
+steps, schedule and weight decay); for each: the naive barrier, what weight matching leaves,
+and what weight matching then the learned maps
 (``turned_onto(..., orthogonal="learned")`` on STE's 60 batches, the benchmark's
 ``weight+orthogonal-learned`` row) leave. A tied output layer is untied first, as there.
 
