@@ -136,18 +136,19 @@ def test_second_pair_of_seeds_table_is_the_results_file():
 
 def test_longer_training_table_is_the_results_file():
     """The table of the language models trained on the whole standard library's source shows
-    every such row of the benchmark's width and depth: naive barrier and each method's."""
+    every such row of the benchmark's width and depth, by seeds and steps: naive barrier and each
+    method's."""
     text = (ROOT / "docs" / "results.md").read_text()
-    section = text[text.index("| pair, whole standard library | steps |") :]
+    section = text[text.index("| pair, whole standard library | seeds |") :]
     lines = section[: section.index("\n\n")].splitlines()
     names = {"gpt2": "GPT-2", "llama": "Llama"}
     rows = [r for r in _rows("transformer_pairs.jsonl") if r.get("corpus") == "stdlib"
             and r["hidden"] == 128 and r["layers"] == 4]  # fmt: skip
     assert {r["steps"] for r in rows} >= {600, 2400}
     for row in rows:
-        line = next(
-            x for x in lines if x.startswith(f"| {names[row['kind']]} | {row['steps']:,} |")
-        )
+        seeds = ", ".join(map(str, row["seeds"]))
+        start = f"| {names[row['kind']]} | {seeds} | {row['steps']:,} |"
+        line = next(x for x in lines if x.startswith(start))
         naive = row["naive"]["barrier"]
         assert f"| {naive:.3f} |" in line
         for method in ("weight", "activation", "ste"):
