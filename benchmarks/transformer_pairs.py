@@ -238,7 +238,7 @@ def vit_pair(args: argparse.Namespace) -> dict:
     a, b, match, graph, test_loader, seconds = trained_pair("vit", args)
     row: dict = {"kind": "vit", "dim": 64, "depth": 4, "epochs": args.vit_epochs,
                  "schedule": args.schedule, "seeds": args.seeds, "train_seconds": seconds,
-                 **({"device": args.device} if args.device != "cpu" else {})}  # fmt: skip
+                 **_device(args)}  # fmt: skip
     row["acc"] = [permask.metrics.evaluate(m, test_loader)[1] for m in (a, b)]
     curve = dict(alphas=11, bn_loader=match, max_batches=args.vit_test_batches)
     row["naive"] = {"barrier": interpolate(a, b, test_loader, **curve)["barrier"]}
@@ -309,7 +309,12 @@ def _extras(kind: str, args: argparse.Namespace) -> dict:
     out = {"heads": args.heads, "kv_heads": args.kv_heads} if _heads(kind, args) else {}
     if args.corpus != "modules":
         out.update(corpus=args.corpus, corpus_mb=args.corpus_mb)
-    return out if args.device == "cpu" else {**out, "device": args.device}
+    return {**out, **_device(args)}
+
+
+def _device(args: argparse.Namespace) -> dict:
+    """The device a row records where its models trained off the CPU."""
+    return {} if args.device == "cpu" else {"device": args.device}
 
 
 def _lm_batches(data: list[dict]) -> list[dict]:
