@@ -168,9 +168,7 @@ def test_llama_variants_table_is_the_results_file():
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("| variant | changed |") :]
     lines = section[: section.index("\n\n")].splitlines()
-    rows = [r for r in _rows("llama_variants.jsonl") if "corpus" not in r]
-    latest = {seeds: _latest([r for r in rows if r["seeds"] == list(seeds)], "variant")
-              for seeds in ((1, 2), (3, 4))}  # fmt: skip
+    latest = _variants_by_seeds(None)
     assert set(latest[(1, 2)]) == set(latest[(3, 4)])
     for variant, first in latest[(1, 2)].items():
         second = latest[(3, 4)][variant]
@@ -186,9 +184,7 @@ def test_llama_variants_on_more_text_table_is_the_results_file():
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("| variant | whole standard library") :]
     lines = section[: section.index("\n\n")].splitlines()
-    rows = [r for r in _rows("llama_variants.jsonl") if r.get("corpus") == "stdlib"]
-    latest = {seeds: _latest([r for r in rows if r["seeds"] == list(seeds)], "variant")
-              for seeds in ((1, 2), (3, 4))}  # fmt: skip
+    latest = _variants_by_seeds("stdlib")
     assert len(latest[(1, 2)]) >= 4 and set(latest[(3, 4)]) <= set(latest[(1, 2)])
     for variant, first in latest[(1, 2)].items():
         second = latest[(3, 4)].get(variant)
@@ -213,6 +209,14 @@ def test_llama_variants_ranges_with_and_without_rope_are_the_results_file():
                 shown += f" of loss after the learned maps ({len(left)} pairs)" if rope else (
                     f" ({len(left)} pairs)")  # fmt: skip
             assert shown in text, (corpus, shown)
+
+
+def _variants_by_seeds(corpus: str | None) -> dict[tuple, dict[str, dict]]:
+    """llama_variants.jsonl's latest row per variant on ``corpus`` (None: the four modules), for
+    seeds 1, 2 and for seeds 3, 4."""
+    rows = [r for r in _rows("llama_variants.jsonl") if r.get("corpus") == corpus]
+    return {seeds: _latest([r for r in rows if r["seeds"] == list(seeds)], "variant")
+            for seeds in ((1, 2), (3, 4))}  # fmt: skip
 
 
 def _variant_cells(row: dict | None) -> tuple[str, ...]:
