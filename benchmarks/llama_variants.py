@@ -49,6 +49,8 @@ import importlib
 import json
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,33 +62,6 @@ from permask.graph.turn import head_sites
 from permask.merging import turned_onto
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llama_variants.jsonl"
-
-# name -> (model_type, key/value heads, MLP width per hidden unit, positions)
-VARIANTS = {
-    "llama": ("llama", 2, 2, "rope"),
-    "llama-mha": ("llama", 4, 2, "rope"),
-    "llama-ff512": ("llama", 2, 4, "rope"),
-    "llama-nope": ("llama", 2, 2, None),
-    "starcoder2": ("starcoder2", 2, 2, "rope"),
-    "starcoder2-mha-ff512": ("starcoder2", 4, 4, "rope"),
-    "starcoder2-mha-ff512-nope": ("starcoder2", 4, 4, None),
-    "gpt2": ("gpt2", 4, 4, "learned"),
-    "gpt2-nope": ("gpt2", 4, 4, None),
-    "llama-bias": ("llama", 2, 2, "rope"),
-    "llama-tied": ("llama", 2, 2, "rope"),
-    "llama-layernorm": ("llama", 2, 2, "rope"),
-    "llama-gelu": ("llama", 2, 2, "rope"),
-    "starcoder2-nobias": ("starcoder2", 2, 2, "rope"),
-    "starcoder2-untied": ("starcoder2", 2, 2, "rope"),
-}
-
-# name -> the config's settings that make the variant (beside its sizes)
-SETTINGS = {
-    "llama-bias": dict(attention_bias=True, mlp_bias=True),
-    "llama-tied": dict(tie_word_embeddings=True),
-    "starcoder2-nobias": dict(use_bias=False),
-    "starcoder2-untied": dict(tie_word_embeddings=False),
-}
 
 
 class GeluMLP(nn.Module):
@@ -105,49 +80,86 @@ class GeluMLP(nn.Module):
         return self.down_proj(nn.functional.gelu(self.up_proj(x)))
 
 
-def _swapped(variant: str, net: nn.Module, hidden: int, width: int) -> nn.Module:
-    """``net`` (a Llama) with the variant's modules swapped in: LayerNorms or GELU MLPs."""
-    layers = net.model.layers
-    if variant == "llama-layernorm":
-        net.model.norm = nn.LayerNorm(hidden)
-        for layer in layers:
-            layer.input_layernorm = nn.LayerNorm(hidden)
-            layer.post_attention_layernorm = nn.LayerNorm(hidden)
-    elif variant == "llama-gelu":
-        for layer in layers:
-            layer.mlp = GeluMLP(hidden, width)
-    return net
+def _layernorms(net: nn.Module, hidden: int, width: int) -> None:
+    """Each of the Llama's RMSNorms replaced by an ``nn.LayerNorm``."""
+    net.model.norm = nn.LayerNorm(hidden)
+    for layer in net.model.layers:
+        layer.input_layernorm = nn.LayerNorm(hidden)
+        layer.post_attention_layernorm = nn.LayerNorm(hidden)
+
+
+def _gelu_mlps(net: nn.Module, hidden: int, width: int) -> None:
+    """Each of the Llama's gated MLPs replaced by a :class:`GeluMLP` of the same width."""
+    for layer in net.model.layers:
+        layer.mlp = GeluMLP(hidden, width)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant: the Hugging Face ``model_type`` it is built from, its key/value heads, its
+    MLP's width per hidden unit, its positions (``"rope"``, ``"learned"`` or None), the config's
+    settings that make it (beside its sizes) and the modules it swaps in after building
+    (``swap(net, hidden, mlp_width)``)."""
+
+    kind: str
+    kv_heads: int = 2
+    width: int = 2
+    positions: str | None = "rope"
+    settings: dict = field(default_factory=dict)
+    swap: Callable[[nn.Module, int, int], None] | None = None
+
+
+VARIANTS = {
+    "llama": Variant("llama"),
+    "llama-mha": Variant("llama", kv_heads=4),
+    "llama-ff512": Variant("llama", width=4),
+    "llama-nope": Variant("llama", positions=None),
+    "starcoder2": Variant("starcoder2"),
+    "starcoder2-mha-ff512": Variant("starcoder2", kv_heads=4, width=4),
+    "starcoder2-mha-ff512-nope": Variant("starcoder2", kv_heads=4, width=4, positions=None),
+    "gpt2": Variant("gpt2", kv_heads=4, width=4, positions="learned"),
+    "gpt2-nope": Variant("gpt2", kv_heads=4, width=4, positions=None),
+    "llama-bias": Variant("llama", settings=dict(attention_bias=True, mlp_bias=True)),
+    "llama-tied": Variant("llama", settings=dict(tie_word_embeddings=True)),
+    "llama-layernorm": Variant("llama", swap=_layernorms),
+    "llama-gelu": Variant("llama", swap=_gelu_mlps),
+    "starcoder2-nobias": Variant("starcoder2", settings=dict(use_bias=False)),
+    "starcoder2-untied": Variant("starcoder2", settings=dict(tie_word_embeddings=False)),
+}
 
 
 def build(variant: str, hidden: int, layers: int, seed: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kind, kv, width, positions = VARIANTS[variant]
-    if kind == "gpt2":
+    v = VARIANTS[variant]
+    if v.kind == "gpt2":
         net = tp.model("gpt2", hidden, layers, seed)
-        if positions is None:  # learned positions held at zero
+        if v.positions is None:  # learned positions held at zero
             net.transformer.wpe.weight.data.zero_()
             net.transformer.wpe.weight.requires_grad_(False)
         return net
     special = dict(vocab_size=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     config = AutoConfig.for_model(
-        kind, hidden_size=hidden, intermediate_size=width * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=128, **special,
-        **SETTINGS.get(variant, {}),
+        v.kind, hidden_size=hidden, intermediate_size=v.width * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=v.kv_heads, max_position_embeddings=128,
+        **special, **v.settings,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return _swapped(variant, AutoModelForCausalLM.from_config(config), hidden, width * hidden)
+    net = AutoModelForCausalLM.from_config(config)
+    if v.swap is not None:
+        v.swap(net, hidden, v.width * hidden)
+    return net
 
 
 @contextlib.contextmanager
 def without_rope(variant: str):
     """Within it, the variant's Hugging Face attention applies no rotary embedding (for the
     ``-nope`` variants of RoPE families)."""
-    kind, _, _, positions = VARIANTS[variant]
-    if kind == "gpt2" or positions is not None:
+    v = VARIANTS[variant]
+    if v.kind == "gpt2" or v.positions is not None:
         yield
         return
-    family = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    family = importlib.import_module(f"transformers.models.{v.kind}.modeling_{v.kind}")
     kept = family.apply_rotary_pos_emb
     family.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
     try:
